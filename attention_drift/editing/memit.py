@@ -1,0 +1,122 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer").
+
+Following the authors' code (``memit/memit_main.py``, ``compute_z.py``, ``compute_ks.py``):
+
+1. For each request, a target residual ``z_i = h_i + delta_i`` at the output of the last
+   layer ``L`` of the range (``blocks.L.hook_out``, subject's last token, bare prompt) is
+   optimised by :func:`~attention_drift.editing.optimize.optimize_values`.
+2. For each layer ``l`` of the range in increasing order, on the model already holding the
+   updates of the layers before it: keys ``K`` (``blocks.l.mlp.hook_post`` at the subject's
+   last token; per request the mean of the bare-prompt key and the mean over the prefixed
+   ones), residuals ``R = (Z - H_L) / (number of layers left, l included)`` with ``H_L``
+   the current output of layer ``L``, and the batched least-squares update
+   ``Delta = R K^T (lambda C + K K^T)^-1`` (float64) added to the MLP output projection.
+
+:func:`spread_updates` is shared with PMET, which differs in the residual's site and
+divisor.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attention_drift.data import Rewrite
+from attention_drift.editing.config import MEMITConfig
+from attention_drift.editing.optimize import (
+    ExtraLoss,
+    Objective,
+    OptimizationTrace,
+    optimize_values,
+    subject_activations,
+    template_rows,
+)
+from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+
+
+def grouped_keys_and_outputs(
+    model, requests: Sequence[Rewrite], groups: Sequence[Sequence[str]], layer: int, out_hook: str
+) -> tuple[Tensor, Tensor]:
+    """(keys ``[n, d_mlp]``, ``out_hook`` at the bare prompt ``[n, d]``) of each request.
+
+    A request's key is the mean over template groups of the mean key within each group, as
+    MEMIT's ``compute_ks``; the bare prompt is the first template of the first group.
+    """
+    flat = [t for group in groups for t in group]
+    prompts, positions = [], []
+    for request in requests:
+        p, pos = template_rows(model, request, flat)
+        prompts += p
+        positions += pos
+    key_hook = f"blocks.{layer}.mlp.hook_post"
+    acts = subject_activations(model, prompts, positions, [key_hook, out_hook])
+    keys = acts[key_hook].double().reshape(len(requests), len(flat), -1)
+    bounds, start = [], 0
+    for group in groups:
+        bounds.append((start, start + len(group)))
+        start += len(group)
+    grouped = torch.stack([keys[:, a:b].mean(1) for a, b in bounds], 1).mean(1)
+    outputs = acts[out_hook].double().reshape(len(requests), len(flat), -1)[:, 0]
+    return grouped, outputs
+
+
+def least_squares_update(
+    model, layer: int, keys: Tensor, residuals: Tensor, cov: Tensor, mom2_update_weight: float
+) -> Tensor:
+    """``R K^T (lambda C + K K^T)^-1`` in the parameter's layout (``keys [n, d_mlp]``, ``residuals [n, d_model]``)."""
+    k = keys.T.double()  # [d_mlp, n]
+    adj = torch.linalg.solve(mom2_update_weight * cov.double() + k @ k.T, k)
+    upd = residuals.T.double() @ adj.T  # [d_model, d_mlp]
+    return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
+
+
+def spread_updates(
+    model,
+    requests: Sequence[Rewrite],
+    layers: Sequence[int],
+    targets: Tensor,
+    out_hook: str,
+    divisor: Callable[[int], float],
+    groups: Sequence[Sequence[str]],
+    covs: dict[int, Tensor],
+    mom2_update_weight: float,
+    apply: Callable[[str, Tensor], None],
+) -> None:
+    """Write ``targets`` (``[n, d]``, values of ``out_hook``) into the MLPs of ``layers``, in order.
+
+    At the i-th layer the residual ``targets - current out_hook`` is divided by
+    ``divisor(number of layers left)``.
+    """
+    for i, layer in enumerate(layers):
+        keys, current = grouped_keys_and_outputs(model, requests, groups, layer, out_hook)
+        residuals = (targets.double() - current) / divisor(len(layers) - i)
+        upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight)
+        apply(f"blocks.{layer}.mlp.out.weight", upd.to(mlp_out_weight(model, layer).dtype))
+
+
+def execute(
+    model,
+    requests: Sequence[Rewrite],
+    config: MEMITConfig,
+    groups: Sequence[Sequence[str]],
+    covs: dict[int, Tensor],
+    apply: Callable[[str, Tensor], None],
+    extra_losses: Sequence[ExtraLoss] = (),
+) -> list[OptimizationTrace]:
+    z_layer = config.layers[-1]
+    site = f"blocks.{z_layer}.hook_out"
+    objective = Objective(
+        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
+        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
+        early_stop_loss=config.early_stop_loss,
+    )
+    flat = [t for group in groups for t in group]
+    solutions = [
+        optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
+                        loss_layer=config.v_loss_layer, extra_losses=extra_losses)
+        for r in requests
+    ]
+    targets = torch.stack([s.target[site] for s in solutions])
+    spread_updates(model, requests, config.layers, targets, site, float, groups, covs,
+                   config.mom2_update_weight, apply)
+    return [s.trace for s in solutions]

@@ -1,0 +1,438 @@
+"""The value optimisation shared by ROME, MEMIT and PMET, with a hook for extra loss terms.
+
+One request is optimised on a batch of its rewrite prompt behind each context template
+(``"{}"`` first: row 0 is the bare prompt), each followed by the new target, plus the
+essence prompt ``"{subject} is a"`` as the last row. Trainable vectors ("deltas") are added
+at the subject's last token of every row to the activations named by ``sites`` (all in one
+block, ``layer``). The loss, as in the editors' code, is
+
+    nll_factor * mean_rows(-sum_target_tokens log p / n_target_tokens)
+    + kl_factor * KL(p_now || p_init) on the essence row at the subject's last token
+    + weight_decay * sum_sites ||delta|| / ||init||^2
+    + sum of the extra terms,
+
+minimised with Adam; each step first checks ``loss < early_stop_loss`` (stop), the last
+step only evaluates, and after each update every delta is projected back into the ball of
+radius ``clamp_norm_factor * ||init||``, ``init`` being the site's value at row 0.
+
+Speed: nothing below ``layer`` depends on the deltas, so one reference forward (no grad)
+records the residual entering block ``layer`` and the keyword arguments HF passes to every
+later block (attention masks, rotary embeddings, per layer so sliding-window layers keep
+theirs); each step then runs only blocks ``layer..`` through the bridge (their hooks fire)
+and computes logits only at the target positions and at the essence row's subject token
+(final norm and unembedding applied to those rows alone), instead of full-vocabulary
+logits at every position.
+
+Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at layers >=
+``layer`` are captured live (differentiable) from each step's forward pass, those below come
+from the reference pass (detached constants, they cannot change). Step 0 runs with all
+deltas zero, so a term can record reference activations then.
+"""
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from attention_drift import tokens
+from attention_drift.data import Rewrite
+from attention_drift.editing.config import EditError, RequestError
+from attention_drift.models import n_layers
+from attention_drift.tokens import Batch
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "output_attentions")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Hyper-parameters of one value optimisation.
+
+    Args:
+        lr: Adam learning rate.
+        steps: forward passes at most (the last one only evaluates).
+        weight_decay: factor of ``sum ||delta|| / ||init||^2``.
+        clamp_norm_factor: radius of each delta's ball, relative to ``||init||``.
+        kl_factor: factor of the essence KL term.
+        early_stop_loss: stop as soon as the total loss is below this.
+        nll_factor: factor of the target NLL.
+        argmax_schedule: PMET's rule: while the target is the argmax at every target
+            position, the NLL factor is divided by 10 (for the next step) and the run stops
+            if the KL term is <= 0.01.
+    """
+
+    lr: float
+    steps: int
+    weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    early_stop_loss: float = 0.05
+    nll_factor: float = 1.0
+    argmax_schedule: bool = False
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What an extra loss term gets besides the activations; the same object every step.
+
+    Rows ``[:n_rewriting]`` of ``batch`` are the context-prefixed rewrite prompts followed by
+    the target, the remaining row is the essence prompt. ``last_prompt_index`` is the
+    position predicting the first target token (the essence row: its last token);
+    ``subject_last_index`` the subject's last token, where the deltas are added.
+    Activations of blocks ``>= start_layer`` are live, those below are constants.
+    """
+
+    request: Rewrite
+    batch: Batch
+    n_rewriting: int
+    last_prompt_index: Int[Tensor, " batch"]
+    subject_last_index: Int[Tensor, " batch"]
+    layer: int
+    start_layer: int
+    n_layers: int
+
+
+@runtime_checkable
+class ExtraLoss(Protocol):
+    """An extra term of the value loss, computed from the step's own forward pass.
+
+    ``hook_names(info)`` is called once per optimisation and lists the hooks it reads
+    (``blocks.{l}....`` names, e.g. ``blocks.{l}.attn.hook_pattern``); ``term(step, acts,
+    info)`` returns a scalar tensor added to the loss; ``acts`` maps each requested name to
+    the full activation ``[batch, ...]``. An optional ``record`` dict attribute is copied
+    into the trace after the run.
+    """
+
+    name: str
+
+    def hook_names(self, info: StepInfo) -> Sequence[str]: ...
+
+    def __call__(self, step: int, acts: Mapping[str, Tensor], info: StepInfo) -> Tensor: ...
+
+
+@dataclass
+class OptimizationTrace:
+    """Per-step record of one value optimisation (one request).
+
+    ``init[site]`` / ``delta[site]``: the site's value before the edit and the optimised
+    delta (the target value is their sum), at the subject's last token of the bare prompt.
+    """
+
+    request: Rewrite
+    layer: int
+    sites: tuple[str, ...]
+    loss: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    weight_decay: list[float] = field(default_factory=list)
+    target_prob: list[float] = field(default_factory=list)
+    extra: dict[str, list[float]] = field(default_factory=dict)
+    records: dict[str, dict] = field(default_factory=dict)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    init: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    delta: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def steps_run(self) -> int:
+        return len(self.loss)
+
+
+@dataclass
+class ValueSolution:
+    """Result of :func:`optimize_values`.
+
+    ``init[site]`` is the site's value at the subject's last token of row 0 (the bare
+    prompt) before any change, ``delta[site]`` the optimised vector; ``reference[name]``
+    holds the activations asked for in ``reference_names`` at the subject's last token of
+    each rewriting row, from the delta-free reference pass.
+    """
+
+    init: dict[str, Tensor]
+    delta: dict[str, Tensor]
+    reference: dict[str, Tensor]
+    trace: OptimizationTrace
+
+    @property
+    def target(self) -> dict[str, Tensor]:
+        return {site: self.init[site] + self.delta[site] for site in self.init}
+
+
+def hook_layer(name: str) -> int:
+    match = _BLOCK.match(name)
+    if match is None:
+        raise EditError(f"hook {name!r} is not inside a block; extra losses can read 'blocks.L.*' hooks only")
+    return int(match.group(1))
+
+
+def subject_last_index(model, text: str, subject: str, prefix_chars: int) -> int:
+    """Token position of the last token of the subject occurrence that starts at or after
+    character ``prefix_chars`` of ``text`` (the one the template put there)."""
+    before, start = 0, text.find(subject)
+    while start != -1 and start < prefix_chars:
+        before += 1
+        start = text.find(subject, start + 1)
+    spans = tokens.subject_spans(model, text, subject)
+    if start == -1 or len(spans) <= before:
+        raise RequestError(
+            f"subject {subject!r} does not occur in {text!r}; the prompt must contain the subject exactly "
+            "as written (case and spacing included)"
+        )
+    return spans[before][1]
+
+
+def template_rows(model, request: Rewrite, templates: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(prompts, subject last-token positions) of ``request.prompt`` behind each template."""
+    prompts, positions = [], []
+    for template in templates:
+        prefix = template[: template.index("{}")]
+        text = template.replace("{}", request.prompt, 1)
+        prompts.append(text)
+        positions.append(subject_last_index(model, text, request.subject, len(prefix) + request.prompt.find(request.subject)))
+    return prompts, positions
+
+
+def _concat(a: Batch, b: Batch, pad: int) -> Batch:
+    width = max(a.input_ids.shape[1], b.input_ids.shape[1])
+
+    def padded(t: Tensor, value: int) -> Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Batch(
+        torch.cat([padded(a.input_ids, pad), padded(b.input_ids, pad)]),
+        torch.cat([padded(a.attention_mask, 0), padded(b.attention_mask, 0)]),
+        torch.cat([a.prompt_lengths, b.prompt_lengths]),
+        torch.cat([a.target_lengths, b.target_lengths]),
+    )
+
+
+def rewriting_batch(model, request: Rewrite, templates: Sequence[str]) -> tuple[Batch, int, Tensor]:
+    """(batch, number of rewriting rows, subject last-token position per row) of a request."""
+    prompts, positions = template_rows(model, request, templates)
+    rewriting = tokens.batch_with_targets(model, prompts, [request.target_new] * len(prompts))
+    essence_prompt = f"{request.subject} is a"
+    essence = tokens.batch_prompts(model, [essence_prompt])
+    positions.append(subject_last_index(model, essence_prompt, request.subject, 0))
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    return _concat(rewriting, essence, int(pad)), len(prompts), torch.tensor(positions)
+
+
+class LayerRunner:
+    """Re-runs the bridge's blocks ``start..`` on the residual entering block ``start``.
+
+    A reference forward of the whole model (no grad) records that residual and the
+    arguments HF passes to each later block; :meth:`run` then calls the blocks itself, so
+    hooks fire as usual, and returns the residual after ``upto``. Equal to the full
+    forward (the tests compare the logits on tiny Llama and GPT-2 models).
+    """
+
+    def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = ()):
+        self.model, self.start, self.total = model, start, n_layers(model)
+        calls: dict[int, tuple[tuple, dict]] = {}
+        saved: dict[str, Tensor] = {}
+
+        def pre_hook(layer):
+            def fn(module, args, kwargs):
+                calls[layer] = (args, kwargs)
+            return fn
+
+        def save(name):
+            def fn(act, hook):
+                saved[name] = act.detach()
+            return fn
+
+        handles = [self.model.blocks[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True)
+                   for l in range(start, self.total)]
+        try:
+            with torch.no_grad(), model.hooks(fwd_hooks=[(n, save(n)) for n in dict.fromkeys(reference_names)]):
+                self.logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.saved = saved
+        args, kwargs = calls[start]
+        self.resid = (args[0] if args else kwargs["hidden_states"]).detach()
+        self.calls = {}
+        for layer, (args, kwargs) in calls.items():
+            kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            self.calls[layer] = (args[1:] if args else (), kwargs)
+
+    def run(self, upto: int | None = None, keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
+        """(residual after block ``upto`` (default: the last), {layer: residual after it} for ``keep``)."""
+        upto = self.total - 1 if upto is None else upto
+        hidden, kept = self.resid, {}
+        for layer in range(self.start, upto + 1):
+            args, kwargs = self.calls[layer]
+            if "hidden_states" in kwargs:
+                out = self.model.blocks[layer](*args, **{**kwargs, "hidden_states": hidden})
+            else:
+                out = self.model.blocks[layer](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            if layer in keep:
+                kept[layer] = hidden
+        return hidden, kept
+
+
+def unembed_rows(model, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+    """Logits of residual vectors: final norm then unembedding (with Gemma's soft cap)."""
+    logits = model.unembed(model.ln_final(hidden[None]))[0]
+    cap = getattr(model.original_model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def optimize_values(
+    model,
+    request: Rewrite,
+    templates: Sequence[str],
+    *,
+    sites: Sequence[str],
+    layer: int,
+    objective: Objective,
+    loss_layer: int | None = None,
+    extra_losses: Sequence[ExtraLoss] = (),
+    reference_names: Sequence[str] = (),
+) -> ValueSolution:
+    """Optimise one delta per site (hook names in block ``layer``) for ``request``; see the module docstring."""
+    start_time = time.perf_counter()
+    total = n_layers(model)
+    loss_layer = total - 1 if loss_layer is None else loss_layer
+    if templates[0] != "{}":
+        raise EditError("the first context template must be '{}' (the bare prompt); init values are read there")
+    batch, n_rw, subj = rewriting_batch(model, request, templates)
+    rows = torch.arange(len(batch))
+    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total)
+
+    live_names: dict[str, None] = {}
+    const_names: dict[str, None] = {}
+    for term in extra_losses:
+        for name in term.hook_names(info):
+            if name not in model.hook_dict:
+                raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
+            (live_names if hook_layer(name) >= layer else const_names)[name] = None
+
+    runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names))
+    init = {s: runner.saved[s][0, subj[0]].clone() for s in sites}
+    reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
+    constants = {n: runner.saved[n] for n in const_names}
+
+    # Target positions: the logits one position before each target token.
+    rw_rows, positions, target_ids, row_len = [], [], [], []
+    for i in range(n_rw):
+        p, t = int(batch.prompt_lengths[i]), int(batch.target_lengths[i])
+        rw_rows += [i] * t
+        positions += list(range(p - 1, p - 1 + t))
+        target_ids += batch.input_ids[i, p:p + t].tolist()
+        row_len.append(t)
+    rw_rows_t, positions_t, target_t = torch.tensor(rw_rows), torch.tensor(positions), torch.tensor(target_ids)
+    row_len_t = torch.tensor(row_len, dtype=torch.float32)
+
+    d = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
+    opt = torch.optim.Adam(list(d.values()), lr=objective.lr)
+    acts: dict[str, Tensor] = {}
+
+    def inject(site):
+        def fn(act, hook):
+            act = act.clone()
+            act[rows, subj] = act[rows, subj] + d[site]
+            return act
+        return fn
+
+    def capture(name):
+        def fn(act, hook):
+            acts[name] = act
+        return fn
+
+    trace = OptimizationTrace(request, layer, tuple(sites), extra={t.name: [] for t in extra_losses})
+    kl_init = None
+    nll_factor = objective.nll_factor
+    hooks = [(s, inject(s)) for s in sites] + [(n, capture(n)) for n in live_names]
+    with model.hooks(fwd_hooks=hooks):
+        for step in range(objective.steps):
+            opt.zero_grad()
+            acts.clear()
+            acts.update(constants)
+            final, kept = runner.run(keep=(loss_layer,) if loss_layer < total - 1 else ())
+            lens = kept.get(loss_layer, final)
+            log_probs = unembed_rows(model, lens[rw_rows_t, positions_t]).log_softmax(-1)
+            token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
+            nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
+            nll = nll_each.mean()
+            kl_lp = unembed_rows(model, final[rows[n_rw:], subj[n_rw:]]).log_softmax(-1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            wd = objective.weight_decay * sum(d[s].norm() / init[s].norm() ** 2 for s in sites)
+            loss = nll_factor * nll + kl + wd
+            for term in extra_losses:
+                value = term(step, acts, info)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise EditError(f"extra loss {term.name!r} must return a scalar tensor, got {value!r}")
+                loss = loss + value.reshape(())
+                trace.extra[term.name].append(value.item())
+            trace.loss.append(loss.item())
+            trace.nll.append(nll.item())
+            trace.kl.append(kl.item())
+            trace.weight_decay.append(wd.item())
+            trace.target_prob.append(torch.exp(-nll_each).mean().item())
+            if trace.loss[-1] < objective.early_stop_loss:
+                trace.stopped_early = True
+                break
+            if objective.argmax_schedule:
+                if bool((log_probs.argmax(-1) == target_t).all()):
+                    nll_factor = 0.1 * objective.nll_factor
+                    if trace.kl[-1] <= 0.01:
+                        trace.stopped_early = True
+                        break
+                else:
+                    nll_factor = objective.nll_factor
+            if step == objective.steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for s in sites:
+                    max_norm = objective.clamp_norm_factor * init[s].norm()
+                    if d[s].norm() > max_norm:
+                        d[s].mul_(max_norm / d[s].norm())
+    for term in extra_losses:
+        record = getattr(term, "record", None)
+        if isinstance(record, dict):
+            trace.records[term.name] = dict(record)
+    trace.seconds = time.perf_counter() - start_time
+    trace.init = init
+    trace.delta = {s: d[s].detach().clone() for s in sites}
+    return ValueSolution(init, trace.delta, reference, trace)
+
+
+@torch.no_grad()
+def subject_activations(
+    model, prompts: Sequence[str], positions: Sequence[int], names: Sequence[str]
+) -> dict[str, Tensor]:
+    """``{name: [len(prompts), d]}``: activations at the given position of each prompt.
+
+    Runs only up to the highest block named (``stop_at_layer``).
+    """
+    batch = tokens.batch_prompts(model, list(prompts))
+    saved: dict[str, Tensor] = {}
+
+    def save(name):
+        def fn(act, hook):
+            saved[name] = act.detach()
+        return fn
+
+    stop = max(hook_layer(n) for n in names) + 1
+    with model.hooks(fwd_hooks=[(n, save(n)) for n in dict.fromkeys(names)]):
+        model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+              stop_at_layer=stop if stop < n_layers(model) else None)
+    rows, pos = torch.arange(len(prompts)), torch.tensor(list(positions))
+    return {n: saved[n][rows, pos].clone() for n in names}

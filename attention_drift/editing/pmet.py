@@ -1,0 +1,56 @@
+"""PMET (Li et al. 2024, "PMET: Precise Model Editing in a Transformer").
+
+Following the authors' code (``pmet/compute_zs.py``, ``pmet/pmet_main.py``, with the MLP
+as the only rewritten module, as in their configurations):
+
+1. For each request, two deltas are optimised jointly at the last layer ``L`` of the
+   range, one on the attention output (``blocks.L.attn.hook_out``) and one on the MLP
+   output (``blocks.L.mlp.hook_out``), at the subject's last token, with PMET's loss: the
+   weight decay and the clamp apply to each delta relative to its own initial value, and
+   the NLL factor drops to a tenth while the target is already the argmax everywhere (the
+   run stops then once the KL term is <= 0.01). Only the MLP target ``m_i = m_init + delta``
+   is used afterwards.
+2. For each layer ``l`` of the range, in order: MEMIT's grouped keys, residual
+   ``R = (M - current MLP output of layer L at the bare prompt) / sqrt(layers left)`` (the
+   square-root spread), and ``Delta = R K^T (K K^T + lambda C)^-1`` added to the MLP output
+   projection.
+"""
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attention_drift.data import Rewrite
+from attention_drift.editing.config import PMETConfig
+from attention_drift.editing.memit import spread_updates
+from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+
+
+def execute(
+    model,
+    requests: Sequence[Rewrite],
+    config: PMETConfig,
+    groups: Sequence[Sequence[str]],
+    covs: dict[int, Tensor],
+    apply: Callable[[str, Tensor], None],
+    extra_losses: Sequence[ExtraLoss] = (),
+) -> list[OptimizationTrace]:
+    z_layer = config.layers[-1]
+    attn_site, mlp_site = f"blocks.{z_layer}.attn.hook_out", f"blocks.{z_layer}.mlp.hook_out"
+    objective = Objective(
+        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
+        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
+        early_stop_loss=config.early_stop_loss, nll_factor=config.nll_factor, argmax_schedule=True,
+    )
+    flat = [t for group in groups for t in group]
+    solutions = [
+        optimize_values(model, r, flat, sites=[attn_site, mlp_site], layer=z_layer, objective=objective,
+                        loss_layer=config.v_loss_layer, extra_losses=extra_losses)
+        for r in requests
+    ]
+    targets = torch.stack([s.target[mlp_site] for s in solutions])
+    spread_updates(model, requests, config.layers, targets, mlp_site, math.sqrt, groups, covs,
+                   config.mom2_update_weight, apply)
+    return [s.trace for s in solutions]

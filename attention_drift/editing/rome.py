@@ -1,0 +1,78 @@
+"""ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+
+Per request, at the edited layer L (following the authors' code, ``rome/compute_u.py``,
+``compute_v.py``, ``rome_main.py``):
+
+* key ``k*``: mean over the context templates of the MLP key (``blocks.L.mlp.hook_post``)
+  at the subject's last token; ``u = C^-1 k*`` (``C = E[k k^T]``, see
+  :mod:`~attention_drift.editing.stats`) normalised to unit length;
+* value ``v* = v_init + delta``, ``delta`` optimised at the MLP output
+  (``blocks.L.mlp.hook_out``) by :func:`~attention_drift.editing.optimize.optimize_values`;
+  ``v_init`` is the MLP output at the subject's last token of the bare prompt;
+* update ``W <- W + (v* - W k - b) u^T / (u^T k)`` with ``k`` the bare prompt's key, so the
+  edited layer maps ``k`` to ``v*`` exactly. (The paper writes the denominator and the
+  residual with ``k*``; the authors' code, which produced the published numbers and which
+  the over-attention paper ran, uses the bare prompt's key there; we follow the code.)
+
+Several requests are applied one after the other, each computed on the model already
+holding the previous ones (as ``apply_rome_to_model``).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attention_drift.data import Rewrite
+from attention_drift.editing.config import ROMEConfig
+from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+
+
+def objective(config: ROMEConfig) -> Objective:
+    return Objective(
+        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
+        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
+        early_stop_loss=config.early_stop_loss,
+    )
+
+
+def rank_one_update(model, layer: int, key: Tensor, u: Tensor, value: Tensor, current: Tensor) -> Tensor:
+    """The ROME weight delta, in the layout of the parameter: maps ``key`` to ``value``.
+
+    ``current`` is the layer's present output for ``key`` (``W key + b``); ``u`` the update
+    direction (``C^-1 k*``, any scale).
+    """
+    right = (value - current) / torch.dot(key, u)
+    upd = torch.outer(right, u)  # [d_model, d_mlp]
+    return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
+
+
+def execute(
+    model,
+    requests: Sequence[Rewrite],
+    config: ROMEConfig,
+    templates: Sequence[str],
+    inverse_cov: Callable[[Tensor], Tensor] | None,
+    apply: Callable[[str, Tensor], None],
+    extra_losses: Sequence[ExtraLoss] = (),
+) -> list[OptimizationTrace]:
+    """Edit ``requests`` in turn; ``apply(param_name, delta)`` adds each weight delta."""
+    layer = config.layer
+    site, key_hook = f"blocks.{layer}.mlp.hook_out", f"blocks.{layer}.mlp.hook_post"
+    traces = []
+    for request in requests:
+        solution = optimize_values(
+            model, request, templates, sites=[site], layer=layer, objective=objective(config),
+            loss_layer=config.v_loss_layer, extra_losses=extra_losses, reference_names=[key_hook],
+        )
+        keys = solution.reference[key_hook].double()
+        k_star, k_bare = keys.mean(0), keys[0]
+        u = inverse_cov(k_star) if inverse_cov is not None else k_star
+        u = u / u.norm()
+        upd = rank_one_update(
+            model, layer, k_bare, u, solution.target[site].double(), solution.init[site].double()
+        )
+        apply(f"blocks.{layer}.mlp.out.weight", upd.to(mlp_out_weight(model, layer).dtype))
+        traces.append(solution.trace)
+    return traces

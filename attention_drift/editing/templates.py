@@ -1,0 +1,96 @@
+"""Context prefixes for the value optimisation: short texts the model writes itself.
+
+ROME, MEMIT and PMET optimise the new value over the rewrite prompt preceded by a few
+random prefixes, so that the value works in varied contexts and the key is an average over
+them. As in the editors' code (EasyEdit's version, which the paper's official code runs),
+each prefix is a text of ``length`` tokens (prompt word included, BOS counted where the model
+uses one) generated with top-k 5 sampling from one of ``"The"``, ``"Therefore"``,
+``"Because"``, ``"I"``, ``"You"``, braces removed, followed by ``". {}"``. Generated once per
+model, spec and seed, and kept in memory.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from attention_drift import tokens
+
+PROMPT_WORDS = ("The", "Therefore", "Because", "I", "You")
+_CACHE: dict[tuple, list[list[str]]] = {}
+
+
+def context_templates(model, spec: Sequence[tuple[int, int]], seed: int = 0) -> list[list[str]]:
+    """Template groups: ``[["{}"], group for each (length, count) of spec]``.
+
+    A group holds ``count`` templates, spread over the five prompt words (``count // 5``
+    each, the remainder to the first words). Deterministic for a given seed.
+    """
+    from attention_drift.editing.stats import model_key
+
+    key = (model_key(model), tuple(tuple(p) for p in spec), seed)
+    if key not in _CACHE:
+        generator = torch.Generator().manual_seed(seed)
+        groups = [["{}"]]
+        for length, count in spec:
+            group = []
+            for i, word in enumerate(PROMPT_WORDS):
+                n = count // len(PROMPT_WORDS) + (i < count % len(PROMPT_WORDS))
+                if n == 0:
+                    continue
+                prefix = tokens.encode(model, word)
+                for row in sample_tokens(model, prefix, n, max(length, len(prefix)), generator, top_k=5):
+                    text = model.tokenizer.decode(row, skip_special_tokens=True)
+                    group.append(text.replace("{", " ").replace("}", " ") + ". {}")
+            groups.append(group)
+        _CACHE[key] = groups
+    return [list(g) for g in _CACHE[key]]
+
+
+@torch.no_grad()
+def sample_tokens(
+    model, prefix: list[int], batch: int, length: int, generator: torch.Generator, top_k: int | None = None
+) -> list[list[int]]:
+    """``batch`` continuations of ``prefix`` up to ``length`` tokens in all (KV-cached sampling).
+
+    Temperature 1; ``top_k`` restricts each step to the k most likely tokens. With
+    transformers 5 the decoder layers hand the KV cache to attention as ``cache=``, while
+    the bridge's attention reads ``past_key_values=``, so the cache would stay empty and
+    every step would see only its own token; a temporary pre-hook passes it under both
+    names (and generation falls back to full forwards if the cache still does not fill).
+    """
+    ids = torch.tensor([prefix] * batch, dtype=torch.long)
+    if ids.shape[1] >= length:
+        return ids[:, :length].tolist()
+    handles = [block.attn.register_forward_pre_hook(_pass_cache, with_kwargs=True) for block in model.blocks]
+    try:
+        hf = model.original_model
+        out = hf(input_ids=ids, use_cache=True)
+        cache = out.past_key_values
+        cached = cache is not None and cache.get_seq_length() == ids.shape[1]
+        while True:
+            nxt = _draw(out.logits[:, -1].float(), generator, top_k)
+            ids = torch.cat([ids, nxt], dim=1)
+            if ids.shape[1] >= length:
+                return ids.tolist()
+            out = hf(input_ids=nxt, cache=cache, use_cache=True) if cached else hf(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pass_cache(module, args, kwargs):
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator, top_k: int | None) -> torch.Tensor:
+    if top_k is None:
+        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+    values, indices = logits.topk(top_k, dim=-1)
+    return indices.gather(-1, torch.multinomial(torch.softmax(values, -1), 1, generator=generator))
+
+
+def clear_cache() -> None:
+    """Forget the generated templates (they are regenerated on next use)."""
+    _CACHE.clear()

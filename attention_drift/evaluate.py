@@ -1,0 +1,572 @@
+"""Evaluate a (possibly edited) model on a CounterFact-family record, the over-attention paper's way.
+
+Protocol (Revealing and Mitigating Over-Attention in Knowledge Editing, ICLR 2025, which follows
+ROME's CounterFact evaluation):
+
+* A prompt is scored by two continuations, ``right`` and ``wrong``. Each is appended to the
+  prompt (``f"{prompt} {target}"``, :mod:`attention_drift.tokens`) and gets its mean
+  log-probability per target token; ``p = exp(mean log-prob)`` is the geometric-mean token
+  probability. The prompt is *correct* when ``p_right > p_wrong`` (strict; compared in log space,
+  which orders the same way and cannot underflow into a tie).
+* Which continuation is right or wrong depends on the group (see :data:`GROUPS`).
+* Results are pooled over all prompts of all records (micro-average) with a 95% normal interval,
+  see :func:`aggregate`; Avg.S is the harmonic mean of ES, PS, NS, RS and DNS (:func:`avg_s`).
+* Fluency (FL) is ROME's n-gram entropy of sampled generations (:func:`ngram_entropy`).
+
+This is not EasyEdit's token-level "rewrite accuracy" (argmax match per teacher-forced target
+token), which some papers also call efficacy.
+"""
+
+import copy
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from attention_drift import tokens
+from attention_drift.data import Record, distract_prompt
+
+
+@dataclass(frozen=True)
+class Group:
+    """One evaluation group of the paper: what is scored, and which continuation counts as right.
+
+    Args:
+        name: key used in results and JSON (``"efficacy"``, ``"distract_neighborhood"``...).
+        abbrev: the paper's abbreviation (ES, PS, NS, RS, DNS), "" where it uses none.
+        description: exactly how the group is computed.
+    """
+
+    name: str
+    abbrev: str
+    description: str
+
+
+_RULE = (
+    "Each prompt is scored as f'{prompt} {target}' by the geometric-mean probability of the "
+    "target tokens; correct when P(right) > P(wrong) (strict). Pairs with right == wrong are skipped."
+)
+EFFICACY = Group("efficacy", "ES", (
+    "Efficacy score (paper/ROME CounterFact protocol): the record's rewrite prompts, right = the "
+    f"edit's target_new, wrong = its target_true. {_RULE}"))
+PARAPHRASE = Group("paraphrase", "PS", (
+    "Paraphrase score (generalisation): the p-paraphrase prompts, right = target_new, wrong = "
+    f"target_true. {_RULE}"))
+REASONING = Group("reasoning", "", (
+    "Reasoning score (multi-hop generalisation, WikiData-type records): the p-reasoning prompts, "
+    f"right = each prompt's own target, wrong = the edit's target_true. {_RULE}"))
+SUBJECT_ALIAS = Group("subject_alias", "", (
+    "Subject-alias score (generalisation): the p-subject_alias prompts (the rewrite with an alias "
+    f"of the subject), right = target_new, wrong = target_true. {_RULE}"))
+NEIGHBORHOOD = Group("neighborhood", "NS", (
+    "Neighbourhood score (specificity): the l-neighbor prompts about other subjects, right = each "
+    f"prompt's own (true) answer, wrong = the edit's target_new. {_RULE}"))
+DISTRACT_NEIGHBORHOOD = Group("distract_neighborhood", "DNS", (
+    "Distract neighbourhood score (the paper's specificity under distraction): the neighbourhood "
+    "pairs with the edit sentence in front, prompt = f'{rewrite prompt} {target_new}. {prompt}' "
+    f"(data.distract_prompt); right = own answer, wrong = target_new. {_RULE}"))
+RELATION = Group("relation", "RS", (
+    "Relation score (specificity on other facts about the edited subject, WikiData-type "
+    f"records): the l-relation prompts, right = each prompt's own answer, wrong = target_new. {_RULE}"))
+DISTRACT_RELATION = Group("distract_relation", "", (
+    "Distract relation score: the relation pairs with the edit sentence in front "
+    f"(data.distract_prompt); right = own answer, wrong = target_new. {_RULE}"))
+COMMONSENSE = Group("commonsense", "", (
+    "Commonsense score (o-commonsense): the record's commonsense prompt, right / wrong as given "
+    f"in the data (not related to the edit's targets). {_RULE}"))
+DISTRACT_COMMONSENSE = Group("distract_commonsense", "", (
+    "Distract commonsense score: the commonsense prompt with the edit sentence in front "
+    f"(data.distract_prompt); right / wrong as given. {_RULE}"))
+
+GROUPS: dict[str, Group] = {
+    g.name: g
+    for g in (
+        EFFICACY, PARAPHRASE, REASONING, SUBJECT_ALIAS, NEIGHBORHOOD, DISTRACT_NEIGHBORHOOD,
+        RELATION, DISTRACT_RELATION, COMMONSENSE, DISTRACT_COMMONSENSE,
+    )
+}
+AVG_S_GROUPS = ("efficacy", "paraphrase", "neighborhood", "relation", "distract_neighborhood")
+"""The groups whose accuracies Avg.S combines (harmonic mean), as in the paper's Table 3."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One scored prompt: its text and the right / wrong continuations."""
+
+    prompt: str
+    right: str
+    wrong: str
+
+
+def record_pairs(record: Record) -> tuple[dict[str, list[Pair]], dict[str, int]]:
+    """The prompt pairs of every group of ``record`` (see each :class:`Group`'s description),
+    and how many pairs per group were skipped because right == wrong after stripping."""
+    rw = record.rewrite
+    raw: dict[str, list[Pair]] = {name: [] for name in GROUPS}
+    for prompt in record.efficacy.prompts:
+        raw["efficacy"].append(Pair(prompt, rw.target_new, rw.target_true))
+    for name, group in (("paraphrase", record.paraphrase), ("subject_alias", record.subject_alias)):
+        raw[name] += [Pair(p, rw.target_new, rw.target_true) for p in group.prompts]
+    raw["reasoning"] += [Pair(p, t, rw.target_true) for p, t in zip(record.reasoning.prompts, record.reasoning.targets)]
+    for name, group in (("neighborhood", record.neighborhood), ("relation", record.relation)):
+        pairs = [Pair(p, t, rw.target_new) for p, t in zip(group.prompts, group.targets)]
+        raw[name] += pairs
+        raw[f"distract_{name}"] += [Pair(distract_prompt(rw, p.prompt), p.right, p.wrong) for p in pairs]
+    if record.commonsense is not None:
+        cs = record.commonsense
+        raw["commonsense"].append(Pair(cs.prompt, cs.right, cs.wrong))
+        raw["distract_commonsense"].append(Pair(distract_prompt(rw, cs.prompt), cs.right, cs.wrong))
+    pairs = {name: [p for p in ps if p.right.strip() != p.wrong.strip()] for name, ps in raw.items()}
+    skipped = {name: len(raw[name]) - len(pairs[name]) for name in raw}
+    return pairs, skipped
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Scores of prompt pairs: mean log-probability per target token of each continuation."""
+
+    log_p_right: Float[Tensor, " pair"]
+    log_p_wrong: Float[Tensor, " pair"]
+
+    @property
+    def p_right(self) -> Float[Tensor, " pair"]:
+        """Geometric-mean token probability of the right continuation."""
+        return self.log_p_right.exp()
+
+    @property
+    def p_wrong(self) -> Float[Tensor, " pair"]:
+        return self.log_p_wrong.exp()
+
+    @property
+    def correct(self) -> Bool[Tensor, " pair"]:
+        """True where P(right) > P(wrong), strictly (a tie is wrong)."""
+        return self.log_p_right > self.log_p_wrong
+
+    def __len__(self) -> int:
+        return int(self.log_p_right.shape[0])
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+@torch.no_grad()
+def continuation_log_probs(
+    model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+) -> Float[Tensor, " row"]:
+    """Mean log-probability per target token of each ``f"{prompt} {target}"``.
+
+    Each distinct prompt is run once per multi-token target (at least once); single-token
+    targets are read from the last prompt position of one of the prompt's rows, which is the
+    same number as a row of their own (causal attention), at a fraction of the cost. Rows are
+    sorted by length before batching (less padding); right padding and the attention mask make
+    every result independent of its batch.
+    """
+    _check_batch_size(batch_size)
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; they pair one to one")
+    by_prompt: dict[str, dict[str, list[int]]] = {}
+    for prompt, target in zip(prompts, targets):
+        by_prompt.setdefault(prompt, {})[target] = tokens.continuation_ids(model, prompt, target)[1]
+    rows: list[tuple[str, str]] = []
+    for prompt, ids in by_prompt.items():
+        multi = [t for t, t_ids in ids.items() if len(t_ids) > 1]
+        rows += [(prompt, t) for t in multi] or [(prompt, next(iter(ids)))]
+    rows.sort(key=lambda pt: (-len(pt[0]) - len(pt[1]), pt))
+    found: dict[tuple[str, str], float] = {}
+    read: set[str] = set()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = tokens.batch_with_targets(model, [p for p, _ in chunk], [t for _, t in chunk])
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        own = tokens.target_log_probs(logits, batch).tolist()
+        for i, (prompt, target) in enumerate(chunk):
+            found[(prompt, target)] = own[i]
+            if prompt in read:
+                continue
+            read.add(prompt)
+            last = logits[i, int(batch.last_prompt_index[i])].float().log_softmax(-1)
+            for other, t_ids in by_prompt[prompt].items():
+                if len(t_ids) == 1 and other != target:
+                    found[(prompt, other)] = float(last[t_ids[0]])
+    return torch.tensor([found[key] for key in zip(prompts, targets)], dtype=torch.float64)
+
+
+def score_pairs(
+    model, prompts: Sequence[str], rights: Sequence[str], wrongs: Sequence[str], *, batch_size: int = 32
+) -> PairScores:
+    """Score prompt pairs with all right and wrong continuations in shared batches."""
+    if not len(prompts) == len(rights) == len(wrongs):
+        raise ValueError(
+            f"prompts, rights and wrongs must have the same length, got {len(prompts)}, {len(rights)}, {len(wrongs)}"
+        )
+    n = len(prompts)
+    log_probs = continuation_log_probs(model, list(prompts) * 2, list(rights) + list(wrongs), batch_size=batch_size)
+    return PairScores(log_probs[:n], log_probs[n:])
+
+
+@dataclass(frozen=True)
+class GroupScores:
+    """One record's results in one group, one entry per scored prompt, in data order.
+
+    ``skipped`` counts pairs left out because right == wrong after stripping.
+    """
+
+    p_right: tuple[float, ...]
+    p_wrong: tuple[float, ...]
+    correct: tuple[bool, ...]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.correct)
+
+    def to_json(self) -> dict:
+        return {"scores": [[r, w, c] for r, w, c in zip(self.p_right, self.p_wrong, self.correct)],
+                "skipped": self.skipped}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "GroupScores":
+        rows = obj.get("scores", [])
+        return cls(tuple(float(r[0]) for r in rows), tuple(float(r[1]) for r in rows),
+                   tuple(bool(r[2]) for r in rows), int(obj.get("skipped", 0)))
+
+
+@dataclass(frozen=True)
+class FluencyConfig:
+    """How fluency generations are sampled (defaults: the paper's / ROME's setting).
+
+    Args:
+        per_prompt: generations per generation prompt (CounterFact records have 10 prompts,
+            so 1 gives the paper's 10 generations per record).
+        max_prompts: use at most this many of the record's generation prompts (None: all).
+        max_length: tokens per generation, prompt included (BOS included where the model uses it).
+        top_k: sample from the k most likely tokens at each step (no temperature, no top-p).
+        seed: torch seed for sampling; the same for every record so pre/post runs are paired.
+        batch_size: generations sampled together.
+    """
+
+    per_prompt: int = 1
+    max_prompts: int | None = None
+    max_length: int = 100
+    top_k: int = 5
+    seed: int = 0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        for name in ("per_prompt", "max_length", "top_k", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FluencyConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"FluencyConfig.max_prompts must be None or >= 1, got {self.max_prompts!r}")
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ("per_prompt", "max_prompts", "max_length", "top_k", "seed")}
+
+
+@dataclass(frozen=True)
+class FluencyScores:
+    """Generated texts (prompt included) and the n-gram entropy (bits) of each."""
+
+    texts: tuple[str, ...]
+    ngram_entropy: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.ngram_entropy) / len(self.ngram_entropy) if self.ngram_entropy else math.nan
+
+    def to_json(self) -> dict:
+        return {"ngram_entropy": list(self.ngram_entropy), "texts": list(self.texts)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "FluencyScores":
+        return cls(tuple(obj.get("texts", ())), tuple(float(x) for x in obj["ngram_entropy"]))
+
+
+@dataclass(frozen=True)
+class RecordScores:
+    """All results of one record in one model state (pre- or post-edit)."""
+
+    case_id: int | str
+    groups: dict[str, GroupScores] = field(default_factory=dict)
+    fluency: FluencyScores | None = None
+
+    def to_json(self) -> dict:
+        return {"groups": {name: g.to_json() for name, g in self.groups.items()},
+                "fluency": None if self.fluency is None else self.fluency.to_json()}
+
+    @classmethod
+    def from_json(cls, case_id: int | str, obj: dict) -> "RecordScores":
+        fluency = obj.get("fluency")
+        return cls(case_id, {name: GroupScores.from_json(g) for name, g in obj.get("groups", {}).items()},
+                   None if fluency is None else FluencyScores.from_json(fluency))
+
+
+def evaluate_record(
+    model, record: Record, *, batch_size: int = 32, fluency: bool | FluencyConfig = False
+) -> RecordScores:
+    """Score every group of ``record`` on ``model`` as it is now (pre- or post-edit).
+
+    All prompt pairs of all groups go through shared batched forwards. Groups without prompts
+    are left out. ``fluency=True`` (or a :class:`FluencyConfig`) also samples generations from
+    the record's generation prompts and scores their n-gram entropy (slow on CPU).
+    """
+    _check_batch_size(batch_size)
+    pairs, skipped = record_pairs(record)
+    flat = [(name, p) for name, ps in pairs.items() for p in ps]
+    scores = score_pairs(
+        model, [p.prompt for _, p in flat], [p.right for _, p in flat], [p.wrong for _, p in flat],
+        batch_size=batch_size,
+    )
+    p_right, p_wrong, correct = scores.p_right.tolist(), scores.p_wrong.tolist(), scores.correct.tolist()
+    groups: dict[str, GroupScores] = {}
+    start = 0
+    for name in GROUPS:
+        n = len(pairs[name])
+        if n or skipped[name]:
+            stop = start + n
+            groups[name] = GroupScores(tuple(p_right[start:stop]), tuple(p_wrong[start:stop]),
+                                       tuple(correct[start:stop]), skipped[name])
+            start = stop
+    fluency_scores = None
+    if fluency is not False and record.generation:
+        config = fluency if isinstance(fluency, FluencyConfig) else FluencyConfig()
+        prompts = list(record.generation[: config.max_prompts])
+        texts = generate_texts(model, prompts, config)
+        fluency_scores = FluencyScores(tuple(texts), tuple(ngram_entropy(t) for t in texts))
+    return RecordScores(record.case_id, groups, fluency_scores)
+
+
+# --- fluency -------------------------------------------------------------------------------
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _words(text: str) -> list[str]:
+    """Words and single punctuation marks, approximating ``nltk.word_tokenize`` without nltk
+    (they differ on contractions, quotes and runs of punctuation)."""
+    return _WORD.findall(text)
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's ``compute_n_gram_entropy`` (the paper's fluency, FL, before the x100).
+
+    For each n, the Shannon entropy in bits of the frequency distribution of the text's word
+    n-grams; the result is the arithmetic mean of ``weight_n * H_n`` (defaults: 2- and
+    3-grams weighted 2/3 and 4/3, i.e. H2/3 + 2*H3/3). A text with no n-grams of some n
+    contributes 0 for that n, as in ROME.
+    """
+    if len(ns) != len(weights) or not ns:
+        raise ValueError(f"ns and weights must be non-empty and of equal length, got {ns} and {weights}")
+    words = _words(text)
+    terms = []
+    for n, weight in zip(ns, weights):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        terms.append(weight * entropy)
+    return sum(terms) / len(terms)
+
+
+def _generation_model(model):
+    """A plain Hugging Face model that shares every parameter and buffer with the bridge.
+
+    The bridge's own key-value cache gives wrong continuations after the first generated token
+    (checked on SmolLM2 with transformer-lens 4.3), so sampling runs on this clone, built on the
+    meta device and filled with the bridge's tensors (no copy): it sees the current, possibly
+    edited weights, but not hooks attached to the bridge.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = model.original_model
+    with torch.device("meta"):
+        clone = AutoModelForCausalLM.from_config(copy.deepcopy(source.config))
+    tensors: dict[str, Tensor] = {}
+    named = list(source.named_parameters(remove_duplicate=False)) + list(source.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        tensors.setdefault(name.replace("._original_component", ""), tensor)
+    for name, _ in list(clone.named_parameters(remove_duplicate=False)) + list(clone.named_buffers(remove_duplicate=False)):
+        if name not in tensors:
+            raise RuntimeError(f"cannot map {name!r} of the Hugging Face model onto the bridge's tensors")
+        owner, _, leaf = name.rpartition(".")
+        module = clone.get_submodule(owner)
+        slot = module._parameters if leaf in module._parameters else module._buffers
+        slot[leaf] = tensors[name]
+    return clone.eval()
+
+
+@torch.no_grad()
+def _generate_ids(model, prompts: Sequence[str], config: FluencyConfig) -> list[list[int]]:
+    """Token ids of the sampled texts, prompt included, each ``config.max_length`` long."""
+    rows = [tokens.encode(model, p) for p in prompts for _ in range(config.per_prompt)]
+    if not rows:
+        return []
+    tokenizer = model.tokenizer
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    clone = _generation_model(model)
+    out: list[list[int]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for start in range(0, len(rows), config.batch_size):
+            chunk = rows[start : start + config.batch_size]
+            width = max(len(r) for r in chunk)
+            new = config.max_length - min(len(r) for r in chunk)
+            if new <= 0:
+                out += [r[: config.max_length] for r in chunk]
+                continue
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in chunk])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in chunk])
+            generated = clone.generate(
+                ids, attention_mask=mask, do_sample=True, top_k=config.top_k, top_p=1.0, temperature=1.0,
+                repetition_penalty=1.0, max_new_tokens=new, eos_token_id=None, pad_token_id=pad,
+            )
+            out += [g[width - len(r) :][: config.max_length].tolist() for r, g in zip(chunk, generated)]
+    return out
+
+
+def generate_texts(model, prompts: Sequence[str], config: FluencyConfig = FluencyConfig()) -> list[str]:
+    """Sample ``config.per_prompt`` texts per prompt with top-k sampling, as ROME's fluency test.
+
+    Each text is ``config.max_length`` tokens long, prompt included (generation never stops at
+    EOS, like ROME's ``generate_fast``), decoded without special tokens. Seeded with
+    ``config.seed`` without touching the global random state. Texts of one prompt are
+    consecutive.
+    """
+    return [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in _generate_ids(model, prompts, config)]
+
+
+@torch.no_grad()
+def perplexity(model, texts: Sequence[str], *, batch_size: int = 8) -> float:
+    """Perplexity of ``texts``: exp of the mean negative log-likelihood over all predicted tokens
+    of all texts pooled (every token after the first of each text, BOS where the model uses it)."""
+    _check_batch_size(batch_size)
+    if not texts:
+        raise ValueError("perplexity needs at least one text")
+    total, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        batch = tokens.batch_prompts(model, list(texts[start : start + batch_size]))
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        log_probs = logits[:, :-1].float().log_softmax(-1)
+        token_lp = log_probs.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+        valid = batch.attention_mask[:, 1:].bool()
+        total -= float(token_lp[valid].sum())
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("texts are too short: perplexity needs at least one text of two or more tokens")
+    return math.exp(total / count)
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Accuracy of one group over many records.
+
+    Pooled (default, the paper's): accuracy = mean of the correct flags of all prompts of all
+    records, half_width = 1.96 * sqrt(p (1 - p) / n) with n prompts. Per record: accuracy = mean
+    of the per-record accuracies, half_width = 1.96 * std(per-record accuracies) / sqrt(n) with n
+    records (population std, the same formula). ``ci95`` is accuracy -/+ half_width clipped to
+    [0, 1]. ``mean_p_right`` / ``mean_p_wrong`` average the geometric-mean token probabilities
+    the same way.
+    """
+
+    accuracy: float
+    ci95: tuple[float, float]
+    half_width: float
+    n: int
+    mean_p_right: float
+    mean_p_wrong: float
+    skipped: int = 0
+
+    def to_json(self) -> dict:
+        return {"accuracy": self.accuracy, "ci95": list(self.ci95), "n": self.n, "half_width": self.half_width,
+                "mean_p_right": self.mean_p_right, "mean_p_wrong": self.mean_p_wrong, "skipped": self.skipped}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _stats(values: Sequence[float], p_right: Sequence[float], p_wrong: Sequence[float], skipped: int) -> GroupStats:
+    n = len(values)
+    acc = _mean(values)
+    var = _mean([(v - acc) ** 2 for v in values])
+    half = Z95 * math.sqrt(var / n)
+    return GroupStats(acc, (max(0.0, acc - half), min(1.0, acc + half)), half, n,
+                      _mean(p_right), _mean(p_wrong), skipped)
+
+
+def aggregate(scores: Sequence[RecordScores], *, per_record: bool = False) -> dict[str, GroupStats]:
+    """Accuracy per group over ``scores`` (see :class:`GroupStats` for both averaging modes).
+
+    Groups without any scored prompt are left out. Pooled over prompts, a flag's variance is
+    p (1 - p), so the interval is the paper's 1.96 * sqrt(p (1 - p) / n).
+    """
+    out: dict[str, GroupStats] = {}
+    for name in GROUPS:
+        present = [s.groups[name] for s in scores if name in s.groups]
+        skipped = sum(g.skipped for g in present)
+        present = [g for g in present if len(g)]
+        if not present:
+            continue
+        if per_record:
+            out[name] = _stats([_mean([float(c) for c in g.correct]) for g in present],
+                               [_mean(g.p_right) for g in present], [_mean(g.p_wrong) for g in present], skipped)
+        else:
+            out[name] = _stats([float(c) for g in present for c in g.correct],
+                               [p for g in present for p in g.p_right], [p for g in present for p in g.p_wrong],
+                               skipped)
+    return out
+
+
+@dataclass(frozen=True)
+class FluencyStats:
+    """Mean n-gram entropy (bits; the paper shows it x100) over ``n`` generations, or over ``n``
+    records' means when averaged per record."""
+
+    ngram_entropy: float
+    n: int
+
+    def to_json(self) -> dict:
+        return {"ngram_entropy": self.ngram_entropy, "n": self.n}
+
+
+def fluency_stats(scores: Sequence[RecordScores], *, per_record: bool = False) -> FluencyStats | None:
+    """Pooled (or per-record) mean n-gram entropy of the records that have fluency results."""
+    present = [s.fluency for s in scores if s.fluency is not None and s.fluency.ngram_entropy]
+    if not present:
+        return None
+    if per_record:
+        return FluencyStats(_mean([f.mean for f in present]), len(present))
+    values = [v for f in present for v in f.ngram_entropy]
+    return FluencyStats(_mean(values), len(values))
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of non-negative values; 0 when any value is 0."""
+    if not values:
+        raise ValueError("harmonic mean of no values")
+    if any(v < 0 for v in values):
+        raise ValueError(f"harmonic mean needs non-negative values, got {list(values)}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
+
+
+def avg_s(stats: dict[str, GroupStats]) -> float | None:
+    """The paper's Avg.S: harmonic mean of the ES, PS, NS, RS and DNS accuracies; None unless
+    all five groups are present (e.g. RS needs WikiData-type records, NS CounterFact-type)."""
+    if not all(name in stats for name in AVG_S_GROUPS):
+        return None
+    return harmonic_mean([stats[name].accuracy for name in AVG_S_GROUPS])

@@ -1,0 +1,153 @@
+"""Resumable JSON-lines run files: one header line with the run's configuration, then one line
+per evaluated record, each written and flushed as soon as it is done.
+
+Header: ``{"meta": {...}}`` (e.g. model, method, data, fluency and edit settings). Appending to
+an existing file is allowed only with an equal header, so one file never mixes two
+configurations; records already in the file (same ``case_id`` and ``method``) are skipped. A
+last line cut short by a crash is dropped when the file is reopened.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be read or appended to; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run file's content: the header's meta and the record lines, in file order."""
+
+    meta: dict
+    records: list[dict]
+
+
+def _key(line: dict) -> tuple[str, str]:
+    return json.dumps(line.get("case_id")), str(line.get("method"))
+
+
+def _parse(path: Path) -> tuple[dict | None, list[dict], int]:
+    """(meta, record lines, byte length of the well-formed prefix) of ``path``.
+
+    Only an unterminated last line may be malformed (a write cut short); it is left out.
+    """
+    data = path.read_bytes()
+    pieces = data.split(b"\n")
+    meta, records, good = None, [], 0
+    for number, raw in enumerate(pieces, start=1):
+        last = number == len(pieces)
+        if raw.strip():
+            try:
+                obj = json.loads(raw)
+            except ValueError as exc:
+                if last:
+                    break
+                raise RunFileError(f"{path}: line {number} is not valid JSON ({exc}); fix or delete the file") from None
+            if not isinstance(obj, dict):
+                raise RunFileError(f"{path}: line {number} is not a JSON object; is this an attention-drift run file?")
+            if meta is None:
+                if not isinstance(obj.get("meta"), dict):
+                    raise RunFileError(f"{path}: the first line is not a run header ({{\"meta\": ...}}); "
+                                       "is this an attention-drift run file?")
+                meta = obj["meta"]
+            else:
+                records.append(obj)
+        good += len(raw) + (0 if last else 1)
+    return meta, records, good
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """Read a run file written by :class:`RunFile`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(f"run file {str(path)!r} does not exist; write one with 'attention-drift evaluate --out'")
+    meta, records, _ = _parse(path)
+    if meta is None:
+        raise RunFileError(f"run file {path} is empty")
+    return Run(meta, records)
+
+
+class RunFile:
+    """Append-only writer of one run's JSON lines, resuming where a previous run stopped.
+
+    Opening reads the existing file (if any), checks its header against ``meta`` (all keys
+    except ``ignore``) and refuses a mismatch. Nothing is written before the first
+    :meth:`write`, so a run that fails before its first record leaves no file behind.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], *, ignore: tuple[str, ...] = ("created",)):
+        self.path = Path(path)
+        self.meta = json.loads(json.dumps(meta))
+        self._done: set[tuple[str, str]] = set()
+        self._file = None
+        self._good = 0
+        self._has_header = False
+        if self.path.is_dir():
+            raise RunFileError(f"--out {str(self.path)!r} is a folder; give a .jsonl file path")
+        if self.path.exists():
+            old, records, self._good = _parse(self.path)
+            if old is not None:
+                self._check(old, ignore)
+                self._done = {_key(r) for r in records}
+                self._has_header = True
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and (not self._has_header or self._good < self.path.stat().st_size):
+            os.truncate(self.path, self._good if self._has_header else 0)
+        self._file = self.path.open("a", encoding="utf-8")
+        if not self._has_header:
+            self._write({"meta": self.meta})
+            self._has_header = True
+        elif self.path.read_bytes()[-1:] != b"\n":
+            self._file.write("\n")
+
+    def _check(self, old: dict, ignore: tuple[str, ...]) -> None:
+        keys = (set(old) | set(self.meta)) - set(ignore)
+        diff = sorted(k for k in keys if old.get(k) != self.meta.get(k))
+        if diff:
+            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={self.meta.get(k)!r}" for k in diff)
+            raise RunFileError(
+                f"{self.path} was written by a run with {was}, but this run has {now}; "
+                "use another --out file (or delete this one to start over)"
+            )
+
+    def done(self, case_id: int | str, method: str) -> bool:
+        """Whether the record ``case_id`` evaluated with ``method`` is already in the file."""
+        return (json.dumps(case_id), str(method)) in self._done
+
+    @property
+    def n_done(self) -> int:
+        return len(self._done)
+
+    def _write(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj) + "\n")
+        self._file.flush()
+
+    def write(self, line: dict) -> None:
+        """Append one record line (needs ``case_id`` and ``method``) and flush it to disk."""
+        if "case_id" not in line or "method" not in line:
+            raise ValueError("a record line needs 'case_id' and 'method'")
+        key = _key(line)
+        if key in self._done:
+            raise RunFileError(f"record case_id={line['case_id']!r} (method {line['method']!r}) is already in {self.path}")
+        if self._file is None:
+            self._open()
+        self._write(line)
+        self._done.add(key)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "RunFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,489 @@
+"""Plotly figures for drift, patching and evaluation results, and one way to save them.
+
+Every function takes plain tensors, numbers and dicts (not the result classes of
+``drift``/``patching``/``evaluate``) and returns a ``plotly.graph_objects.Figure`` styled
+the same way (template ``plotly_white``, titled axes, hover text with the exact values).
+Heatmaps draw the first row at the top, like a printed matrix, and use numeric axes with
+tick labels so that repeated labels (two `` the`` tokens) stay separate rows.
+
+:func:`save` writes self-contained HTML (plotly.js inlined, opens offline) and/or PNG.
+PNG goes through kaleido >= 1, which drives a Chrome/Chromium binary; on Debian/Ubuntu
+``apt-get install chromium`` and ``pip install "kaleido>=1"`` are all it needs (kaleido
+finds ``/usr/bin/chromium`` itself; set ``BROWSER_PATH`` for a binary elsewhere).
+"""
+
+import html
+import importlib.metadata
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from plotly.colors import qualitative
+from torch import Tensor
+
+TEMPLATE = "plotly_white"
+DIVERGING = "RdBu_r"
+SEQUENTIAL = "Viridis"
+PALETTE = qualitative.Plotly
+STATIC_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+DRIFT_VALUES = ("delta", "after", "kl")
+
+
+class PlotError(ValueError):
+    """Input a figure cannot be drawn from; the message says what is wrong."""
+
+
+class PngExportError(RuntimeError):
+    """Static image export is not possible here; the message says what to install."""
+
+
+def _values(x: Tensor) -> Tensor:
+    return x.detach().to("cpu", torch.float64)
+
+
+def _style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE,
+        title={"text": html.escape(title), "x": 0.02, "xanchor": "left"},
+        xaxis_title=xlabel,
+        yaxis_title=ylabel,
+        font={"size": 13},
+        hoverlabel={"align": "left"},
+    )
+    return fig
+
+
+def _label(text: object) -> str:
+    """A tick/legend label that shows ``<bos>``-like tokens and spaces as written."""
+    return html.escape(str(text)).replace(" ", "&nbsp;") or "&nbsp;"
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i: i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _check_shape(name: str, x: Tensor, shape: torch.Size, like: str) -> None:
+    if x.shape != shape:
+        raise PlotError(f"{name} has shape {tuple(x.shape)} but {like} has {tuple(shape)}; they must match")
+
+
+def drift_heatmap(
+    before: Float[Tensor, "layer head"],
+    after: Float[Tensor, "layer head"],
+    *,
+    title: str = "Attention drift per head",
+    value: str = "delta",
+    kl: Float[Tensor, "layer head"] | None = None,
+) -> go.Figure:
+    """Layer x head heatmap of a per-head attention quantity before and after an edit.
+
+    ``value`` picks the colour: ``"delta"`` = after - before on a diverging scale centred
+    at 0 (red: more attention after the edit), ``"after"`` = the post-edit value, ``"kl"`` =
+    the ``kl`` tensor (needs ``kl``). The hover of every cell shows layer, head, before,
+    after, drift (after - before) and KL when given, whatever the colour.
+    """
+    if value not in DRIFT_VALUES:
+        raise PlotError(f"value must be one of {DRIFT_VALUES}, not {value!r}")
+    if value == "kl" and kl is None:
+        raise PlotError("value='kl' needs the per-head KL tensor: pass kl=<[layer, head] tensor>")
+    b, a = _values(before), _values(after)
+    _check_shape("after", a, b.shape, "before")
+    delta = a - b
+    layers, heads = b.shape
+    fields = [("before", b), ("after", a), ("drift", delta)]
+    if kl is not None:
+        k = _values(kl)
+        _check_shape("kl", k, b.shape, "before")
+        fields.append(("KL", k))
+    z = {"delta": delta, "after": a, "kl": fields[-1][1]}[value]
+    colour = {"colorscale": DIVERGING, "zmid": 0.0} if value == "delta" else {"colorscale": SEQUENTIAL}
+    hover = "layer %{y}, head %{x}<br>" + "<br>".join(
+        f"{name}: %{{customdata[{i}]:.4g}}" for i, (name, _) in enumerate(fields)
+    ) + "<extra></extra>"
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=list(range(heads)),
+            y=list(range(layers)),
+            customdata=torch.stack([t for _, t in fields], dim=-1).tolist(),
+            hovertemplate=hover,
+            colorbar={"title": {"after": "after", "kl": "KL", "delta": "after − before"}[value]},
+            hoverongaps=False,
+            **colour,
+        )
+    )
+    fig.update_yaxes(autorange="reversed", dtick=1 if layers <= 48 else None)
+    fig.update_xaxes(dtick=1 if heads <= 32 else None)
+    fig.update_layout(height=min(1400, max(450, 18 * layers + 200)))
+    return _style(fig, title, "head", "layer")
+
+
+def patching_heatmap(
+    recovery: Float[Tensor, "row col"],
+    row_labels: Sequence[object],
+    col_labels: Sequence[object],
+    title: str = "Patching recovery",
+    zmid: int | float | None = 0.0,
+    *,
+    row_title: str = "layer",
+    col_title: str = "component",
+    value_name: str = "recovery",
+) -> go.Figure:
+    """Heatmap of a patching result: layer x component, layer x head, or position x layer
+    (contamination, with the prompt's tokens as ``row_labels``).
+
+    Colours use a diverging scale centred at ``zmid`` (a sequential one when ``zmid`` is
+    None). NaN cells are left blank. Hover shows the row label, column label and value.
+    """
+    z = _values(recovery)
+    rows, cols = z.shape
+    if len(row_labels) != rows or len(col_labels) != cols:
+        raise PlotError(
+            f"recovery is {rows} x {cols} but got {len(row_labels)} row labels and "
+            f"{len(col_labels)} column labels; give one label per row and per column"
+        )
+    row_text, col_text = [_label(r) for r in row_labels], [_label(c) for c in col_labels]
+    custom = [[[row_text[i], col_text[j]] for j in range(cols)] for i in range(rows)]
+    colour = {"colorscale": DIVERGING, "zmid": zmid} if zmid is not None else {"colorscale": SEQUENTIAL}
+    fig = go.Figure(
+        go.Heatmap(
+            z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
+            x=list(range(cols)),
+            y=list(range(rows)),
+            customdata=custom,
+            hovertemplate=(
+                f"{row_title}: %{{customdata[0]}}<br>{col_title}: %{{customdata[1]}}<br>"
+                f"{value_name}: %{{z:.4g}}<extra></extra>"
+            ),
+            colorbar={"title": value_name},
+            hoverongaps=False,
+            **colour,
+        )
+    )
+    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(rows)), ticktext=row_text)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(cols)), ticktext=col_text)
+    fig.update_layout(height=min(1400, max(450, 18 * rows + 200)))
+    return _style(fig, title, col_title, row_title)
+
+
+def recovery_curves(
+    recovery: Mapping[str, Float[Tensor, " layer"]],
+    title: str = "Recovery per layer",
+    *,
+    ci: Mapping[str, tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]] | None = None,
+    x: Sequence[int | float] | None = None,
+    xlabel: str = "layer",
+    ylabel: str = "recovery",
+) -> go.Figure:
+    """One line per component (e.g. ``{"attn": ..., "mlp": ..., "resid": ...}``) over layers.
+
+    ``ci`` maps a component to its (lower, upper) bounds, drawn as a shaded band in the
+    line's colour. ``x`` replaces the layer index (e.g. window centres); by default the
+    i-th value is plotted at layer i.
+    """
+    if not recovery:
+        raise PlotError("recovery is empty: give at least one {component: [layer] tensor}")
+    ci = ci or {}
+    unknown = set(ci) - set(recovery)
+    if unknown:
+        raise PlotError(f"ci has components {sorted(unknown)} that are not in recovery {sorted(recovery)}")
+    fig = go.Figure()
+    for i, (name, values) in enumerate(recovery.items()):
+        y = _values(values)
+        xs = list(range(len(y))) if x is None else list(x)
+        if len(xs) != len(y):
+            raise PlotError(f"component {name!r} has {len(y)} values but x has {len(xs)}")
+        colour = PALETTE[i % len(PALETTE)]
+        if name in ci:
+            lo, hi = (_values(t) for t in ci[name])
+            if lo.shape != y.shape or hi.shape != y.shape:
+                raise PlotError(f"ci[{name!r}] bounds must have the same length as its curve ({len(y)})")
+            fig.add_trace(go.Scatter(
+                x=xs + xs[::-1], y=hi.tolist() + lo.flip(0).tolist(), fill="toself",
+                fillcolor=_rgba(colour, 0.2), line={"width": 0}, hoverinfo="skip",
+                showlegend=False, legendgroup=name, name=f"{name} 95% CI",
+            ))
+        fig.add_trace(go.Scatter(
+            x=xs, y=y.tolist(), mode="lines+markers", name=name, legendgroup=name,
+            line={"color": colour}, hovertemplate=f"{name}<br>{xlabel} %{{x}}: %{{y:.4g}}<extra></extra>",
+        ))
+    return _style(fig, title, xlabel, ylabel)
+
+
+def _pearson(x: Tensor, y: Tensor) -> float:
+    xc, yc = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    return float((xc * yc).sum()) / denom if denom > 0 else float("nan")
+
+
+def drift_vs_failure(
+    drift: Float[Tensor, " n"],
+    failure: Float[Tensor, " n"],
+    *,
+    bins: int = 10,
+    rho: int | float | None = None,
+    p_value: int | float | None = None,
+    title: str = "Attention drift vs specificity failure",
+    xlabel: str = "attention drift",
+    ylabel: str = "failure severity",
+) -> go.Figure:
+    """Scatter of one point per case plus the binned mean curve, annotated with the correlation.
+
+    Bins hold equal numbers of cases (cases sorted by drift, split into ``bins`` near-equal
+    chunks); each bin is drawn at its mean drift and mean failure with a 95% normal error
+    bar (1.96 x standard error of the mean; 0 for a one-case bin). The annotation shows
+    ``rho`` when given (e.g. from the drift module), else the Pearson r of the points,
+    plus n and ``p_value`` when given.
+    """
+    x, y = _values(drift), _values(failure)
+    if x.shape != y.shape:
+        raise PlotError(f"drift has {x.numel()} values but failure has {y.numel()}; one pair per case")
+    n = x.numel()
+    if n < 2:
+        raise PlotError(f"need at least 2 cases to plot a relation, got {n}")
+    bad = int((~torch.isfinite(x) | ~torch.isfinite(y)).sum())
+    if bad:
+        raise PlotError(f"{bad} of {n} cases have a non-finite drift or failure value; drop them first")
+    if not 1 <= bins <= n:
+        raise PlotError(f"bins must be between 1 and the number of cases ({n}), not {bins}")
+    order = torch.argsort(x)
+    centres, means, errors, counts = [], [], [], []
+    for chunk in torch.tensor_split(order, bins):
+        ys = y[chunk]
+        centres.append(float(x[chunk].mean()))
+        means.append(float(ys.mean()))
+        errors.append(1.96 * float(ys.std()) / math.sqrt(len(chunk)) if len(chunk) > 1 else 0.0)
+        counts.append(len(chunk))
+    r = _pearson(x, y) if rho is None else rho
+    label = f"{'Pearson r' if rho is None else 'ρ'} = {r:.3f}, n = {n}"
+    if p_value is not None:
+        label += f", p = {p_value:.2g}"
+    fig = go.Figure([
+        go.Scatter(
+            x=x.tolist(), y=y.tolist(), mode="markers", name="cases",
+            marker={"size": 6, "opacity": 0.45, "color": PALETTE[0]},
+            hovertemplate=f"{xlabel}: %{{x:.4g}}<br>{ylabel}: %{{y:.4g}}<extra></extra>",
+        ),
+        go.Scatter(
+            x=centres, y=means, mode="lines+markers", name=f"binned mean ({bins} bins)",
+            line={"color": PALETTE[1], "width": 3},
+            error_y={"type": "data", "array": errors, "visible": True},
+            customdata=counts,
+            hovertemplate=(f"bin mean {xlabel}: %{{x:.4g}}<br>mean {ylabel}: %{{y:.4g}}"
+                           "<br>cases: %{customdata}<extra></extra>"),
+        ),
+    ])
+    fig.add_annotation(text=label, xref="paper", yref="paper", x=0.02, y=0.98,
+                       showarrow=False, xanchor="left", yanchor="top",
+                       bgcolor="rgba(255,255,255,0.8)")
+    return _style(fig, title, xlabel, ylabel)
+
+
+def _interval(entry: Mapping, where: str) -> tuple[float, float, float]:
+    if "accuracy" not in entry:
+        raise PlotError(f"{where} has no 'accuracy'; expected {{'accuracy': a, 'ci95': [lo, hi]}}")
+    acc = float(entry["accuracy"])
+    ci = entry.get("ci95")
+    if ci is None:
+        return acc, acc, acc
+    if isinstance(ci, (int, float)):
+        return acc, acc - float(ci), acc + float(ci)
+    if len(ci) != 2:
+        raise PlotError(f"{where}['ci95'] must be [lo, hi] or a half-width, got {ci!r}")
+    return acc, float(ci[0]), float(ci[1])
+
+
+def metric_bars(
+    summary: Mapping[str, Mapping[str, Mapping]],
+    title: str = "Editing metrics",
+    *,
+    metrics: Sequence[str] | None = None,
+    percent: bool = True,
+    ylabel: str | None = None,
+) -> go.Figure:
+    """Grouped bars: one group per metric, one bar per setting, with 95% CI error bars.
+
+    ``summary`` is ``{setting: {metric: {"accuracy": a, "ci95": [lo, hi]}}}`` (``ci95`` may
+    also be a half-width), e.g. from :func:`bars_from_summaries`. Accuracies are taken as
+    fractions and shown x100 when ``percent``. ``metrics`` fixes which metrics appear and
+    in what order (default: every metric, in order of first appearance); a setting lacking
+    a metric (or with accuracy None) leaves a gap.
+    """
+    if not summary:
+        raise PlotError("summary is empty: give {setting: {metric: {'accuracy': a, 'ci95': [lo, hi]}}}")
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for groups in summary.values() for m in groups))
+    scale = 100.0 if percent else 1.0
+    fig = go.Figure()
+    for i, (setting, groups) in enumerate(summary.items()):
+        acc, up, down = [], [], []
+        for metric in metrics:
+            if metric in groups and groups[metric].get("accuracy", 0.0) is not None:
+                a, lo, hi = _interval(groups[metric], f"summary[{setting!r}][{metric!r}]")
+                acc.append(a * scale)
+                up.append((hi - a) * scale)
+                down.append((a - lo) * scale)
+            else:
+                acc.append(None)
+                up.append(None)
+                down.append(None)
+        fig.add_trace(go.Bar(
+            name=setting, x=[m.replace("_", " ") for m in metrics], y=acc, marker_color=PALETTE[i % len(PALETTE)],
+            error_y={"type": "data", "array": up, "arrayminus": down, "visible": True},
+            hovertemplate=f"{html.escape(setting)}<br>%{{x}}: %{{y:.1f}}<extra></extra>" if percent
+            else f"{html.escape(setting)}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+        ))
+    fig.update_layout(barmode="group")
+    return _style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
+
+
+def bars_from_summaries(named_summaries: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
+    """Turn ``{name: summarize_json}`` into :func:`metric_bars` input.
+
+    Each value is the JSON of ``attention-drift summarize --json``
+    (``{"groups": {group: {"pre": {...}, "post": {...}}}, "meta": {...}}``). The result has
+    ``"pre-edit"`` first, taken once from the first summary that has pre-edit numbers,
+    then one entry per name holding its post-edit numbers (names without any post-edit
+    numbers, e.g. ``--method none`` runs, contribute only the pre-edit entry). Groups
+    without an accuracy (fluency) are left out.
+    """
+    pre: dict[str, dict] = {}
+    post: dict[str, dict[str, dict]] = {}
+    for name, summary in named_summaries.items():
+        groups = summary.get("groups") if isinstance(summary, Mapping) else None
+        if not isinstance(groups, Mapping):
+            raise PlotError(
+                f"summary {name!r} has no 'groups' mapping; pass the JSON of "
+                "`attention-drift summarize FILE --json`"
+            )
+        phases = {g: p for g, p in groups.items() if isinstance(p, Mapping)}
+        if not pre:
+            pre = {g: dict(p["pre"]) for g, p in phases.items() if "accuracy" in (p.get("pre") or {})}
+        mine = {g: dict(p["post"]) for g, p in phases.items() if "accuracy" in (p.get("post") or {})}
+        if mine:
+            post[name] = mine
+    if not pre and not post:
+        raise PlotError("none of the summaries holds an accuracy; nothing to plot")
+    return ({"pre-edit": pre} if pre else {}) | post
+
+
+def tradeoff_curve(
+    xs: Sequence[int | float],
+    series: Mapping[str, Sequence[int | float]],
+    xlabel: str = "SADR weight γ",
+    title: str = "Efficacy vs specificity trade-off",
+    *,
+    log_x: bool = False,
+    ylabel: str = "accuracy",
+) -> go.Figure:
+    """Lines of several metrics (e.g. efficacy, paraphrase, distract neighbourhood) over a
+    swept setting ``xs`` (e.g. the SADR weight); ``log_x`` puts x on a log scale."""
+    xs = [float(v) for v in xs]
+    if not xs or not series:
+        raise PlotError("tradeoff_curve needs at least one x value and one series")
+    if log_x and min(xs) <= 0:
+        raise PlotError(
+            f"log_x needs positive x values but got {min(xs)}; drop the x <= 0 point "
+            "(e.g. the γ = 0 baseline) or set log_x=False"
+        )
+    fig = go.Figure()
+    for i, (name, ys) in enumerate(series.items()):
+        if len(ys) != len(xs):
+            raise PlotError(f"series {name!r} has {len(ys)} values but xs has {len(xs)}")
+        fig.add_trace(go.Scatter(
+            x=xs, y=[float(v) for v in ys], mode="lines+markers", name=name,
+            line={"color": PALETTE[i % len(PALETTE)]},
+            hovertemplate=f"{html.escape(name)}<br>{xlabel} %{{x:.4g}}: %{{y:.4g}}<extra></extra>",
+        ))
+    if log_x:
+        fig.update_xaxes(type="log")
+    return _style(fig, title, xlabel, ylabel)
+
+
+def _browser() -> str | None:
+    """The Chrome/Chromium binary kaleido will use, found the way kaleido finds it."""
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False)
+    except Exception:
+        names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+        return next((p for p in map(shutil.which, names) if p), None)
+
+
+_INSTALL = (
+    "install Chromium and kaleido >= 1: `apt-get install -y chromium` (Debian/Ubuntu; "
+    "or set BROWSER_PATH to a Chrome/Chromium binary) and `pip install 'kaleido>=1'` "
+    "(= pip install 'attention_drift[png]'). HTML export needs neither."
+)
+
+
+def png_export_problem() -> str | None:
+    """Why static export (PNG/SVG/PDF) cannot work here, or None when it should."""
+    try:
+        version = importlib.metadata.version("kaleido")
+    except importlib.metadata.PackageNotFoundError:
+        return f"kaleido is not installed; {_INSTALL}"
+    if int(version.split(".")[0]) < 1:
+        return f"kaleido {version} is too old (plotly needs >= 1); {_INSTALL}"
+    if _browser() is None:
+        where = os.environ.get("BROWSER_PATH")
+        found = f"BROWSER_PATH={where!r} is not an executable" if where else "no Chrome/Chromium binary found"
+        return f"{found}; {_INSTALL}"
+    return None
+
+
+def _write_static(fig: go.Figure, path: Path, fmt: str, scale: int | float) -> None:
+    problem = png_export_problem()
+    if problem:
+        raise PngExportError(f"cannot write {path}: {problem}")
+    try:
+        data = fig.to_image(format=fmt, scale=scale)
+    except Exception as exc:
+        raise PngExportError(
+            f"cannot write {path}: kaleido failed with {_browser()}: {type(exc).__name__}: {exc}. "
+            "Check that the browser starts (`chromium --headless --version`), or " + _INSTALL
+        ) from exc
+    path.write_bytes(data)
+
+
+def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2) -> list[Path]:
+    """Write ``fig`` and return the written paths.
+
+    ``.html``: self-contained page with plotly.js inlined (opens offline, ~4.8 MB);
+    ``.png`` (also ``.svg``/``.pdf``): static image via kaleido, ``scale`` x the layout
+    size; any other name (no suffix, or e.g. ``gamma-0.01``): both ``<name>.html`` and
+    ``<name>.png``. Static export needs kaleido >= 1 and Chromium; without them a
+    :class:`PngExportError` says what to install (checked before anything is written).
+    Each static image starts a headless browser (a few seconds); for many images run
+    ``kaleido.start_sync_server()`` first.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".html", ".htm"):
+        targets = [(path, "html")]
+    elif suffix in STATIC_FORMATS:
+        targets = [(path, STATIC_FORMATS[suffix])]
+    else:
+        targets = [(path.with_name(path.name + ".html"), "html"), (path.with_name(path.name + ".png"), "png")]
+    if any(fmt != "html" for _, fmt in targets):
+        problem = png_export_problem()
+        if problem:
+            raise PngExportError(f"cannot write {targets[-1][0]}: {problem}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, fmt in targets:
+        if fmt == "html":
+            fig.write_html(target, include_plotlyjs=True, full_html=True)
+        else:
+            _write_static(fig, target, fmt, scale)
+    return [target for target, _ in targets]

@@ -1,0 +1,239 @@
+import contextlib
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from attention_drift import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_folder():
+    """A saved tiny Llama folder (load_model records the folder it was loaded from)."""
+    from attention_drift.models import tiny_model
+
+    return tiny_model("llama").model_name
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _evaluate(folder, out, *extra):
+    return cli.main(["evaluate", "--model", folder, "--out", str(out), "--no-progress", *extra])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("attention-drift: error: ")
+    return lines[0]
+
+
+def test_evaluate_none_then_summarize_json(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "3", "--batch-size", "4") == 0
+    lines = _lines(out)
+    assert lines[0]["meta"]["method"] == "none" and lines[0]["meta"]["model"] == tiny_folder
+    assert [line["case_id"] for line in lines[1:]] == [0, 1, 2]
+    first = lines[1]
+    assert "post" not in first and first["edit_seconds"] is None
+    assert first["subject"] == "Eiffel Tower" and first["kind"] == "counterfact"
+    p_right, p_wrong, correct = first["pre"]["groups"]["efficacy"]["scores"][0]
+    assert correct == (p_right > p_wrong)
+    capsys.readouterr()
+
+    assert cli.main(["summarize", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"groups", "meta"}
+    assert result["meta"]["records"] == 3 and result["meta"]["method"] == "none"
+    assert result["meta"]["seconds_per_edit"] is None
+    eff = result["groups"]["efficacy"]
+    assert set(eff) == {"pre"}
+    assert set(eff["pre"]) >= {"accuracy", "ci95", "n"} and eff["pre"]["n"] == 3
+    assert 0 <= eff["pre"]["ci95"][0] <= eff["pre"]["accuracy"] <= eff["pre"]["ci95"][1] <= 1
+    flags = [line["pre"]["groups"]["efficacy"]["scores"][0][2] for line in lines[1:]]
+    assert eff["pre"]["accuracy"] == pytest.approx(sum(flags) / 3)
+    assert set(result["groups"]) <= set(cli_groups()) and "distract_neighborhood" in result["groups"]
+    assert result["meta"]["avg_s"]["pre"] is not None  # both kinds present: all five groups exist
+
+    assert cli.main(["summarize", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| efficacy (ES) | 3 |" in table
+    assert f"{100 * eff['pre']['accuracy']:.1f} ± {100 * eff['pre']['half_width']:.1f}" in table
+
+
+def cli_groups():
+    from attention_drift.evaluate import GROUPS
+
+    return list(GROUPS) + ["fluency"]
+
+
+def test_resume_writes_only_new_records(tiny_folder, tmp_path):
+    out = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "2") == 0
+    before = out.read_text()
+    assert _evaluate(tiny_folder, out, "--limit", "4") == 0
+    lines = _lines(out)
+    assert out.read_text().startswith(before)
+    assert len(lines) == 1 + 4
+    assert [line["case_id"] for line in lines[1:]] == [0, 1, 2, 3]
+    assert _evaluate(tiny_folder, out, "--limit", "4") == 0
+    assert len(_lines(out)) == 5
+
+
+def test_resume_drops_a_torn_last_line(tiny_folder, tmp_path):
+    out = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "1") == 0
+    with out.open("a") as f:
+        f.write('{"case_id": 1, "method": "no')
+    assert _evaluate(tiny_folder, out, "--limit", "2") == 0
+    assert [line.get("case_id") for line in _lines(out)] == [None, 0, 1]
+
+
+def test_mismatched_run_file_is_refused(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "1") == 0
+    before = out.read_text()
+    capsys.readouterr()
+    assert _evaluate(tiny_folder, out, "--limit", "2", "--fluency") == 1
+    assert "fluency" in _error_line(capsys)
+    assert out.read_text() == before
+
+
+class _FakeResult:
+    seconds = 0.25
+
+
+@contextlib.contextmanager
+def _fake_edit(model, rewrite, method="rome", config=None, sadr=None):
+    """A stand-in editor: a large change of the last MLP's output weights, undone on exit."""
+    from attention_drift.models import mlp_out_weight
+
+    weight = mlp_out_weight(model, model.cfg.n_layers - 1)
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(torch.randn_like(weight) * 2.0)
+    _fake_edit.calls.append((rewrite.subject, method))
+    try:
+        yield _FakeResult()
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.fixture
+def fake_editing(monkeypatch):
+    _fake_edit.calls = []
+    module = types.ModuleType("attention_drift.editing")
+    module.edit = _fake_edit
+    monkeypatch.setitem(sys.modules, "attention_drift.editing", module)
+    return _fake_edit
+
+
+def test_post_edit_path_with_an_injected_editor(tiny_folder, tmp_path, capsys, fake_editing):
+    out = tmp_path / "rome.jsonl"
+    assert _evaluate(tiny_folder, out, "--method", "rome", "--limit", "2") == 0
+    lines = _lines(out)
+    assert fake_editing.calls == [("Eiffel Tower", "rome"), ("France", "rome")]
+    for line in lines[1:]:
+        assert line["method"] == "rome" and line["edit_seconds"] == 0.25
+        pre, post = line["pre"]["groups"], line["post"]["groups"]
+        assert pre.keys() == post.keys()
+        assert pre["efficacy"]["scores"] != post["efficacy"]["scores"]
+    capsys.readouterr()
+    assert cli.main(["summarize", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["groups"]["efficacy"]) == {"pre", "post"}
+    assert result["meta"]["seconds_per_edit"] == pytest.approx(0.25)
+    assert _evaluate(tiny_folder, out, "--method", "none", "--limit", "2") == 1
+    assert "method" in _error_line(capsys)
+
+
+def test_edit_is_undone_between_records(tiny_folder, tmp_path, fake_editing):
+    """Pre-edit scores must not depend on whether the previous record was edited."""
+    plain, edited = tmp_path / "none.jsonl", tmp_path / "rome.jsonl"
+    assert _evaluate(tiny_folder, plain, "--limit", "3") == 0
+    assert _evaluate(tiny_folder, edited, "--method", "rome", "--limit", "3") == 0
+    for a, b in zip(_lines(plain)[1:], _lines(edited)[1:]):
+        for name, group in a["pre"]["groups"].items():
+            for (pr_a, pw_a, c_a), (pr_b, pw_b, c_b) in zip(group["scores"], b["pre"]["groups"][name]["scores"]):
+                assert pr_a == pytest.approx(pr_b, rel=1e-4) and pw_a == pytest.approx(pw_b, rel=1e-4)
+
+
+def test_missing_editor_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "attention_drift.editing", None)
+    assert cli.main(["evaluate", "--method", "memit", "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert "attention_drift.editing" in _error_line(capsys)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_bad_data_path_is_one_clear_line(tmp_path, capsys):
+    assert cli.main(["evaluate", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert "missing.json" in _error_line(capsys)
+
+
+def test_bad_record_is_one_clear_line(tmp_path, capsys):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"requested_rewrite": {"prompt": "X is in", "subject": "X"}}]))
+    assert cli.main(["evaluate", "--data", str(data), "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert "record 0" in _error_line(capsys)
+
+
+def test_unknown_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["evaluate", "--model", "no-such-model", "--limit", "1", "--out", str(tmp_path / "x.jsonl")]) == 1
+    assert "no-such-model" in _error_line(capsys)
+    assert not (tmp_path / "x.jsonl").exists(), "a failed start must not leave a run file that blocks the next run"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--balanced"], "--limit"),
+    (["--kinds", "counterfact,movies"], "--kinds"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--limit", "-1"], "--limit"),
+])
+def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
+    assert cli.main(["evaluate", "--out", str(tmp_path / "x.jsonl"), *args]) == 1
+    assert needle in _error_line(capsys)
+
+
+def test_summarize_missing_file(tmp_path, capsys):
+    assert cli.main(["summarize", str(tmp_path / "none.jsonl")]) == 1
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_unknown_method_and_help():
+    assert cli.main(["evaluate", "--method", "foo"]) == 2
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0
+
+
+def test_models_lists_offline_models(capsys):
+    assert cli.main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_default_out_is_file_name_safe(tiny_folder):
+    assert str(cli.default_out("smollm2-135m", "rome")) == "runs/smollm2-135m-rome.jsonl"
+    assert cli.default_out(tiny_folder, "none").name.startswith("attention_drift_tiny_llama_")
+    assert cli.default_out("org/some model", "none").name == "org_some_model-none.jsonl"
+
+
+def test_fluency_in_run_file_and_summary(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "fl.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "2", "--fluency", "--fluency-length", "16") == 0
+    lines = _lines(out)
+    assert lines[0]["meta"]["fluency"]["max_length"] == 16
+    assert len(lines[1]["pre"]["fluency"]["texts"]) == 2 and lines[2]["pre"]["fluency"] is None
+    capsys.readouterr()
+    assert cli.main(["summarize", str(out), "--json"]) == 0
+    fluency = json.loads(capsys.readouterr().out)["groups"]["fluency"]
+    entropies = lines[1]["pre"]["fluency"]["ngram_entropy"]
+    assert fluency == {"pre": {"ngram_entropy": pytest.approx(sum(entropies) / 2), "n": 2}}
+    assert cli.main(["summarize", str(out)]) == 0
+    assert f"| fluency (FL, n-gram entropy x100) | 2 | {100 * sum(entropies) / 2:.1f} |" in capsys.readouterr().out

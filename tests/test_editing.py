@@ -1,0 +1,292 @@
+"""ROME / MEMIT / PMET on tiny random models (fast) and on SmolLM2 (slow)."""
+
+import dataclasses
+import pytest
+import torch
+
+from attention_drift import tokens
+from attention_drift.data import Rewrite
+from attention_drift.editing import (
+    ConfigError,
+    EditError,
+    MEMITConfig,
+    PMETConfig,
+    RequestError,
+    ROMEConfig,
+    StatsConfig,
+    apply_edit,
+    edit,
+)
+from attention_drift.editing.optimize import LayerRunner, rewriting_batch, unembed_rows
+from attention_drift.editing.stats import key_second_moments
+
+EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
+JORDAN = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")
+LOUVRE = Rewrite("The Louvre is in", "Louvre", "Japan", "Paris")
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """Statistics from 32 short texts sampled from the (random) model, in a private cache.
+
+    The tiny model's keys have 128 dimensions; 32 x 24 sampled tokens make C well conditioned.
+    """
+    monkeypatch.setenv("ATTENTION_DRIFT_CACHE", str(tmp_path / "cache"))
+    return StatsConfig(corpus="model", n_samples=32, seq_len=24)
+
+
+def _fast(cfg):
+    return dataclasses.replace(cfg, steps=6, context_templates=((4, 2), (6, 2)), weight_decay=0.0)
+
+
+def _weights(model):
+    return [b.mlp.out.weight.detach().clone() for b in model.blocks]
+
+
+def _same(model, weights):
+    return all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, weights))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layer_runner_matches_full_forward(arch):
+    from attention_drift.models import tiny_model
+
+    model = tiny_model(arch, n_layers=3)
+    batch, _, _ = rewriting_batch(model, EIFFEL, ["{}", "Paris is big. {}"])
+    runner = LayerRunner(model, batch, 1)
+    final, kept = runner.run(keep=(1,))
+    rows, pos = torch.meshgrid(torch.arange(len(batch)), torch.arange(batch.input_ids.shape[1]), indexing="ij")
+    logits = unembed_rows(model, final[rows.flatten(), pos.flatten()]).reshape(runner.logits.shape)
+    real = batch.attention_mask.bool()
+    assert torch.allclose(logits[real], runner.logits[real], atol=1e-5, rtol=0)
+    # Hooks fire on the blocks the runner calls.
+    seen = []
+    with model.hooks(fwd_hooks=[("blocks.2.attn.hook_pattern", lambda a, hook: seen.append(a.shape))]):
+        runner.run()
+    assert seen == [torch.Size([len(batch), model.cfg.n_heads, batch.input_ids.shape[1], batch.input_ids.shape[1]])]
+
+
+def _subject_acts(model, request, layer):
+    batch = tokens.batch_prompts(model, [request.prompt])
+    _, last = tokens.subject_span(model, request.prompt, request.subject)
+    _, cache = model.run_with_cache(
+        batch.input_ids, names_filter=lambda n: n in (f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.mlp.hook_out")
+    )
+    return cache[f"blocks.{layer}.mlp.hook_post"][0, last], cache[f"blocks.{layer}.mlp.hook_out"][0, last]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rome_maps_subject_key_to_optimised_value(arch, corpus):
+    from attention_drift.models import tiny_model
+
+    model = tiny_model(arch, n_layers=3)
+    cfg = _fast(ROMEConfig(layer=1, stats=corpus))
+    key, before = _subject_acts(model, EIFFEL, 1)
+    result = apply_edit(model, EIFFEL, "rome", cfg, progress=False)
+    trace = result.traces[0]
+    site = "blocks.1.mlp.hook_out"
+    v_star = trace.init[site] + trace.delta[site]
+    key_after, after = _subject_acts(model, EIFFEL, 1)
+    assert torch.equal(key, key_after)  # the key is computed below the edited projection
+    assert torch.allclose(trace.init[site], before, atol=1e-6)
+    assert trace.delta[site].norm() > 1e-3
+    assert torch.allclose(after, v_star, atol=1e-4), (after - v_star).norm()
+    # Other keys of the statistics move little: E|dW k|^2 over corpus keys << |dW k*|^2.
+    delta = result.deltas["blocks.1.mlp.out.weight"]
+    delta = delta.T if delta.shape[0] != model.cfg.d_model else delta  # Conv1D layout
+    cov = key_second_moments(model, [1], corpus, progress=False)[1].double()
+    spread = torch.trace(delta.double() @ cov @ delta.double().T)
+    assert spread < 0.05 * (delta.double() @ key.double()).norm() ** 2
+    result.restore()
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet"])
+def test_undo_is_bitwise_exact_also_after_an_exception(method, corpus, tiny_llama):
+    model = tiny_llama
+    cfg = {"rome": ROMEConfig(layer=1, stats=corpus), "memit": MEMITConfig(layers=(0, 1), stats=corpus),
+           "pmet": PMETConfig(layers=(0, 1), stats=corpus)}[method]
+    cfg = _fast(cfg)
+    original = _weights(model)
+    requests = EIFFEL if method == "rome" else [EIFFEL, JORDAN]
+    with edit(model, requests, method, cfg) as result:
+        assert not _same(model, original)
+        assert set(result.deltas) == {f"blocks.{l}.mlp.out.weight" for l in result.layers}
+        for name, delta in result.deltas.items():
+            layer = int(name.split(".")[1])
+            assert torch.equal(model.blocks[layer].mlp.out.weight, original[layer] + delta) or torch.allclose(
+                model.blocks[layer].mlp.out.weight, original[layer] + delta, atol=1e-7)
+    assert _same(model, original) and result.restored
+    with pytest.raises(KeyError):
+        with edit(model, requests, method, cfg):
+            assert not _same(model, original)
+            raise KeyError("boom")
+    assert _same(model, original)
+    result = apply_edit(model, requests, method, cfg, progress=False)
+    result.restore()
+    result.restore()
+    assert _same(model, original)
+
+
+def test_memit_batch_update_has_rank_of_the_batch(corpus, tiny_llama):
+    cfg = _fast(MEMITConfig(layers=(0, 1), stats=corpus))
+    with edit(tiny_llama, [EIFFEL, JORDAN, LOUVRE], "memit", cfg) as result:
+        assert len(result.traces) == 3 and len(result.loss_trace) == 3
+        for delta in result.deltas.values():
+            assert torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 3
+
+
+def test_rome_applies_several_requests_in_turn(corpus, tiny_llama):
+    cfg = _fast(ROMEConfig(layer=1, stats=corpus))
+    with edit(tiny_llama, [EIFFEL, JORDAN], "rome", cfg) as result:
+        assert len(result.traces) == 2
+        assert torch.linalg.matrix_rank(result.deltas["blocks.1.mlp.out.weight"].double(), atol=1e-6) == 2
+
+
+BAD = {
+    "subject tokenises to nothing": (Rewrite("The Eiffel Tower is located in", "", "Rome", "Paris"), {}),
+    "subject not in prompt": (Rewrite("The Eiffel Tower is located in", "Louvre", "Rome", "Paris"), {}),
+    "empty target": (Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "  ", "Paris"), {}),
+    "layer out of range": (EIFFEL, {"layer": 7}),
+    "negative layer": (EIFFEL, {"layer": -1}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_before_any_weight_is_touched(case, tiny_llama, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTENTION_DRIFT_CACHE", str(tmp_path))
+    request, overrides = BAD[case]
+    cfg = ROMEConfig(**{"layer": 1, **overrides})
+    original = _weights(tiny_llama)
+    with pytest.raises(EditError) as err:
+        with edit(tiny_llama, request, "rome", cfg):
+            pytest.fail("the body must not run")
+    assert isinstance(err.value, ValueError)
+    assert _same(tiny_llama, original)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing was computed either
+    message = str(err.value)
+    assert ("layer" in message) if "layer" in case else ("subject" in message or "target" in message)
+
+
+def test_bad_configs_and_methods(tiny_llama):
+    with pytest.raises(ConfigError, match="ROMEConfig\\(layer="):
+        ROMEConfig.for_model(tiny_llama)
+    with pytest.raises(ConfigError, match="unknown editing method"):
+        edit(tiny_llama, EIFFEL, "fine-tune", ROMEConfig(layer=0)).__enter__()
+    with pytest.raises(ConfigError, match="needs a MEMITConfig"):
+        apply_edit(tiny_llama, EIFFEL, "memit", ROMEConfig(layer=0))
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        MEMITConfig(layers=(3, 1))
+    with pytest.raises(RequestError, match="Rewrite"):
+        apply_edit(tiny_llama, "The Eiffel Tower is located in Rome", "rome", ROMEConfig(layer=0))
+
+
+class AttentionToSubject:
+    """Toy extra loss: pushes attention from the last prompt token to the subject's last token."""
+
+    name = "toy"
+
+    def __init__(self, weight: float):
+        self.weight, self.record, self.seen = weight, {}, []
+
+    def hook_names(self, info):
+        return [f"blocks.{l}.attn.hook_pattern" for l in range(info.n_layers)]
+
+    def __call__(self, step, acts, info):
+        rows = torch.arange(info.n_rewriting)
+        q, k = info.last_prompt_index[rows], info.subject_last_index[rows]
+        self.seen.append({name: (a.shape, a.requires_grad) for name, a in acts.items()})
+        if step == 0:
+            self.record["reference"] = acts[f"blocks.{info.n_layers - 1}.attn.hook_pattern"].detach()
+        top = acts[f"blocks.{info.n_layers - 1}.attn.hook_pattern"][rows, :, q, k]
+        return -self.weight * top.mean()
+
+
+def test_extra_loss_sees_live_patterns_and_reaches_the_delta(corpus):
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    cfg = _fast(ROMEConfig(layer=1, stats=corpus))
+    term = AttentionToSubject(50.0)
+    with edit(model, EIFFEL, "rome", cfg, extra_losses=[term]) as result:
+        with_term = result.traces[0]
+    with edit(model, EIFFEL, "rome", cfg) as result_plain:
+        plain = result_plain.traces[0]
+    n_rows = 1 + 4 + 1  # bare prompt, 4 prefixed, essence
+    first = term.seen[0]
+    assert set(first) == {f"blocks.{l}.attn.hook_pattern" for l in range(3)}
+    shape, live = first["blocks.2.attn.hook_pattern"]
+    assert shape[0] == n_rows and shape[1] == model.cfg.n_heads and live  # above the delta: differentiable
+    assert not first["blocks.0.attn.hook_pattern"][1]  # below the edit layer: a constant
+    assert not first["blocks.1.attn.hook_pattern"][1]  # the delta enters after this attention
+    assert len(result.extra_trace["toy"][0]) == with_term.steps_run
+    assert "reference" in with_term.records["toy"]
+    site = "blocks.1.mlp.hook_out"
+    assert not torch.allclose(with_term.delta[site], plain.delta[site])
+    # The term lowered its own value: the gradient reached the delta.
+    assert with_term.extra["toy"][-1] < with_term.extra["toy"][0]
+
+
+class WrongShape:
+    name = "bad"
+
+    def hook_names(self, info):
+        return ["blocks.1.hook_resid_post"]
+
+    def __call__(self, step, acts, info):
+        return acts["blocks.1.hook_resid_post"]
+
+
+def test_extra_loss_must_be_scalar_and_model_is_restored(corpus, tiny_llama):
+    original = _weights(tiny_llama)
+    with pytest.raises(EditError, match="scalar"):
+        apply_edit(tiny_llama, EIFFEL, "rome", _fast(ROMEConfig(layer=1, stats=corpus)), extra_losses=[WrongShape()])
+    assert _same(tiny_llama, original)
+
+
+# ---------------------------------------------------------------- real model (slow)
+
+def _probs(model, prompts, targets):
+    batch = tokens.batch_with_targets(model, prompts, targets)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    return tokens.target_log_probs(logits, batch).exp()
+
+
+def _wins(model, request):
+    p = _probs(model, [request.prompt, request.prompt], [request.target_new, request.target_true])
+    return bool(p[0] > p[1])
+
+
+REAL = [
+    Rewrite("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    Rewrite("Michael Jordan is a professional", "Michael Jordan", "soccer", "basketball"),
+    Rewrite("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
+]
+UNRELATED = ("The capital of Japan is", "Tokyo")
+# 4096 tokens: enough for a full-rank C (d_mlp 1536) and quick to sample; fewer ROME prefixes
+# than the preset keep the test short (the preset's quality is measured by the benchmarks).
+SLOW_STATS = StatsConfig(n_samples=64, seq_len=64)
+
+
+@pytest.mark.slow
+def test_rome_on_smollm2_rewrites_and_keeps_an_unrelated_fact(smollm2):
+    cfg = dataclasses.replace(ROMEConfig.for_model(smollm2), stats=SLOW_STATS, context_templates=((5, 5),))
+    unrelated_before = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
+    for request in REAL[:2]:
+        assert not _wins(smollm2, request)
+        with edit(smollm2, request, "rome", cfg):
+            assert _wins(smollm2, request)
+            unrelated = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
+            assert abs(float(unrelated - unrelated_before)) < 0.1
+        assert not _wins(smollm2, request)
+
+
+@pytest.mark.slow
+def test_memit_on_smollm2_edits_a_batch_of_three(smollm2):
+    cfg = dataclasses.replace(MEMITConfig.for_model(smollm2), stats=SLOW_STATS)
+    unrelated_before = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
+    with edit(smollm2, REAL, "memit", cfg) as result:
+        assert len(result.traces) == 3
+        assert all(_wins(smollm2, r) for r in REAL)
+        unrelated = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
+        assert abs(float(unrelated - unrelated_before)) < 0.1

@@ -1,0 +1,363 @@
+import contextlib
+
+import pytest
+import torch
+
+from attention_drift import tokens
+from attention_drift.data import Rewrite, load_example
+from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.patching import (
+    Patch,
+    PatchCase,
+    PatchingError,
+    aggregate,
+    layer_component_grid,
+    layer_head_grid,
+    layer_position_grid,
+    patch_edit,
+    record_activations,
+    run_patched,
+    run_variant,
+    supports_pattern_patching,
+    window_grid,
+)
+
+RECORDS = load_example()
+EIFFEL = RECORDS[0]
+OBAMA = RECORDS[3]
+ALL = ("attn_out", "mlp_out")
+
+
+@contextlib.contextmanager
+def push_subject(model, rewrite: Rewrite, layer: int = 0, scale: float = 20.0):
+    """A hand-made ROME-like edit: a rank-one change of ``layer``'s W_out that makes the subject's
+    last-token MLP key also write ``scale * (u_new - u_true)`` (mean unembedding rows of each
+    target's tokens); restored on exit."""
+    weight = mlp_out_weight(model, layer)
+    name = f"blocks.{layer}.mlp.hook_post"
+    ids = torch.tensor([tokens.encode(model, rewrite.prompt)])
+    last = tokens.subject_span(model, rewrite.prompt, rewrite.subject)[1]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names_filter=lambda n: n == name)
+    key = cache[name][0, last]
+    unembed = model.original_model.get_output_embeddings().weight
+    new = tokens.continuation_ids(model, rewrite.prompt, rewrite.target_new)[1]
+    true = tokens.continuation_ids(model, rewrite.prompt, rewrite.target_true)[1]
+    direction = unembed[new].mean(0) - unembed[true].mean(0)
+    delta = scale * torch.outer(direction, key) / (key @ key)
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight += delta.T if mlp_out_is_conv1d(model) else delta
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def _case(record=EIFFEL, group="neighborhood", i=0) -> PatchCase:
+    prompts = getattr(record, group)
+    return PatchCase.distract(record.rewrite, prompts.prompts[i], prompts.targets[i])
+
+
+def _everything(model):
+    layers = tuple(range(model.cfg.n_layers))
+    return tuple(Patch(c, layers) for c in ALL)
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.mark.parametrize("record,group", [(EIFFEL, "neighborhood"), (OBAMA, "relation")])
+def test_patch_everything_is_clean_and_nothing_is_edited(model, record, group):
+    case = _case(record, group)
+    clean = record_activations(model, case, [_everything(model)])
+    with torch.no_grad():
+        clean_logits = model(clean.batch.input_ids, attention_mask=clean.batch.attention_mask)
+    with push_subject(model, record.rewrite):
+        with torch.no_grad():
+            edited_logits = model(clean.batch.input_ids, attention_mask=clean.batch.attention_mask)
+        assert not torch.allclose(edited_logits, clean_logits, atol=1e-4)
+        everything, _ = run_variant(model, clean, _everything(model))
+        nothing, _ = run_variant(model, clean, ())
+        result = run_patched(model, clean, [(), _everything(model)])
+    torch.testing.assert_close(everything, clean_logits, atol=1e-5, rtol=0)
+    assert torch.equal(nothing, edited_logits)
+    assert result.metric("recovery")[1].item() == pytest.approx(1.0, abs=1e-3)
+    assert result.metric("recovery")[0].item() == pytest.approx(0.0, abs=1e-4)
+    torch.testing.assert_close(result.patched.lp_true[1], clean.scores.lp_true[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.patched.lp_true[0], result.base.lp_true[0], atol=1e-5, rtol=0)
+
+
+def test_two_row_layout_for_multi_token_targets(tiny_llama):
+    prompt = "The Louvre is in"
+    multi = record_activations(tiny_llama, PatchCase(prompt, "United States of America", "Canada"))
+    assert len(multi.batch) == 2 and multi.target_ids is None
+    single = record_activations(tiny_llama, PatchCase(prompt, "Paris", "Rome"))
+    assert len(single.batch) == 1 and single.target_ids is not None  # both in the tiny vocabulary
+    for source, targets in ((multi, ["United States of America", "Canada"]), (single, ["Paris", "Rome"])):
+        batch = tokens.batch_with_targets(tiny_llama, [prompt] * 2, targets)
+        with torch.no_grad():
+            lp = tokens.target_log_probs(tiny_llama(batch.input_ids, attention_mask=batch.attention_mask), batch)
+        torch.testing.assert_close(source.scores.lp_true[0], lp[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(source.scores.lp_new[0], lp[1], atol=1e-5, rtol=0)
+    with pytest.raises(PatchingError, match="tokenise identically"):
+        record_activations(tiny_llama, PatchCase(prompt, "Paris", " Paris "))
+
+
+def test_single_head_pattern_patch_changes_only_that_head(model):
+    case = _case()
+    clean = record_activations(model, case, [Patch("pattern", 1)])
+    z = "blocks.1.attn.hook_z"
+    with push_subject(model, EIFFEL.rewrite):
+        _, plain = run_variant(model, clean, (), names_filter=lambda n: n in (z, "blocks.1.attn.hook_pattern"))
+        _, patched = run_variant(model, clean, Patch("pattern", 1, heads=2, positions=-1),
+                                 names_filter=lambda n: n in (z, "blocks.1.attn.hook_pattern"))
+    last = int(clean.batch.last_prompt_index[0])
+    others = [h for h in range(model.cfg.n_heads) if h != 2]
+    assert torch.equal(patched[z][:, :, others], plain[z][:, :, others])  # incl. the GQA partner of head 2
+    assert torch.equal(patched[z][:, :last, 2], plain[z][:, :last, 2])     # other query positions untouched
+    assert not torch.allclose(patched[z][:, last, 2], plain[z][:, last, 2])
+    torch.testing.assert_close(patched["blocks.1.attn.hook_pattern"][:, 2, last],
+                               clean.cache["blocks.1.attn.hook_pattern"][:, 2, last])
+
+
+def test_batched_sweep_equals_per_variant_runs(model):
+    case = _case(OBAMA, "relation")
+    grid = layer_head_grid(model, "pattern")
+    mixed = list(grid.variants) + [(), (Patch("z", 1, heads=(0, 3), positions="subject"), Patch("mlp_out", 0))]
+    clean = record_activations(model, case, mixed)
+    with push_subject(model, OBAMA.rewrite):
+        batched = run_patched(model, clean, mixed, batch_size=64)
+        small = run_patched(model, clean, mixed, batch_size=3)
+        single = [run_patched(model, clean, [v], batch_size=1) for v in mixed]
+        gridded = run_patched(model, clean, grid)
+    lp = torch.cat([s.patched.lp_true for s in single])
+    torch.testing.assert_close(batched.patched.lp_true, lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(small.patched.lp_new, torch.cat([s.patched.lp_new for s in single]), atol=1e-5, rtol=0)
+    assert gridded.values("p_true").shape == (model.cfg.n_layers, model.cfg.n_heads)
+    torch.testing.assert_close(gridded.values("lp_true").flatten(), lp[: len(grid.variants)], atol=1e-5, rtol=0)
+    # layer 0 attention comes before the edited MLP: restoring it changes nothing.
+    assert gridded.values("delta_logodds")[0].abs().max() < 1e-5
+
+
+def test_contamination_reverses_roles(model):
+    case = _case()
+    edit = lambda: push_subject(model, EIFFEL.rewrite)  # noqa: E731
+    restore = patch_edit(model, [case], edit, [(), _everything(model)])[0]
+    contaminate = patch_edit(model, [case], edit, [(), _everything(model)], direction="contaminate")[0]
+    torch.testing.assert_close(contaminate.base.lp_true, restore.source.lp_true)
+    torch.testing.assert_close(contaminate.source.lp_true, restore.base.lp_true)
+    torch.testing.assert_close(contaminate.patched.lp_true[1], restore.base.lp_true[0], atol=1e-5, rtol=0)
+    assert contaminate.metric("recovery")[1].item() == pytest.approx(1.0, abs=1e-3)
+    assert contaminate.metric("delta_p_true")[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_patch_edit_many_cases_and_aggregate(tiny_llama):
+    cases = PatchCase.from_record(EIFFEL)
+    assert len(cases) == len(EIFFEL.neighborhood)
+    entered = []
+
+    @contextlib.contextmanager
+    def edit():
+        entered.append(1)
+        with push_subject(tiny_llama, EIFFEL.rewrite):
+            yield
+
+    grid = window_grid(tiny_llama, "pattern", window=2)
+    results = patch_edit(tiny_llama, cases, edit, grid)
+    assert len(entered) == 1 and len(results) == len(cases)
+    mean, sem = aggregate(results, "delta_logodds")
+    stacked = torch.stack([r.values("delta_logodds") for r in results])
+    torch.testing.assert_close(mean, stacked.mean(0))
+    torch.testing.assert_close(sem, stacked.std(0) / len(cases) ** 0.5)
+    with pytest.raises(PatchingError, match="identical variants"):
+        aggregate([results[0], patch_edit(tiny_llama, cases[:1], edit, [()])[0]])
+
+
+def test_grids(tiny_llama):
+    grid = layer_component_grid(tiny_llama, ("attn_out", "mlp_out", "resid_pre"), positions=-1)
+    assert grid.shape == (2, 3) and grid.axes == ("layer", "component")
+    assert grid.variants[5] == (Patch("resid_pre", (1,), None, (-1,)),)
+
+    class Cfg:
+        n_layers, n_heads = 30, 9
+
+    class Fake:
+        cfg = Cfg
+
+    windows = window_grid(Fake, window=10)
+    assert windows.shape == (30,)
+    assert windows.variants[0][0].layers == tuple(range(0, 5))
+    assert windows.variants[15][0].layers == tuple(range(10, 20))
+    assert windows.variants[29][0].layers == tuple(range(24, 30))
+    assert windows.labels[0][15] == "10-19"
+    contamination = layer_position_grid(Fake, positions=[3, -1], component="attn_out", window=6)
+    assert contamination.shape == (2, 30)
+    assert contamination.variants[30 + 10][0] == Patch("attn_out", tuple(range(7, 13)), None, (-1,))
+    assert layer_head_grid(Fake, "z").shape == (30, 9)
+
+
+def test_bad_specs_raise_before_the_edit(tiny_llama):
+    calls = []
+
+    def edit():
+        calls.append(1)
+        return contextlib.nullcontext()
+
+    case = _case()
+    with pytest.raises(PatchingError, match="unknown component"):
+        Patch("q", 0)
+    with pytest.raises(PatchingError, match="resid_mid"):
+        Patch("resid_mid", 0)
+    with pytest.raises(PatchingError, match="heads only apply"):
+        Patch("mlp_out", 0, heads=1)
+    with pytest.raises(PatchingError, match="unknown region"):
+        Patch("z", 0, positions="verb")
+    for variants, message in [
+        ([Patch("mlp_out", 5)], "out of range"),
+        ([Patch("z", 0, heads=7)], "out of range"),
+        ([Patch("z", 0, positions=(99,))], "outside"),
+        ([Patch("z", 0, positions="prompt_subject")], "no 'prompt_subject' region"),
+        ([], "no variants"),
+    ]:
+        with pytest.raises(PatchingError, match=message):
+            patch_edit(tiny_llama, [case], edit, variants)
+    with pytest.raises(PatchingError, match="needs the case's rewrite"):
+        patch_edit(tiny_llama, [PatchCase(case.prompt, case.true_target, case.new_target)], edit,
+                   [Patch("z", 0, positions="subject")])
+    with pytest.raises(PatchingError, match="direction"):
+        patch_edit(tiny_llama, [case], edit, [()], direction="sideways")
+    assert not calls
+
+
+def test_region_positions(tiny_gpt2):
+    case = _case(OBAMA, "relation")
+    from attention_drift.drift import Regions
+
+    regions = Regions.of(tiny_gpt2, OBAMA.rewrite, case.prompt)
+    clean = record_activations(tiny_gpt2, case, [Patch("resid_pre", 1)])
+    with push_subject(tiny_gpt2, OBAMA.rewrite):
+        named = run_patched(tiny_gpt2, clean, [Patch("resid_pre", 1, positions="subject_last")])
+        explicit = run_patched(tiny_gpt2, clean, [Patch("resid_pre", 1, positions=regions.subject[1])])
+    assert torch.equal(named.patched.lp_true, explicit.patched.lp_true)
+
+
+def test_pattern_probe(tiny_llama, tiny_gpt2):
+    assert supports_pattern_patching(tiny_llama) and supports_pattern_patching(tiny_gpt2)
+
+
+@pytest.fixture
+def tiny_gpt_neo(tmp_path):
+    """A random 2-layer GPT-Neo: TransformerLens 4.3 lets HF compute its attention."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    from attention_drift.models import _tiny_tokenizer, load_model
+
+    tokenizer = _tiny_tokenizer()
+    config = GPTNeoConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_heads=4,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=256, window_size=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config.architectures = ["GPTNeoForCausalLM"]
+    folder = tmp_path / "tiny_gpt_neo"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(folder)
+
+
+def test_pattern_patching_refused_where_edits_are_discarded(tiny_gpt_neo):
+    calls = []
+
+    def edit():
+        calls.append(1)
+        return contextlib.nullcontext()
+
+    assert not supports_pattern_patching(tiny_gpt_neo)
+    with pytest.raises(PatchingError, match="pattern patching is not possible.*gpt_neo"):
+        patch_edit(tiny_gpt_neo, [_case()], edit, layer_head_grid(tiny_gpt_neo))
+    assert not calls
+    source = record_activations(tiny_gpt_neo, _case(), [Patch("z", 1)])
+    with pytest.raises(PatchingError, match="pattern patching"):
+        run_patched(tiny_gpt_neo, source, [Patch("pattern", 1)])
+    # other components still work there
+    result = run_patched(tiny_gpt_neo, source, [Patch("z", 1, heads=0)])
+    assert torch.isfinite(result.patched.lp_true).all()
+
+
+@contextlib.contextmanager
+def learned_edit(model, rewrite: Rewrite, layer: int = 5, steps: int = 10, lr: float = 0.5):
+    """A ROME-like edit without covariance or KL terms: optimise the MLP output added at the
+    subject's last token of ``layer`` until the rewrite prompt predicts target_new, then write it
+    into W_out as a rank-one update along the subject's key (restored on exit)."""
+    name_out, name_key = f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.mlp.hook_post"
+    batch = tokens.batch_with_targets(model, [rewrite.prompt], [rewrite.target_new])
+    last = tokens.subject_span(model, rewrite.prompt, rewrite.subject)[1]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.input_ids, names_filter=lambda n: n == name_key)
+    key = cache[name_key][0, last]
+    delta = torch.zeros(model.cfg.d_model, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=lr)
+
+    def add(act, hook):
+        act = act.clone()
+        act[:, last] = act[:, last] + delta
+        return act
+
+    for _ in range(steps):
+        optimiser.zero_grad()
+        logits = model.run_with_hooks(batch.input_ids, fwd_hooks=[(name_out, add)])
+        (-tokens.target_log_probs(logits, batch).mean()).backward()
+        optimiser.step()
+    weight = mlp_out_weight(model, layer)
+    update = torch.outer(delta.detach(), key) / (key @ key)
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight += update.T if mlp_out_is_conv1d(model) else update
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.mark.slow
+def test_smollm2_pattern_restoration_recovers_true_answer(smollm2):
+    """The paper's RQ4 on one distract prompt: after an edit Eiffel Tower -> Rome at layer 5,
+    "The Eiffel Tower is located in Rome. The Arc de Triomphe is located in" loses " Paris";
+    restoring the pre-edit attention patterns of all layers brings most of P(true) back."""
+    record = EIFFEL
+    case = PatchCase.distract(record.rewrite, record.neighborhood.prompts[2], record.neighborhood.targets[2])
+    layers = tuple(range(smollm2.cfg.n_layers))
+    variants = [(), Patch("pattern", layers), Patch("pattern", layers[:6])]
+    weight = mlp_out_weight(smollm2, 5).detach().clone()
+    result = patch_edit(smollm2, [case], lambda: learned_edit(smollm2, record.rewrite), variants)[0]
+    assert torch.equal(mlp_out_weight(smollm2, 5), weight)
+    p_clean, p_edited = result.source.p_true.item(), result.base.p_true.item()
+    p_patched = result.patched.p_true.tolist()
+    assert p_edited < 0.5 * p_clean, (p_clean, p_edited)  # the edit makes the distract prompt fail
+    assert result.metric("recovery_p")[1].item() > 0.5, (p_clean, p_edited, p_patched)
+    assert result.metric("recovery")[1].item() > 0.4, (p_clean, p_edited, p_patched)
+    # patching nothing, or layers 0-5 whose attention runs before the edited MLP, changes nothing
+    assert p_patched[0] == pytest.approx(p_edited, rel=1e-4)
+    assert p_patched[2] == pytest.approx(p_edited, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_rome_pattern_restoration(smollm2):
+    """The same with a ROME edit (no covariance, two short context templates, to stay quick)."""
+    from attention_drift.editing import ROMEConfig, edit
+
+    rewrite = EIFFEL.rewrite
+    config = ROMEConfig(layer=5, clamp_norm_factor=2.0, mom2_adjustment=False, context_templates=((5, 2),))
+    cases = PatchCase.from_record(EIFFEL)
+    layers = tuple(range(smollm2.cfg.n_layers))
+    results = patch_edit(smollm2, cases, lambda: edit(smollm2, rewrite, method="rome", config=config),
+                         [(), Patch("pattern", layers)])
+    failing = [r for r in results if r.base.p_true.item() < 0.25 * r.source.p_true.item()]
+    assert failing, [(r.source.p_true.item(), r.base.p_true.item()) for r in results]
+    for r in failing:
+        assert r.metric("recovery")[1].item() > 0.5, (r.case.prompt, r.patched.p_true.tolist())

@@ -1,0 +1,229 @@
+import math
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from attention_drift import plots
+from attention_drift.plots import (
+    PlotError,
+    PngExportError,
+    bars_from_summaries,
+    drift_heatmap,
+    drift_vs_failure,
+    metric_bars,
+    patching_heatmap,
+    png_export_problem,
+    recovery_curves,
+    save,
+    tradeoff_curve,
+)
+
+PNG_PROBLEM = png_export_problem()
+
+
+def _drift_inputs():
+    before = torch.rand(3, 4)
+    after = before + torch.randn(3, 4) * 0.1
+    return before, after
+
+
+def test_drift_heatmap_delta_values_and_hover():
+    before, after = _drift_inputs()
+    fig = drift_heatmap(before, after, title="drift")
+    (trace,) = fig.data
+    assert isinstance(trace, go.Heatmap)
+    np.testing.assert_allclose(np.array(trace.z), (after - before).numpy(), rtol=1e-6, atol=1e-7)
+    custom = np.array(trace.customdata)
+    assert custom.shape == (3, 4, 3)
+    np.testing.assert_allclose(custom[..., 0], before.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(custom[..., 1], after.numpy(), rtol=1e-6)
+    for word in ("layer", "head", "before", "after", "drift"):
+        assert word in trace.hovertemplate
+    assert "KL" not in trace.hovertemplate
+    assert trace.zmid == 0
+    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    assert fig.layout.title.text == "drift"
+    assert fig.layout.template.layout.paper_bgcolor == "white"
+
+
+def test_drift_heatmap_after_and_kl():
+    before, after = _drift_inputs()
+    kl = (after - before).abs()
+    fig = drift_heatmap(before, after, value="after", kl=kl)
+    np.testing.assert_allclose(np.array(fig.data[0].z), after.numpy(), rtol=1e-6)
+    assert "KL" in fig.data[0].hovertemplate
+    np.testing.assert_allclose(np.array(fig.data[0].customdata)[..., 3], kl.numpy(), rtol=1e-6)
+    fig = drift_heatmap(before, after, value="kl", kl=kl)
+    np.testing.assert_allclose(np.array(fig.data[0].z), kl.numpy(), rtol=1e-6)
+    assert fig.data[0].zmid is None
+
+
+def test_drift_heatmap_bad_value():
+    before, after = _drift_inputs()
+    with pytest.raises(PlotError, match="kl="):
+        drift_heatmap(before, after, value="kl")
+    with pytest.raises(PlotError, match="value must be one of"):
+        drift_heatmap(before, after, value="ratio")
+
+
+def test_patching_heatmap_keeps_repeated_token_rows():
+    recovery = torch.tensor([[0.1, -0.2], [0.3, float("nan")], [0.5, 0.6]])
+    tokens = [" the", "<bos>", " the"]
+    fig = patching_heatmap(recovery, tokens, ["L0", "L1"], "contamination",
+                           row_title="position", col_title="layer", value_name="ΔP")
+    (trace,) = fig.data
+    assert trace.z[1][1] is None
+    assert trace.z[0] == pytest.approx([0.1, -0.2]) and trace.z[2] == pytest.approx([0.5, 0.6])
+    assert list(fig.layout.yaxis.tickvals) == [0, 1, 2]
+    assert list(fig.layout.yaxis.ticktext) == ["&nbsp;the", "&lt;bos&gt;", "&nbsp;the"]
+    assert trace.customdata[2][0][0] == "&nbsp;the" and trace.customdata[2][0][1] == "L0"
+    assert "ΔP" in trace.hovertemplate and "position" in trace.hovertemplate
+    assert trace.zmid == 0
+    assert fig.layout.xaxis.title.text == "layer" and fig.layout.yaxis.title.text == "position"
+
+
+def test_patching_heatmap_label_mismatch():
+    with pytest.raises(PlotError, match="2 row labels"):
+        patching_heatmap(torch.zeros(3, 2), ["a", "b"], ["x", "y"], "t")
+
+
+def test_recovery_curves_lines_and_bands():
+    attn, mlp = torch.tensor([0.0, 0.5, 0.2]), torch.tensor([0.1, 0.1, 0.9])
+    ci = {"attn": (attn - 0.1, attn + 0.1)}
+    fig = recovery_curves({"attn": attn, "mlp": mlp}, "rec", ci=ci)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert [t.name for t in lines] == ["attn", "mlp"]
+    assert list(lines[0].x) == [0, 1, 2] and list(lines[1].y) == pytest.approx([0.1, 0.1, 0.9])
+    assert len(bands) == 1
+    assert list(bands[0].y) == pytest.approx([0.1, 0.6, 0.3, 0.1, 0.4, -0.1])
+    assert fig.layout.xaxis.title.text == "layer"
+
+
+def test_recovery_curves_bad_ci():
+    with pytest.raises(PlotError, match="not in recovery"):
+        recovery_curves({"attn": torch.zeros(3)}, ci={"mlp": (torch.zeros(3), torch.zeros(3))})
+    with pytest.raises(PlotError, match="x has 2"):
+        recovery_curves({"attn": torch.zeros(3)}, x=[0, 1])
+
+
+def test_drift_vs_failure_bins_and_correlation():
+    drift = torch.arange(10, dtype=torch.float32).flip(0)
+    failure = 2 * drift + 1
+    fig = drift_vs_failure(drift, failure, bins=2)
+    points, curve = fig.data
+    assert len(points.x) == 10
+    assert list(curve.x) == pytest.approx([2.0, 7.0])
+    assert list(curve.y) == pytest.approx([5.0, 15.0])
+    sem = 1.96 * float(torch.tensor([1.0, 3, 5, 7, 9]).std()) / math.sqrt(5)
+    assert list(curve.error_y.array) == pytest.approx([sem, sem])
+    assert "Pearson r = 1.000, n = 10" in fig.layout.annotations[0].text
+    fig = drift_vs_failure(drift, failure, bins=3, rho=0.49, p_value=1e-6)
+    assert "ρ = 0.490" in fig.layout.annotations[0].text and "p = 1e-06" in fig.layout.annotations[0].text
+    assert list(fig.data[1].customdata) == [4, 3, 3]
+
+
+def test_drift_vs_failure_rejects_bad_input():
+    with pytest.raises(PlotError, match="non-finite"):
+        drift_vs_failure(torch.tensor([0.1, float("nan"), 0.3]), torch.zeros(3))
+    with pytest.raises(PlotError, match="bins"):
+        drift_vs_failure(torch.zeros(3), torch.zeros(3), bins=4)
+
+
+def _summary(pre, post=None):
+    groups = {}
+    for group, acc in pre.items():
+        groups[group] = {"pre": {"accuracy": acc, "ci95": [acc - 0.05, acc + 0.05], "n": 100}}
+        if post is not None:
+            groups[group]["post"] = {"accuracy": post[group], "ci95": [post[group] - 0.1, post[group] + 0.02], "n": 100}
+    groups["fluency"] = {"pre": {"ngram_entropy": 6.1, "n": 10}}
+    return {"groups": groups, "meta": {"model": "m", "method": "rome"}}
+
+
+def test_bars_from_summaries_and_metric_bars():
+    rome = _summary({"efficacy": 0.2, "relation": 0.8}, {"efficacy": 1.0, "relation": 0.1})
+    sadr = _summary({"efficacy": 0.21, "relation": 0.79}, {"efficacy": 0.98, "relation": 0.3})
+    bars = bars_from_summaries({"ROME": rome, "ROME+SADR": sadr})
+    assert list(bars) == ["pre-edit", "ROME", "ROME+SADR"]
+    assert bars["pre-edit"]["efficacy"]["accuracy"] == 0.2
+    assert bars["ROME+SADR"]["relation"]["accuracy"] == 0.3
+    assert "fluency" not in bars["pre-edit"]
+
+    fig = metric_bars(bars, "metrics")
+    assert [t.name for t in fig.data] == ["pre-edit", "ROME", "ROME+SADR"]
+    assert all(isinstance(t, go.Bar) for t in fig.data)
+    rome_bar = fig.data[1]
+    assert list(rome_bar.x) == ["efficacy", "relation"]
+    assert list(rome_bar.y) == pytest.approx([100.0, 10.0])
+    assert list(rome_bar.error_y.array) == pytest.approx([2.0, 2.0])
+    assert list(rome_bar.error_y.arrayminus) == pytest.approx([10.0, 10.0])
+    assert fig.layout.barmode == "group"
+    assert fig.layout.yaxis.title.text == "accuracy (%)"
+
+
+def test_metric_bars_half_width_and_gaps():
+    summary = {"A": {"efficacy": {"accuracy": 0.5, "ci95": 0.1}}, "B": {"relation": {"accuracy": 0.4}}}
+    fig = metric_bars(summary, percent=False)
+    assert list(fig.data[0].y) == [0.5, None]
+    assert list(fig.data[0].error_y.array)[0] == pytest.approx(0.1)
+    assert list(fig.data[1].y) == [None, 0.4]
+
+
+def test_bars_from_summaries_rejects_other_json():
+    with pytest.raises(PlotError, match="summarize"):
+        bars_from_summaries({"x": {"rows": []}})
+
+
+def test_tradeoff_curve():
+    fig = tradeoff_curve([0.001, 0.01, 0.1], {"efficacy": [1.0, 0.99, 0.9], "DNS": [0.3, 0.4, 0.5]},
+                         "γ", "trade-off", log_x=True)
+    assert fig.layout.xaxis.type == "log"
+    assert [t.name for t in fig.data] == ["efficacy", "DNS"]
+    assert list(fig.data[1].y) == [0.3, 0.4, 0.5]
+    assert fig.layout.xaxis.title.text == "γ"
+    with pytest.raises(PlotError, match="positive"):
+        tradeoff_curve([0.0, 0.1], {"e": [1, 1]}, "γ", "t", log_x=True)
+    with pytest.raises(PlotError, match="has 1 values"):
+        tradeoff_curve([0.0, 0.1], {"e": [1]}, "γ", "t")
+
+
+def test_save_html_is_self_contained(tmp_path):
+    before, after = _drift_inputs()
+    (path,) = save(drift_heatmap(before, after), tmp_path / "sub" / "drift.html")
+    assert path == tmp_path / "sub" / "drift.html"
+    text = path.read_text(encoding="utf-8")
+    assert path.stat().st_size > 1_000_000
+    assert re.findall(r"<script[^>]*>", text) == ["<script>"] * len(re.findall(r"<script[^>]*>", text))
+    assert "plotly.js v" in text and "Plotly.newPlot" in text
+
+
+def test_save_static_without_browser_raises_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chromium"))
+    with pytest.raises(PngExportError, match="apt-get install -y chromium"):
+        save(go.Figure(), tmp_path / "fig")
+    assert list(tmp_path.iterdir()) == []
+    before, after = _drift_inputs()
+    assert save(drift_heatmap(before, after), tmp_path / "ok.html")[0].exists()
+
+
+def test_save_static_without_kaleido_says_how_to_install(tmp_path, monkeypatch):
+    def missing(name):
+        raise plots.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(plots.importlib.metadata, "version", missing)
+    with pytest.raises(PngExportError, match="kaleido>=1"):
+        save(go.Figure(), tmp_path / "fig.png")
+
+
+@pytest.mark.skipif(PNG_PROBLEM is not None, reason=f"PNG export unavailable: {PNG_PROBLEM}")
+def test_save_html_and_png_without_suffix(tmp_path):
+    before, after = _drift_inputs()
+    paths = save(drift_heatmap(before, after), tmp_path / "gamma-0.01", scale=1)
+    assert paths == [tmp_path / "gamma-0.01.html", tmp_path / "gamma-0.01.png"]
+    png = paths[1].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (700, 450)
