@@ -329,7 +329,25 @@ def run_models(args) -> int:
 
 # --- entry point ---------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_models]
+def register_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the guided demo on an offline model (no internet needed)")
+    p.add_argument("--model", default=None, help="model name or path (default: the default offline model)")
+    p.add_argument("--stats-samples", type=int, default=100,
+                   help="self-sampled sequences for the ROME covariance statistics (cached; default 100)")
+    p.add_argument("--no-edit", action="store_true", help="skip the editing part")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args) -> int:
+    from attention_drift.demo import run_demo as demo
+    from attention_drift.models import DEFAULT_MODEL
+
+    if args.stats_samples < 1:
+        raise CliError(f"--stats-samples must be >= 1, got {args.stats_samples}")
+    return demo(args.model or DEFAULT_MODEL, stats_samples=args.stats_samples, edit_demo=not args.no_edit)
+
+
+COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 
