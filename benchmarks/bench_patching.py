@@ -9,7 +9,8 @@ does not depend on which edit made the weights). Both runs must agree to 1e-4 in
 """
 
 import argparse
-import contextlib
+from pathlib import Path
+import sys
 import os
 import time
 
@@ -17,32 +18,12 @@ import torch
 
 from attention_drift import tokens
 from attention_drift.data import load_example
-from attention_drift.models import load_model, mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.models import load_model
 from attention_drift.patching import PatchCase, layer_head_grid, record_activations, run_patched
 
 
-@contextlib.contextmanager
-def rank_one_edit(model, rewrite, layer: int, scale: float = 30.0):
-    """W_out[layer] += scale * (u_new - u_true) k^T / |k|^2, k the subject's last-token MLP key."""
-    weight = mlp_out_weight(model, layer)
-    name = f"blocks.{layer}.mlp.hook_post"
-    ids = torch.tensor([tokens.encode(model, rewrite.prompt)])
-    last = tokens.subject_span(model, rewrite.prompt, rewrite.subject)[1]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(ids, names_filter=lambda n: n == name)
-    key = cache[name][0, last]
-    unembed = model.original_model.get_output_embeddings().weight
-    new = tokens.continuation_ids(model, rewrite.prompt, rewrite.target_new)[1]
-    true = tokens.continuation_ids(model, rewrite.prompt, rewrite.target_true)[1]
-    update = scale * torch.outer(unembed[new].mean(0) - unembed[true].mean(0), key) / (key @ key)
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        weight += update.T if mlp_out_is_conv1d(model) else update
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from handmade_edit import push_subject as rank_one_edit  # noqa: E402  (the tests' hand-made edit)
 
 
 def main() -> None:
@@ -66,7 +47,7 @@ def main() -> None:
 
     source = record_activations(model, case, grid.variants)
     timings, results = {}, {}
-    with rank_one_edit(model, record.rewrite, args.edit_layer):
+    with rank_one_edit(model, record.rewrite, args.edit_layer, scale=30.0):
         run_patched(model, source, grid.variants[:2], batch_size=2)  # warm-up (and the pattern probe)
         for label, size in (("batched", args.batch_size), ("one variant per forward", 1)):
             start = time.perf_counter()
