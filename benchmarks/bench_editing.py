@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=3)
     parser.add_argument("--stats-samples", type=int, default=None, help="override the preset's sample count")
     parser.add_argument("--step-repeats", type=int, default=4)
+    parser.add_argument("--steps-only", action="store_true", help="only the per-step comparison")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -41,12 +42,14 @@ def main() -> None:
 
     model = load_model("smollm2-135m")
     print(f"torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}")
-    stats_throughput(model, StatsConfig(n_samples=32, seq_len=128))
-
     records = load_example()[: args.records]
     configs = [ROMEConfig.for_model(model), MEMITConfig.for_model(model), PMETConfig.for_model(model)]
     if args.stats_samples:
         configs = [dataclasses.replace(c, stats=StatsConfig(n_samples=args.stats_samples)) for c in configs]
+    if args.steps_only:
+        step_costs(model, records[0].rewrite, configs[0], args.step_repeats)
+        return
+    stats_throughput(model, StatsConfig(n_samples=32, seq_len=128))
     for cfg in configs:
         apply_edit(model, records[0].rewrite, cfg.method, dataclasses.replace(cfg, steps=1)).restore()  # warm-up
         per_edit, per_step = [], []
@@ -123,17 +126,18 @@ def step_costs(model, request, cfg, repeats: int) -> None:
 
     ways = {"(a) full forward, full logits": plain, "(b) all blocks, target logits": run_from(0),
             f"(c) blocks {layer}.., target logits": run_from(layer)}
-    times = {}
+    times = {name: float("inf") for name in ways}
     with model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_out", inject)]):
-        for name, fn in ways.items():
+        for fn in ways.values():
             fn().backward()  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
+        for _ in range(repeats):  # interleaved, best of: robust to other jobs on the machine
+            for name, fn in ways.items():
+                start = time.perf_counter()
                 fn().backward()
-            times[name] = (time.perf_counter() - start) / repeats
+                times[name] = min(times[name], time.perf_counter() - start)
     base = times["(a) full forward, full logits"]
     for name, seconds in times.items():
-        print(f"step {name}: {seconds:.3f} s (x{base / seconds:.2f} vs (a))")
+        print(f"step {name}: {seconds:.3f} s (x{base / seconds:.2f} vs (a); best of {repeats})")
 
 
 if __name__ == "__main__":

@@ -257,10 +257,10 @@ def _wins(model, request):
     return bool(p[0] > p[1])
 
 
-REAL = [
+REAL = [  # facts SmolLM2-135M knows before the edit (the tests check it)
     Rewrite("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
-    Rewrite("Michael Jordan is a professional", "Michael Jordan", "soccer", "basketball"),
-    Rewrite("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"),
+    Rewrite("The Colosseum is located in the city of", "Colosseum", "London", "Rome"),
+    Rewrite("Mount Everest is located in", "Mount Everest", "Brazil", "Nepal"),
 ]
 UNRELATED = ("The capital of Japan is", "Tokyo")
 # 4096 tokens: enough for a full-rank C (d_mlp 1536) and quick to sample; fewer ROME prefixes
@@ -285,6 +285,7 @@ def test_rome_on_smollm2_rewrites_and_keeps_an_unrelated_fact(smollm2):
 def test_memit_on_smollm2_edits_a_batch_of_three(smollm2):
     cfg = dataclasses.replace(MEMITConfig.for_model(smollm2), stats=SLOW_STATS)
     unrelated_before = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
+    assert not any(_wins(smollm2, r) for r in REAL)
     with edit(smollm2, REAL, "memit", cfg) as result:
         assert len(result.traces) == 3
         assert all(_wins(smollm2, r) for r in REAL)
