@@ -11,15 +11,30 @@ edit ("hinge" selection; recomputed every step, not differentiated). The loss is
 
 with D the KL divergence (eps 1e-8 inside the logs), or JS / squared L2. ``selection="all"``
 restricts every head (the paper's non-selective ablation).
+
+:class:`SADRLoss` plugs this into the editors' value optimisation as an extra loss term: it
+reads ``blocks.L.attn.hook_pattern`` from the forward pass each step already runs (no second
+forward) and records the selected-head masks and per-step values for plotting. Pass a
+:class:`SADRConfig` as ``edit(..., sadr=...)``.
+
+Our extension (``distract=True``): the rewriting prompts never show the edited subject in a
+context followed by another question, which is where specificity failure happens. With it,
+the optimisation batch also holds distract-style rows, ``"{prompt} {target_new}. {prompt with
+another subject}"`` for a few fixed subjects (no evaluation data is used), and SADR restricts
+their prediction rows as well.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from attention_drift.data import Rewrite
+
 EPS = 1e-8
+DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
 
@@ -107,3 +122,65 @@ def sadr_loss(
     n_prompts = before.shape[0]
     loss = config.weight * per_head.sum() / n_prompts
     return loss, mask
+
+
+def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJECTS) -> list[str]:
+    """``"{prompt} {target_new}. {prompt about another subject}"`` for each of ``subjects``."""
+    others = [request.prompt.replace(request.subject, s) for s in subjects if s != request.subject]
+    return [f"{request.prompt} {request.target_new}. {other}" for other in others]
+
+
+@dataclass
+class SADRLoss:
+    """SADR as an extra loss term of the editors' value optimisation.
+
+    At step 0 (no delta yet) it stores the unedited attention rows; at each step it returns
+    :func:`sadr_loss` of the current rows. ``record`` (copied into each request's trace
+    under ``"sadr"``) holds ``layers``, ``mask`` (per step, bool ``[row, layer, head]``),
+    ``loss`` (per step), ``subject_before`` and ``subject_after`` (attention of the
+    prediction position to the subject's last token, ``[row, layer, head]``, before the
+    edit and at the last step), ``divergence_after`` (unweighted divergence of every head's
+    row at the last step, ``[row, layer, head]``), ``distract_rows`` (how many rows are
+    distract prompts).
+    """
+
+    config: SADRConfig
+    name: str = "sadr"
+    record: dict = field(default_factory=dict)
+    _before: Tensor | None = field(default=None, repr=False)
+
+    def extra_prompts(self, request: Rewrite) -> list[str]:
+        return distract_prompts(request) if self.config.distract else []
+
+    def layers(self, info) -> tuple[int, ...]:
+        if self.config.layers is None:
+            return tuple(range(info.layer, info.n_layers))
+        bad = [l for l in self.config.layers if not 0 <= l < info.n_layers]
+        if bad:
+            raise ValueError(f"SADR layers {bad} are out of range: the model has layers 0..{info.n_layers - 1}")
+        return tuple(self.config.layers)
+
+    def hook_names(self, info) -> list[str]:
+        return [f"blocks.{l}.attn.hook_pattern" for l in self.layers(info)]
+
+    def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
+        rows = torch.cat([torch.arange(info.n_rewriting), info.extra_rows])
+        query = info.last_prompt_index[rows]
+        now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()
+        subject = info.subject_last_index[rows]
+        if step == 0 or self._before is None:
+            self._before = now.detach().clone()
+            self.record = {"layers": self.layers(info), "mask": [], "loss": [],
+                           "distract_rows": len(info.extra_rows),
+                           "subject_before": _at(self._before, subject)}
+        loss, mask = sadr_loss(self._before, now, subject, self.config)
+        self.record["mask"].append(mask)
+        self.record["loss"].append(loss.item())
+        self.record["subject_after"] = _at(now.detach(), subject)
+        self.record["divergence_after"] = divergence(self._before, now.detach(), self.config.divergence)
+        return loss
+
+
+def _at(rows: Float[Tensor, "prompt layer head key"], position: Int[Tensor, " prompt"]) -> Float[Tensor, "prompt layer head"]:
+    index = position.view(-1, 1, 1, 1).expand(-1, rows.shape[1], rows.shape[2], 1)
+    return rows.gather(-1, index)[..., 0].clone()

@@ -1,7 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 
-from attention_drift.sadr import SADRConfig, divergence, hinge_mask, sadr_loss
+from attention_drift.data import Rewrite
+from attention_drift.editing import EditError, MEMITConfig, PMETConfig, ROMEConfig, StatsConfig, apply_edit, edit
+from attention_drift.editing.api import _check_sadr
+from attention_drift.models import tiny_model
+from attention_drift.sadr import SADRConfig, distract_prompts, divergence, hinge_mask, sadr_loss
 
 
 def _rows(values):
@@ -75,3 +81,76 @@ def test_padded_keys_contribute_nothing():
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SADRConfig(**kwargs)
+
+
+# ------------------------------------------------------------- inside the editors (tiny model)
+
+EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
+
+
+@pytest.fixture
+def stats(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTENTION_DRIFT_CACHE", str(tmp_path / "cache"))
+    return StatsConfig(corpus="model", n_samples=32, seq_len=24)
+
+
+def _config(method, stats):
+    cls = {"rome": ROMEConfig, "memit": MEMITConfig, "pmet": PMETConfig}[method]
+    base = cls(layer=1, stats=stats) if method == "rome" else cls(layers=(1,), stats=stats)
+    return dataclasses.replace(base, steps=6, context_templates=((4, 2),), weight_decay=0.0)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet"])
+def test_sadr_runs_inside_each_editor_and_records_masks_and_loss(method, stats):
+    model = tiny_model("llama", n_layers=3)
+    sadr = SADRConfig(weight=1.0, selection="all", steps=5)
+    with edit(model, EIFFEL, method, _config(method, stats), sadr=sadr) as result:
+        record = result.sadr_records[0]
+        trace = result.traces[0]
+    assert result.config.steps == 5 and result.sadr == sadr
+    assert record["layers"] == (1, 2)  # every layer from the edit layer up
+    assert trace.extra["sadr"][0] == 0.0 and all(v >= 0 for v in trace.extra["sadr"])
+    assert max(trace.extra["sadr"][1:]) > 0
+    assert len(record["mask"]) == len(record["loss"]) == trace.steps_run
+    n_rows = 3  # the bare prompt and two prefixed ones
+    assert record["mask"][0].shape == (n_rows, 2, model.cfg.n_heads) and bool(record["mask"][0].all())
+    assert record["subject_before"].shape == (n_rows, 2, model.cfg.n_heads)
+
+
+def test_sadr_lowers_attention_drift_against_the_plain_edit(stats):
+    model = tiny_model("llama", n_layers=3)
+    cfg = _config("rome", stats)
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, selection="all")) as plain:
+        plain_drift = plain.sadr_records[0]["divergence_after"].sum()
+        plain_delta = plain.traces[0].delta["blocks.1.mlp.hook_out"]
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=100.0, selection="all")) as restricted:
+        trace = restricted.traces[0]
+        drift = restricted.sadr_records[0]["divergence_after"].sum()
+    # The gradient of the attention term reached the optimised vector and changed it ...
+    assert not torch.allclose(trace.delta["blocks.1.mlp.hook_out"], plain_delta)
+    # ... so that the attention rows moved less than without the term.
+    assert plain_drift > 0 and drift < plain_drift
+
+
+def test_sadr_distract_rows_join_the_batch_without_touching_the_editors_own_loss(stats):
+    model = tiny_model("llama", n_layers=3)
+    cfg = _config("rome", stats)
+    prompts = distract_prompts(EIFFEL)
+    assert prompts[0] == "The Eiffel Tower is located in Rome. The Barack Obama is located in"
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, distract=True)) as with_rows:
+        nll_rows = with_rows.traces[0].nll
+        record = with_rows.sadr_records[0]
+    with edit(model, EIFFEL, "rome", cfg) as plain:
+        nll_plain = plain.traces[0].nll
+    assert record["distract_rows"] == len(prompts) and record["mask"][0].shape[0] == 3 + len(prompts)
+    assert nll_rows == pytest.approx(nll_plain, rel=1e-5)  # weight 0: the same optimisation
+
+
+def test_sadr_must_be_a_config_and_layers_in_range(stats):
+    model = tiny_model("llama", n_layers=3)
+    original = [b.mlp.out.weight.detach().clone() for b in model.blocks]
+    with pytest.raises(EditError, match="SADRConfig"):
+        _check_sadr(0.01)  # what edit() and apply_edit() run first (beartype answers first under pytest)
+    with pytest.raises(EditError, match="out of range"):
+        apply_edit(model, EIFFEL, "rome", _config("rome", stats), sadr=SADRConfig(layers=(7,)))
+    assert all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, original))

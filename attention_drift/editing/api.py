@@ -10,6 +10,7 @@ too. The exact original tensors of every parameter an editor will change are clo
 and copied back by :meth:`EditResult.restore` (and on any failure during the edit).
 """
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace
 from attention_drift.editing.stats import inverse_second_moment, key_second_moments
 from attention_drift.editing.templates import context_templates
 from attention_drift.models import mlp_out_weight
+from attention_drift.sadr import SADRConfig, SADRLoss
 
 METHODS = tuple(CONFIG_TYPES)
 
@@ -47,6 +49,7 @@ class EditResult:
         deltas: ``{"blocks.L.mlp.out.weight": new - original}`` in the parameter's layout.
         traces: one :class:`~attention_drift.editing.optimize.OptimizationTrace` per request.
         seconds: wall time of the edit (statistics and templates included).
+        sadr: the SADR configuration used, or None.
         restored: whether :meth:`restore` has put the original weights back.
     """
 
@@ -57,6 +60,7 @@ class EditResult:
     deltas: dict[str, Tensor]
     traces: list[OptimizationTrace]
     seconds: float
+    sadr: SADRConfig | None = None
     restored: bool = False
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
@@ -71,6 +75,12 @@ class EditResult:
         """``{term name: per request, the term's value per step}`` of the extra loss terms."""
         names = dict.fromkeys(n for t in self.traces for n in t.extra)
         return {n: [t.extra.get(n, []) for t in self.traces] for n in names}
+
+    @property
+    def sadr_records(self) -> list[dict]:
+        """Per request, what SADR recorded (see :class:`~attention_drift.sadr.SADRLoss`):
+        selected-head masks and loss per step, subject attention before / after."""
+        return [t.records.get("sadr", {}) for t in self.traces]
 
     def restore(self) -> None:
         """Copy the original weights back (bitwise). Calling it again does nothing."""
@@ -91,13 +101,13 @@ class EditResult:
 class EditContext:
     """Context manager returned by :func:`edit`: edits on entry, restores on exit."""
 
-    def __init__(self, model, requests, method: str, config: EditConfig | None, extra_losses: Sequence[ExtraLoss]):
-        self._args = (model, requests, method, config, tuple(extra_losses))
+    def __init__(self, model, requests, method: str, config: EditConfig | None, sadr, extra_losses: Sequence[ExtraLoss]):
+        self._args = (model, requests, method, config, sadr, tuple(extra_losses))
         self.result: EditResult | None = None
 
     def __enter__(self) -> EditResult:
-        model, requests, method, config, extra = self._args
-        self.result = apply_edit(model, requests, method, config, extra_losses=extra)
+        model, requests, method, config, sadr, extra = self._args
+        self.result = apply_edit(model, requests, method, config, sadr=sadr, extra_losses=extra)
         return self.result
 
     def __exit__(self, *exc) -> None:
@@ -110,22 +120,27 @@ def edit(
     requests: Rewrite | Sequence,
     method: str = "rome",
     config: EditConfig | None = None,
-    sadr: ExtraLoss | None = None,
+    sadr: SADRConfig | None = None,
     *,
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> EditContext:
     """``with edit(model, rewrite, method="rome") as result:`` the model is edited inside the block.
 
-    ``config=None`` uses ``XConfig.for_model(model)``. ``sadr`` is an extra loss term on
-    the value optimisation (the regulariser of the over-attention paper, once provided);
-    ``extra_losses`` adds any others. On exit the original weights are restored exactly,
-    even when the block raises.
+    ``config=None`` uses ``XConfig.for_model(model)``. ``sadr`` (a
+    :class:`~attention_drift.sadr.SADRConfig`) adds the SADR regulariser to the value
+    optimisation, with its step count if it sets one; ``extra_losses`` adds any other
+    terms. On exit the original weights are restored exactly, even when the block raises.
     """
-    if sadr is not None and not isinstance(sadr, ExtraLoss):
+    _check_sadr(sadr)
+    return EditContext(model, requests, method, config, sadr, tuple(extra_losses))
+
+
+def _check_sadr(sadr) -> None:
+    if sadr is not None and not isinstance(sadr, SADRConfig):
         raise EditError(
-            f"sadr must be None or an extra loss term (attention_drift.editing.ExtraLoss), got {type(sadr).__name__}"
+            f"sadr must be None or an attention_drift.SADRConfig, got {type(sadr).__name__}; "
+            "pass other loss terms through extra_losses="
         )
-    return EditContext(model, requests, method, config, tuple(extra_losses) + ((sadr,) if sadr is not None else ()))
 
 
 def apply_edit(
@@ -134,18 +149,26 @@ def apply_edit(
     method: str = "rome",
     config: EditConfig | None = None,
     *,
+    sadr: SADRConfig | None = None,
     extra_losses: Sequence[ExtraLoss] = (),
     progress: bool = True,
 ) -> EditResult:
     """Edit ``model`` in place and return the :class:`EditResult` (call ``.restore()`` to undo).
 
     ROME applies several requests one after the other; MEMIT and PMET insert them as one
-    batch. ``progress`` shows bars while statistics are computed (once per model, layer and
-    corpus; cached on disk).
+    batch. ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics are
+    computed (once per model, layer and corpus; cached on disk).
     """
     start = time.perf_counter()
     reqs = _requests(requests)
+    _check_sadr(sadr)
     config = _config(model, method, config)
+    if sadr is not None:
+        if sadr.steps is not None:
+            config = dataclasses.replace(config, steps=sadr.steps)
+        if sadr.layers is not None and any(not 0 <= l < model.cfg.n_layers for l in sadr.layers):
+            raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{model.cfg.n_layers - 1}")
+        extra_losses = (*extra_losses, SADRLoss(sadr))
     for request in reqs:
         check_request(model, request)
     for term in extra_losses:
@@ -188,7 +211,7 @@ def apply_edit(
     deltas = {name: (p.detach() - originals[name]) for name, p in params.items()}
     return EditResult(
         method, reqs, config, tuple(config.layers), deltas, traces, time.perf_counter() - start,
-        _params=params, _originals=originals,
+        sadr=sadr, _params=params, _originals=originals,
     )
 
 

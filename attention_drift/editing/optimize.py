@@ -82,7 +82,8 @@ class StepInfo:
     """What an extra loss term gets besides the activations; the same object every step.
 
     Rows ``[:n_rewriting]`` of ``batch`` are the context-prefixed rewrite prompts followed by
-    the target, the remaining row is the essence prompt. ``last_prompt_index`` is the
+    the target, row ``n_rewriting`` is the essence prompt, and ``extra_rows`` are the prompts
+    that terms asked for through ``extra_prompts`` (no loss of the editor's own on them). ``last_prompt_index`` is the
     position predicting the first target token (the essence row: its last token);
     ``subject_last_index`` the subject's last token, where the deltas are added.
     Activations of blocks ``>= start_layer`` are live, those below are constants.
@@ -96,6 +97,7 @@ class StepInfo:
     layer: int
     start_layer: int
     n_layers: int
+    extra_rows: Int[Tensor, " extra"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @runtime_checkable
@@ -106,7 +108,9 @@ class ExtraLoss(Protocol):
     (``blocks.{l}....`` names, e.g. ``blocks.{l}.attn.hook_pattern``); ``term(step, acts,
     info)`` returns a scalar tensor added to the loss; ``acts`` maps each requested name to
     the full activation ``[batch, ...]``. An optional ``record`` dict attribute is copied
-    into the trace after the run.
+    into the trace after the run. An optional ``extra_prompts(request) -> list[str]`` adds
+    prompt rows to the batch (each containing the subject; the delta is injected at its
+    first occurrence's last token, as the edited MLP would write it there).
     """
 
     name: str
@@ -212,13 +216,17 @@ def _concat(a: Batch, b: Batch, pad: int) -> Batch:
     )
 
 
-def rewriting_batch(model, request: Rewrite, templates: Sequence[str]) -> tuple[Batch, int, Tensor]:
-    """(batch, number of rewriting rows, subject last-token position per row) of a request."""
+def rewriting_batch(
+    model, request: Rewrite, templates: Sequence[str], extra_prompts: Sequence[str] = ()
+) -> tuple[Batch, int, Tensor]:
+    """(batch, number of rewriting rows, subject last-token position per row) of a request:
+    the rewriting rows, the essence row, then ``extra_prompts``."""
     prompts, positions = template_rows(model, request, templates)
     rewriting = tokens.batch_with_targets(model, prompts, [request.target_new] * len(prompts))
     essence_prompt = f"{request.subject} is a"
-    essence = tokens.batch_prompts(model, [essence_prompt])
-    positions.append(subject_last_index(model, essence_prompt, request.subject, 0))
+    essence = tokens.batch_prompts(model, [essence_prompt, *extra_prompts])
+    for prompt in (essence_prompt, *extra_prompts):
+        positions.append(subject_last_index(model, prompt, request.subject, 0))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     return _concat(rewriting, essence, int(pad)), len(prompts), torch.tensor(positions)
 
@@ -290,6 +298,10 @@ def unembed_rows(model, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n 
     return logits
 
 
+def _none(request: Rewrite) -> tuple[str, ...]:
+    return ()
+
+
 def optimize_values(
     model,
     request: Rewrite,
@@ -308,9 +320,11 @@ def optimize_values(
     loss_layer = total - 1 if loss_layer is None else loss_layer
     if templates[0] != "{}":
         raise EditError("the first context template must be '{}' (the bare prompt); init values are read there")
-    batch, n_rw, subj = rewriting_batch(model, request, templates)
+    extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
+    batch, n_rw, subj = rewriting_batch(model, request, templates, extra_prompts)
     rows = torch.arange(len(batch))
-    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total)
+    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total,
+                    extra_rows=rows[n_rw + 1:])
 
     live_names: dict[str, None] = {}
     const_names: dict[str, None] = {}
@@ -367,7 +381,7 @@ def optimize_values(
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
             nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
             nll = nll_each.mean()
-            kl_lp = unembed_rows(model, final[rows[n_rw:], subj[n_rw:]]).log_softmax(-1)
+            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj[n_rw:n_rw + 1]]).log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
