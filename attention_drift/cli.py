@@ -48,6 +48,7 @@ New commands: write ``register_<name>(subparsers)`` that adds a parser and sets
 """
 
 import argparse
+import dataclasses
 import contextlib
 import importlib.util
 import json
@@ -97,8 +98,73 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--fluency-per-prompt", type=int, default=1,
                    help="generations per generation prompt (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
+    p.add_argument("--stats-samples", type=int, default=None,
+                   help="covariance statistics sample count (default: the model preset's)")
+    add_sadr_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
+
+
+def add_sadr_arguments(p) -> None:
+    """``--sadr`` and its options (shared by evaluate, drift and patch)."""
+    g = p.add_argument_group("SADR", "regularise attention drift during the edit (attention_drift.SADRConfig)")
+    g.add_argument("--sadr", action="store_true", help="edit with SADR")
+    g.add_argument("--sadr-weight", type=float, default=None,
+                   help="loss weight gamma (default: the per-model, per-method preset)")
+    g.add_argument("--sadr-selection", choices=("hinge", "all"), default="hinge",
+                   help="hinge: only heads above the pre-edit maximum (published); all: every head")
+    g.add_argument("--sadr-divergence", choices=("kl", "js", "l2"), default="kl")
+    g.add_argument("--sadr-steps", type=int, default=None,
+                   help="optimisation steps with SADR (default: the per-method preset)")
+    g.add_argument("--sadr-layers", default=None, help="layers to regularise, e.g. 5-29 (default: edit layer and up)")
+    g.add_argument("--sadr-distract", action="store_true",
+                   help="also regularise distract-style prompts (our extension)")
+
+
+def sadr_config(args, method: str, model=None):
+    """The SADRConfig the arguments ask for (None without --sadr); with ``model=None`` the
+    options are only checked (the preset weight and steps need the model)."""
+    options = ("sadr_weight", "sadr_steps", "sadr_layers")
+    if not getattr(args, "sadr", False):
+        given = [o for o in options if getattr(args, o, None) is not None]
+        if given or getattr(args, "sadr_distract", False):
+            raise CliError(f"--{(given or ['sadr_distract'])[0].replace('_', '-')} needs --sadr")
+        return None
+    if method == "none":
+        raise CliError("--sadr needs an editing method: add --method rome, memit or pmet")
+    from attention_drift.sadr import SADRConfig
+
+    layers = None
+    if args.sadr_layers:
+        try:
+            lo, _, hi = args.sadr_layers.partition("-")
+            layers = tuple(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise CliError(f"--sadr-layers takes a layer or a range like 5-29, got {args.sadr_layers!r}") from None
+    try:
+        options = {"layers": layers, "selection": args.sadr_selection, "divergence": args.sadr_divergence,
+                   "distract": args.sadr_distract}
+        if args.sadr_weight is not None:
+            options["weight"] = args.sadr_weight
+        if args.sadr_steps is not None:
+            options["steps"] = args.sadr_steps
+        return SADRConfig(**options) if model is None else SADRConfig.for_model(model, method, **options)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def edit_config(args, model, method: str):
+    """The method's preset for ``model`` with ``--stats-samples`` applied (None without it:
+    the editor picks the preset itself)."""
+    from attention_drift.editing.config import CONFIG_TYPES
+
+    if args.stats_samples is None:
+        return None
+    if args.stats_samples < 1:
+        raise CliError(f"--stats-samples must be >= 1, got {args.stats_samples}")
+    config = CONFIG_TYPES[method].for_model(model)
+    return dataclasses.replace(config, stats=dataclasses.replace(config.stats, n_samples=args.stats_samples))
 
 
 def _load_editor(method: str) -> Callable | None:
@@ -176,13 +242,21 @@ def run_evaluate(args) -> int:
     fluency = (FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
                if args.fluency else None)
     edit = _load_editor(args.method)
+    sadr = sadr_config(args, args.method)
+    if args.method == "none" and args.stats_samples is not None:
+        raise CliError("--stats-samples needs an editing method (--method rome, memit or pmet)")
     records = _records(args)
+    edit_meta = None
+    if args.method != "none":
+        edit_meta = {"stats_samples": args.stats_samples, "sadr": None if sadr is None else {
+            k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers", "distract")}}
     meta = {
         "format": FORMAT, "model": args.model, "method": args.method, "data": _data_label(args.data),
-        "fluency": None if fluency is None else fluency.to_json(), "edit": None,
+        "fluency": None if fluency is None else fluency.to_json(), "edit": edit_meta,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    out = Path(args.out) if args.out else default_out(args.model, args.method)
+    label = args.method + ("-sadr" if sadr is not None else "")
+    out = Path(args.out) if args.out else default_out(args.model, label)
     with RunFile(out, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, args.method)]
         skipped = len(records) - len(todo)
@@ -191,17 +265,19 @@ def run_evaluate(args) -> int:
 
             from attention_drift.models import load_model
 
-            model = load_model(args.model)
-            bar = tqdm(todo, desc=f"evaluate {args.method}", unit="record", file=sys.stderr,
+            model = load_model(args.model, device=args.device)
+            config = edit_config(args, model, args.method) if edit is not None else None
+            sadr = sadr_config(args, args.method, model)
+            bar = tqdm(todo, desc=f"evaluate {label}", unit="record", file=sys.stderr,
                        disable=args.no_progress, dynamic_ncols=True)
             for record in bar:
-                run.write(_evaluate_one(model, record, args, edit, fluency))
+                run.write(_evaluate_one(model, record, args, edit, fluency, config, sadr))
     print(f"{out}: {len(todo)} record(s) written, {skipped} already there; "
           f"summarize with: attention-drift summarize {out}", file=sys.stderr)
     return 0
 
 
-def _evaluate_one(model, record, args, edit, fluency) -> dict:
+def _evaluate_one(model, record, args, edit, fluency, config=None, sadr=None) -> dict:
     from attention_drift.evaluate import evaluate_record
 
     start = time.perf_counter()
@@ -213,8 +289,12 @@ def _evaluate_one(model, record, args, edit, fluency) -> dict:
         "target_true": record.rewrite.target_true, "pre": pre.to_json(), "edit_seconds": None,
     }
     if edit is not None:
-        with edit(model, record.rewrite, method=args.method) as result:
+        with edit(model, record.rewrite, method=args.method, config=config, sadr=sadr) as result:
             post = evaluate_record(model, record, **options)
+        if sadr is not None:
+            record_ = result.sadr_records[0]
+            line["sadr"] = {"loss": record_["loss"][-1], "selected_heads": int(record_["mask"][-1].sum()),
+                            "steps": result.traces[0].steps_run}
         line["post"] = post.to_json()
         line["edit_seconds"] = float(result.seconds)
     line["eval_seconds"] = time.perf_counter() - start

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Record, distract_prompt
+from attention_drift.models import model_device
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,11 @@ def evaluate_record(
     are left out. ``fluency=True`` (or a :class:`FluencyConfig`) also samples generations from
     the record's generation prompts and scores their n-gram entropy (slow on CPU).
     """
+    with torch.device(model_device(model)):
+        return _evaluate_record(model, record, batch_size, fluency)
+
+
+def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | FluencyConfig) -> RecordScores:
     _check_batch_size(batch_size)
     pairs, skipped = record_pairs(record)
     flat = [(name, p) for name, ps in pairs.items() for p in ps]

@@ -223,6 +223,14 @@ def model_family(model: TransformerBridge) -> str:
     return str(model.original_model.config.model_type)
 
 
+def model_device(model) -> torch.device:
+    """Where the model's weights are (CPU for anything without parameters); tensors the
+    toolkit creates for a model go there too."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def n_layers(model: TransformerBridge) -> int:
     return int(model.cfg.n_layers)
 

@@ -64,6 +64,16 @@ class SADRConfig:
     steps: int | None = None
     distract: bool = False
 
+    @classmethod
+    def for_model(cls, model, method: str = "rome", **overrides) -> "SADRConfig":
+        """The preset weight and steps for ``model``'s family and the editing ``method``
+        (:data:`PRESETS`; families without a sweep get the published GPT-J values)."""
+        if method not in PUBLISHED:
+            raise ValueError(f"SADR presets exist for methods {tuple(PUBLISHED)}, not {method!r}")
+        family = str(model.original_model.config.model_type) if hasattr(model, "original_model") else str(model)
+        weight, steps = PRESETS.get((family, method), PUBLISHED[method])
+        return cls(**{"weight": weight, "steps": steps, **overrides})
+
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"SADR selection must be one of {SELECTIONS}, not {self.selection!r}")
@@ -73,6 +83,13 @@ class SADRConfig:
             raise ValueError(f"SADR weight must be >= 0, not {self.weight}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"SADR steps must be a positive number of optimisation steps, not {self.steps}")
+
+
+PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
+"""(weight, steps) per method: the paper's GPT-J settings."""
+
+PRESETS: dict[tuple[str, str], tuple[float, int]] = {}
+"""(weight, steps) per (HF model_type, method), from ``benchmarks/sweep_sadr.py``."""
 
 
 def divergence(

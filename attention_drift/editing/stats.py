@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from attention_drift import tokens
 from attention_drift.editing.config import ConfigError, StatsConfig
 from attention_drift.editing.templates import sample_tokens
-from attention_drift.models import n_layers
+from attention_drift.models import model_device, n_layers
 
 SAMPLE_CHUNK = 32
 OPENERS = ("The", "In", "A", "It", "This", "He", "She", "When", "After", "There", "We", "One")
@@ -94,7 +94,7 @@ def key_second_moments(
         elif path.exists():
             from safetensors.torch import load_file
 
-            result[layer] = _MEMORY.setdefault(str(path), load_file(path)["mom2"].float())
+            result[layer] = _MEMORY.setdefault(str(path), load_file(path)["mom2"].float().to(model_device(model)))
         else:
             missing.append(layer)
     if missing:
@@ -128,7 +128,7 @@ def _save(path: Path, mom2: Tensor, count: int, provenance: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"mom2": mom2.contiguous(), "count": torch.tensor([count])}, tmp)
+    save_file({"mom2": mom2.contiguous().cpu(), "count": torch.tensor([count], device="cpu")}, tmp)
     os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(provenance, indent=1))
 
