@@ -198,7 +198,7 @@ def load_model(
     # The bridge switches BOS-adding on in the tokenizer; remember the model's own default.
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-    hf.eval()
+    hf.eval().to(device)
     bridge = TransformerBridge.boot_transformers(
         bridge_name if folder is None else _bridge_arch_name(folder, bridge_name),
         hf_model=hf,
@@ -206,7 +206,7 @@ def load_model(
         device=device,
         dtype=dtype,
     )
-    bridge.eval()
+    bridge.eval().to(device)  # boot_transformers leaves a given hf_model where it is
     bridge.requires_grad_(False)
     bridge.cfg.default_prepend_bos = adds_bos
     bridge.model_name = str(name_or_path)

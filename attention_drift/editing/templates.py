@@ -86,9 +86,10 @@ def _pass_cache(module, args, kwargs):
 
 def _draw(logits: torch.Tensor, generator: torch.Generator, top_k: int | None) -> torch.Tensor:
     if top_k is None:
-        return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        return torch.multinomial(torch.softmax(logits, -1).to(generator.device), 1, generator=generator).to(logits.device)
     values, indices = logits.topk(top_k, dim=-1)
-    return indices.gather(-1, torch.multinomial(torch.softmax(values, -1), 1, generator=generator))
+    probs = torch.softmax(values, -1).to(generator.device)  # draws reproducible on any model device
+    return indices.gather(-1, torch.multinomial(probs, 1, generator=generator).to(indices.device))
 
 
 def clear_cache() -> None:
