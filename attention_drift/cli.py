@@ -381,6 +381,75 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
+COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
+                  "distract_relation")
+
+
+def register_compare(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare", help="one table for several run files, on the records they all share",
+        description="Post-edit accuracy (95%% CI) of several runs side by side, restricted to the "
+        "case_ids present in every file, with the pre-edit row of the first run.")
+    p.add_argument("files", nargs="+", help="run files written by 'attention-drift evaluate'")
+    p.add_argument("--all-records", action="store_true", help="do not restrict to the shared records")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(run=run_compare)
+
+
+def compare(runs: dict[str, "object"], *, shared: bool = True) -> dict:
+    """``{label: summary}`` of each run, restricted to the case_ids every run has (``shared``)."""
+    from attention_drift.jsonl import Run
+
+    keys = None
+    if shared:
+        for run in runs.values():
+            ids = {json.dumps(line["case_id"]) for line in run.records}
+            keys = ids if keys is None else keys & ids
+    out = {}
+    for label, run in runs.items():
+        lines = [line for line in run.records if keys is None or json.dumps(line["case_id"]) in keys]
+        out[label] = summary(Run(run.meta, lines))
+    return out
+
+
+def compare_markdown(results: dict[str, dict]) -> str:
+    """Rows: the first run's pre-edit scores, then each run's post-edit scores."""
+    from attention_drift.evaluate import GROUPS
+
+    groups = [g for g in COMPARE_GROUPS if any(g in r["groups"] for r in results.values())]
+    fl = any("fluency" in r["groups"] for r in results.values())
+    head = ["run", "records"] + [f"{g} ({GROUPS[g].abbrev})" if GROUPS[g].abbrev else g for g in groups]
+    head += (["FL"] if fl else []) + ["s/edit"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(label: str, result: dict, phase: str) -> str:
+        cells = [label, str(result["meta"]["records"])]
+        cells += [_pct(result["groups"].get(g, {}).get(phase)) for g in groups]
+        if fl:
+            f = result["groups"].get("fluency", {}).get(phase)
+            cells.append(f"{100 * f['ngram_entropy']:.1f}" if f else "–")
+        seconds = result["meta"]["seconds_per_edit"]
+        cells.append(f"{seconds:.1f}" if seconds is not None and phase == "post" else "–")
+        return "| " + " | ".join(cells) + " |"
+
+    first = next(iter(results.values()))
+    rows.append(row("pre-edit", first, "pre"))
+    rows += [row(label, result, "post") for label, result in results.items()]
+    return "\n".join(rows)
+
+
+def run_compare(args) -> int:
+    from attention_drift.jsonl import read_run
+
+    runs = {Path(f).stem: read_run(f) for f in args.files}
+    results = compare(runs, shared=not args.all_records)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(compare_markdown(results))
+    return 0
+
+
 def run_summarize(args) -> int:
     from attention_drift.jsonl import read_run
 
@@ -427,7 +496,7 @@ def run_demo(args) -> int:
     return demo(args.model or DEFAULT_MODEL, stats_samples=args.stats_samples, edit_demo=not args.no_edit)
 
 
-COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_models, register_demo]
+COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 
