@@ -154,3 +154,29 @@ def test_sadr_must_be_a_config_and_layers_in_range(stats):
     with pytest.raises(EditError, match="out of range"):
         apply_edit(model, EIFFEL, "rome", _config("rome", stats), sadr=SADRConfig(layers=(7,)))
     assert all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, original))
+
+
+# ------------------------------------------------------------- real model (slow)
+
+@pytest.mark.slow
+def test_sadr_lowers_subject_attention_in_a_distract_prompt_on_smollm2(smollm2):
+    """Eiffel Tower -> Rome: plain ROME makes the prediction position of a distract prompt
+    attend more to "Tower"; with SADR that drift is smaller."""
+    from attention_drift.data import distract_prompt
+    from attention_drift.drift import measure_drift
+
+    rewrite = Rewrite("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    prompt = distract_prompt(rewrite, "The Louvre is located in the city of")
+    cfg = dataclasses.replace(ROMEConfig.for_model(smollm2), context_templates=((5, 5),),
+                              stats=StatsConfig(n_samples=64, seq_len=64))
+
+    def drift(sadr):
+        measured = measure_drift(smollm2, rewrite, [prompt], lambda: edit(smollm2, rewrite, "rome", cfg, sadr=sadr))
+        before, after = measured.mass("subject_last")
+        return (after - before)[0]
+
+    plain = drift(None)
+    restricted = drift(SADRConfig(weight=1.0, steps=20))
+    assert plain.max() > 0.05  # plain ROME drifts onto the subject
+    assert restricted.clamp(min=0).sum() < plain.clamp(min=0).sum()
+    assert restricted.max() < plain.max()
