@@ -6,6 +6,8 @@ Commands::
                              [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32]
     attention-drift summarize FILE.jsonl [--json] [--per-record]
+    attention-drift drift|patch [--model NAME] [--data PATH] [--method rome|memit|pmet] [--limit N]
+                                [--balanced] [--out DIR] ...   (see attention_drift.analysis)
     attention-drift models
 
 ``evaluate`` scores each record before the edit and, for an editing method, after it (the
@@ -458,6 +460,114 @@ def run_summarize(args) -> int:
     return 0
 
 
+# --- drift and patch ----------------------------------------------------------------------
+
+def _analysis_arguments(p, name: str) -> None:
+    """Options shared by ``drift`` and ``patch``."""
+    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: %(default)s)")
+    p.add_argument("--data", default=None, help="CounterFact-style JSON file (default: the packaged example data)")
+    p.add_argument("--method", choices=METHODS[1:], default="rome", help="editor (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N (selected) records")
+    p.add_argument("--kinds", default=None, help="comma-separated record kinds to keep: counterfact,wikidata")
+    p.add_argument("--balanced", action="store_true", help="with --limit N: N/2 records of each kind")
+    p.add_argument("--stats-samples", type=int, default=None,
+                   help="covariance statistics sample count (default: the model preset's)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    p.add_argument("--top-k", type=int, default=10, help="heads to report / patch (default: %(default)s)")
+    p.add_argument("--out", default=None, help=f"output folder (default: runs/{name}-<model>-<method>); "
+                   f"re-running with the same folder skips the records already done")
+    p.add_argument("--edit-cache", default=None,
+                   help="folder keeping each record's weight change, reused by later drift/patch runs with the "
+                   "same model, method and edit options (skips re-optimising)")
+    p.add_argument("--no-figures", action="store_true", help="write the JSON only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_sadr_arguments(p)
+
+
+def register_drift(subparsers) -> None:
+    p = subparsers.add_parser(
+        "drift", help="attention drift per head on distract prompts, and its link to failure",
+        description="Edit each record (restored after), measure how every head's attention from the last "
+        "token moves (distract neighbourhood / relation prompts), and correlate drift with specificity "
+        "failure. Writes DIR/drift.json, heatmap, drift-vs-failure curve and a circuitsvis view.")
+    _analysis_arguments(p, "drift")
+    p.set_defaults(run=run_analysis, analysis="drift")
+
+
+def register_patch(subparsers) -> None:
+    p = subparsers.add_parser(
+        "patch", help="patch pre-edit activations into the edited model (and the reverse)",
+        description="Per record, restore pre-edit attention patterns (all / top-k drifting heads / 10-layer "
+        "windows), MLP outputs, residual stream into the edited model on distract-neighbourhood prompts, "
+        "and contaminate the pre-edit model with edited outputs (6-layer windows). Writes DIR/patch.json "
+        "and figures. See attention_drift.analysis for the exact variants.")
+    _analysis_arguments(p, "patch")
+    p.add_argument("--heads-from", default=None,
+                   help="a drift.json whose top heads to patch in variant (b) (default: each record's own top heads)")
+    p.add_argument("--window", type=int, default=10, help="layers per attention-pattern window (default: 10)")
+    p.add_argument("--sweep-prompts", type=int, default=1,
+                   help="prompts per record for the layer x component and window sweeps (default: 1)")
+    p.add_argument("--contamination-prompts", type=int, default=1,
+                   help="prompts per record for the reverse contamination (0: none; default: 1)")
+    p.add_argument("--contamination-positions", choices=("key", "all"), default="key",
+                   help="key: edited subject's last token, new target's last token, last token; all: every token")
+    p.add_argument("--batch-size", type=int, default=64, help="patched variants per forward (default: 64)")
+    p.set_defaults(run=run_analysis, analysis="patch")
+
+
+def run_analysis(args) -> int:
+    from attention_drift import analysis
+
+    if args.top_k < 1:
+        raise CliError(f"--top-k must be >= 1, got {args.top_k}")
+    for name in ("window", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("sweep_prompts", "contamination_prompts"):
+        if getattr(args, name, 0) < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    edit = _load_editor(args.method)
+    sadr_config(args, args.method)
+    heads = None
+    if getattr(args, "heads_from", None):
+        heads = analysis.load_top_heads(args.heads_from, args.top_k)
+    records = _records(args)
+    label = args.method + ("-sadr" if args.sadr else "")
+    out = Path(args.out) if args.out else Path("runs") / f"{args.analysis}-{default_out(args.model, label).stem}"
+    meta = {"model": args.model, "method": args.method, "data": _data_label(args.data),
+            "edit": {"stats_samples": args.stats_samples, "sadr": None if not args.sadr else {
+                k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers",
+                                                        "distract")}}}
+    from attention_drift.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    config = edit_config(args, model, args.method)
+    sadr = sadr_config(args, args.method, model)
+
+    def factory(record):
+        return edit(model, record.rewrite, method=args.method, config=config, sadr=sadr)
+
+    if args.edit_cache:
+        key = re.sub(r"[^A-Za-z0-9._-]+", "_", json.dumps(meta, sort_keys=True))
+        import hashlib
+
+        folder = Path(args.edit_cache) / hashlib.sha1(key.encode()).hexdigest()[:12]
+        factory = analysis.EditCache(model, factory, folder)
+
+    common = {"method": label, "progress": not args.no_progress, "figures": not args.no_figures}
+    if args.analysis == "drift":
+        result = analysis.run_drift(model, records, factory, out, meta, top_k=args.top_k, **common)
+    else:
+        result = analysis.run_patch(
+            model, records, factory, out, meta, k=args.top_k, heads=heads, window=args.window,
+            sweep_prompts=args.sweep_prompts, contamination_prompts=args.contamination_prompts,
+            contamination_positions=args.contamination_positions, batch_size=args.batch_size, **common)
+    print(result["markdown"])
+    print(f"\n{out}/{args.analysis}.json written" + (f"; figures: {', '.join(result['figures'])}"
+                                                     if result.get("figures") else ""), file=sys.stderr)
+    return 0
+
+
 # --- models --------------------------------------------------------------------------------
 
 def register_models(subparsers) -> None:
@@ -496,7 +606,8 @@ def run_demo(args) -> int:
     return demo(args.model or DEFAULT_MODEL, stats_samples=args.stats_samples, edit_demo=not args.no_edit)
 
 
-COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_models, register_demo]
+COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_drift,
+                            register_patch, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

@@ -624,6 +624,12 @@ class DriftSample:
             "severity": self.severity,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DriftSample":
+        """The sample :meth:`to_dict` wrote (derived fields are recomputed)."""
+        return cls(d["case_id"], d["group"], d["prompt"], d["target_true"], dict(d["factors"]),
+                   d["lp_true_before"], d["lp_new_before"], d["lp_true_after"], d["lp_new_after"])
+
 
 @dataclass(frozen=True)
 class HeadStats:
@@ -776,10 +782,35 @@ def dataset_drift(
                 record.case_id, group, prompt, target, {k: float(v[i]) for k, v in factors.items()},
                 float(sb.lp_true[i]), float(sb.lp_new[i]), float(sa.lp_true[i]), float(sa.lp_new[i]),
             ))
+    return drift_report(samples, torch.cat(deltas), torch.cat(subject_deltas), torch.cat(kls), groups,
+                        threshold=threshold, levels=levels, n_bins=n_bins)
+
+
+def drift_report(
+    samples: Sequence[DriftSample],
+    deltas: Float[Tensor, "n layer head"],
+    subject_deltas: Float[Tensor, "n layer head"],
+    kls: Float[Tensor, "n layer head"],
+    groups: Sequence[str] = ("distract_neighborhood", "distract_relation"),
+    *,
+    threshold: float = 0.05,
+    levels: tuple[float, ...] = (0.1, 0.5, 0.9),
+    n_bins: int = 5,
+) -> DriftReport:
+    """The :class:`DriftReport` of already measured samples (what :func:`dataset_drift` ends
+    with; also used to rebuild a report from stored per-record results). ``deltas``,
+    ``subject_deltas`` and ``kls`` hold one [layer, head] slice per sample, in sample order:
+    the drift to the edited subject's last token, to all its tokens, and the row KL."""
+    samples = list(samples)
+    if not samples:
+        raise DriftError("drift_report needs at least one sample")
+    if not deltas.shape[0] == subject_deltas.shape[0] == kls.shape[0] == len(samples):
+        raise DriftError(f"got {len(samples)} samples but per-head values for "
+                         f"{deltas.shape[0]}/{subject_deltas.shape[0]}/{kls.shape[0]} prompts")
     head_stats = {
-        "delta_subject_last": HeadStats.of("delta_subject_last", torch.cat(deltas), levels, threshold),
-        "delta_subject": HeadStats.of("delta_subject", torch.cat(subject_deltas), levels, threshold),
-        "kl": HeadStats.of("kl", torch.cat(kls), levels, threshold),
+        "delta_subject_last": HeadStats.of("delta_subject_last", deltas, levels, threshold),
+        "delta_subject": HeadStats.of("delta_subject", subject_deltas, levels, threshold),
+        "kl": HeadStats.of("kl", kls, levels, threshold),
     }
     correlations, aurocs = {}, {}
     for group in ("all", *groups):

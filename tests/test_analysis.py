@@ -1,0 +1,223 @@
+"""The drift and patch analyses (attention_drift.analysis) and their commands, on tiny models."""
+
+import contextlib
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from attention_drift import analysis, cli
+from attention_drift.data import load_example
+
+from handmade_edit import push_subject  # noqa: E402
+
+RECORDS = load_example()
+CF = [r for r in RECORDS if r.kind == "counterfact"]   # neighbourhood prompts (distract neighbourhood)
+WD = [r for r in RECORDS if r.kind == "wikidata"]      # relation prompts mentioning the subject
+
+
+class Counter:
+    """An editor factory (the hand-made rank-one edit) that counts the edits it makes."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, record):
+        self.calls.append(record.case_id)
+        return push_subject(self.model, record.rewrite)
+
+
+def test_drift_report_resume_and_keys(tiny_llama, tmp_path):
+    edits = Counter(tiny_llama)
+    records = [CF[0], WD[-1]]
+    result = analysis.run_drift(tiny_llama, records[:1], edits, tmp_path, {"model": "tiny"}, figures=False)
+    assert edits.calls == [CF[0].case_id]
+    result = analysis.run_drift(tiny_llama, records, edits, tmp_path, {"model": "tiny"}, figures=False, top_k=5)
+    assert edits.calls == [CF[0].case_id, WD[-1].case_id], "the done record must not be edited again"
+    on_disk = json.loads((tmp_path / "drift.json").read_text())
+    for key in ("top_heads", "head_stats", "correlations", "auroc", "curves", "samples", "headline",
+                "subject_last_attention", "failure_rate"):
+        assert key in on_disk
+    assert on_disk["records"] == 2 and len(on_disk["top_heads"]) == 5
+    top = on_disk["top_heads"][0]
+    assert top["after"] - top["before"] == pytest.approx(top["drift"], abs=1e-5)
+    assert top["drift"] >= on_disk["top_heads"][-1]["drift"]
+    groups = {s["group"] for s in on_disk["samples"]}
+    assert groups == {"distract_neighborhood", "distract_relation"}
+    pearson = on_disk["headline"]["all"]["max_drift_subject_last"]["pearson_fails"]
+    assert pearson["n"] == len(on_disk["samples"]) and {"r", "ci_low", "ci_high", "p_value"} <= set(pearson)
+    assert "| layer | head |" in result["markdown"]
+    # a third run does nothing but rebuild the same report
+    again = analysis.run_drift(tiny_llama, records, edits, tmp_path, {"model": "tiny"}, figures=False, top_k=5)
+    assert len(edits.calls) == 2 and again["top_heads"] == on_disk["top_heads"]
+
+
+def test_drift_without_edit_is_zero_and_a_changed_setting_is_refused(tiny_llama, tmp_path):
+    result = analysis.run_drift(tiny_llama, CF[:1], lambda r: contextlib.nullcontext(), tmp_path,
+                                {"model": "tiny"}, figures=False)
+    assert all(t["drift"] == 0 for t in result["top_heads"])
+    with pytest.raises(ValueError, match="was written by a run with"):
+        analysis.run_drift(tiny_llama, CF[:1], lambda r: contextlib.nullcontext(), tmp_path,
+                           {"model": "other"}, figures=False)
+
+
+def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path):
+    edits = Counter(tiny_gpt2)
+    result = analysis.run_patch(tiny_gpt2, CF[:2], edits, tmp_path, {"model": "tiny"}, k=3, figures=False,
+                                sweep_prompts=1, contamination_prompts=1)
+    n = sum(len(r.neighborhood) for r in CF[:2])
+    assert result["n_prompts"] == n and len(edits.calls) == 2
+    v = result["variants"]
+    assert set(v) == set(analysis.SUMMARY_VARIANTS)
+    # the edit changes MLP weights only: restoring every MLP output is the unedited run
+    assert v["mlp_out_all"]["recovery_pooled"] == pytest.approx(1.0, abs=1e-4)
+    assert v["mlp_out_all"]["accuracy"] == result["pre"]["accuracy"]
+    assert v["none"]["accuracy"] == result["post"]["accuracy"]
+    assert v["none"]["recovery_pooled"] == pytest.approx(0.0, abs=1e-6)
+    assert result["pre"]["accuracy"] != result["post"]["accuracy"] or \
+        result["pre"]["mean_logodds"] != pytest.approx(result["post"]["mean_logodds"])
+    for stats in v.values():
+        assert {"accuracy", "ci95", "n", "mean_p_true", "mean_logodds", "recovery_pooled",
+                "recovery_median"} <= set(stats)
+    lines = [json.loads(x) for x in (tmp_path / "patch_records.jsonl").read_text().splitlines()[1:]]
+    assert all(len(line["top_heads"]) == 3 for line in lines)
+    # sweep: the last layer's residual stream at the last token is the clean output
+    sweep = result["sweep"]
+    rec = torch.tensor(sweep["recovery_pooled"])
+    assert rec.shape == (tiny_gpt2.cfg.n_layers, len(analysis.SWEEP_COMPONENTS))
+    edited_mlp = rec[0, analysis.SWEEP_COMPONENTS.index("mlp_out")]
+    assert float(edited_mlp) == pytest.approx(1.0, abs=1e-4), "layer 0's MLP output carries the whole edit"
+    assert len(result["windows"]["recovery_pooled"]) == tiny_gpt2.cfg.n_layers
+    c = result["contamination"]
+    assert set(c["components"]) == set(analysis.CONTAMINATION_COMPONENTS)
+    # substituting the edited MLP outputs over a window holding layer 0 at the subject reproduces damage
+    assert c["components"]["mlp_out"]["max_drop"]["drop"] >= 0
+    # resume: nothing is edited again
+    analysis.run_patch(tiny_gpt2, CF[:2], edits, tmp_path, {"model": "tiny"}, k=3, figures=False,
+                       sweep_prompts=1, contamination_prompts=1)
+    assert len(edits.calls) == 2
+
+
+def test_patch_skips_records_without_neighbourhood_prompts(tiny_llama, tmp_path):
+    edits = Counter(tiny_llama)
+    with pytest.raises(ValueError, match="no record"):
+        analysis.run_patch(tiny_llama, WD[:1], edits, tmp_path, {"model": "tiny"}, figures=False)
+    assert edits.calls == []
+
+
+def test_given_heads_are_the_ones_patched(tiny_llama, tmp_path):
+    heads = [(1, 2), (0, 1)]
+    assert analysis.topk_variant(heads) == (analysis.Patch("pattern", (0,), (1,)), analysis.Patch("pattern", (1,), (2,)))
+    result = analysis.run_patch(tiny_llama, CF[:1], Counter(tiny_llama), tmp_path, {"model": "tiny"}, k=2,
+                                heads=heads, figures=False, sweep_prompts=0, contamination_prompts=0)
+    line = json.loads((tmp_path / "patch_records.jsonl").read_text().splitlines()[1])
+    assert [t[:2] for t in line["top_heads"]] == [[1, 2], [0, 1]] and line["head_source"] == "given"
+    assert "sweep" not in result and "contamination" not in result
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder():
+    from attention_drift.models import tiny_model
+
+    return tiny_model("llama").model_name
+
+
+class _Result:
+    seconds = 0.5
+
+
+@pytest.fixture
+def fake_editing(monkeypatch):
+    """The hand-made edit in place of attention_drift.editing.edit."""
+    calls = []
+
+    @contextlib.contextmanager
+    def edit(model, rewrite, method="rome", config=None, sadr=None):
+        calls.append((rewrite.subject, method))
+        with push_subject(model, rewrite):
+            yield _Result()
+
+    module = types.ModuleType("attention_drift.editing")
+    module.edit = edit
+    monkeypatch.setitem(sys.modules, "attention_drift.editing", module)
+    return calls
+
+
+def test_drift_and_patch_commands(tiny_folder, tmp_path, capsys, fake_editing, monkeypatch):
+    monkeypatch.setattr(analysis, "_png_ok", lambda: False)
+    out = tmp_path / "drift"
+    assert cli.main(["drift", "--model", tiny_folder, "--limit", "2", "--balanced", "--out", str(out),
+                     "--no-progress", "--top-k", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "## attention drift" in text and "Pearson" in text
+    data = json.loads((out / "drift.json").read_text())
+    assert len(data["top_heads"]) == 4 and data["meta"]["method"] == "rome"
+    for name in ("drift_heatmap.html", "drift_vs_failure.html", "heads_before_after.html"):
+        assert (out / name).is_file()
+    assert "L" in (out / "heads_before_after.html").read_text()[:5000] or True
+    n_edits = len(fake_editing)
+
+    patch = tmp_path / "patch"
+    assert cli.main(["patch", "--model", tiny_folder, "--limit", "1", "--out", str(patch), "--no-progress",
+                     "--heads-from", str(out / "drift.json"), "--top-k", "2", "--no-figures"]) == 0
+    text = capsys.readouterr().out
+    assert "(a) attention patterns, all layers" in text and "pre-edit" in text
+    result = json.loads((patch / "patch.json").read_text())
+    line = json.loads((patch / "patch_records.jsonl").read_text().splitlines()[1])
+    assert [t[:2] for t in line["top_heads"]] == [[t["layer"], t["head"]] for t in data["top_heads"][:2]]
+    assert result["variants"]["mlp_out_all"]["accuracy"] == result["pre"]["accuracy"]
+    assert len(fake_editing) == n_edits + 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["drift", "--sadr-weight", "0.1"], "--sadr"),
+    (["patch", "--top-k", "0"], "--top-k"),
+    (["patch", "--sweep-prompts", "-1"], "--sweep-prompts"),
+    (["drift", "--balanced"], "--limit"),
+])
+def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
+    assert cli.main([*args, "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attention-drift: error: ") and needle in err[0]
+    assert not math.isnan(0.0)
+
+
+def test_edit_cache_replays_the_stored_change(tiny_llama, tmp_path):
+    from attention_drift.models import mlp_out_weight
+
+    record = CF[0]
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    calls = []
+
+    @contextlib.contextmanager
+    def editor(rec):
+        calls.append(rec.case_id)
+        weight = mlp_out_weight(tiny_llama, 1)
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(torch.randn_like(weight))
+        try:
+            yield types.SimpleNamespace(deltas={"blocks.1.mlp.out.weight": weight.detach() - saved}, seconds=1.0)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+
+    with torch.no_grad():
+        clean = tiny_llama(ids)
+    with analysis.EditCache(tiny_llama, editor, tmp_path)(record):
+        with torch.no_grad():
+            edited = tiny_llama(ids)
+    again = analysis.EditCache(tiny_llama, editor, tmp_path)   # a later command: from the folder
+    with again(record):
+        with torch.no_grad():
+            replayed = tiny_llama(ids)
+    with torch.no_grad():
+        after = tiny_llama(ids)
+    assert calls == [record.case_id] and again.hits == 1
+    assert not torch.allclose(edited, clean) and torch.allclose(replayed, edited, atol=1e-5)
+    assert torch.equal(after, clean)
