@@ -30,7 +30,7 @@ from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Record, distract_prompt
-from attention_drift.models import model_device
+from attention_drift.models import on_model_device
 
 
 @dataclass(frozen=True)
@@ -318,7 +318,7 @@ def evaluate_record(
     are left out. ``fluency=True`` (or a :class:`FluencyConfig`) also samples generations from
     the record's generation prompts and scores their n-gram entropy (slow on CPU).
     """
-    with torch.device(model_device(model)):
+    with on_model_device(model):
         return _evaluate_record(model, record, batch_size, fluency)
 
 

@@ -16,6 +16,7 @@ rewrite and that an undo must restore bit for bit. So we never call it, and
 ``blocks[L].mlp.out.weight`` stays the very parameter of the HF model.
 """
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -229,6 +230,13 @@ def model_device(model) -> torch.device:
     parameters = getattr(model, "parameters", None)
     first = next(parameters(), None) if callable(parameters) else None
     return first.device if first is not None else torch.device("cpu")
+
+
+def on_model_device(model):
+    """Context in which new tensors land on the model's device (a no-op on the CPU, which
+    spares every torch call the device mode's overhead)."""
+    device = model_device(model)
+    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
 
 
 def n_layers(model: TransformerBridge) -> int:

@@ -31,7 +31,7 @@ from attention_drift.editing.config import (
 from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace
 from attention_drift.editing.stats import inverse_second_moment, key_second_moments
 from attention_drift.editing.templates import context_templates
-from attention_drift.models import mlp_out_weight, model_device
+from attention_drift.models import mlp_out_weight, on_model_device
 from attention_drift.sadr import SADRConfig, SADRLoss
 
 METHODS = tuple(CONFIG_TYPES)
@@ -160,7 +160,7 @@ def apply_edit(
     computed (once per model, layer and corpus; cached on disk). Works on whatever device
     the model is on.
     """
-    with torch.device(model_device(model)):
+    with on_model_device(model):
         return _apply_edit(model, requests, method, config, sadr, extra_losses, progress)
 
 
