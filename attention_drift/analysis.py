@@ -61,9 +61,9 @@ from attention_drift.drift import (
     DriftError,
     DriftSample,
     Regions,
-    _group_prompts,
     drift_report,
     measure_drift,
+    record_prompts,
 )
 from attention_drift.jsonl import RunFile, read_run
 from attention_drift.models import model_device
@@ -203,13 +203,7 @@ def drift_record(model, record: Record, edit_fn_factory: EditFactory,
     """One record's drift line (None when it has no prompt of ``groups`` containing its subject,
     without editing). With ``capture`` the line also holds the full attention patterns of its first
     prompt before / inside the edit (``"patterns"``: tensors, not JSON; popped by :func:`run_drift`)."""
-    prompts, targets, names = [], [], []
-    for group in groups:
-        p, t = _group_prompts(record, group)
-        keep = [i for i, text in enumerate(p) if record.rewrite.subject in text]
-        prompts += [p[i] for i in keep]
-        targets += [t[i] for i in keep]
-        names += [group] * len(keep)
+    prompts, targets, names = record_prompts(record, groups)
     if not prompts:
         return None
     captured: dict = {}

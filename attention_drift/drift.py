@@ -725,6 +725,18 @@ def _group_prompts(record: Record, group: str) -> tuple[list[str], list[str]]:
     return prompts, list(source.targets)
 
 
+def record_prompts(record: Record, groups: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, true targets, group names) of ``record``'s ``groups`` that contain its subject."""
+    prompts, targets, names = [], [], []
+    for group in groups:
+        p, t = _group_prompts(record, group)
+        keep = [i for i, text in enumerate(p) if record.rewrite.subject in text]
+        prompts += [p[i] for i in keep]
+        targets += [t[i] for i in keep]
+        names += [group] * len(keep)
+    return prompts, targets, names
+
+
 def dataset_drift(
     model,
     records: Iterable[Record],
@@ -752,13 +764,7 @@ def dataset_drift(
     records = list(records)
     plans = []
     for record in records:
-        prompts, targets, names = [], [], []
-        for group in groups:
-            p, t = _group_prompts(record, group)
-            keep = [i for i, text in enumerate(p) if record.rewrite.subject in text]
-            prompts += [p[i] for i in keep]
-            targets += [t[i] for i in keep]
-            names += [group] * len(keep)
+        prompts, targets, names = record_prompts(record, groups)
         if prompts:
             plans.append((record, prompts, targets, names))
     if not plans:
