@@ -5,7 +5,9 @@ Commands::
     attention-drift evaluate --model NAME --data PATH --method none|rome|memit|pmet [--limit N]
                              [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32]
+                             [--shard I/K] [--reuse-pre FILE.jsonl]
     attention-drift summarize FILE.jsonl [--json] [--per-record]
+    attention-drift merge FILE.jsonl ... --out FILE.jsonl
     attention-drift drift|patch [--model NAME] [--data PATH] [--method rome|memit|pmet] [--limit N]
                                 [--balanced] [--out DIR] ...   (see attention_drift.analysis)
     attention-drift models
@@ -103,6 +105,12 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
+    p.add_argument("--shard", default=None, metavar="I/K",
+                   help="evaluate only the records of shard I of K (0 <= I < K, by case_id); run K "
+                   "processes with their own --out files, then join them with 'attention-drift merge'")
+    p.add_argument("--reuse-pre", default=None, metavar="FILE",
+                   help="take pre-edit scores from this run file (same model, data and fluency settings) "
+                   "where it has the record, instead of recomputing them")
     add_sadr_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
@@ -226,7 +234,34 @@ def _records(args):
             raise CliError(f"case_id {r.case_id!r} occurs twice in {args.data or 'the example data'}; "
                            "resuming needs unique case_ids")
         seen.add(key)
+    shard = getattr(args, "shard", None)
+    if shard is not None:
+        from attention_drift.jsonl import shard_of
+
+        index, n_shards = _shard(shard)
+        records = [r for r in records if shard_of(r.case_id, n_shards) == index]
     return records
+
+
+def _shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if match is None or not int(match.group(1)) < int(match.group(2)):
+        raise CliError(f"--shard must look like I/K with 0 <= I < K (e.g. 0/4), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _reused_pre(path: str | None, meta: dict) -> dict:
+    """``{case_id json: pre scores}`` of a run file made with the same model, data and fluency."""
+    if path is None:
+        return {}
+    from attention_drift.jsonl import read_run
+
+    run = read_run(path)
+    for key in ("model", "data", "fluency"):
+        if run.meta.get(key) != meta[key]:
+            raise CliError(f"--reuse-pre {path} has {key}={run.meta.get(key)!r}, this run {meta[key]!r}; "
+                           "pre-edit scores can only be reused from the same model, data and fluency settings")
+    return {json.dumps(line["case_id"]): line["pre"] for line in run.records if "pre" in line}
 
 
 def default_out(model: str, method: str) -> Path:
@@ -259,6 +294,7 @@ def run_evaluate(args) -> int:
     }
     label = args.method + ("-sadr" if sadr is not None else "")
     out = Path(args.out) if args.out else default_out(args.model, label)
+    reused = _reused_pre(args.reuse_pre, meta)
     with RunFile(out, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, args.method)]
         skipped = len(records) - len(todo)
@@ -273,22 +309,24 @@ def run_evaluate(args) -> int:
             bar = tqdm(todo, desc=f"evaluate {label}", unit="record", file=sys.stderr,
                        disable=args.no_progress, dynamic_ncols=True)
             for record in bar:
-                run.write(_evaluate_one(model, record, args, edit, fluency, config, sadr))
+                run.write(_evaluate_one(model, record, args, edit, fluency, config, sadr,
+                                        reused.get(json.dumps(record.case_id))))
     print(f"{out}: {len(todo)} record(s) written, {skipped} already there; "
           f"summarize with: attention-drift summarize {out}", file=sys.stderr)
     return 0
 
 
-def _evaluate_one(model, record, args, edit, fluency, config=None, sadr=None) -> dict:
+def _evaluate_one(model, record, args, edit, fluency, config=None, sadr=None, pre=None) -> dict:
     from attention_drift.evaluate import evaluate_record
 
     start = time.perf_counter()
     options = {"batch_size": args.batch_size, "fluency": fluency if fluency is not None else False}
-    pre = evaluate_record(model, record, **options)
+    if pre is None:
+        pre = evaluate_record(model, record, **options).to_json()
     line = {
         "case_id": record.case_id, "kind": record.kind, "method": args.method, "model": args.model,
         "subject": record.rewrite.subject, "target_new": record.rewrite.target_new,
-        "target_true": record.rewrite.target_true, "pre": pre.to_json(), "edit_seconds": None,
+        "target_true": record.rewrite.target_true, "pre": pre, "edit_seconds": None,
     }
     if edit is not None:
         with edit(model, record.rewrite, method=args.method, config=config, sadr=sadr) as result:
@@ -385,6 +423,24 @@ def markdown(result: dict) -> str:
 
 COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
                   "distract_relation")
+
+
+def register_merge(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge", help="join run files (e.g. the shards of 'evaluate --shard') into one",
+        description="Write OUT as the union of the given run files, which must share their header "
+        "(model, method, data, fluency and edit settings). OUT may be one of the inputs.")
+    p.add_argument("files", nargs="+", help="run files to join")
+    p.add_argument("--out", required=True, help="run file to write")
+    p.set_defaults(run=run_merge)
+
+
+def run_merge(args) -> int:
+    from attention_drift.jsonl import merge_runs
+
+    n = merge_runs(args.out, args.files)
+    print(f"{args.out}: {n} record(s)", file=sys.stderr)
+    return 0
 
 
 def register_compare(subparsers) -> None:
@@ -606,7 +662,7 @@ def run_demo(args) -> int:
     return demo(args.model or DEFAULT_MODEL, stats_samples=args.stats_samples, edit_demo=not args.no_edit)
 
 
-COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_drift,
+COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_merge, register_compare, register_drift,
                             register_patch, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 

@@ -9,6 +9,7 @@ last line cut short by a crash is dropped when the file is reopened.
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,49 @@ class RunFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def shard_of(case_id: int | str, n_shards: int) -> int:
+    """The shard (``0..n_shards-1``) a record belongs to: stable across runs and machines."""
+    return zlib.crc32(json.dumps(case_id).encode()) % n_shards
+
+
+def merge_runs(out: str | os.PathLike, parts: list[str | os.PathLike]) -> int:
+    """Write ``out`` as the union of the run files ``parts`` (``out`` itself may be one of
+    them); all headers must agree (except ``created``), a record in several parts is kept once.
+    Returns the number of records written."""
+    runs = [read_run(p) for p in parts if Path(p).is_file()]
+    if not runs:
+        raise RunFileError(f"nothing to merge into {out}: none of {[str(p) for p in parts]} exists")
+    meta = runs[0].meta
+    seen: set[tuple[str, str]] = set()
+    lines = [json.dumps({"meta": meta})]
+    for run in runs:
+        for key in (set(meta) | set(run.meta)) - {"created"}:
+            if meta.get(key) != run.meta.get(key):
+                raise RunFileError(f"cannot merge run files with different {key!r}: "
+                                   f"{meta.get(key)!r} vs {run.meta.get(key)!r}")
+        for record in run.records:
+            if _key(record) not in seen:
+                seen.add(_key(record))
+                lines.append(json.dumps(record))
+    tmp = Path(f"{out}.merging")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return len(lines) - 1
+
+
+def split_run(path: str | os.PathLike, parts: list[str | os.PathLike]) -> None:
+    """Distribute the records of ``path`` over ``parts`` by :func:`shard_of` (appending to
+    parts that exist), so sharded runs resume without redoing them."""
+    run = read_run(path)
+    existing = [read_run(p) if Path(p).is_file() else Run(run.meta, []) for p in parts]
+    buckets = [list(r.records) for r in existing]
+    have = [{_key(line) for line in b} for b in buckets]
+    for record in run.records:
+        shard = shard_of(record["case_id"], len(parts))
+        if _key(record) not in have[shard]:
+            buckets[shard].append(record)
+    for part, records in zip(parts, buckets):
+        Path(part).write_text("\n".join(json.dumps(x) for x in [{"meta": run.meta}, *records]) + "\n",
+                              encoding="utf-8")

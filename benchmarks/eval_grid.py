@@ -1,4 +1,4 @@
-"""Evaluate several editing variants side by side, one ``attention-drift evaluate`` process each.
+"""Evaluate several editing variants side by side, each as one or more `attention-drift evaluate` processes.
 
 The issue tables (ROME / MEMIT / PMET with and without SADR, SADR weight sweep, hinge vs
 all-heads) are this script's output. Each variant writes a resumable run file
@@ -6,7 +6,13 @@ all-heads) are this script's output. Each variant writes a resumable run file
 wrote stays valid, re-running continues) and every summary is printed.
 
     python benchmarks/eval_grid.py --data counterfact_dev.json --limit 100 --out runs/grid \\
-        [--model smollm2-135m] [--device cuda] [--jobs 4] [--deadline 3600] [--variants rome,rome-sadr]
+        [--model smollm2-135m] [--device cuda] [--jobs 4] [--deadline 3600] [--shared-pre] \\
+        [--variants rome:2,rome-sadr:4]
+
+``NAME:K`` runs a variant as K processes over disjoint shards of the records (``evaluate
+--shard``), merged into ``OUT/<NAME>.jsonl`` at the end (also after the deadline);
+``--shared-pre`` scores the unedited model once and lets every variant reuse it
+(``evaluate --reuse-pre``).
 
 On the 2-core CPU machine one ROME edit takes ~50 s and ROME+SADR (80 steps) ~200 s, so the full
 grid is a GPU job (or a long CPU one: use ``--jobs 1``).
@@ -20,6 +26,7 @@ import time
 from pathlib import Path
 
 VARIANTS: dict[str, list[str]] = {
+    "none": ["--method", "none"],
     "rome": ["--method", "rome"],
     "rome-sadr": ["--method", "rome", "--sadr"],
     "memit": ["--method", "memit"],
@@ -42,14 +49,21 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--out", default="runs/grid")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--jobs", type=int, default=1, help="variants run at once")
-    p.add_argument("--deadline", type=float, default=None, help="seconds before unfinished variants stop")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--jobs", type=int, default=1, help="processes run at once")
+    p.add_argument("--deadline", type=float, default=None, help="seconds before unfinished processes stop")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated NAME or NAME:K (K processes, each a shard of the records)")
+    p.add_argument("--shared-pre", action="store_true",
+                   help="score the unedited model once (variant 'none', over --jobs shards) and let every "
+                   "variant reuse those pre-edit scores")
     p.add_argument("--fluency", action="store_true")
     p.add_argument("--stats-samples", type=int, default=300)
     args = p.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
+    plan = {}
+    for item in args.variants.split(","):
+        name, _, k = item.partition(":")
+        plan[name] = int(k or 1)
+    unknown = [n for n in plan if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     out = Path(args.out)
@@ -59,36 +73,21 @@ def main(argv=None) -> int:
     print(f"statistics ready after {time.perf_counter() - start:.0f} s", flush=True)
 
     common = ["--model", args.model, "--data", args.data, "--limit", str(args.limit), "--balanced",
-              "--device", args.device, "--stats-samples", str(args.stats_samples), "--no-progress"]
+              "--device", args.device, "--no-progress"]
     if args.fluency:
         common.append("--fluency")
-    waiting, running = list(names), {}
-    while waiting or running:
-        while waiting and len(running) < args.jobs:
-            name = waiting.pop(0)
-            cmd = [sys.executable, "-m", "attention_drift.cli", "evaluate", *common, *VARIANTS[name],
-                   "--out", str(out / f"{name}.jsonl")]
-            log = open(out / f"{name}.log", "w")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-        for name, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                print(f"{name}: exit {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
-                del running[name]
-        if args.deadline is not None and time.perf_counter() - start > args.deadline:
-            for name, (proc, log) in running.items():
-                proc.terminate()
-                proc.wait()
-                log.close()
-                print(f"{name}: stopped at the deadline", flush=True)
-            running, waiting = {}, []
-        time.sleep(2)
+    deadline = None if args.deadline is None else start + args.deadline
+    if args.shared_pre:
+        _run_sharded(out, {"none": args.jobs}, common, args.jobs, deadline, start)
+        common += ["--reuse-pre", str(out / "none.jsonl")]
+    common += ["--stats-samples", str(args.stats_samples)]
+    _run_sharded(out, plan, common, args.jobs, deadline, start)
 
     from attention_drift.cli import markdown, summary
     from attention_drift.jsonl import read_run
 
     table = {}
-    for name in names:
+    for name in plan:
         path = out / f"{name}.jsonl"
         if path.exists():
             result = summary(read_run(path))
@@ -96,6 +95,55 @@ def main(argv=None) -> int:
             print(f"\n## {name}\n\n{markdown(result)}", flush=True)
     (out / "summary.json").write_text(json.dumps(table, indent=1))
     return 0
+
+
+def _run_sharded(out: Path, plan: dict[str, int], common: list[str], jobs: int, deadline, start) -> None:
+    """Run every variant of ``plan`` as K shard processes (at most ``jobs`` at once), then merge
+    each variant's shards into ``out/<name>.jsonl`` (records already there are not redone)."""
+    from attention_drift.jsonl import merge_runs, split_run
+
+    queue = []
+    for name, k in plan.items():
+        main_file = out / f"{name}.jsonl"
+        parts = [out / f"{name}.shard{i}of{k}.jsonl" for i in range(k)]
+        leftovers = sorted(out.glob(f"{name}.shard*of*.jsonl"))
+        if leftovers:  # an interrupted grid: fold its shards back in first
+            merge_runs(main_file, [main_file, *leftovers])
+            for f in leftovers:
+                f.unlink()
+        if main_file.exists():
+            split_run(main_file, parts)
+        queue += [(i, name, k, part) for i, part in enumerate(parts)]
+    queue.sort(key=lambda t: t[0])  # first shards of every variant first
+    running = {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            i, name, k, part = queue.pop(0)
+            cmd = [sys.executable, "-m", "attention_drift.cli", "evaluate", *common, *VARIANTS[name],
+                   "--shard", f"{i}/{k}", "--out", str(part)]
+            log = open(part.with_suffix(".log"), "w")
+            running[part] = (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        for part, (name, proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                print(f"{part.name}: exit {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+                del running[part]
+        if deadline is not None and time.perf_counter() > deadline:
+            for part, (name, proc, log) in running.items():
+                proc.terminate()
+                proc.wait()
+                log.close()
+                print(f"{part.name}: stopped at the deadline", flush=True)
+            running, queue = {}, []
+        time.sleep(1)
+    for name, k in plan.items():
+        main_file = out / f"{name}.jsonl"
+        parts = [f for f in sorted(out.glob(f"{name}.shard*of*.jsonl"))]
+        if parts:
+            n = merge_runs(main_file, [main_file, *parts])
+            for f in parts:
+                f.unlink()
+            print(f"{main_file}: {n} records", flush=True)
 
 
 def _prepare_statistics(args) -> None:

@@ -165,6 +165,53 @@ def test_edit_is_undone_between_records(tiny_folder, tmp_path, fake_editing):
                 assert pr_a == pytest.approx(pr_b, rel=1e-4) and pw_a == pytest.approx(pw_b, rel=1e-4)
 
 
+def test_shards_merge_into_the_unsharded_run(tiny_folder, tmp_path, fake_editing):
+    whole = tmp_path / "whole.jsonl"
+    assert _evaluate(tiny_folder, whole, "--method", "rome", "--limit", "5") == 0
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(3)]
+    for i, part in enumerate(parts):
+        assert _evaluate(tiny_folder, part, "--method", "rome", "--limit", "5", "--shard", f"{i}/3") == 0
+    sizes = [len(_lines(p)) - 1 for p in parts if p.exists()]
+    assert sum(sizes) == 5 and max(sizes) < 5
+    merged = tmp_path / "merged.jsonl"
+    assert cli.main(["merge", *map(str, parts), "--out", str(merged)]) == 0
+    by_id = {line["case_id"]: line for line in _lines(merged)[1:]}
+    assert sorted(by_id) == [line["case_id"] for line in _lines(whole)[1:]]
+    for line in _lines(whole)[1:]:
+        got = by_id[line["case_id"]]["pre"]["groups"]["efficacy"]["scores"][0][:2]
+        assert got == pytest.approx(line["pre"]["groups"]["efficacy"]["scores"][0][:2], rel=1e-4)
+
+
+def test_split_then_merge_keeps_every_record_once(tiny_folder, tmp_path):
+    from attention_drift.jsonl import merge_runs, read_run, shard_of, split_run
+
+    run = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, run, "--limit", "6") == 0
+    parts = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    split_run(run, parts)
+    for i, part in enumerate(parts):
+        assert all(shard_of(line["case_id"], 2) == i for line in read_run(part).records)
+    # a shard resumes: evaluating it again writes nothing new
+    assert _evaluate(tiny_folder, parts[0], "--limit", "6", "--shard", "0/2") == 0
+    assert merge_runs(run, [run, *parts]) == 6
+    assert sorted(line["case_id"] for line in read_run(run).records) == list(range(6))
+
+
+def test_reuse_pre_copies_scores_and_checks_settings(tiny_folder, tmp_path, capsys, fake_editing):
+    plain = tmp_path / "none.jsonl"
+    assert _evaluate(tiny_folder, plain, "--limit", "2") == 0
+    pre = {line["case_id"]: line["pre"] for line in _lines(plain)[1:]}
+    edited = tmp_path / "rome.jsonl"
+    assert _evaluate(tiny_folder, edited, "--method", "rome", "--limit", "3", "--reuse-pre", str(plain)) == 0
+    lines = _lines(edited)[1:]
+    assert [line["pre"] == pre.get(line["case_id"]) for line in lines] == [True, True, False]
+    assert "efficacy" in lines[2]["pre"]["groups"]
+    capsys.readouterr()
+    assert _evaluate(tiny_folder, tmp_path / "fl.jsonl", "--method", "rome", "--limit", "1", "--fluency",
+                     "--reuse-pre", str(plain)) == 1
+    assert "fluency" in _error_line(capsys)
+
+
 def test_missing_editor_is_one_clear_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "attention_drift.editing", None)
     assert cli.main(["evaluate", "--method", "memit", "--out", str(tmp_path / "x.jsonl")]) == 1
@@ -196,6 +243,8 @@ def test_unknown_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
     (["--kinds", "counterfact,movies"], "--kinds"),
     (["--batch-size", "0"], "--batch-size"),
     (["--limit", "-1"], "--limit"),
+    (["--shard", "2/2"], "--shard"),
+    (["--shard", "x"], "--shard"),
 ])
 def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
     assert cli.main(["evaluate", "--out", str(tmp_path / "x.jsonl"), *args]) == 1
