@@ -10,6 +10,7 @@ Commands::
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
     attention-drift drift|patch [--model NAME] [--data PATH] [--method rome|memit|pmet] [--limit N]
                                 [--balanced] [--out DIR] ...   (see attention_drift.analysis)
+    attention-drift figures [--model NAME] [--data PATH] [--out figures] [--limit N] [--runs DIR] ...
     attention-drift models
 
 ``evaluate`` scores each record before the edit and, for an editing method, after it (the
@@ -624,6 +625,39 @@ def run_analysis(args) -> int:
     return 0
 
 
+def register_figures(subparsers) -> None:
+    from attention_drift.figures import ITEMS, VARIANTS
+
+    p = subparsers.add_parser(
+        "figures", help="regenerate the paper's analyses (case study ... ablations) as figures + numbers",
+        description="Items: " + ", ".join(ITEMS) + ". Evaluation runs come from --runs where it has them, "
+        "else are computed into OUT/runs; drift and patching run into OUT/drift and OUT/patch. Resumable: "
+        "re-run the same command to continue. Writes OUT/figures.md and OUT/figures.json (see "
+        "attention_drift.figures).")
+    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: %(default)s)")
+    p.add_argument("--data", default=None, help="CounterFact-style JSON file (default: the packaged example data)")
+    p.add_argument("--out", default="figures", help="output folder (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=4,
+                   help="records (balanced) for the evaluation runs computed here (default: %(default)s)")
+    p.add_argument("--drift-limit", type=int, default=10, help="CounterFact records for drift (default: 10)")
+    p.add_argument("--patch-limit", type=int, default=4, help="CounterFact records for patching (default: 4)")
+    p.add_argument("--runs", default=None, help="folder with existing evaluation run files <variant>.jsonl")
+    p.add_argument("--items", default=None, help="comma-separated subset of: " + ",".join(ITEMS))
+    p.add_argument("--variants", default=None,
+                   help="comma-separated evaluation variants (default: all): " + ",".join(VARIANTS))
+    p.add_argument("--stats-samples", type=int, default=None,
+                   help="covariance statistics sample count (default: the model preset's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_figures)
+
+
+def run_figures(args) -> int:
+    from attention_drift.figures import main_from_args
+
+    return main_from_args(args)
+
+
 # --- models --------------------------------------------------------------------------------
 
 def register_models(subparsers) -> None:
@@ -663,7 +697,7 @@ def run_demo(args) -> int:
 
 
 COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_merge, register_compare, register_drift,
-                            register_patch, register_models, register_demo]
+                            register_patch, register_figures, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

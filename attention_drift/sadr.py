@@ -89,7 +89,13 @@ PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
 """(weight, steps) per method: the paper's GPT-J settings."""
 
 PRESETS: dict[tuple[str, str], tuple[float, int]] = {}
-"""(weight, steps) per (HF model_type, method), from ``benchmarks/sweep_sadr.py``."""
+"""(weight, steps) per (HF model_type, method) where a sweep found better values than :data:`PUBLISHED`.
+
+Sweep so far (``benchmarks/eval_grid.py --variants rome,rome-sadr,rome-sadr-w0.1,rome-sadr-w1``,
+SmolLM2-135M, 12 shared dev records; ``figures/figures.md`` item 7): weights 0.01 / 0.1 / 1 gave
+distract-neighbourhood 21.6 / 21.6 / 35.1 (plain ROME 13.5, pre-edit 43.2) with efficacy
+100 / 100 / 91.7 and paraphrase 75.0 / 66.7 / 58.3 (ROME 83.3): only 0.01 keeps efficacy >= 95,
+so the published ROME value stays SmolLM2's default and no entry is needed yet."""
 
 
 def divergence(

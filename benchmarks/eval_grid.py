@@ -25,21 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS: dict[str, list[str]] = {
-    "none": ["--method", "none"],
-    "rome": ["--method", "rome"],
-    "rome-sadr": ["--method", "rome", "--sadr"],
-    "memit": ["--method", "memit"],
-    "memit-sadr": ["--method", "memit", "--sadr"],
-    "pmet": ["--method", "pmet"],
-    "pmet-sadr": ["--method", "pmet", "--sadr"],
-    # SADR sweep and ablations on ROME
-    "rome-sadr-w0.1": ["--method", "rome", "--sadr", "--sadr-weight", "0.1"],
-    "rome-sadr-w1": ["--method", "rome", "--sadr", "--sadr-weight", "1"],
-    "rome-sadr-all": ["--method", "rome", "--sadr", "--sadr-selection", "all"],
-    "rome-sadr-distract": ["--method", "rome", "--sadr", "--sadr-distract"],
-    "rome-sadr-distract-w0.1": ["--method", "rome", "--sadr", "--sadr-distract", "--sadr-weight", "0.1"],
-}
+from attention_drift.figures import VARIANTS
+
 
 
 def main(argv=None) -> int:

@@ -66,6 +66,50 @@ def test_layer_runner_matches_full_forward(arch):
     assert seen == [torch.Size([len(batch), model.cfg.n_heads, batch.input_ids.shape[1], batch.input_ids.shape[1]])]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_suffix_runner_matches_the_full_rows_with_a_change_at_the_subject(arch):
+    """Running only the positions from the subject's last token on (earlier ones as cached keys /
+    values) gives the full run's residuals and attention patterns there, also with a delta added
+    at the subject (what the optimisation does); GPT-2's attention falls back to full rows."""
+    from attention_drift.models import tiny_model
+
+    model = tiny_model(arch, n_layers=3)
+    batch, _, subj = rewriting_batch(model, EIFFEL, ["{}", "Paris is big. {}", "A very long prefix here. {}"])
+    full = LayerRunner(model, batch, 1)
+    part = LayerRunner(model, batch, 1, changes_from=subj)
+    assert part.suffix == (arch == "llama")
+    rows = torch.arange(len(batch))
+    delta = torch.randn(model.cfg.d_model)
+
+    def inject(runner):
+        local = runner.local(rows, subj)
+
+        def fn(act, hook):
+            act = act.clone()
+            act[rows, local] += delta
+            return act
+        return fn
+
+    out = {}
+    for name, runner in (("full", full), ("part", part)):
+        patterns = []
+        hooks = [("blocks.1.mlp.hook_out", inject(runner)),
+                 ("blocks.2.attn.hook_pattern", lambda a, hook, r=runner: patterns.append(r.full_pattern(a)))]
+        with model.hooks(fwd_hooks=hooks):
+            final, _ = runner.run()
+        out[name] = (final, patterns[0])
+    (final_full, pat_full), (final_part, pat_part) = out["full"], out["part"]
+    for r in range(len(batch)):
+        n = int(batch.attention_mask[r].sum())
+        for q in range(int(subj[r]), n):
+            local = int(part.local(torch.tensor([r]), torch.tensor([q]))[0])
+            assert torch.allclose(final_part[r, local], final_full[r, q], atol=1e-5)
+            assert torch.allclose(pat_part[r, :, q, :n], pat_full[r, :, q, :n], atol=1e-6)
+    if part.suffix:
+        assert final_part.shape[1] < final_full.shape[1]
+        assert pat_part[0, :, : int(subj[0])].abs().sum() == 0  # queries before the subject are not run
+
+
 def _subject_acts(model, request, layer):
     batch = tokens.batch_prompts(model, [request.prompt])
     _, last = tokens.subject_span(model, request.prompt, request.subject)

@@ -21,7 +21,11 @@ later block (attention masks, rotary embeddings, per layer so sliding-window lay
 theirs); each step then runs only blocks ``layer..`` through the bridge (their hooks fire)
 and computes logits only at the target positions and at the essence row's subject token
 (final norm and unembedding applied to those rows alone), instead of full-vocabulary
-logits at every position.
+logits at every position. On rotary-attention models the steps also skip every position
+before the subject's last token, which the deltas cannot reach: those enter attention as
+keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), so a
+step costs the few suffix tokens of each row instead of the whole row. Extra terms that read
+attention patterns get them laid out as in a full forward.
 
 Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at layers >=
 ``layer`` are captured live (differentiable) from each step's forward pass, those below come
@@ -231,6 +235,18 @@ def rewriting_batch(
     return _concat(rewriting, essence, int(pad)), len(prompts), torch.tensor(positions)
 
 
+class _PrefixCache:
+    """A stand-in for HF's key-value cache: puts each layer's constant keys / values (all ``T``
+    positions of the reference pass) in front of the live ones, and stores nothing."""
+
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]]):
+        self.kv = kv
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        k, v = self.kv[layer_idx]
+        return torch.cat([k, key], -2), torch.cat([v, value], -2)
+
+
 class LayerRunner:
     """Re-runs the bridge's blocks ``start..`` on the residual entering block ``start``.
 
@@ -238,12 +254,29 @@ class LayerRunner:
     arguments HF passes to each later block; :meth:`run` then calls the blocks itself, so
     hooks fire as usual, and returns the residual after ``upto``. Equal to the full
     forward (the tests compare the logits on tiny Llama and GPT-2 models).
+
+    ``changes_from[row]``, when given, is the first position of each row that a change at
+    block ``start`` can reach (the deltas go in at the subject's last token; causal attention
+    keeps every earlier position as it was). Then, on rotary-attention bridges (Llama,
+    SmolLM2, Gemma...), blocks run on those *suffix* positions only: earlier positions enter
+    attention as keys / values cached from the reference pass. Activations are then laid out
+    ``[row, suffix position]`` (use :meth:`local` for positions) and attention patterns
+    ``[row, head, suffix query, T cached keys + suffix keys]`` (:meth:`full_pattern` maps them
+    back to ``[row, head, T, T]``). A check at construction compares the suffix run with the
+    reference; on a mismatch (or another attention type) the runner falls back to full rows
+    (``self.suffix`` is False).
     """
 
-    def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = ()):
+    def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = (),
+                 changes_from: Tensor | None = None):
         self.model, self.start, self.total = model, start, n_layers(model)
         calls: dict[int, tuple[tuple, dict]] = {}
         saved: dict[str, Tensor] = {}
+        want_suffix = changes_from is not None and self._suffix_supported(model, start)
+        kv_names = ([n for l in range(start, self.total) for n in (f"blocks.{l}.attn.hook_rot_k",
+                                                                     f"blocks.{l}.attn.v.hook_out")]
+                    if want_suffix else [])
+        final_name = f"blocks.{self.total - 1}.hook_resid_post"
 
         def pre_hook(layer):
             def fn(module, args, kwargs):
@@ -257,13 +290,14 @@ class LayerRunner:
 
         handles = [self.model.blocks[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True)
                    for l in range(start, self.total)]
+        names = dict.fromkeys([*reference_names, *kv_names, *([final_name] if want_suffix else [])])
         try:
-            with torch.no_grad(), model.hooks(fwd_hooks=[(n, save(n)) for n in dict.fromkeys(reference_names)]):
+            with torch.no_grad(), model.hooks(fwd_hooks=[(n, save(n)) for n in names]):
                 self.logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        self.saved = saved
+        self.saved = {n: saved[n] for n in reference_names}
         args, kwargs = calls[start]
         self.resid = (args[0] if args else kwargs["hidden_states"]).detach()
         self.calls = {}
@@ -272,17 +306,99 @@ class LayerRunner:
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.calls[layer] = (args[1:] if args else (), kwargs)
+        self.suffix = False
+        if want_suffix:
+            self._build_suffix(batch, changes_from.to(self.resid.device), saved)
+            with torch.no_grad():
+                final, _ = self.run()
+                reference = saved[final_name][self.rows, self.pos]
+                ok = torch.allclose(final[self.valid], reference[self.valid], atol=1e-4, rtol=1e-3)
+            if not ok:
+                self.suffix = False
+
+    @staticmethod
+    def _suffix_supported(model, start: int) -> bool:
+        attn = model.blocks[start].attn
+        return (type(attn).__name__ == "PositionEmbeddingsAttentionBridge" and hasattr(attn, "hook_rot_k")
+                and all(f"blocks.{l}.attn.{h}" in model.hook_dict for l in range(start, n_layers(model))
+                        for h in ("hook_rot_k", "v.hook_out")))
+
+    def _build_suffix(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor]) -> None:
+        b, T = batch.input_ids.shape
+        device = self.resid.device
+        lengths = batch.attention_mask.to(device).sum(1)
+        s = changes_from.long()
+        S = int((lengths - s).max())
+        pos = s[:, None] + torch.arange(S, device=device)[None]
+        self.valid = pos < lengths[:, None]
+        self.pos = pos.clamp(max=T - 1)
+        self.rows = torch.arange(b, device=device)[:, None]
+        self.s, self.T, self.S, self.lengths = s, T, S, lengths
+        self.suffix_resid = self.resid[self.rows, self.pos]
+        self.suffix_calls = {}
+        for layer, (args, kwargs) in self.calls.items():
+            mask = kwargs.get("attention_mask")
+            if args or mask is None or mask.dim() != 4 or "position_embeddings" not in kwargs:
+                return
+            mask = mask.expand(b, -1, -1, -1)
+            low = torch.finfo(mask.dtype).min if mask.is_floating_point() else None
+            if low is None:
+                return
+            rows_q = mask.gather(2, self.pos[:, None, :, None].expand(b, mask.shape[1], S, T))
+            keys = torch.arange(T, device=device)
+            prefix = rows_q.masked_fill(~(keys[None, None, None, :] < s[:, None, None, None]), low)
+            suffix = rows_q.gather(3, self.pos[:, None, None, :].expand(b, mask.shape[1], S, S))
+            suffix = suffix.masked_fill(~self.valid[:, None, None, :], low)
+            cos, sin = kwargs["position_embeddings"]
+            gather = lambda t: t.expand(b, -1, -1)[self.rows, self.pos]  # noqa: E731
+            attn = self.model.blocks[layer].attn
+            k = saved[f"blocks.{layer}.attn.hook_rot_k"]  # hooks show [batch, pos, kv head, d_head]
+            v = saved[f"blocks.{layer}.attn.v.hook_out"]
+            v = v.reshape(b, T, k.shape[2], -1)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            # HF 5 hands its own cache to attention as ``cache``, which the bridge does not read;
+            # ``layer_past`` reaches the bridge's attention through the decoder layer's **kwargs.
+            new = {**kwargs, "attention_mask": torch.cat([prefix, suffix], -1),
+                   "position_embeddings": (gather(cos), gather(sin)),
+                   "layer_past": _PrefixCache({int(getattr(attn, "_layer_idx", layer)): (k, v)})}
+            if "position_ids" in kwargs and kwargs["position_ids"] is not None:
+                new["position_ids"] = kwargs["position_ids"].expand(b, -1)[self.rows, self.pos]
+            self.suffix_calls[layer] = new
+        self.suffix = True
+
+    def local(self, rows: Tensor, positions: Tensor) -> Tensor:
+        """Positions of the runner's activations for (row, absolute position) pairs."""
+        return positions - self.s[rows] if self.suffix else positions
+
+    def full_pattern(self, pattern: Tensor) -> Tensor:
+        """A suffix-layout attention pattern ``[row, head, S, T + S]`` as ``[row, head, T, T]``
+        (queries before the suffix and padding are zero)."""
+        if not self.suffix:
+            return pattern
+        b, h = pattern.shape[:2]
+        T, S = self.T, self.S
+        q = torch.arange(T, device=pattern.device)[None, :]
+        idx_q = (q - self.s[:, None]).clamp(0, S - 1)
+        ok_q = (q >= self.s[:, None]) & (q < self.lengths[:, None])
+        idx_k = torch.where(q < self.s[:, None], q, T + q - self.s[:, None]).clamp(max=T + S - 1)
+        ok_k = q < self.lengths[:, None]
+        out = pattern.gather(2, idx_q[:, None, :, None].expand(b, h, T, T + S))
+        out = out.gather(3, idx_k[:, None, None, :].expand(b, h, T, T))
+        return out * (ok_q[:, None, :, None] & ok_k[:, None, None, :])
 
     def run(self, upto: int | None = None, keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """(residual after block ``upto`` (default: the last), {layer: residual after it} for ``keep``)."""
         upto = self.total - 1 if upto is None else upto
-        hidden, kept = self.resid, {}
+        hidden, kept = (self.suffix_resid if self.suffix else self.resid), {}
         for layer in range(self.start, upto + 1):
-            args, kwargs = self.calls[layer]
-            if "hidden_states" in kwargs:
-                out = self.model.blocks[layer](*args, **{**kwargs, "hidden_states": hidden})
+            if self.suffix:
+                out = self.model.blocks[layer](hidden, **self.suffix_calls[layer])
             else:
-                out = self.model.blocks[layer](hidden, *args, **kwargs)
+                args, kwargs = self.calls[layer]
+                if "hidden_states" in kwargs:
+                    out = self.model.blocks[layer](*args, **{**kwargs, "hidden_states": hidden})
+                else:
+                    out = self.model.blocks[layer](hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
             if layer in keep:
                 kept[layer] = hidden
@@ -334,7 +450,9 @@ def optimize_values(
                 raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
             (live_names if hook_layer(name) >= layer else const_names)[name] = None
 
-    runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names))
+    suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
+    runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
+                         changes_from=subj if suffix_ok else None)
     init = {s: runner.saved[s][0, subj[0]].clone() for s in sites}
     reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
     constants = {n: runner.saved[n] for n in const_names}
@@ -347,7 +465,9 @@ def optimize_values(
         positions += list(range(p - 1, p - 1 + t))
         target_ids += batch.input_ids[i, p:p + t].tolist()
         row_len.append(t)
-    rw_rows_t, positions_t, target_t = torch.tensor(rw_rows), torch.tensor(positions), torch.tensor(target_ids)
+    rw_rows_t, target_t = torch.tensor(rw_rows), torch.tensor(target_ids)
+    positions_t = runner.local(rw_rows_t, torch.tensor(positions))
+    subj_local = runner.local(rows, subj)
     row_len_t = torch.tensor(row_len, dtype=torch.float32)
 
     d = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
@@ -357,13 +477,13 @@ def optimize_values(
     def inject(site):
         def fn(act, hook):
             act = act.clone()
-            act[rows, subj] = act[rows, subj] + d[site]
+            act[rows, subj_local] = act[rows, subj_local] + d[site]
             return act
         return fn
 
     def capture(name):
         def fn(act, hook):
-            acts[name] = act
+            acts[name] = runner.full_pattern(act)
         return fn
 
     trace = OptimizationTrace(request, layer, tuple(sites), extra={t.name: [] for t in extra_losses})
@@ -381,7 +501,7 @@ def optimize_values(
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
             nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
             nll = nll_each.mean()
-            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj[n_rw:n_rw + 1]]).log_softmax(-1)
+            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj_local[n_rw:n_rw + 1]]).log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")

@@ -1,0 +1,409 @@
+"""``attention-drift figures``: the paper's seven analyses, from one resumable command.
+
+Items (``ITEMS``) and where their numbers come from:
+
+1. ``case_study`` -- one edit and one distract prompt: predictions before, after, and after
+   with every attention pattern restored, plus the prediction row of the most drifting heads
+   (:mod:`attention_drift.case_study`). The prompt is picked from the drift run: the flipped
+   distract-neighbourhood prompt (pre-edit right, post-edit wrong) with the largest log-odds
+   drop.
+2. ``prevalence`` (RQ1) -- neighbourhood vs distract neighbourhood and relation vs distract
+   relation accuracy, pre-edit and after ROME, MEMIT and PMET (evaluation runs).
+3. ``contamination`` (RQ2) -- the pre-edit model with the edited model's MLP / attention
+   outputs substituted over 6-layer windows at key positions, and the converse restoration
+   per layer and module (``attention-drift patch``).
+4. ``drift`` (RQ3) -- per-head drift onto the edited subject and its link to failure
+   (``attention-drift drift``).
+5. ``patching`` (RQ4) -- accuracy recovered by restoring all / the top-k drifting heads'
+   attention patterns (``attention-drift patch``).
+6. ``main_table`` -- every editor with and without SADR, every metric with 95% CIs.
+7. ``ablations`` -- hinge vs all-heads selection, distract rows, SADR layer range, and the
+   trade-off of efficacy / paraphrase vs distract neighbourhood as the SADR weight grows.
+
+Evaluation runs are ``attention-drift evaluate`` run files named after :data:`VARIANTS`
+(``<variant>.jsonl``): taken from ``runs`` when that folder has them (e.g. a GPU grid made with
+``benchmarks/eval_grid.py``), otherwise computed into ``OUT/runs`` on the first ``limit``
+records (balanced). Drift and patching use the first ``drift_limit`` / ``patch_limit``
+CounterFact-type records (they need distract-neighbourhood prompts). Every stage writes
+resumable run files, so an interrupted command continues where it stopped. The result is
+``OUT/figures.md`` and ``OUT/figures.json`` (every number behind every figure, and the file
+list) next to the figures (HTML that opens offline, and PNG when a browser for kaleido is there).
+"""
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "none": ("--method", "none"),
+    "rome": ("--method", "rome"),
+    "rome-sadr": ("--method", "rome", "--sadr"),
+    "memit": ("--method", "memit"),
+    "memit-sadr": ("--method", "memit", "--sadr"),
+    "pmet": ("--method", "pmet"),
+    "pmet-sadr": ("--method", "pmet", "--sadr"),
+    "rome-sadr-w0.1": ("--method", "rome", "--sadr", "--sadr-weight", "0.1"),
+    "rome-sadr-w1": ("--method", "rome", "--sadr", "--sadr-weight", "1"),
+    "rome-sadr-all": ("--method", "rome", "--sadr", "--sadr-selection", "all"),
+    "rome-sadr-distract": ("--method", "rome", "--sadr", "--sadr-distract"),
+    "rome-sadr-distract-w0.1": ("--method", "rome", "--sadr", "--sadr-distract", "--sadr-weight", "0.1"),
+    "rome-sadr-lower": ("--method", "rome", "--sadr", "--sadr-layers", "5-17"),
+    "rome-sadr-upper": ("--method", "rome", "--sadr", "--sadr-layers", "18-29"),
+}
+"""Evaluation variants: name -> ``attention-drift evaluate`` options (SmolLM2's 30 layers for the
+layer ranges; the edit layer is 5). Also the names of ``benchmarks/eval_grid.py``."""
+
+EDITORS = ("rome", "memit", "pmet")
+MAIN = ("rome", "rome-sadr", "memit", "memit-sadr", "pmet", "pmet-sadr")
+WEIGHTS = {"rome": 0.0, "rome-sadr": 0.01, "rome-sadr-w0.1": 0.1, "rome-sadr-w1": 1.0}
+"""The SADR weight sweep on ROME (0: plain ROME; 0.01: the published weight)."""
+ABLATION_FAMILIES = {
+    "selection": ("rome", "rome-sadr", "rome-sadr-all", "rome-sadr-distract", "rome-sadr-distract-w0.1"),
+    "layers": ("rome", "rome-sadr", "rome-sadr-lower", "rome-sadr-upper"),
+}
+SHOWN = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation", "distract_relation")
+
+
+class FiguresError(ValueError):
+    """A figures request that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class FiguresConfig:
+    """What ``attention-drift figures`` regenerates.
+
+    Args:
+        model: model name or path (as for ``attention-drift evaluate``).
+        data: CounterFact-style JSON file (None: the packaged 8-record example).
+        out: output folder (figures, ``figures.md``, ``figures.json``, run files).
+        limit: records (balanced between the two kinds) for evaluation runs computed here.
+        drift_limit: CounterFact-type records of the drift analysis (items 1 and 4).
+        patch_limit: CounterFact-type records of the patching analysis (items 3 and 5).
+        runs: folder of existing evaluation run files ``<variant>.jsonl`` to use as they are.
+        items: which of :data:`ITEMS` to make.
+        variants: evaluation variants to use (default: all of :data:`VARIANTS` but ``none``).
+        stats_samples: covariance statistics sample count (None: the model preset's).
+        device: torch device.
+        progress: progress bars on stderr.
+    """
+
+    model: str = "smollm2-135m"
+    data: str | None = None
+    out: str = "figures"
+    limit: int = 4
+    drift_limit: int = 10
+    patch_limit: int = 4
+    runs: str | None = None
+    items: tuple[str, ...] = ITEMS
+    variants: tuple[str, ...] = tuple(v for v in VARIANTS if v != "none")
+    stats_samples: int | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [i for i in self.items if i not in ITEMS]
+        if bad:
+            raise FiguresError(f"unknown items {bad}; choose from {', '.join(ITEMS)}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise FiguresError(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+        for name in ("limit", "drift_limit", "patch_limit"):
+            if getattr(self, name) < 1:
+                raise FiguresError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.runs is not None and not Path(self.runs).is_dir():
+            raise FiguresError(f"--runs {self.runs!r} is not a folder of run files")
+
+
+def _cli(argv: Sequence[str]) -> None:
+    from attention_drift import cli
+
+    status = cli.main([str(a) for a in argv])
+    if status != 0:
+        raise FiguresError(f"'attention-drift {' '.join(map(str, argv))}' failed (exit {status}); see above")
+
+
+def _common(cfg: FiguresConfig) -> list[str]:
+    argv = ["--model", cfg.model, "--device", cfg.device]
+    if cfg.data is not None:
+        argv += ["--data", cfg.data]
+    if not cfg.progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def _stats(cfg: FiguresConfig) -> list[str]:
+    return [] if cfg.stats_samples is None else ["--stats-samples", str(cfg.stats_samples)]
+
+
+def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]:
+    """``{variant: run file}``: from ``cfg.runs`` where it has the file, else evaluated here."""
+    out = Path(cfg.out) / "runs"
+    found: dict[str, Path] = {}
+    todo = []
+    for name in names:
+        given = Path(cfg.runs) / f"{name}.jsonl" if cfg.runs else None
+        if given is not None and given.is_file():
+            found[name] = given
+        else:
+            todo.append(name)
+    if todo:
+        base = [*_common(cfg), "--limit", cfg.limit, "--balanced", "--fluency"]
+        pre = out / "none.jsonl"
+        _cli(["evaluate", *base, "--out", pre])
+        for name in todo:
+            if name == "none":
+                found[name] = pre
+                continue
+            _cli(["evaluate", *base, *VARIANTS[name], *_stats(cfg), "--reuse-pre", pre,
+                  "--out", out / f"{name}.jsonl"])
+            found[name] = out / f"{name}.jsonl"
+    return found
+
+
+def _summaries(runs: dict[str, Path], names: Sequence[str], *, shared: bool) -> dict[str, dict]:
+    from attention_drift.cli import compare
+    from attention_drift.jsonl import read_run
+
+    present = [n for n in names if n in runs]
+    return compare({n: read_run(runs[n]) for n in present}, shared=shared) if present else {}
+
+
+def _row(summary: dict, phase: str = "post") -> dict:
+    """``{group: {accuracy, ci95, n}}`` (and fluency) of one phase of a summary."""
+    row = {g: {k: v[phase][k] for k in ("accuracy", "ci95", "n", "half_width")}
+           for g, v in summary["groups"].items() if phase in v and "accuracy" in v[phase]}
+    fluency = summary["groups"].get("fluency", {}).get(phase)
+    if fluency:
+        row["fluency"] = fluency
+    return row
+
+
+def table_markdown(rows: dict[str, dict], records: dict[str, int], seconds: dict[str, float | None]) -> str:
+    """A markdown table of ``{label: row}`` (accuracy ± 95% half-width in %, fluency x100)."""
+    head = "| run | records | " + " | ".join(g.replace("_", " ") for g in SHOWN) + " | fluency | s/edit |"
+    lines = [head, "|" + "---|" * (len(SHOWN) + 4)]
+    for label, row in rows.items():
+        cells = [f"{100 * row[g]['accuracy']:.1f} ± {100 * row[g]['half_width']:.1f}" if g in row else "–"
+                 for g in SHOWN]
+        fluency, seconds_ = row.get("fluency"), seconds.get(label)
+        cells.append(f"{100 * fluency['ngram_entropy']:.1f}" if fluency else "–")
+        cells.append(f"{seconds_:.1f}" if seconds_ is not None else "–")
+        lines.append(f"| {label} | {records.get(label, '–')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _table(summaries: dict[str, dict]) -> tuple[dict, str]:
+    if not summaries:
+        return {}, ""
+    first = next(iter(summaries.values()))
+    rows = {"pre-edit": _row(first, "pre")} | {n: _row(s) for n, s in summaries.items()}
+    records = {"pre-edit": first["meta"]["records"]} | {n: s["meta"]["records"] for n, s in summaries.items()}
+    seconds = {n: s["meta"]["seconds_per_edit"] for n, s in summaries.items()}
+    return {"rows": rows, "records": records, "seconds_per_edit": seconds}, table_markdown(rows, records, seconds)
+
+
+def _save(fig, out: Path, name: str, png: bool) -> list[str]:
+    from attention_drift.analysis import _save_figure
+
+    return _save_figure(fig, out / name, png)
+
+
+def _prevalence(runs, out: Path, png: bool) -> dict:
+    from attention_drift import plots
+
+    summaries = _summaries(runs, EDITORS, shared=False)
+    if not summaries:
+        return {}
+    numbers, md = _table(summaries)
+    groups = ("neighborhood", "distract_neighborhood", "relation", "distract_relation")
+    bars = {label: {g: row[g] for g in groups if g in row} for label, row in numbers["rows"].items()}
+    fig = plots.metric_bars(bars, "Specificity failure: plain vs distract prompts", metrics=list(groups))
+    return {"numbers": numbers, "markdown": md, "files": _save(fig, out, "prevalence", png)}
+
+
+def _main_table(runs, out: Path, png: bool) -> dict:
+    from attention_drift import plots
+
+    summaries = _summaries(runs, MAIN, shared=False)
+    if not summaries:
+        return {}
+    numbers, md = _table(summaries)
+    shared_numbers, shared_md = _table(_summaries(runs, MAIN, shared=True))
+    bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
+    fig = plots.metric_bars(bars, "Editors with and without SADR (95% CI)", metrics=list(SHOWN))
+    return {"numbers": numbers, "markdown": md, "shared": {"numbers": shared_numbers, "markdown": shared_md},
+            "files": _save(fig, out, "main_table", png)}
+
+
+def _ablations(runs, out: Path, png: bool) -> dict:
+    from attention_drift import plots
+
+    result: dict = {"files": []}
+    sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
+    if len(sweep) >= 2:
+        summaries = _summaries(runs, list(sweep), shared=True)
+        numbers, md = _table(summaries)
+        rows = numbers["rows"]
+        xs = [sweep[n] for n in summaries]
+        series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in summaries]
+                  for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in summaries)}
+        fig = plots.tradeoff_curve([max(x, 1e-3) for x in xs], series, "SADR weight γ (plain ROME drawn at 0.001)",
+                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood", log_x=True,
+                                   ylabel="accuracy (%)")
+        result["weight"] = {"weights": dict(zip(summaries, xs)), "numbers": numbers, "markdown": md}
+        result["files"] += _save(fig, out, "ablation_weight", png)
+    for family, names in ABLATION_FAMILIES.items():
+        present = [n for n in names if n in runs]
+        if not set(present) - {"rome", "rome-sadr"}:
+            continue
+        numbers, md = _table(_summaries(runs, present, shared=True))
+        bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
+        fig = plots.metric_bars(bars, f"SADR ablation: {family} (records all runs share)", metrics=list(SHOWN))
+        result[family] = {"numbers": numbers, "markdown": md}
+        result["files"] += _save(fig, out, f"ablation_{family}", png)
+    return result
+
+
+def _analysis_argv(cfg: FiguresConfig, limit: int, folder: Path) -> list[str]:
+    return [*_common(cfg), "--method", "rome", "--kinds", "counterfact", "--limit", limit, *_stats(cfg),
+            "--out", folder]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def pick_case(drift_records: Path) -> dict | None:
+    """The drift-run sample for the case study: a distract-neighbourhood prompt the edit flipped
+    (pre-edit right, post-edit wrong) with the largest log-odds drop (else the largest drop)."""
+    from attention_drift.jsonl import read_run
+
+    samples = [s for line in read_run(drift_records).records for s in line.get("samples", [])
+               if s["group"] == "distract_neighborhood"]
+    if not samples:
+        return None
+    flipped = [s for s in samples if s["flipped"]] or samples
+    return max(flipped, key=lambda s: s["severity"]["logodds_drop"])
+
+
+def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
+    from attention_drift import data, viz
+    from attention_drift.case_study import CaseStudy, case_study, case_study_figure, case_study_view
+    from attention_drift.cli import CliError, edit_config
+    from attention_drift.models import load_model
+
+    sample = pick_case(out / "drift" / "drift_records.jsonl") if (out / "drift" / "drift_records.jsonl").exists() else None
+    if sample is None:
+        return {}
+    records = data.load_counterfact(cfg.data) if cfg.data else data.load_example()
+    record = next((r for r in records if json.dumps(r.case_id) == json.dumps(sample["case_id"])), None)
+    if record is None:
+        raise FiguresError(f"case_id {sample['case_id']!r} of the drift run is not in {cfg.data}")
+    saved = out / "case_study.json"
+    old = _read_json(saved)
+    if old.get("prompt") == sample["prompt"] and old.get("request", {}).get("subject") == record.rewrite.subject:
+        cs = CaseStudy.from_json(old)
+    else:
+        model = load_model(cfg.model, device=cfg.device)
+        try:
+            config = edit_config(dataclasses.make_dataclass("A", [("stats_samples", object)])(cfg.stats_samples),
+                                 model, "rome")
+        except CliError as err:
+            raise FiguresError(str(err)) from None
+        cs = case_study(model, record.rewrite, sample["prompt"], sample["target_true"], method="rome", config=config)
+        saved.write_text(json.dumps(cs.to_json()))
+    files = _save(case_study_figure(cs), out, "case_study", png)
+    files.append(str(viz.save_html(case_study_view(cs), out / "case_study_heads.html")))
+    numbers = {k: v for k, v in cs.to_json().items() if k not in ("rows_before", "rows_after")}
+    md = "| state | top-1 | P(true) | P(new) |\n|---|---|---|---|\n" + "\n".join(
+        f"| {state} | {p['top_token']!r} | {p['p_true']:.3f} | {p['p_new']:.3f} |"
+        for state, p in numbers["predictions"].items())
+    heads = ", ".join(f"L{h['layer']}H{h['head']} {h['before']:.3f}→{h['after']:.3f}" for h in numbers["top_heads"])
+    md = (f"Edit: {record.rewrite.edit_sentence!r} (was {record.rewrite.target_true!r}); "
+          f"prompt {sample['prompt']!r}, true {sample['target_true']!r}.\n\n{md}\n\n"
+          f"Attention of the prediction position to the subject's last token, top heads: {heads}")
+    return {"numbers": numbers, "markdown": md, "files": files}
+
+
+def run_figures(cfg: FiguresConfig) -> dict:
+    """Make the requested items; returns (and writes to ``OUT/figures.json``) their numbers,
+    markdown and files, and writes ``OUT/figures.md``."""
+    from attention_drift.analysis import _png_ok, drift_markdown, patch_markdown
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = _png_ok()
+    items = set(cfg.items)
+    previous = _read_json(out / "figures.json")
+    result: dict = {"config": dataclasses.asdict(cfg),
+                    "items": {k: v for k, v in previous.get("items", {}).items() if k in ITEMS and k not in items}}
+    if items & {"prevalence", "main_table", "ablations"}:
+        runs = evaluation_runs(cfg, list(cfg.variants))
+        result["runs"] = {n: str(p) for n, p in runs.items()}
+        for item, make in (("prevalence", _prevalence), ("main_table", _main_table), ("ablations", _ablations)):
+            if item in items:
+                result["items"][item] = make(runs, out, png)
+    if items & {"drift", "case_study", "contamination", "patching"}:
+        _cli(["drift", *_analysis_argv(cfg, cfg.drift_limit, out / "drift")])
+        drift = _read_json(out / "drift" / "drift.json")
+        result["items"]["drift"] = {
+            "numbers": {k: drift.get(k) for k in ("n_samples", "failure_rate", "top_heads", "auroc", "headline",
+                                                  "n_samples_by_group") if k in drift},
+            "markdown": drift_markdown(drift) if drift else "",
+            "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png"))}
+    if items & {"contamination", "patching"}:
+        heads = ["--heads-from", out / "drift" / "drift.json"] if (out / "drift" / "drift.json").exists() else []
+        _cli(["patch", *_analysis_argv(cfg, cfg.patch_limit, out / "patch"), *heads])
+        patch = _read_json(out / "patch" / "patch.json")
+        files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
+        md = patch_markdown(patch) if patch else ""
+        if "contamination" in items:
+            result["items"]["contamination"] = {
+                "numbers": {k: patch.get(k) for k in ("contamination", "sweep", "windows") if k in patch},
+                "markdown": "\n\n".join(p for p in md.split("\n\n") if p.startswith(("Contamination", "10-layer"))),
+                "files": [f for f in files if any(k in f for k in ("contamination", "layer_component", "windows"))]}
+        if "patching" in items:
+            result["items"]["patching"] = {
+                "numbers": {k: patch.get(k) for k in ("n_prompts", "pre", "post", "variants", "top_heads") if k in patch},
+                "markdown": md, "files": [f for f in files if "accuracy" in f]}
+    if "case_study" in items:
+        result["items"]["case_study"] = _case_study(cfg, out, png)
+    (out / "figures.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "figures.md").write_text(figures_markdown(result))
+    return result
+
+
+def figures_markdown(result: dict) -> str:
+    """The numbers file: one section per item with its tables and files."""
+    parts = ["# attention-drift figures", "", f"Configuration: `{json.dumps(result['config'])}`", ""]
+    for item in ITEMS:
+        entry = result["items"].get(item)
+        if not entry:
+            continue
+        parts += [f"## {ITEMS.index(item) + 1}. {item.replace('_', ' ')}", ""]
+        for key in ("markdown",):
+            if entry.get(key):
+                parts += [entry[key], ""]
+        for key in ("shared", "weight", *ABLATION_FAMILIES):
+            if isinstance(entry.get(key), dict) and entry[key].get("markdown"):
+                parts += [f"**{key}**", "", entry[key]["markdown"], ""]
+        if entry.get("files"):
+            parts += ["Files: " + ", ".join(f"`{f}`" for f in entry["files"]), ""]
+    return "\n".join(parts)
+
+
+def main_from_args(args) -> int:
+    cfg = FiguresConfig(model=args.model, data=args.data, out=args.out, limit=args.limit,
+                        drift_limit=args.drift_limit, patch_limit=args.patch_limit, runs=args.runs,
+                        items=tuple(args.items.split(",")) if args.items else ITEMS,
+                        variants=tuple(args.variants.split(",")) if args.variants else FiguresConfig.variants,
+                        stats_samples=args.stats_samples, device=args.device, progress=not args.no_progress)
+    result = run_figures(cfg)
+    print(figures_markdown(result))
+    print(f"\n{cfg.out}/figures.md and figures.json written", file=sys.stderr)
+    return 0
