@@ -344,12 +344,14 @@ def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
     fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(k)), ticktext=labels)
     fig.update_layout(coloraxis={"colorscale": SEQUENTIAL, "cmin": 0.0, "cmax": zmax,
                                  "colorbar": {"title": "attention"}},
-                      height=max(420, 40 * k + 320), margin={"t": 150})
-    fig.add_annotation(text=_probabilities(cs), xref="paper", yref="paper", x=0.0, y=1.13,
-                       showarrow=False, xanchor="left", yanchor="bottom", align="left", font={"size": 11})
-    title = title or (f"Case study: {cs.request.subject} → {cs.new_target.strip()} ({cs.method}); "
-                      f"prediction-row attention of the top {k} heads")
-    return _style(fig, title, "key token", "head")
+                      height=max(480, 40 * k + 380))
+    title = title or (f"Case study: {cs.request.subject} → {cs.new_target.strip()} ({cs.method}), "
+                      f"top {k} drifting heads")
+    fig = _style(fig, title, "key token", "head")
+    fig.update_layout(margin={"t": 190})
+    fig.add_annotation(text=_probabilities(cs), xref="paper", yref="paper", x=0.0, y=1.08,
+                       showarrow=False, xanchor="left", yanchor="bottom", align="left", font={"size": 12})
+    return fig
 
 
 def _view_patterns(rows: Tensor, n: int) -> Tensor:

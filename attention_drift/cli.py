@@ -131,6 +131,8 @@ def add_sadr_arguments(p) -> None:
     g.add_argument("--sadr-layers", default=None, help="layers to regularise, e.g. 5-29 (default: edit layer and up)")
     g.add_argument("--sadr-distract", action="store_true",
                    help="also regularise distract-style prompts (our extension)")
+    g.add_argument("--sadr-distract-only", action="store_true",
+                   help="regularise only distract-style prompts, not the rewriting prompts (our extension)")
 
 
 def sadr_config(args, method: str, model=None):
@@ -139,8 +141,9 @@ def sadr_config(args, method: str, model=None):
     options = ("sadr_weight", "sadr_steps", "sadr_layers")
     if not getattr(args, "sadr", False):
         given = [o for o in options if getattr(args, o, None) is not None]
-        if given or getattr(args, "sadr_distract", False):
-            raise CliError(f"--{(given or ['sadr_distract'])[0].replace('_', '-')} needs --sadr")
+        flags = [f for f in ("sadr_distract", "sadr_distract_only") if getattr(args, f, False)]
+        if given or flags:
+            raise CliError(f"--{(given or flags)[0].replace('_', '-')} needs --sadr")
         return None
     if method == "none":
         raise CliError("--sadr needs an editing method: add --method rome, memit or pmet")
@@ -155,7 +158,7 @@ def sadr_config(args, method: str, model=None):
             raise CliError(f"--sadr-layers takes a layer or a range like 5-29, got {args.sadr_layers!r}") from None
     try:
         options = {"layers": layers, "selection": args.sadr_selection, "divergence": args.sadr_divergence,
-                   "distract": args.sadr_distract}
+                   "distract": args.sadr_distract, "distract_only": getattr(args, "sadr_distract_only", False)}
         if args.sadr_weight is not None:
             options["weight"] = args.sadr_weight
         if args.sadr_steps is not None:
@@ -288,6 +291,8 @@ def run_evaluate(args) -> int:
     if args.method != "none":
         edit_meta = {"stats_samples": args.stats_samples, "sadr": None if sadr is None else {
             k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers", "distract")}}
+        if sadr is not None and args.sadr_distract_only:  # only when set: older run files stay resumable
+            edit_meta["sadr"]["distract_only"] = True
     meta = {
         "format": FORMAT, "model": args.model, "method": args.method, "data": _data_label(args.data),
         "fluency": None if fluency is None else fluency.to_json(), "edit": edit_meta,
@@ -595,6 +600,8 @@ def run_analysis(args) -> int:
             "edit": {"stats_samples": args.stats_samples, "sadr": None if not args.sadr else {
                 k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers",
                                                         "distract")}}}
+    if args.sadr and args.sadr_distract_only:
+        meta["edit"]["sadr"]["distract_only"] = True
     from attention_drift.models import load_model
 
     model = load_model(args.model, device=args.device)

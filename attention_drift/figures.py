@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from attention_drift.cli import COMPARE_GROUPS
+
 ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -52,6 +54,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "rome-sadr-all": ("--method", "rome", "--sadr", "--sadr-selection", "all"),
     "rome-sadr-distract": ("--method", "rome", "--sadr", "--sadr-distract"),
     "rome-sadr-distract-w0.1": ("--method", "rome", "--sadr", "--sadr-distract", "--sadr-weight", "0.1"),
+    "rome-sadr-distract-only-w1": ("--method", "rome", "--sadr", "--sadr-distract-only", "--sadr-weight", "1"),
+    "rome-sadr-distract-only-w10": ("--method", "rome", "--sadr", "--sadr-distract-only", "--sadr-weight", "10"),
     "rome-sadr-lower": ("--method", "rome", "--sadr", "--sadr-layers", "5-17"),
     "rome-sadr-upper": ("--method", "rome", "--sadr", "--sadr-layers", "18-29"),
 }
@@ -63,10 +67,11 @@ MAIN = ("rome", "rome-sadr", "memit", "memit-sadr", "pmet", "pmet-sadr")
 WEIGHTS = {"rome": 0.0, "rome-sadr": 0.01, "rome-sadr-w0.1": 0.1, "rome-sadr-w1": 1.0}
 """The SADR weight sweep on ROME (0: plain ROME; 0.01: the published weight)."""
 ABLATION_FAMILIES = {
-    "selection": ("rome", "rome-sadr", "rome-sadr-all", "rome-sadr-distract", "rome-sadr-distract-w0.1"),
+    "selection": ("rome", "rome-sadr", "rome-sadr-all", "rome-sadr-distract", "rome-sadr-distract-w0.1",
+                  "rome-sadr-distract-only-w1", "rome-sadr-distract-only-w10"),
     "layers": ("rome", "rome-sadr", "rome-sadr-lower", "rome-sadr-upper"),
 }
-SHOWN = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation", "distract_relation")
+SHOWN = COMPARE_GROUPS
 
 
 class FiguresError(ValueError):

@@ -55,6 +55,9 @@ class SADRConfig:
         distract: also regularise distract-style prompts (the edit sentence followed by
             unrelated prompts), where specificity failure happens; our extension, off in the
             published variant.
+        distract_only: regularise only those distract prompts, not the rewriting prompts
+            (where attention to the subject is how the new fact gets recalled); implies
+            ``distract``. Our extension.
     """
 
     weight: float = 0.01
@@ -63,6 +66,7 @@ class SADRConfig:
     divergence: str = "kl"
     steps: int | None = None
     distract: bool = False
+    distract_only: bool = False
 
     @classmethod
     def for_model(cls, model, method: str = "rome", **overrides) -> "SADRConfig":
@@ -81,6 +85,8 @@ class SADRConfig:
             raise ValueError(f"SADR divergence must be one of {DIVERGENCES}, not {self.divergence!r}")
         if self.weight < 0:
             raise ValueError(f"SADR weight must be >= 0, not {self.weight}")
+        if self.distract_only and not self.distract:
+            object.__setattr__(self, "distract", True)
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"SADR steps must be a positive number of optimisation steps, not {self.steps}")
 
@@ -188,6 +194,8 @@ class SADRLoss:
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
         rows = torch.cat([torch.arange(info.n_rewriting), info.extra_rows])
+        if self.config.distract_only:
+            rows = info.extra_rows
         query = info.last_prompt_index[rows]
         now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()
         subject = info.subject_last_index[rows]

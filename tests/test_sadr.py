@@ -146,6 +146,20 @@ def test_sadr_distract_rows_join_the_batch_without_touching_the_editors_own_loss
     assert nll_rows == pytest.approx(nll_plain, rel=1e-5)  # weight 0: the same optimisation
 
 
+def test_sadr_distract_only_restricts_just_the_distract_rows(stats):
+    model = tiny_model("llama", n_layers=3)
+    cfg = _config("rome", stats)
+    only = SADRConfig(weight=1.0, distract_only=True)
+    assert only.distract  # implied
+    with edit(model, EIFFEL, "rome", cfg, sadr=only) as result:
+        record = result.sadr_records[0]
+        trace = result.traces[0]
+    n = len(distract_prompts(EIFFEL))
+    assert all(mask.shape[0] == n for mask in record["mask"])
+    assert record["loss"][0] == 0.0 and min(record["loss"]) >= 0.0
+    assert trace.extra["sadr"][1:] and max(trace.extra["sadr"][1:]) > 0.0
+
+
 def test_sadr_must_be_a_config_and_layers_in_range(stats):
     model = tiny_model("llama", n_layers=3)
     original = [b.mlp.out.weight.detach().clone() for b in model.blocks]
