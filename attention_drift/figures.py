@@ -124,7 +124,7 @@ class FiguresConfig:
             raise FiguresError(f"--runs {self.runs!r} is not a folder of run files")
 
 
-def _cli(argv: Sequence[str]) -> None:
+def _cli(argv: Sequence[str | Path]) -> None:
     from attention_drift import cli
 
     status = cli.main([str(a) for a in argv])
@@ -157,7 +157,7 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         else:
             todo.append(name)
     if todo:
-        base = [*_common(cfg), "--limit", cfg.limit, "--balanced", "--fluency"]
+        base = [*_common(cfg), "--limit", str(cfg.limit), "--balanced", "--fluency"]
         pre = out / "none.jsonl"
         _cli(["evaluate", *base, "--out", pre])
         for name in todo:
@@ -275,8 +275,8 @@ def _ablations(runs, out: Path, png: bool) -> dict:
 
 
 def _analysis_argv(cfg: FiguresConfig, limit: int, folder: Path) -> list[str]:
-    return [*_common(cfg), "--method", "rome", "--kinds", "counterfact", "--limit", limit, *_stats(cfg),
-            "--out", folder]
+    return [*_common(cfg), "--method", "rome", "--kinds", "counterfact", "--limit", str(limit), *_stats(cfg),
+            "--out", str(folder)]
 
 
 def _read_json(path: Path) -> dict:
@@ -362,7 +362,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
             "markdown": drift_markdown(drift) if drift else "",
             "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png"))}
     if items & {"contamination", "patching"}:
-        heads = ["--heads-from", out / "drift" / "drift.json"] if (out / "drift" / "drift.json").exists() else []
+        heads = ["--heads-from", str(out / "drift" / "drift.json")] if (out / "drift" / "drift.json").exists() else []
         _cli(["patch", *_analysis_argv(cfg, cfg.patch_limit, out / "patch"), *heads])
         patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
