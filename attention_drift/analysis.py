@@ -680,8 +680,9 @@ def patch_markdown(result: dict, title: str = "") -> str:
                  f"({100 * v['max_drop']['relative_drop']:.1f}% relative) at {v['max_drop']['label'] or 'token'} "
                  f"{v['max_drop']['token']!r}, window centred on layer {v['max_drop']['layer']}"
                  for comp, v in c["components"].items()]
-        rows += ["", f"Contamination ({c['n_prompts']} prompts; full edit drops P(true) by "
-                 f"{c['full_edit_drop']:.4f}, {100 * c['full_edit_relative_drop']:.1f}% relative): " + "; ".join(parts)]
+        rows += ["", f"Contamination ({c['n_prompts']} prompts; the full edit changes P(true) by "
+                 f"{-c['full_edit_drop']:+.4f} on average, a mean per-prompt relative drop of "
+                 f"{100 * c['full_edit_relative_drop']:.1f}%): " + "; ".join(parts)]
     return "\n".join(rows)
 
 
