@@ -135,6 +135,16 @@ def add_sadr_arguments(p) -> None:
                    help="regularise only distract-style prompts, not the rewriting prompts (our extension)")
 
 
+def sadr_meta(args) -> dict | None:
+    """The SADR options as written in run-file headers (None without --sadr)."""
+    if not args.sadr:
+        return None
+    meta = {k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers", "distract")}
+    if args.sadr_distract_only:  # only when set: headers of older run files stay equal, so they resume
+        meta["distract_only"] = True
+    return meta
+
+
 def sadr_config(args, method: str, model=None):
     """The SADRConfig the arguments ask for (None without --sadr); with ``model=None`` the
     options are only checked (the preset weight and steps need the model)."""
@@ -289,10 +299,7 @@ def run_evaluate(args) -> int:
     records = _records(args)
     edit_meta = None
     if args.method != "none":
-        edit_meta = {"stats_samples": args.stats_samples, "sadr": None if sadr is None else {
-            k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers", "distract")}}
-        if sadr is not None and args.sadr_distract_only:  # only when set: older run files stay resumable
-            edit_meta["sadr"]["distract_only"] = True
+        edit_meta = {"stats_samples": args.stats_samples, "sadr": sadr_meta(args)}
     meta = {
         "format": FORMAT, "model": args.model, "method": args.method, "data": _data_label(args.data),
         "fluency": None if fluency is None else fluency.to_json(), "edit": edit_meta,
@@ -597,11 +604,7 @@ def run_analysis(args) -> int:
     label = args.method + ("-sadr" if args.sadr else "")
     out = Path(args.out) if args.out else Path("runs") / f"{args.analysis}-{default_out(args.model, label).stem}"
     meta = {"model": args.model, "method": args.method, "data": _data_label(args.data),
-            "edit": {"stats_samples": args.stats_samples, "sadr": None if not args.sadr else {
-                k: getattr(args, f"sadr_{k}") for k in ("weight", "selection", "divergence", "steps", "layers",
-                                                        "distract")}}}
-    if args.sadr and args.sadr_distract_only:
-        meta["edit"]["sadr"]["distract_only"] = True
+            "edit": {"stats_samples": args.stats_samples, "sadr": sadr_meta(args)}}
     from attention_drift.models import load_model
 
     model = load_model(args.model, device=args.device)

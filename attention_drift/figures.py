@@ -30,6 +30,7 @@ resumable run files, so an interrupted command continues where it stopped. The r
 list) next to the figures (HTML that opens offline, and PNG when a browser for kaleido is there).
 """
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -188,28 +189,17 @@ def _row(summary: dict, phase: str = "post") -> dict:
     return row
 
 
-def table_markdown(rows: dict[str, dict], records: dict[str, int], seconds: dict[str, float | None]) -> str:
-    """A markdown table of ``{label: row}`` (accuracy ± 95% half-width in %, fluency x100)."""
-    head = "| run | records | " + " | ".join(g.replace("_", " ") for g in SHOWN) + " | fluency | s/edit |"
-    lines = [head, "|" + "---|" * (len(SHOWN) + 4)]
-    for label, row in rows.items():
-        cells = [f"{100 * row[g]['accuracy']:.1f} ± {100 * row[g]['half_width']:.1f}" if g in row else "–"
-                 for g in SHOWN]
-        fluency, seconds_ = row.get("fluency"), seconds.get(label)
-        cells.append(f"{100 * fluency['ngram_entropy']:.1f}" if fluency else "–")
-        cells.append(f"{seconds_:.1f}" if seconds_ is not None else "–")
-        lines.append(f"| {label} | {records.get(label, '–')} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _table(summaries: dict[str, dict]) -> tuple[dict, str]:
+    """(numbers, markdown) of ``{label: summary}``: the first run's pre-edit row, then each post-edit row."""
+    from attention_drift.cli import compare_markdown
+
     if not summaries:
         return {}, ""
     first = next(iter(summaries.values()))
     rows = {"pre-edit": _row(first, "pre")} | {n: _row(s) for n, s in summaries.items()}
     records = {"pre-edit": first["meta"]["records"]} | {n: s["meta"]["records"] for n, s in summaries.items()}
     seconds = {n: s["meta"]["seconds_per_edit"] for n, s in summaries.items()}
-    return {"rows": rows, "records": records, "seconds_per_edit": seconds}, table_markdown(rows, records, seconds)
+    return {"rows": rows, "records": records, "seconds_per_edit": seconds}, compare_markdown(summaries)
 
 
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
@@ -316,8 +306,7 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
     else:
         model = load_model(cfg.model, device=cfg.device)
         try:
-            config = edit_config(dataclasses.make_dataclass("A", [("stats_samples", object)])(cfg.stats_samples),
-                                 model, "rome")
+            config = edit_config(argparse.Namespace(stats_samples=cfg.stats_samples), model, "rome")
         except CliError as err:
             raise FiguresError(str(err)) from None
         cs = case_study(model, record.rewrite, sample["prompt"], sample["target_true"], method="rome", config=config)

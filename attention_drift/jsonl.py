@@ -31,6 +31,11 @@ def _key(line: dict) -> tuple[str, str]:
     return json.dumps(line.get("case_id")), str(line.get("method"))
 
 
+def _header_diff(a: dict, b: dict, ignore: tuple[str, ...] = ("created",)) -> list[str]:
+    """Keys (but ``ignore``) on which two run headers differ, sorted."""
+    return sorted(k for k in (set(a) | set(b)) - set(ignore) if a.get(k) != b.get(k))
+
+
 def _parse(path: Path) -> tuple[dict | None, list[dict], int]:
     """(meta, record lines, byte length of the well-formed prefix) of ``path``.
 
@@ -108,8 +113,7 @@ class RunFile:
             self._file.write("\n")
 
     def _check(self, old: dict, ignore: tuple[str, ...]) -> None:
-        keys = (set(old) | set(self.meta)) - set(ignore)
-        diff = sorted(k for k in keys if old.get(k) != self.meta.get(k))
+        diff = _header_diff(old, self.meta, ignore)
         if diff:
             was = ", ".join(f"{k}={old.get(k)!r}" for k in diff)
             now = ", ".join(f"{k}={self.meta.get(k)!r}" for k in diff)
@@ -170,10 +174,11 @@ def merge_runs(out: str | os.PathLike, parts: list[str | os.PathLike]) -> int:
     seen: set[tuple[str, str]] = set()
     lines = [json.dumps({"meta": meta})]
     for run in runs:
-        for key in (set(meta) | set(run.meta)) - {"created"}:
-            if meta.get(key) != run.meta.get(key):
-                raise RunFileError(f"cannot merge run files with different {key!r}: "
-                                   f"{meta.get(key)!r} vs {run.meta.get(key)!r}")
+        diff = _header_diff(meta, run.meta)
+        if diff:
+            key = diff[0]
+            raise RunFileError(f"cannot merge run files with different {key!r}: "
+                               f"{meta.get(key)!r} vs {run.meta.get(key)!r}")
         for record in run.records:
             if _key(record) not in seen:
                 seen.add(_key(record))

@@ -125,7 +125,7 @@ def _run_sharded(out: Path, plan: dict[str, int], common: list[str], jobs: int, 
         time.sleep(1)
     for name, k in plan.items():
         main_file = out / f"{name}.jsonl"
-        parts = [f for f in sorted(out.glob(f"{name}.shard*of*.jsonl"))]
+        parts = sorted(out.glob(f"{name}.shard*of*.jsonl"))
         if parts:
             n = merge_runs(main_file, [main_file, *parts])
             for f in parts:

@@ -309,12 +309,11 @@ class LayerRunner:
         self.suffix = False
         if want_suffix:
             self._build_suffix(batch, changes_from.to(self.resid.device), saved)
+        if self.suffix:
             with torch.no_grad():
                 final, _ = self.run()
                 reference = saved[final_name][self.rows, self.pos]
-                ok = torch.allclose(final[self.valid], reference[self.valid], atol=1e-4, rtol=1e-3)
-            if not ok:
-                self.suffix = False
+                self.suffix = torch.allclose(final[self.valid], reference[self.valid], atol=1e-4, rtol=1e-3)
 
     @staticmethod
     def _suffix_supported(model, start: int) -> bool:
