@@ -193,9 +193,8 @@ class SADRLoss:
         return [f"blocks.{l}.attn.hook_pattern" for l in self.layers(info)]
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
-        rows = torch.cat([torch.arange(info.n_rewriting), info.extra_rows])
-        if self.config.distract_only:
-            rows = info.extra_rows
+        rows = (info.extra_rows if self.config.distract_only
+                else torch.cat([torch.arange(info.n_rewriting), info.extra_rows]))
         query = info.last_prompt_index[rows]
         now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()
         subject = info.subject_last_index[rows]
