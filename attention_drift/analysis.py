@@ -67,8 +67,8 @@ from attention_drift.drift import (
 )
 from attention_drift.jsonl import RunFile, read_run
 from attention_drift.models import model_device
+from attention_drift.hooks import act_name
 from attention_drift.patching import (
-    COMPONENTS,
     Grid,
     Patch,
     PatchCase,
@@ -207,7 +207,7 @@ def drift_record(model, record: Record, edit_fn_factory: EditFactory,
     if not prompts:
         return None
     captured: dict = {}
-    hook_names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    hook_names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
 
     def patterns() -> torch.Tensor:
         ids = torch.tensor([tokens.encode(model, prompts[0])], device=model_device(model))
@@ -457,7 +457,7 @@ def _subject_drift(model, case: PatchCase, clean, edited) -> torch.Tensor | None
     if not pos:
         return None
     q = int(clean.batch.prompt_lengths[0]) - 1
-    names = [COMPONENTS["pattern"].format(l) for l in range(model.cfg.n_layers)]
+    names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
     b = torch.stack([clean.cache[n][0, :, q, pos[0]] for n in names]).float().cpu()
     a = torch.stack([edited.cache[n][0, :, q, pos[0]] for n in names]).float().cpu()
     return a - b

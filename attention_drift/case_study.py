@@ -53,12 +53,13 @@ from attention_drift.patching import (
 )
 from attention_drift.plots import PALETTE, SEQUENTIAL, _label, _style
 from attention_drift.viz import AttentionView
+from attention_drift.errors import AttentionDriftError
 
 STATES = ("pre", "post", "restored")
 _STATE_NAMES = {"pre": "pre-edit", "post": "post-edit", "restored": "post-edit, attention restored"}
 
 
-class CaseStudyError(ValueError):
+class CaseStudyError(AttentionDriftError):
     """Unusable input to a case study; raised before any weight is touched."""
 
 

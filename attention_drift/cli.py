@@ -63,12 +63,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from attention_drift.errors import AttentionDriftError
 
 METHODS = ("none", "rome", "memit", "pmet")
 FORMAT = "attention_drift.evaluate/1"
 
 
-class CliError(ValueError):
+class CliError(AttentionDriftError):
     """A bad command-line request; the message says what to change."""
 
 

@@ -24,6 +24,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from attention_drift.errors import AttentionDriftError
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 KINDS = ("counterfact", "wikidata")
@@ -40,7 +41,7 @@ _WIKIDATA_ONLY = ("p-reasoning", "p-subject_alias", "l-relation")
 _ORIGINAL_KEYS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts")
 
 
-class DataError(ValueError):
+class DataError(AttentionDriftError):
     """A data file or record that cannot be used; the message says where and how to fix it."""
 
 

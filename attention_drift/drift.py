@@ -31,6 +31,8 @@ from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
+from attention_drift.hooks import act_name
+from attention_drift.errors import AttentionDriftError
 
 EPS = 1e-8
 REGIONS = (
@@ -42,12 +44,8 @@ SEVERITIES = ("logodds_drop", "p_true_drop")
 OUTCOMES = (*SEVERITIES, "fails")
 
 
-class DriftError(ValueError):
+class DriftError(AttentionDriftError):
     """Unusable input to a drift measurement; raised before any weight is touched."""
-
-
-def _pattern_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,13 +71,13 @@ class AttentionRows:
 
 def _rows_from_cache(cache, n_layers: int, query: Tensor, n_keys: int) -> Tensor:
     picks = torch.arange(query.shape[0])
-    per_layer = [cache[_pattern_hook(l)][picks, :, query, :n_keys] for l in range(n_layers)]
+    per_layer = [cache[act_name("pattern", l)][picks, :, query, :n_keys] for l in range(n_layers)]
     return torch.stack(per_layer, dim=1).float()
 
 
 def _forward_rows(model, batch: tokens.Batch, query: Tensor, rows_of: int) -> tuple[Tensor, Tensor]:
     """(logits, rows) of one forward; rows are read for the first ``rows_of`` batch rows."""
-    wanted = {_pattern_hook(l) for l in range(model.cfg.n_layers)}
+    wanted = {act_name("pattern", l) for l in range(model.cfg.n_layers)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in wanted

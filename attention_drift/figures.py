@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attention_drift.cli import COMPARE_GROUPS
+from attention_drift.errors import AttentionDriftError
 
 ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
 
@@ -75,7 +76,7 @@ ABLATION_FAMILIES = {
 SHOWN = COMPARE_GROUPS
 
 
-class FiguresError(ValueError):
+class FiguresError(AttentionDriftError):
     """A figures request that cannot run; the message says what to change."""
 
 

@@ -13,9 +13,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from attention_drift.errors import AttentionDriftError
 
 
-class RunFileError(ValueError):
+class RunFileError(AttentionDriftError):
     """A run file that cannot be read or appended to; the message says why and what to do."""
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from attention_drift.errors import AttentionDriftError
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(AttentionDriftError):
     """A model name or path that cannot be loaded; the message says what to do."""
 
 

@@ -34,23 +34,18 @@ from torch import Tensor
 from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
 from attention_drift.drift import REGIONS, Regions, Scores
+from attention_drift.hooks import act_name
+from attention_drift.errors import AttentionDriftError
 
-COMPONENTS: dict[str, str] = {
-    "pattern": "blocks.{}.attn.hook_pattern",
-    "z": "blocks.{}.attn.hook_z",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_post": "blocks.{}.mlp.hook_post",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_post": "blocks.{}.hook_resid_post",
-}
+COMPONENTS = ("pattern", "z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_post")
+"""Patchable activations, named by their :func:`~attention_drift.hooks.act_name` kind."""
 HEAD_COMPONENTS = ("pattern", "z")
 DIRECTIONS = ("restore", "contaminate")
 METRICS = ("recovery", "recovery_p", "p_true", "p_new", "lp_true", "lp_new", "logodds",
            "delta_p_true", "delta_logodds")
 
 
-class PatchingError(ValueError):
+class PatchingError(AttentionDriftError):
     """A patch that cannot be applied as asked; raised before any forward pass or weight change."""
 
 
@@ -105,7 +100,7 @@ class Patch:
             raise PatchingError(f"unknown region {self.positions!r} for positions; choose from {REGIONS}")
 
     def hook_names(self) -> list[str]:
-        return [COMPONENTS[self.component].format(layer) for layer in self.layers]
+        return [act_name(self.component, layer) for layer in self.layers]
 
 
 Variant = tuple[Patch, ...]
@@ -229,7 +224,7 @@ def record_activations(
         variants = variants.variants
     batch, target_ids = _layout(model, case)
     names = set(hook_names(variants)) if variants is not None else {
-        template.format(layer) for template in COMPONENTS.values() for layer in range(model.cfg.n_layers)}
+        act_name(kind, layer) for kind in COMPONENTS for layer in range(model.cfg.n_layers)}
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names)
@@ -261,7 +256,7 @@ def supports_pattern_patching(model) -> bool:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = model(ids)
-        probed = model.run_with_hooks(ids, fwd_hooks=[(COMPONENTS["pattern"].format(0), uniform)])
+        probed = model.run_with_hooks(ids, fwd_hooks=[(act_name("pattern", 0), uniform)])
     supported = bool((plain - probed).abs().max() > 1e-6)
     _PATTERN_SUPPORT[model] = supported
     return supported

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from plotly.colors import qualitative
 from torch import Tensor
+from attention_drift.errors import AttentionDriftError
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu_r"
@@ -34,11 +35,11 @@ STATIC_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DRIFT_VALUES = ("delta", "after", "kl")
 
 
-class PlotError(ValueError):
+class PlotError(AttentionDriftError):
     """Input a figure cannot be drawn from; the message says what is wrong."""
 
 
-class PngExportError(RuntimeError):
+class PngExportError(AttentionDriftError, RuntimeError):
     """Static image export is not possible here; the message says what to install."""
 
 

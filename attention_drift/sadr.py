@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attention_drift.data import Rewrite
+from attention_drift.hooks import act_name
 
 EPS = 1e-8
 DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
@@ -190,7 +191,7 @@ class SADRLoss:
         return tuple(self.config.layers)
 
     def hook_names(self, info) -> list[str]:
-        return [f"blocks.{l}.attn.hook_pattern" for l in self.layers(info)]
+        return [act_name("pattern", l) for l in self.layers(info)]
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
         rows = (info.extra_rows if self.config.distract_only

@@ -29,9 +29,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from attention_drift.tokens import batch_prompts, token_strings
+from attention_drift.hooks import act_name
+from attention_drift.errors import AttentionDriftError
 
 
-class VizError(ValueError):
+class VizError(AttentionDriftError):
     """Input an attention view cannot be drawn from; the message says what is wrong."""
 
 
@@ -203,7 +205,7 @@ def head_patterns(
     if bad or not heads:
         raise VizError(f"heads {bad or heads} are invalid: the model has heads 0..{n_heads - 1}")
     batch = batch_prompts(model, [prompt])
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = act_name("pattern", layer)
     with torch.no_grad():
         _, cache = model.run_with_cache(
             batch.input_ids, names_filter=lambda n: n == name, attention_mask=batch.attention_mask

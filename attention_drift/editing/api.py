@@ -33,6 +33,7 @@ from attention_drift.editing.stats import inverse_second_moment, key_second_mome
 from attention_drift.editing.templates import context_templates
 from attention_drift.models import mlp_out_weight, on_model_device
 from attention_drift.sadr import SADRConfig, SADRLoss
+from attention_drift.hooks import mlp_weight_name
 
 METHODS = tuple(CONFIG_TYPES)
 
@@ -194,7 +195,7 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
     else:
         covs = key_second_moments(model, config.layers, config.stats, progress=progress)
 
-    params = {f"blocks.{l}.mlp.out.weight": mlp_out_weight(model, l) for l in config.layers}
+    params = {mlp_weight_name(l): mlp_out_weight(model, l) for l in config.layers}
     originals = {name: p.detach().clone() for name, p in params.items()}
 
     def apply(name: str, upd: Tensor) -> None:

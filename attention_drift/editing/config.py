@@ -46,9 +46,10 @@ import os
 from dataclasses import dataclass, field
 
 from attention_drift.models import model_family, n_layers
+from attention_drift.errors import AttentionDriftError
 
 
-class EditError(ValueError):
+class EditError(AttentionDriftError):
     """An edit that cannot be done as asked; raised before any weight is touched."""
 
 

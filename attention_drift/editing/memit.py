@@ -32,6 +32,7 @@ from attention_drift.editing.optimize import (
     template_rows,
 )
 from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.hooks import act_name, mlp_weight_name
 
 
 def grouped_keys_and_outputs(
@@ -48,7 +49,7 @@ def grouped_keys_and_outputs(
         p, pos = template_rows(model, request, flat)
         prompts += p
         positions += pos
-    key_hook = f"blocks.{layer}.mlp.hook_post"
+    key_hook = act_name("mlp_post", layer)
     acts = subject_activations(model, prompts, positions, [key_hook, out_hook])
     keys = acts[key_hook].double().reshape(len(requests), len(flat), -1)
     bounds, start = [], 0
@@ -91,7 +92,7 @@ def spread_updates(
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, out_hook)
         residuals = (targets.double() - current) / divisor(len(layers) - i)
         upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight)
-        apply(f"blocks.{layer}.mlp.out.weight", upd.to(mlp_out_weight(model, layer).dtype))
+        apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
 
 
 def execute(
@@ -104,7 +105,7 @@ def execute(
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> list[OptimizationTrace]:
     z_layer = config.layers[-1]
-    site = f"blocks.{z_layer}.hook_out"
+    site = act_name("resid_post", z_layer)
     objective = Objective(
         lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
         clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,

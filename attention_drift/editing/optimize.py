@@ -33,7 +33,6 @@ from the reference pass (detached constants, they cannot change). Step 0 runs wi
 deltas zero, so a term can record reference activations then.
 """
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,8 +48,8 @@ from attention_drift.data import Rewrite
 from attention_drift.editing.config import EditError, RequestError
 from attention_drift.models import n_layers
 from attention_drift.tokens import Batch
+from attention_drift.hooks import act_name, layer_of
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "output_attentions")
 
 
@@ -173,10 +172,10 @@ class ValueSolution:
 
 
 def hook_layer(name: str) -> int:
-    match = _BLOCK.match(name)
-    if match is None:
-        raise EditError(f"hook {name!r} is not inside a block; extra losses can read 'blocks.L.*' hooks only")
-    return int(match.group(1))
+    try:
+        return layer_of(name)
+    except ValueError:
+        raise EditError(f"hook {name!r} is not inside a block; extra losses can read 'blocks.L.*' hooks only") from None
 
 
 def subject_last_index(model, text: str, subject: str, prefix_chars: int) -> int:
@@ -273,10 +272,9 @@ class LayerRunner:
         calls: dict[int, tuple[tuple, dict]] = {}
         saved: dict[str, Tensor] = {}
         want_suffix = changes_from is not None and self._suffix_supported(model, start)
-        kv_names = ([n for l in range(start, self.total) for n in (f"blocks.{l}.attn.hook_rot_k",
-                                                                     f"blocks.{l}.attn.v.hook_out")]
+        kv_names = ([n for l in range(start, self.total) for n in (act_name("rot_k", l), act_name("v", l))]
                     if want_suffix else [])
-        final_name = f"blocks.{self.total - 1}.hook_resid_post"
+        final_name = act_name("resid_post", self.total - 1)
 
         def pre_hook(layer):
             def fn(module, args, kwargs):
@@ -319,8 +317,8 @@ class LayerRunner:
     def _suffix_supported(model, start: int) -> bool:
         attn = model.blocks[start].attn
         return (type(attn).__name__ == "PositionEmbeddingsAttentionBridge" and hasattr(attn, "hook_rot_k")
-                and all(f"blocks.{l}.attn.{h}" in model.hook_dict for l in range(start, n_layers(model))
-                        for h in ("hook_rot_k", "v.hook_out")))
+                and all(act_name(kind, l) in model.hook_dict for l in range(start, n_layers(model))
+                        for kind in ("rot_k", "v")))
 
     def _build_suffix(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor]) -> None:
         b, T = batch.input_ids.shape
@@ -351,8 +349,8 @@ class LayerRunner:
             cos, sin = kwargs["position_embeddings"]
             gather = lambda t: t.expand(b, -1, -1)[self.rows, self.pos]  # noqa: E731
             attn = self.model.blocks[layer].attn
-            k = saved[f"blocks.{layer}.attn.hook_rot_k"]  # hooks show [batch, pos, kv head, d_head]
-            v = saved[f"blocks.{layer}.attn.v.hook_out"]
+            k = saved[act_name("rot_k", layer)]  # hooks show [batch, pos, kv head, d_head]
+            v = saved[act_name("v", layer)]
             v = v.reshape(b, T, k.shape[2], -1)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             # HF 5 hands its own cache to attention as ``cache``, which the bridge does not read;

@@ -26,6 +26,7 @@ from attention_drift.data import Rewrite
 from attention_drift.editing.config import PMETConfig
 from attention_drift.editing.memit import spread_updates
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.hooks import act_name
 
 
 def execute(
@@ -38,7 +39,7 @@ def execute(
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> list[OptimizationTrace]:
     z_layer = config.layers[-1]
-    attn_site, mlp_site = f"blocks.{z_layer}.attn.hook_out", f"blocks.{z_layer}.mlp.hook_out"
+    attn_site, mlp_site = act_name("attn_raw", z_layer), act_name("mlp_raw", z_layer)
     objective = Objective(
         lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
         clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,

@@ -27,6 +27,7 @@ from attention_drift.data import Rewrite
 from attention_drift.editing.config import ROMEConfig
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
 from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.hooks import act_name, mlp_weight_name
 
 
 def objective(config: ROMEConfig) -> Objective:
@@ -59,7 +60,7 @@ def execute(
 ) -> list[OptimizationTrace]:
     """Edit ``requests`` in turn; ``apply(param_name, delta)`` adds each weight delta."""
     layer = config.layer
-    site, key_hook = f"blocks.{layer}.mlp.hook_out", f"blocks.{layer}.mlp.hook_post"
+    site, key_hook = act_name("mlp_raw", layer), act_name("mlp_post", layer)
     traces = []
     for request in requests:
         solution = optimize_values(
@@ -73,6 +74,6 @@ def execute(
         upd = rank_one_update(
             model, layer, k_bare, u, solution.target[site].double(), solution.init[site].double()
         )
-        apply(f"blocks.{layer}.mlp.out.weight", upd.to(mlp_out_weight(model, layer).dtype))
+        apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
         traces.append(solution.trace)
     return traces

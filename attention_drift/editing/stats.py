@@ -49,6 +49,7 @@ from attention_drift import tokens
 from attention_drift.editing.config import ConfigError, StatsConfig
 from attention_drift.editing.templates import sample_tokens
 from attention_drift.models import model_device, n_layers
+from attention_drift.hooks import act_name
 
 SAMPLE_CHUNK = 32
 OPENERS = ("The", "In", "A", "It", "This", "He", "She", "When", "After", "There", "We", "One")
@@ -108,7 +109,7 @@ def key_second_moments(
                 "model": str(getattr(model, "model_name", "")),
                 "model_key": model_key(model),
                 "layer": layer,
-                "hook": f"blocks.{layer}.mlp.hook_post",
+                "hook": act_name("mlp_post", layer),
                 "corpus": stats.corpus if isinstance(stats.corpus, str) else list(stats.corpus),
                 "corpus_key": stats.corpus_key,
                 "n_samples_requested": stats.n_samples,
@@ -137,7 +138,7 @@ def _save(path: Path, mom2: Tensor, count: int, provenance: dict) -> None:
 def _accumulate(
     model, sequences: list[list[int]], layers: list[int], batch_size: int, progress: bool
 ) -> tuple[dict[int, Tensor], int]:
-    names = {f"blocks.{layer}.mlp.hook_post": layer for layer in layers}
+    names = {act_name("mlp_post", layer): layer for layer in layers}
     d_mlp = int(model.cfg.d_mlp)
     sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
     count = 0
