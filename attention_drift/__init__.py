@@ -1,35 +1,39 @@
 """attention_drift: what a knowledge edit does to a model's attention, and how to stop it.
 
-Data flows load -> edit -> cache -> analyse -> plot:
-:func:`load_model`, :func:`load_counterfact` / :func:`load_example`, :func:`edit`,
-:func:`evaluate_record`, :mod:`~attention_drift.drift`, :mod:`~attention_drift.patching`,
-:mod:`~attention_drift.plots`, :mod:`~attention_drift.viz`.
+Data flows load -> edit -> cache -> analyse -> report / plot:
+:func:`load_model`, :func:`load_counterfact` / :func:`load_dev` / :func:`load_example`,
+:func:`edit`, :func:`evaluate_record`, :mod:`~attention_drift.drift`,
+:mod:`~attention_drift.patching`, :mod:`~attention_drift.report`, :mod:`~attention_drift.plots`,
+:mod:`~attention_drift.viz`.
+
+The names below are imported on first use, so ``import attention_drift`` (and the command
+line's ``--help``) does not wait for torch.
 """
 
-from attention_drift.data import Record, Rewrite, balanced_subset, distract_prompt, load_counterfact, load_example
-from attention_drift.editing import EditResult, MEMITConfig, PMETConfig, ROMEConfig, apply_edit, edit
-from attention_drift.evaluate import aggregate, evaluate_record
-from attention_drift.models import DEFAULT_MODEL, OFFLINE_MODELS, load_model, tiny_model
-from attention_drift.sadr import SADRConfig
+import importlib
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "OFFLINE_MODELS",
-    "EditResult",
-    "MEMITConfig",
-    "PMETConfig",
-    "ROMEConfig",
-    "Record",
-    "Rewrite",
-    "SADRConfig",
-    "aggregate",
-    "apply_edit",
-    "balanced_subset",
-    "distract_prompt",
-    "edit",
-    "evaluate_record",
-    "load_counterfact",
-    "load_example",
-    "load_model",
-    "tiny_model",
-]
+_EXPORTS = {
+    "Record": "data", "Rewrite": "data", "balanced_subset": "data", "distract_prompt": "data",
+    "load_counterfact": "data", "load_dev": "data", "load_example": "data",
+    "EDITORS": "editing", "EditResult": "editing", "MEMITConfig": "editing", "PMETConfig": "editing",
+    "ROMEConfig": "editing", "apply_edit": "editing", "edit": "editing",
+    "aggregate": "evaluate", "evaluate_record": "evaluate",
+    "DEFAULT_MODEL": "models", "OFFLINE_MODELS": "models", "load_model": "models", "tiny_model": "models",
+    "SADRConfig": "sadr",
+    "AttentionDriftError": "errors",
+    "Variant": "variants", "SADRSpec": "variants",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'attention_drift' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"attention_drift.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -20,7 +20,7 @@ Items (``ITEMS``) and where their numbers come from:
 7. ``ablations`` -- hinge vs all-heads selection, distract rows, SADR layer range, and the
    trade-off of efficacy / paraphrase vs distract neighbourhood as the SADR weight grows.
 
-Evaluation runs are ``attention-drift evaluate`` run files named after :data:`VARIANTS`
+Evaluation runs are ``attention-drift evaluate`` run files named after :func:`variants`
 (``<variant>.jsonl``): taken from ``runs`` when that folder has them (e.g. a GPU grid made with
 ``benchmarks/eval_grid.py``), otherwise computed into ``OUT/runs`` on the first ``limit``
 records (balanced). Drift and patching use the first ``drift_limit`` / ``patch_limit``
@@ -30,42 +30,16 @@ resumable run files, so an interrupted command continues where it stopped. The r
 list) next to the figures (HTML that opens offline, and PNG when a browser for kaleido is there).
 """
 
-import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attention_drift.cli import COMPARE_GROUPS
 from attention_drift.errors import AttentionDriftError
+from attention_drift.report import COMPARE_GROUPS
 
 ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
-
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "none": ("--method", "none"),
-    "rome": ("--method", "rome"),
-    "rome-sadr": ("--method", "rome", "--sadr"),
-    "memit": ("--method", "memit"),
-    "memit-sadr": ("--method", "memit", "--sadr"),
-    "pmet": ("--method", "pmet"),
-    "pmet-sadr": ("--method", "pmet", "--sadr"),
-    "rome-sadr-w0.1": ("--method", "rome", "--sadr", "--sadr-weight", "0.1"),
-    "rome-sadr-w1": ("--method", "rome", "--sadr", "--sadr-weight", "1"),
-    "rome-sadr-all": ("--method", "rome", "--sadr", "--sadr-selection", "all"),
-    "rome-sadr-distract": ("--method", "rome", "--sadr", "--sadr-distract"),
-    "rome-sadr-distract-w0.1": ("--method", "rome", "--sadr", "--sadr-distract", "--sadr-weight", "0.1"),
-    "rome-sadr-distract-only-w1": ("--method", "rome", "--sadr", "--sadr-distract-only", "--sadr-weight", "1"),
-    "rome-sadr-distract-only-w10": ("--method", "rome", "--sadr", "--sadr-distract-only", "--sadr-weight", "10"),
-    "rome-sadr-lower": ("--method", "rome", "--sadr", "--sadr-layers", "5-17"),
-    "rome-sadr-upper": ("--method", "rome", "--sadr", "--sadr-layers", "18-29"),
-}
-"""Evaluation variants: name -> ``attention-drift evaluate`` options (SmolLM2's 30 layers for the
-layer ranges; the edit layer is 5). Also the names of ``benchmarks/eval_grid.py``."""
-
-EDITORS = ("rome", "memit", "pmet")
-MAIN = ("rome", "rome-sadr", "memit", "memit-sadr", "pmet", "pmet-sadr")
 WEIGHTS = {"rome": 0.0, "rome-sadr": 0.01, "rome-sadr-w0.1": 0.1, "rome-sadr-w1": 1.0}
 """The SADR weight sweep on ROME (0: plain ROME; 0.01: the published weight)."""
 ABLATION_FAMILIES = {
@@ -74,6 +48,13 @@ ABLATION_FAMILIES = {
     "layers": ("rome", "rome-sadr", "rome-sadr-lower", "rome-sadr-upper"),
 }
 SHOWN = COMPARE_GROUPS
+
+
+def variants():
+    """The evaluation variants (:func:`attention_drift.variants.paper_variants`): name -> Variant."""
+    from attention_drift.variants import paper_variants
+
+    return paper_variants()
 
 
 class FiguresError(AttentionDriftError):
@@ -86,16 +67,16 @@ class FiguresConfig:
 
     Args:
         model: model name or path (as for ``attention-drift evaluate``).
-        data: CounterFact-style JSON file (None: the packaged 8-record example).
+        data: CounterFact-style JSON file, or ``"dev"`` (None: the packaged 8-record example).
         out: output folder (figures, ``figures.md``, ``figures.json``, run files).
         limit: records (balanced between the two kinds) for evaluation runs computed here.
         drift_limit: CounterFact-type records of the drift analysis (items 1 and 4).
         patch_limit: CounterFact-type records of the patching analysis (items 3 and 5).
         runs: folder of existing evaluation run files ``<variant>.jsonl`` to use as they are.
         items: which of :data:`ITEMS` to make.
-        variants: evaluation variants to use (default: all of :data:`VARIANTS` but ``none``).
+        variants: evaluation variants to use (names of :func:`variants`; default: all but ``none``).
         stats_samples: covariance statistics sample count (None: the model preset's).
-        device: torch device.
+        device, dtype: where and in which dtype the model runs.
         progress: progress bars on stderr.
     """
 
@@ -107,48 +88,51 @@ class FiguresConfig:
     patch_limit: int = 4
     runs: str | None = None
     items: tuple[str, ...] = ITEMS
-    variants: tuple[str, ...] = tuple(v for v in VARIANTS if v != "none")
+    variants: tuple[str, ...] | None = None
     stats_samples: int | None = None
     device: str = "cpu"
+    dtype: str = "float32"
     progress: bool = True
 
     def __post_init__(self):
         bad = [i for i in self.items if i not in ITEMS]
         if bad:
             raise FiguresError(f"unknown items {bad}; choose from {', '.join(ITEMS)}")
-        bad = [v for v in self.variants if v not in VARIANTS]
+        table = variants()
+        if self.variants is None:
+            object.__setattr__(self, "variants", tuple(v for v in table if v != "none"))
+        bad = [v for v in self.variants if v not in table]
         if bad:
-            raise FiguresError(f"unknown variants {bad}; choose from {', '.join(VARIANTS)}")
+            raise FiguresError(f"unknown variants {bad}; choose from {', '.join(table)}")
         for name in ("limit", "drift_limit", "patch_limit"):
             if getattr(self, name) < 1:
                 raise FiguresError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.runs is not None and not Path(self.runs).is_dir():
             raise FiguresError(f"--runs {self.runs!r} is not a folder of run files")
 
+    def variant(self, name: str):
+        """The named variant with this configuration's statistics sample count."""
+        from attention_drift.variants import with_stats_samples
 
-def _cli(argv: Sequence[str | Path]) -> None:
-    from attention_drift import cli
+        return with_stats_samples(variants()[name], self.stats_samples)
 
-    status = cli.main([str(a) for a in argv])
-    if status != 0:
-        raise FiguresError(f"'attention-drift {' '.join(map(str, argv))}' failed (exit {status}); see above")
+    def handle(self):
+        from attention_drift.runs import ModelHandle
 
-
-def _common(cfg: FiguresConfig) -> list[str]:
-    argv = ["--model", cfg.model, "--device", cfg.device]
-    if cfg.data is not None:
-        argv += ["--data", cfg.data]
-    if not cfg.progress:
-        argv.append("--no-progress")
-    return argv
+        return _handles.setdefault((self.model, self.device, self.dtype),
+                                   ModelHandle(self.model, device=self.device, dtype=self.dtype))
 
 
-def _stats(cfg: FiguresConfig) -> list[str]:
-    return [] if cfg.stats_samples is None else ["--stats-samples", str(cfg.stats_samples)]
+_handles: dict = {}
+"""One model per (name, device, dtype) in a process: every item reuses it."""
 
 
 def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]:
-    """``{variant: run file}``: from ``cfg.runs`` where it has the file, else evaluated here."""
+    """``{variant: run file}``: from ``cfg.runs`` where it has the file, else evaluated here
+    (:func:`attention_drift.runs.evaluate_run`, pre-edit scores shared through ``none``)."""
+    from attention_drift import runs
+    from attention_drift.evaluate import FluencyConfig
+
     out = Path(cfg.out) / "runs"
     found: dict[str, Path] = {}
     todo = []
@@ -159,22 +143,24 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         else:
             todo.append(name)
     if todo:
-        base = [*_common(cfg), "--limit", str(cfg.limit), "--balanced", "--fluency"]
+        selection = runs.RecordSelection(cfg.data, limit=cfg.limit, balanced=True)
+        records = selection.load()
+        fluency = FluencyConfig()
         pre = out / "none.jsonl"
-        _cli(["evaluate", *base, "--out", pre])
-        for name in todo:
-            if name == "none":
-                found[name] = pre
-                continue
-            _cli(["evaluate", *base, *VARIANTS[name], *_stats(cfg), "--reuse-pre", pre,
-                  "--out", out / f"{name}.jsonl"])
-            found[name] = out / f"{name}.jsonl"
+        for name in ["none", *[n for n in todo if n != "none"]]:
+            variant = cfg.variant(name)
+            path = out / f"{name}.jsonl"
+            runs.evaluate_run(cfg.handle(), records, variant, path, runs.run_meta(cfg.model, variant, selection, fluency),
+                              fluency=fluency, reuse_pre=None if name == "none" else pre, progress=cfg.progress)
+            if name in todo:
+                found[name] = path
     return found
 
 
 def _summaries(runs: dict[str, Path], names: Sequence[str], *, shared: bool) -> dict[str, dict]:
-    from attention_drift.cli import compare
+    """``{"runs": {label: summary}, "paired": ...}`` of the named runs present (see :func:`report.compare`)."""
     from attention_drift.jsonl import read_run
+    from attention_drift.report import compare
 
     present = [n for n in names if n in runs]
     return compare({n: read_run(runs[n]) for n in present}, shared=shared) if present else {}
@@ -190,17 +176,20 @@ def _row(summary: dict, phase: str = "post") -> dict:
     return row
 
 
-def _table(summaries: dict[str, dict]) -> tuple[dict, str]:
-    """(numbers, markdown) of ``{label: summary}``: the first run's pre-edit row, then each post-edit row."""
-    from attention_drift.cli import compare_markdown
+def _table(compared: dict) -> tuple[dict, str]:
+    """(numbers, markdown) of a :func:`_summaries` result: the first run's pre-edit row, each
+    post-edit row, and the paired tests."""
+    from attention_drift.report import compare_markdown
 
-    if not summaries:
+    if not compared:
         return {}, ""
+    summaries = compared["runs"]
     first = next(iter(summaries.values()))
     rows = {"pre-edit": _row(first, "pre")} | {n: _row(s) for n, s in summaries.items()}
     records = {"pre-edit": first["meta"]["records"]} | {n: s["meta"]["records"] for n, s in summaries.items()}
     seconds = {n: s["meta"]["seconds_per_edit"] for n, s in summaries.items()}
-    return {"rows": rows, "records": records, "seconds_per_edit": seconds}, compare_markdown(summaries)
+    numbers = {"rows": rows, "records": records, "seconds_per_edit": seconds, "paired": compared["paired"]}
+    return numbers, compare_markdown(compared)
 
 
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
@@ -209,10 +198,21 @@ def _save(fig, out: Path, name: str, png: bool) -> list[str]:
     return _save_figure(fig, out / name, png)
 
 
+def _editors() -> list[str]:
+    from attention_drift.variants import editor_names
+
+    return list(editor_names())
+
+
+def _main() -> list[str]:
+    """Every editor, then the editor with the published SADR."""
+    return [name for method in _editors() for name in (method, f"{method}-sadr")]
+
+
 def _prevalence(runs, out: Path, png: bool) -> dict:
     from attention_drift import plots
 
-    summaries = _summaries(runs, EDITORS, shared=False)
+    summaries = _summaries(runs, _editors(), shared=False)
     if not summaries:
         return {}
     numbers, md = _table(summaries)
@@ -225,15 +225,17 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
 def _main_table(runs, out: Path, png: bool) -> dict:
     from attention_drift import plots
 
-    summaries = _summaries(runs, MAIN, shared=False)
+    summaries = _summaries(runs, _main(), shared=False)
     if not summaries:
         return {}
     numbers, md = _table(summaries)
-    shared_numbers, shared_md = _table(_summaries(runs, MAIN, shared=True))
     bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
     fig = plots.metric_bars(bars, "Editors with and without SADR (95% CI)", metrics=list(SHOWN))
-    return {"numbers": numbers, "markdown": md, "shared": {"numbers": shared_numbers, "markdown": shared_md},
-            "files": _save(fig, out, "main_table", png)}
+    result = {"numbers": numbers, "markdown": md, "files": _save(fig, out, "main_table", png)}
+    if len(set(numbers["records"].values())) > 1:  # runs of unequal size: also the table on shared records
+        shared_numbers, shared_md = _table(_summaries(runs, _main(), shared=True))
+        result["shared"] = {"numbers": shared_numbers, "markdown": shared_md}
+    return result
 
 
 def _ablations(runs, out: Path, png: bool) -> dict:
@@ -242,16 +244,16 @@ def _ablations(runs, out: Path, png: bool) -> dict:
     result: dict = {"files": []}
     sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
     if len(sweep) >= 2:
-        summaries = _summaries(runs, list(sweep), shared=True)
-        numbers, md = _table(summaries)
+        numbers, md = _table(_summaries(runs, list(sweep), shared=True))
         rows = numbers["rows"]
-        xs = [sweep[n] for n in summaries]
-        series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in summaries]
-                  for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in summaries)}
+        names = [n for n in rows if n != "pre-edit"]
+        xs = [sweep[n] for n in names]
+        series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in names]
+                  for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in names)}
         fig = plots.tradeoff_curve([max(x, 1e-3) for x in xs], series, "SADR weight γ (plain ROME drawn at 0.001)",
                                    "ROME + SADR: efficacy / paraphrase vs distract neighbourhood", log_x=True,
                                    ylabel="accuracy (%)")
-        result["weight"] = {"weights": dict(zip(summaries, xs)), "numbers": numbers, "markdown": md}
+        result["weight"] = {"weights": dict(zip(names, xs)), "numbers": numbers, "markdown": md}
         result["files"] += _save(fig, out, "ablation_weight", png)
     for family, names in ABLATION_FAMILIES.items():
         present = [n for n in names if n in runs]
@@ -265,9 +267,22 @@ def _ablations(runs, out: Path, png: bool) -> dict:
     return result
 
 
-def _analysis_argv(cfg: FiguresConfig, limit: int, folder: Path) -> list[str]:
-    return [*_common(cfg), "--method", "rome", "--kinds", "counterfact", "--limit", str(limit), *_stats(cfg),
-            "--out", str(folder)]
+def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path, heads_from: Path | None = None) -> None:
+    """ROME drift or patching (:func:`attention_drift.analysis.run_drift` / ``run_patch``) on the
+    first ``limit`` CounterFact-type records, resumable in ``folder``."""
+    from attention_drift import analysis
+    from attention_drift.runs import RecordSelection
+
+    selection = RecordSelection(cfg.data, kinds=("counterfact",), limit=limit)
+    variant = cfg.variant("rome")
+    model = cfg.handle().get()
+    meta = {"model": cfg.model, "data": selection.label, "edit": variant.meta()}
+    common = {"method": variant.name, "progress": cfg.progress, "figures": True}
+    if kind == "drift":
+        analysis.run_drift(model, selection.load(), variant.editor(model), folder, meta, **common)
+        return
+    heads = analysis.load_top_heads(heads_from, 10) if heads_from is not None and heads_from.exists() else None
+    analysis.run_patch(model, selection.load(), variant.editor(model), folder, meta, k=10, heads=heads, **common)
 
 
 def _read_json(path: Path) -> dict:
@@ -288,15 +303,14 @@ def pick_case(drift_records: Path) -> dict | None:
 
 
 def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
-    from attention_drift import data, viz
+    from attention_drift import viz
     from attention_drift.case_study import CaseStudy, case_study, case_study_figure, case_study_view
-    from attention_drift.cli import CliError, edit_config
-    from attention_drift.models import load_model
+    from attention_drift.runs import RecordSelection
 
     sample = pick_case(out / "drift" / "drift_records.jsonl") if (out / "drift" / "drift_records.jsonl").exists() else None
     if sample is None:
         return {}
-    records = data.load_counterfact(cfg.data) if cfg.data else data.load_example()
+    records = RecordSelection(cfg.data).load()
     record = next((r for r in records if json.dumps(r.case_id) == json.dumps(sample["case_id"])), None)
     if record is None:
         raise FiguresError(f"case_id {sample['case_id']!r} of the drift run is not in {cfg.data}")
@@ -305,11 +319,8 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
     if old.get("prompt") == sample["prompt"] and old.get("request", {}).get("subject") == record.rewrite.subject:
         cs = CaseStudy.from_json(old)
     else:
-        model = load_model(cfg.model, device=cfg.device)
-        try:
-            config = edit_config(argparse.Namespace(stats_samples=cfg.stats_samples), model, "rome")
-        except CliError as err:
-            raise FiguresError(str(err)) from None
+        model = cfg.handle().get()
+        config = cfg.variant("rome").config(model)
         cs = case_study(model, record.rewrite, sample["prompt"], sample["target_true"], method="rome", config=config)
         saved.write_text(json.dumps(cs.to_json()))
     files = _save(case_study_figure(cs), out, "case_study", png)
@@ -344,7 +355,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
             if item in items:
                 result["items"][item] = make(runs, out, png)
     if items & {"drift", "case_study", "contamination", "patching"}:
-        _cli(["drift", *_analysis_argv(cfg, cfg.drift_limit, out / "drift")])
+        _analysis(cfg, "drift", cfg.drift_limit, out / "drift")
         drift = _read_json(out / "drift" / "drift.json")
         result["items"]["drift"] = {
             "numbers": {k: drift.get(k) for k in ("n_samples", "failure_rate", "top_heads", "auroc", "headline",
@@ -352,8 +363,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
             "markdown": drift_markdown(drift) if drift else "",
             "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png"))}
     if items & {"contamination", "patching"}:
-        heads = ["--heads-from", str(out / "drift" / "drift.json")] if (out / "drift" / "drift.json").exists() else []
-        _cli(["patch", *_analysis_argv(cfg, cfg.patch_limit, out / "patch"), *heads])
+        _analysis(cfg, "patch", cfg.patch_limit, out / "patch", heads_from=out / "drift" / "drift.json")
         patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
         md = patch_markdown(patch) if patch else ""
@@ -390,15 +400,3 @@ def figures_markdown(result: dict) -> str:
         if entry.get("files"):
             parts += ["Files: " + ", ".join(f"`{f}`" for f in entry["files"]), ""]
     return "\n".join(parts)
-
-
-def main_from_args(args) -> int:
-    cfg = FiguresConfig(model=args.model, data=args.data, out=args.out, limit=args.limit,
-                        drift_limit=args.drift_limit, patch_limit=args.patch_limit, runs=args.runs,
-                        items=tuple(args.items.split(",")) if args.items else ITEMS,
-                        variants=tuple(args.variants.split(",")) if args.variants else FiguresConfig.variants,
-                        stats_samples=args.stats_samples, device=args.device, progress=not args.no_progress)
-    result = run_figures(cfg)
-    print(figures_markdown(result))
-    print(f"\n{cfg.out}/figures.md and figures.json written", file=sys.stderr)
-    return 0

@@ -22,10 +22,14 @@ class RunFileError(AttentionDriftError):
 
 @dataclass(frozen=True)
 class Run:
-    """A run file's content: the header's meta and the record lines, in file order."""
+    """A run file's content: the header's meta and the record lines, in file order.
+
+    ``truncated``: the file ended in a line cut short (a crashed write), which was left out.
+    """
 
     meta: dict
     records: list[dict]
+    truncated: bool = False
 
 
 def _key(line: dict) -> tuple[str, str]:
@@ -72,10 +76,10 @@ def read_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"run file {str(path)!r} does not exist; write one with 'attention-drift evaluate --out'")
-    meta, records, _ = _parse(path)
+    meta, records, good = _parse(path)
     if meta is None:
         raise RunFileError(f"run file {path} is empty")
-    return Run(meta, records)
+    return Run(meta, records, truncated=bool(path.read_bytes()[good:].strip()))
 
 
 class RunFile:

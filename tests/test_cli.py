@@ -1,10 +1,7 @@
-import contextlib
 import json
-import sys
-import types
+import os
 
 import pytest
-import torch
 
 from attention_drift import cli
 
@@ -105,56 +102,28 @@ def test_mismatched_run_file_is_refused(tiny_folder, tmp_path, capsys):
     assert out.read_text() == before
 
 
-class _FakeResult:
-    seconds = 0.25
-
-
-@contextlib.contextmanager
-def _fake_edit(model, rewrite, method="rome", config=None, sadr=None):
-    """A stand-in editor: a large change of the last MLP's output weights, undone on exit."""
-    from attention_drift.models import mlp_out_weight
-
-    weight = mlp_out_weight(model, model.cfg.n_layers - 1)
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        weight.add_(torch.randn_like(weight) * 2.0)
-    _fake_edit.calls.append((rewrite.subject, method))
-    try:
-        yield _FakeResult()
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-
-
-@pytest.fixture
-def fake_editing(monkeypatch):
-    _fake_edit.calls = []
-    module = types.ModuleType("attention_drift.editing")
-    module.edit = _fake_edit
-    monkeypatch.setitem(sys.modules, "attention_drift.editing", module)
-    return _fake_edit
-
-
-def test_post_edit_path_with_an_injected_editor(tiny_folder, tmp_path, capsys, fake_editing):
+def test_post_edit_path_runs_the_real_editor(tiny_folder, tmp_path, capsys):
+    """The CLI -> Variant -> editor wiring, with the real ROME on the tiny model's preset."""
     out = tmp_path / "rome.jsonl"
     assert _evaluate(tiny_folder, out, "--method", "rome", "--limit", "2") == 0
     lines = _lines(out)
-    assert fake_editing.calls == [("Eiffel Tower", "rome"), ("France", "rome")]
+    assert lines[0]["meta"]["edit"] == {"variant": "rome", "method": "rome", "stats_samples": None, "sadr": None}
     for line in lines[1:]:
-        assert line["method"] == "rome" and line["edit_seconds"] == 0.25
+        assert line["method"] == "rome" and line["edit_seconds"] > 0 and line["edit_key"]
         pre, post = line["pre"]["groups"], line["post"]["groups"]
         assert pre.keys() == post.keys()
-        assert pre["efficacy"]["scores"] != post["efficacy"]["scores"]
+        p_new_pre, p_new_post = pre["efficacy"]["scores"][0][0], post["efficacy"]["scores"][0][0]
+        assert p_new_post > p_new_pre  # the edit raised the new target's probability
     capsys.readouterr()
     assert cli.main(["summarize", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["groups"]["efficacy"]) == {"pre", "post"}
-    assert result["meta"]["seconds_per_edit"] == pytest.approx(0.25)
+    assert result["meta"]["seconds_per_edit"] == pytest.approx(sum(x["edit_seconds"] for x in lines[1:]) / 2)
     assert _evaluate(tiny_folder, out, "--method", "none", "--limit", "2") == 1
     assert "method" in _error_line(capsys)
 
 
-def test_edit_is_undone_between_records(tiny_folder, tmp_path, fake_editing):
+def test_edit_is_undone_between_records(tiny_folder, tmp_path):
     """Pre-edit scores must not depend on whether the previous record was edited."""
     plain, edited = tmp_path / "none.jsonl", tmp_path / "rome.jsonl"
     assert _evaluate(tiny_folder, plain, "--limit", "3") == 0
@@ -165,7 +134,7 @@ def test_edit_is_undone_between_records(tiny_folder, tmp_path, fake_editing):
                 assert pr_a == pytest.approx(pr_b, rel=1e-4) and pw_a == pytest.approx(pw_b, rel=1e-4)
 
 
-def test_shards_merge_into_the_unsharded_run(tiny_folder, tmp_path, fake_editing):
+def test_shards_merge_into_the_unsharded_run(tiny_folder, tmp_path):
     whole = tmp_path / "whole.jsonl"
     assert _evaluate(tiny_folder, whole, "--method", "rome", "--limit", "5") == 0
     parts = [tmp_path / f"part{i}.jsonl" for i in range(3)]
@@ -197,7 +166,7 @@ def test_split_then_merge_keeps_every_record_once(tiny_folder, tmp_path):
     assert sorted(line["case_id"] for line in read_run(run).records) == list(range(6))
 
 
-def test_reuse_pre_copies_scores_and_checks_settings(tiny_folder, tmp_path, capsys, fake_editing):
+def test_reuse_pre_copies_scores_and_checks_settings(tiny_folder, tmp_path, capsys):
     plain = tmp_path / "none.jsonl"
     assert _evaluate(tiny_folder, plain, "--limit", "2") == 0
     pre = {line["case_id"]: line["pre"] for line in _lines(plain)[1:]}
@@ -212,11 +181,48 @@ def test_reuse_pre_copies_scores_and_checks_settings(tiny_folder, tmp_path, caps
     assert "fluency" in _error_line(capsys)
 
 
-def test_missing_editor_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "attention_drift.editing", None)
-    assert cli.main(["evaluate", "--method", "memit", "--out", str(tmp_path / "x.jsonl")]) == 1
-    assert "attention_drift.editing" in _error_line(capsys)
-    assert not (tmp_path / "x.jsonl").exists()
+def test_sadr_flags_become_one_variant(tiny_folder, tmp_path):
+    out = tmp_path / "sadr.jsonl"
+    assert _evaluate(tiny_folder, out, "--method", "rome", "--limit", "1", "--sadr", "--sadr-weight", "0.5",
+                     "--sadr-layers", "upper") == 0
+    meta, line = _lines(out)[:2]
+    assert meta["meta"]["variant"] == "rome-sadr"
+    assert meta["meta"]["edit"]["sadr"]["weight"] == 0.5 and meta["meta"]["edit"]["sadr"]["layers"] == "upper"
+    assert line["sadr"]["steps"] >= 1
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only AttentionDriftError is a one-line user error; anything else is a bug and propagates."""
+    def broken(self):
+        raise RuntimeError("shape mismatch deep inside torch")
+
+    monkeypatch.setattr("attention_drift.runs.RecordSelection.load", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["evaluate", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_unwritable_out_fails_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("attention_drift.runs.ModelHandle.get", lambda self: pytest.fail("loaded a model"))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write read-only folders")
+        assert cli.main(["evaluate", "--out", str(folder / "x.jsonl")]) == 1
+        assert "cannot write" in _error_line(capsys)
+    finally:
+        folder.chmod(0o700)
+
+
+def test_truncated_last_line_is_reported_by_summarize(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    assert _evaluate(tiny_folder, out, "--limit", "1") == 0
+    with out.open("a") as f:
+        f.write('{"case_id": 1, "method": "no')
+    capsys.readouterr()
+    assert cli.main(["summarize", str(out)]) == 0
+    assert "cut short" in capsys.readouterr().err
 
 
 def test_bad_data_path_is_one_clear_line(tmp_path, capsys):
@@ -256,8 +262,9 @@ def test_summarize_missing_file(tmp_path, capsys):
     assert "does not exist" in _error_line(capsys)
 
 
-def test_unknown_method_and_help():
-    assert cli.main(["evaluate", "--method", "foo"]) == 2
+def test_unknown_method_and_help(capsys):
+    assert cli.main(["evaluate", "--method", "foo"]) == 1
+    assert "rome" in _error_line(capsys)
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0
 
@@ -268,9 +275,11 @@ def test_models_lists_offline_models(capsys):
 
 
 def test_default_out_is_file_name_safe(tiny_folder):
-    assert str(cli.default_out("smollm2-135m", "rome")) == "runs/smollm2-135m-rome.jsonl"
-    assert cli.default_out(tiny_folder, "none").name.startswith("attention_drift_tiny_llama_")
-    assert cli.default_out("org/some model", "none").name == "org_some_model-none.jsonl"
+    from attention_drift.runs import default_out
+
+    assert str(default_out("smollm2-135m", "rome")) == "runs/smollm2-135m-rome.jsonl"
+    assert default_out(tiny_folder, "none").name.startswith("attention_drift_tiny_llama_")
+    assert default_out("org/some model", "none").name == "org_some_model-none.jsonl"
 
 
 def test_fluency_in_run_file_and_summary(tiny_folder, tmp_path, capsys):

@@ -262,7 +262,8 @@ def test_load_example():
 def test_counterfact_alias_reuses_the_cache(tmp_path, monkeypatch):
     assert COUNTERFACT_URL == "https://rome.baulab.info/data/dsets/counterfact.json"
     monkeypatch.setenv("ATTENTION_DRIFT_CACHE", str(tmp_path))
-    (tmp_path / "counterfact.json").write_text(ORIGINAL.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "counterfact.json").write_text(ORIGINAL.read_text(encoding="utf-8"), encoding="utf-8")
     assert [r.case_id for r in load_counterfact("counterfact", limit=2)] == [10, 11]
     assert load_counterfact(COUNTERFACT_URL) == load_counterfact(ORIGINAL)
 

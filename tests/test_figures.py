@@ -6,7 +6,6 @@ import pytest
 from attention_drift import cli
 from attention_drift.figures import (
     ITEMS,
-    VARIANTS,
     FiguresConfig,
     FiguresError,
     _ablations,
@@ -14,6 +13,7 @@ from attention_drift.figures import (
     evaluation_runs,
     figures_markdown,
     pick_case,
+    variants,
 )
 from attention_drift.jsonl import RunFile
 
@@ -55,22 +55,25 @@ def test_cli_bad_item_is_one_clear_line(capsys):
 def test_given_runs_are_used_without_evaluating(tmp_path, monkeypatch):
     for name in ("rome", "rome-sadr"):
         _write_run(tmp_path / f"{name}.jsonl", "rome", {"efficacy": [True]})
-    monkeypatch.setattr("attention_drift.figures._cli", lambda argv: pytest.fail(f"evaluated {argv}"))
+    monkeypatch.setattr("attention_drift.runs.evaluate_run", lambda *a, **k: pytest.fail(f"evaluated {a}"))
     cfg = FiguresConfig(runs=str(tmp_path), out=str(tmp_path / "out"), variants=("rome", "rome-sadr"))
     assert evaluation_runs(cfg, ["rome", "rome-sadr"]) == {n: tmp_path / f"{n}.jsonl" for n in ("rome", "rome-sadr")}
 
 
 def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("attention_drift.figures._cli", calls.append)
+
+    def record(handle, records, variant, out, meta, **options):
+        calls.append((variant, out, options, len(records)))
+
+    monkeypatch.setattr("attention_drift.runs.evaluate_run", record)
     cfg = FiguresConfig(out=str(tmp_path), limit=3, stats_samples=50)
     runs = evaluation_runs(cfg, ["rome-sadr-w1"])
     assert runs == {"rome-sadr-w1": tmp_path / "runs" / "rome-sadr-w1.jsonl"}
-    first, second = ([str(a) for a in c] for c in calls)
-    assert first[:1] == ["evaluate"] and "--method" not in first
-    joined = " ".join(second)
-    assert " ".join(VARIANTS["rome-sadr-w1"]) in joined and "--stats-samples 50" in joined
-    assert f"--reuse-pre {tmp_path / 'runs' / 'none.jsonl'}" in joined and "--limit 3 --balanced" in joined
+    (none, _, first, n), (variant, out, second, _) = calls
+    assert none.method == "none" and first["reuse_pre"] is None and n == 3
+    assert variant == variants()["rome-sadr-w1"].__class__("rome-sadr-w1", "rome", variants()["rome-sadr-w1"].sadr, 50)
+    assert variant.sadr.weight == 1.0 and second["reuse_pre"] == tmp_path / "runs" / "none.jsonl"
 
 
 def test_main_table_numbers_come_from_the_runs(tmp_path):
@@ -86,6 +89,8 @@ def test_main_table_numbers_come_from_the_runs(tmp_path):
     assert result["numbers"]["records"] == {"pre-edit": 4, "rome": 4, "rome-sadr": 2}
     assert result["numbers"]["seconds_per_edit"]["rome"] == pytest.approx(2.0)
     assert "| rome | 4 | 100.0 ± 0.0 |" in result["markdown"]
+    paired = result["numbers"]["paired"]["rome -> rome-sadr"]["distract_neighborhood"]
+    assert paired["n_records"] == 2 and paired["diff"] == pytest.approx(0.25)
     assert result["shared"]["numbers"]["records"]["rome"] == 2  # restricted to the records both runs have
     assert (tmp_path / "main_table.html").is_file()
 

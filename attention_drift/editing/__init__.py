@@ -43,3 +43,8 @@ __all__ = [
     "edit",
     "key_second_moments",
 ]
+
+# TEMPORARY until the editor registry lands (branch editing).
+from types import SimpleNamespace as _Editor  # noqa: E402
+
+EDITORS = {m: _Editor(name=m, config_type=c) for m, c in CONFIG_TYPES.items()}

@@ -113,6 +113,7 @@ class StatsConfig:
 
 OFFLINE_STATS = StatsConfig()
 HUB_STATS = StatsConfig(corpus="wikitext", n_samples=100000, seq_len=128)
+TINY_STATS = StatsConfig(n_samples=16, seq_len=32)
 
 ROME_TEMPLATES = ((5, 10), (10, 10))
 MEMIT_TEMPLATES = ((10, 5),)
@@ -326,6 +327,18 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "memit": dict(layers=_span(3, 7), mom2_update_weight=1400.0),
         "pmet": dict(layers=_span(3, 7), mom2_update_weight=1400.0),
         "stats": OFFLINE_STATS,
+    },
+    ("llama", 2, 64): {  # models.tiny_model("llama"): cheap settings for tests of the wiring, not of editing
+        "rome": dict(layer=0, steps=5),
+        "memit": dict(layers=(0, 1), steps=5),
+        "pmet": dict(layers=(0, 1), steps=5),
+        "stats": TINY_STATS,
+    },
+    ("gpt2", 2, 64): {  # models.tiny_model("gpt2")
+        "rome": dict(layer=0, steps=5),
+        "memit": dict(layers=(0, 1), steps=5),
+        "pmet": dict(layers=(0, 1), steps=5),
+        "stats": TINY_STATS,
     },
     ("gemma3_text", 18, 640): {  # Gemma-3-270M
         "rome": dict(layer=3, lr=0.5, steps=20, weight_decay=0.5, clamp_norm_factor=2.0, kl_factor=0.0625),

@@ -1,0 +1,295 @@
+"""Tables and summaries of evaluation run files: what ``summarize``, ``compare`` and ``figures`` print.
+
+Two kinds of interval, always labelled:
+
+* ``ci95`` / ``half_width`` -- the paper's pooled normal interval: all prompts of all records
+  pooled, ``1.96 * sqrt(p (1 - p) / n)`` with n prompts (ignores that prompts of one record
+  are correlated; kept to compare with the paper);
+* ``ci95_bootstrap`` -- a record-clustered bootstrap: records are resampled with replacement
+  (:data:`N_BOOTSTRAP` times, fixed seed) and the pooled accuracy recomputed; the 2.5 / 97.5
+  percentiles.
+
+Two runs on the same data are compared on the records they share, paired
+(:func:`paired_difference`): the difference of pooled accuracies with a record-clustered
+paired bootstrap interval and p-value, McNemar's exact test on the prompts, and -- when the
+first run has pre-edit scores -- the fraction of the first run's loss (pre minus post) that the
+second run recovers.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from attention_drift.evaluate import GROUPS, RecordScores, aggregate, avg_s, fluency_stats
+from attention_drift.jsonl import Run
+
+COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
+                  "distract_relation")
+"""The groups of the paper's main table, in its column order."""
+N_BOOTSTRAP = 2000
+SEED = 0
+
+
+# --- per-record counts ----------------------------------------------------------------------
+
+def _key(line: dict) -> str:
+    return json.dumps(line["case_id"])
+
+
+def _correct(line: dict, phase: str, group: str) -> list[bool] | None:
+    scores = line.get(phase, {}).get("groups", {}).get(group, {}).get("scores")
+    return None if not scores else [bool(row[2]) for row in scores]
+
+
+def _counts(lines: Sequence[dict], phase: str, group: str) -> tuple[np.ndarray, np.ndarray]:
+    """(correct prompts, prompts) per record that has the group in ``phase``."""
+    flags = [f for f in (_correct(line, phase, group) for line in lines) if f]
+    return np.array([sum(f) for f in flags], dtype=float), np.array([len(f) for f in flags], dtype=float)
+
+
+def _resample(n_records: int) -> np.ndarray:
+    return np.random.default_rng(SEED).integers(n_records, size=(N_BOOTSTRAP, n_records))
+
+
+def bootstrap_ci(correct: np.ndarray, n: np.ndarray) -> tuple[float, float] | None:
+    """Record-clustered bootstrap 95% interval of the pooled accuracy ``sum(correct) / sum(n)``."""
+    if len(n) < 2:
+        return None
+    idx = _resample(len(n))
+    acc = correct[idx].sum(1) / n[idx].sum(1)
+    lo, hi = np.percentile(acc, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# --- one run --------------------------------------------------------------------------------
+
+def summary(run: Run, *, per_record: bool = False) -> dict:
+    """The summary dict of a run (shape in :mod:`attention_drift.cli`'s docstring): per group and
+    phase the paper's pooled interval (``ci95``) and the record-clustered bootstrap
+    (``ci95_bootstrap``)."""
+    phases = {}
+    for phase in ("pre", "post"):
+        lines = [line for line in run.records if phase in line]
+        if lines:
+            phases[phase] = (lines, [RecordScores.from_json(line["case_id"], line[phase]) for line in lines])
+    groups: dict[str, dict] = {}
+    avg: dict[str, float | None] = {}
+    for phase, (lines, scores) in phases.items():
+        stats = aggregate(scores, per_record=per_record)
+        for name, s in stats.items():
+            entry = s.to_json()
+            ci = bootstrap_ci(*_counts(lines, phase, name))
+            entry["ci95_bootstrap"] = None if ci is None else list(ci)
+            groups.setdefault(name, {})[phase] = entry
+        fl = fluency_stats(scores, per_record=per_record)
+        if fl is not None:
+            groups.setdefault("fluency", {})[phase] = fl.to_json()
+        avg[phase] = avg_s(stats)
+    seconds = [line["edit_seconds"] for line in run.records if line.get("edit_seconds") is not None]
+    meta = {
+        "model": run.meta.get("model"), "method": run.meta.get("method"), "variant": run.meta.get("variant"),
+        "data": run.meta.get("data"), "records": len(run.records), "per_record": per_record,
+        "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "avg_s": avg,
+    }
+    return {"groups": groups, "meta": meta}
+
+
+def _pct(stats: dict | None) -> str:
+    if stats is None:
+        return "–"
+    return f"{100 * stats['accuracy']:.1f} ± {100 * stats['half_width']:.1f}"
+
+
+def _boot(stats: dict | None) -> str:
+    ci = None if stats is None else stats.get("ci95_bootstrap")
+    return "–" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _prob(stats: dict | None) -> str:
+    return "–" if stats is None else f"{stats['mean_p_right']:.3g}"
+
+
+def markdown(result: dict) -> str:
+    """A :func:`summary` as a markdown table (percentages, 1 decimal)."""
+    meta = result["meta"]
+    seconds = meta["seconds_per_edit"]
+    pooled = "per-record mean" if meta["per_record"] else "pooled over prompts"
+    head = (f"model {meta['model']} · method {meta['method']} · {meta['records']} records · {pooled}"
+            + (f" · {seconds:.1f} s/edit" if seconds is not None else ""))
+    rows = [head, "", "| group | n | pre acc ± normal CI | pre bootstrap CI | post acc ± normal CI | "
+            "post bootstrap CI | pre/post mean P(right) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, group in GROUPS.items():
+        if name not in result["groups"]:
+            continue
+        pre, post = result["groups"][name].get("pre"), result["groups"][name].get("post")
+        n = (pre or post)["n"]
+        label = f"{name} ({group.abbrev})" if group.abbrev else name
+        rows.append(f"| {label} | {n} | {_pct(pre)} | {_boot(pre)} | {_pct(post)} | {_boot(post)} | "
+                    f"{_prob(pre)} / {_prob(post)} |")
+    if "fluency" in result["groups"]:
+        fl = result["groups"]["fluency"]
+        cell = {p: (f"{100 * fl[p]['ngram_entropy']:.1f}" if p in fl else "–") for p in ("pre", "post")}
+        rows.append(f"| fluency (FL, n-gram entropy x100) | {(fl.get('pre') or fl.get('post'))['n']} | "
+                    f"{cell['pre']} | | {cell['post']} | | |")
+    avg = meta["avg_s"]
+    if any(v is not None for v in avg.values()):
+        cells = ", ".join(f"{p} {100 * v:.1f}" if v is not None else f"{p} –" for p, v in avg.items())
+        rows += ["", f"Avg.S (harmonic mean of ES, PS, NS, RS, DNS): {cells}"]
+    rows += ["", "normal CI: the paper's pooled interval 1.96·sqrt(p(1-p)/n) over prompts; bootstrap CI: "
+             f"records resampled {N_BOOTSTRAP} times (95%)."]
+    return "\n".join(rows)
+
+
+# --- two runs, paired -----------------------------------------------------------------------
+
+def shared_records(runs: Mapping[str, Run]) -> set[str]:
+    """The case_ids (as JSON) present in every run."""
+    keys = None
+    for run in runs.values():
+        ids = {_key(line) for line in run.records}
+        keys = ids if keys is None else keys & ids
+    return keys or set()
+
+
+def _paired(a: Run, b: Run, group: str) -> list[tuple[list[bool] | None, list[bool], list[bool]]]:
+    """Per record both runs scored on ``group`` (same prompts): (a's pre-edit flags or None,
+    a's post-edit flags, b's post-edit flags)."""
+    by_b = {_key(line): line for line in b.records}
+    rows = []
+    for line in a.records:
+        other = by_b.get(_key(line))
+        fa = _correct(line, "post", group)
+        fb = None if other is None else _correct(other, "post", group)
+        if fa and fb and len(fa) == len(fb):
+            pre = _correct(line, "pre", group)
+            rows.append((pre if pre and len(pre) == len(fa) else None, fa, fb))
+    return rows
+
+
+def mcnemar_p(flags_a: Sequence[bool], flags_b: Sequence[bool]) -> float:
+    """McNemar's exact test (two-sided binomial on the discordant prompts)."""
+    from scipy.stats import binomtest
+
+    only_a = sum(x and not y for x, y in zip(flags_a, flags_b))
+    only_b = sum(y and not x for x, y in zip(flags_a, flags_b))
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def paired_difference(a: Run, b: Run, group: str) -> dict | None:
+    """Post-edit accuracy of ``b`` minus ``a`` on ``group``, over the records and prompts both scored.
+
+    Returns ``{"diff", "ci95", "p_value", "mcnemar_p", "n_records", "n_prompts", "recovered"}``:
+    ``diff`` is the difference of pooled accuracies (fractions); ``ci95`` its record-clustered
+    paired bootstrap interval (both runs resampled with the same records); ``p_value`` the
+    two-sided bootstrap p-value of no difference (share of resampled differences at least as
+    far from the observed one as the observed one is from 0; floor 1 / :data:`N_BOOTSTRAP`);
+    ``mcnemar_p`` McNemar's exact test on the prompts (ignores clustering). ``recovered``:
+    ``{"fraction", "ci95"}`` with fraction ``(b_post - a_post) / (a_pre - a_post)``, the share of
+    ``a``'s loss that ``b`` wins back (None unless ``a`` has pre-edit scores on every paired
+    record and lost at least one prompt).
+    """
+    rows = _paired(a, b, group)
+    if not rows:
+        return None
+    ca, cb = (np.array([sum(r[i]) for r in rows], dtype=float) for i in (1, 2))
+    n = np.array([len(r[1]) for r in rows], dtype=float)
+    diff = float((cb.sum() - ca.sum()) / n.sum())
+    out = {"diff": diff, "ci95": None, "p_value": None, "n_records": len(rows), "n_prompts": int(n.sum()),
+           "mcnemar_p": mcnemar_p([x for r in rows for x in r[1]], [y for r in rows for y in r[2]]),
+           "recovered": None}
+    idx = _resample(len(rows)) if len(rows) > 1 else None
+    if idx is not None:
+        boot = (cb[idx].sum(1) - ca[idx].sum(1)) / n[idx].sum(1)
+        out["ci95"] = [float(x) for x in np.percentile(boot, [2.5, 97.5])]
+        extreme = float(np.mean(np.abs(boot - diff) >= abs(diff))) if diff != 0 else 1.0
+        out["p_value"] = max(extreme, 1 / N_BOOTSTRAP)
+    if all(r[0] is not None for r in rows):
+        cp = np.array([sum(r[0]) for r in rows], dtype=float)
+        if cp.sum() - ca.sum() >= 1:
+            out["recovered"] = {"fraction": float((cb.sum() - ca.sum()) / (cp.sum() - ca.sum())), "ci95": None}
+            if idx is not None:
+                loss = cp[idx].sum(1) - ca[idx].sum(1)
+                won = (cb[idx].sum(1) - ca[idx].sum(1))[loss > 0] / loss[loss > 0]
+                if len(won):
+                    out["recovered"]["ci95"] = [float(x) for x in np.percentile(won, [2.5, 97.5])]
+    return out
+
+
+def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = COMPARE_GROUPS) -> dict:
+    """Several runs side by side: ``{"runs": {label: summary}, "paired": {"A -> B": {group: ...}}}``.
+
+    With ``shared`` every summary is restricted to the case_ids all runs have. ``paired`` holds,
+    for every ordered pair of runs (first -> later), :func:`paired_difference` of each group
+    (post-edit scores; always on the shared records of that pair).
+    """
+    keys = shared_records(runs) if shared else None
+    restricted = {label: Run(run.meta, [line for line in run.records if keys is None or _key(line) in keys])
+                  for label, run in runs.items()}
+    labels = list(runs)
+    paired = {}
+    for i, first in enumerate(labels):
+        for second in labels[i + 1:]:
+            entry = {g: paired_difference(runs[first], runs[second], g) for g in groups}
+            paired[f"{first} -> {second}"] = {g: v for g, v in entry.items() if v is not None}
+    return {"runs": {label: summary(run) for label, run in restricted.items()}, "paired": paired}
+
+
+def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: bool) -> str:
+    cells = [label, str(result["meta"]["records"])]
+    cells += [_pct(result["groups"].get(g, {}).get(phase)) for g in groups]
+    if fluency:
+        f = result["groups"].get("fluency", {}).get(phase)
+        cells.append(f"{100 * f['ngram_entropy']:.1f}" if f else "–")
+    seconds = result["meta"]["seconds_per_edit"]
+    cells.append(f"{seconds:.1f}" if seconds is not None and phase == "post" else "–")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPARE_GROUPS) -> str:
+    """Rows: the first run's pre-edit scores, then each run's post-edit scores (pooled, ± the
+    paper's normal half-width)."""
+    groups = [g for g in groups if any(g in r["groups"] for r in summaries.values())]
+    fluency = any("fluency" in r["groups"] for r in summaries.values())
+    head = ["run", "records"] + [f"{g} ({GROUPS[g].abbrev})" if GROUPS[g].abbrev else g for g in groups]
+    head += (["FL"] if fluency else []) + ["s/edit"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    first = next(iter(summaries.values()))
+    rows.append(_row("pre-edit", first, "pre", groups, fluency))
+    rows += [_row(label, result, "post", groups, fluency) for label, result in summaries.items()]
+    return "\n".join(rows)
+
+
+def _points(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}"
+
+
+def paired_markdown(paired: Mapping[str, Mapping[str, dict]]) -> str:
+    """One row per pair and group: difference (points) with its paired bootstrap CI and p-values,
+    and the fraction of the first run's loss recovered."""
+    rows = ["| pair | group | records / prompts | diff (points) | paired bootstrap 95% CI | p (bootstrap) | "
+            "p (McNemar) | loss recovered [95% CI] |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for pair, by_group in paired.items():
+        for group, d in by_group.items():
+            ci = "–" if d["ci95"] is None else f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+            p = "–" if d["p_value"] is None else f"{d['p_value']:.3g}"
+            rec = d.get("recovered")
+            rec_cell = "–"
+            if rec is not None:
+                rec_cell = f"{100 * rec['fraction']:.0f}%"
+                if rec["ci95"] is not None:
+                    rec_cell += f" [{100 * rec['ci95'][0]:.0f}, {100 * rec['ci95'][1]:.0f}]"
+            rows.append(f"| {pair} | {group} | {d['n_records']} / {d['n_prompts']} | {_points(d['diff'])} | {ci} | "
+                        f"{p} | {d['mcnemar_p']:.3g} | {rec_cell} |")
+    return "\n".join(rows)
+
+
+def compare_markdown(result: dict) -> str:
+    """A :func:`compare` result: the side-by-side table, then the paired tests."""
+    parts = [table_markdown(result["runs"])]
+    if result.get("paired"):
+        parts += ["", "Paired on shared records (second minus first run, post-edit):", "",
+                  paired_markdown(result["paired"])]
+    return "\n".join(parts)

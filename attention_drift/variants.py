@@ -1,0 +1,201 @@
+"""Experiment variants as typed values: an editor (or none), its options, and SADR.
+
+A :class:`Variant` is a frozen value, built the same way from Python, from the command line's
+flags and from the figures' variant table (:func:`paper_variants`). It does not depend on a
+model: ``variant.resolve(model)`` turns it into the concrete editor configuration (the
+model's preset with the variant's overrides) and :class:`~attention_drift.sadr.SADRConfig`,
+and ``variant.editor(model)`` into the per-record edit the runs call. SADR layer ranges are
+written relative to the model (``"lower"`` / ``"upper"`` half of the layers from the edit
+layer up), so one table serves every model.
+
+    rome = Variant("rome", "rome")
+    sadr = Variant("rome-sadr", "rome", SADRSpec())                       # the published SADR
+    heavy = Variant("rome-sadr-w1", "rome", SADRSpec(weight=1.0))
+    with sadr.editor(model)(record) as result: ...
+"""
+
+import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from attention_drift.errors import AttentionDriftError
+
+NONE = "none"
+LAYER_RANGES = ("lower", "upper")
+
+
+class VariantError(AttentionDriftError):
+    """A variant that cannot be built or resolved; the message says what to change."""
+
+
+def editor_names() -> tuple[str, ...]:
+    """The registered editors (:data:`attention_drift.editing.EDITORS`)."""
+    from attention_drift.editing import EDITORS
+
+    return tuple(EDITORS)
+
+
+def split_layers(edit_layer: int, n_layers: int) -> dict[str, tuple[int, ...]]:
+    """The layers from ``edit_layer`` up, halved: ``{"lower": edit..mid, "upper": mid+1..last}``
+    with ``mid = (edit_layer + n_layers) // 2`` (SmolLM2, edit layer 5 of 30: 5-17 and 18-29)."""
+    mid = (edit_layer + n_layers) // 2
+    return {"lower": tuple(range(edit_layer, mid + 1)), "upper": tuple(range(mid + 1, n_layers))}
+
+
+@dataclass(frozen=True)
+class SADRSpec:
+    """SADR options of a variant, before they meet a model.
+
+    Args:
+        weight: the loss weight; None: the per-model, per-method preset
+            (:meth:`~attention_drift.sadr.SADRConfig.for_model`; the paper's published values).
+        steps: optimisation steps; None: the preset (published: ROME 80, MEMIT 20, PMET 40).
+        layers: None: every layer from the layer where the edit injects its delta up;
+            ``"lower"`` / ``"upper"``: the lower / upper half of those (:func:`split_layers`);
+            or explicit layer indices.
+        selection: ``"hinge"`` (published) or ``"all"`` heads.
+        divergence: ``"kl"`` (published), ``"js"`` or ``"l2"``.
+        distract: also restrict distract-style rows (our extension).
+        distract_only: restrict only distract-style rows (our extension).
+    """
+
+    weight: float | None = None
+    steps: int | None = None
+    layers: tuple[int, ...] | str | None = None
+    selection: str = "hinge"
+    divergence: str = "kl"
+    distract: bool = False
+    distract_only: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.layers, str) and self.layers not in LAYER_RANGES:
+            raise VariantError(f"SADR layers {self.layers!r}: give {' or '.join(map(repr, LAYER_RANGES))} "
+                               "or layer indices")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.steps is not None and self.steps < 1:
+            raise VariantError(f"SADR steps must be >= 1, got {self.steps}")
+        if self.weight is not None and self.weight < 0:
+            raise VariantError(f"SADR weight must be >= 0, got {self.weight}")
+
+    def resolve(self, model, method: str, edit_layer: int):
+        """The :class:`~attention_drift.sadr.SADRConfig` for ``model`` and ``method``."""
+        from attention_drift.sadr import SADRConfig
+
+        layers = self.layers
+        if isinstance(layers, str):
+            layers = split_layers(edit_layer, model.cfg.n_layers)[layers]
+        overrides = {"layers": layers, "selection": self.selection, "divergence": self.divergence,
+                     "distract": self.distract, "distract_only": self.distract_only}
+        overrides.update({k: v for k, v in (("weight", self.weight), ("steps", self.steps)) if v is not None})
+        try:
+            return SADRConfig.for_model(model, method, **overrides)
+        except ValueError as err:
+            raise VariantError(str(err)) from None
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        if isinstance(self.layers, tuple):
+            out["layers"] = list(self.layers)
+        return out
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One experiment variant.
+
+    Args:
+        name: its label; also the run file's stem in grids and figures.
+        method: ``"none"`` (the unedited model) or an editor of
+            :data:`attention_drift.editing.EDITORS`.
+        sadr: SADR options, or None for the plain editor.
+        stats_samples: covariance statistics sample count; None: the editor preset's.
+    """
+
+    name: str
+    method: str = NONE
+    sadr: SADRSpec | None = None
+    stats_samples: int | None = None
+
+    def __post_init__(self):
+        if self.method != NONE and self.method not in editor_names():
+            raise VariantError(f"unknown editing method {self.method!r}; choose {NONE!r} or one of "
+                               f"{', '.join(editor_names())}")
+        if self.method == NONE and self.sadr is not None:
+            raise VariantError("SADR needs an editing method: use --method rome, memit or pmet")
+        if self.method == NONE and self.stats_samples is not None:
+            raise VariantError("--stats-samples needs an editing method (--method rome, memit or pmet)")
+        if self.stats_samples is not None and self.stats_samples < 1:
+            raise VariantError(f"--stats-samples must be >= 1, got {self.stats_samples}")
+
+    @property
+    def edits(self) -> bool:
+        return self.method != NONE
+
+    def config(self, model):
+        """The editor's configuration for ``model``: its preset with this variant's overrides."""
+        from attention_drift.editing import EDITORS
+
+        if not self.edits:
+            return None
+        try:
+            config = EDITORS[self.method].config_type.for_model(model)
+        except ValueError as err:
+            raise VariantError(str(err)) from None
+        if self.stats_samples is not None:
+            config = dataclasses.replace(config, stats=dataclasses.replace(config.stats, n_samples=self.stats_samples))
+        return config
+
+    def resolve(self, model) -> tuple:
+        """(editor configuration, SADR configuration) for ``model``; (None, None) for ``"none"``."""
+        config = self.config(model)
+        if config is None or self.sadr is None:
+            return config, None
+        return config, self.sadr.resolve(model, self.method, config.layers[-1])
+
+    def editor(self, model, *, cache=None) -> Callable[..., AbstractContextManager] | None:
+        """``record -> context manager`` that edits ``model`` for the record inside the block
+        (restoring it on exit); None for ``"none"``. With ``cache`` (an
+        :class:`~attention_drift.editing.cache.EditCache`) a stored edit of the same resolved
+        configuration is replayed instead of optimised again."""
+        if not self.edits:
+            return None
+        config, sadr = self.resolve(model)
+        if cache is not None:
+            return lambda record: cache.edit(record.rewrite, self.method, config, sadr)
+        from attention_drift.editing import edit
+
+        return lambda record: edit(model, record.rewrite, method=self.method, config=config, sadr=sadr)
+
+    def meta(self) -> dict:
+        """The variant as written in run-file headers."""
+        return {"variant": self.name, "method": self.method, "stats_samples": self.stats_samples,
+                "sadr": None if self.sadr is None else self.sadr.to_json()}
+
+
+def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]:
+    """The figures' variant table: the unedited model, every editor with and without the published
+    SADR, and the ROME ablations (weight, selection, distract rows, layer range)."""
+    editors = editor_names() if editors is None else editors
+    table = {NONE: Variant(NONE)}
+    for method in editors:
+        table[method] = Variant(method, method)
+        table[f"{method}-sadr"] = Variant(f"{method}-sadr", method, SADRSpec())
+    ablations = {
+        "w0.1": SADRSpec(weight=0.1), "w1": SADRSpec(weight=1.0), "all": SADRSpec(selection="all"),
+        "distract": SADRSpec(distract=True), "distract-w0.1": SADRSpec(distract=True, weight=0.1),
+        "distract-only-w1": SADRSpec(distract_only=True, weight=1.0),
+        "distract-only-w10": SADRSpec(distract_only=True, weight=10.0),
+        "lower": SADRSpec(layers="lower"), "upper": SADRSpec(layers="upper"),
+    }
+    if "rome" in editors:
+        table.update({f"rome-sadr-{k}": Variant(f"rome-sadr-{k}", "rome", spec) for k, spec in ablations.items()})
+    return table
+
+
+def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
+    """``variant`` with its statistics sample count replaced (unchanged for ``"none"``)."""
+    if stats_samples is None or not variant.edits:
+        return variant
+    return dataclasses.replace(variant, stats_samples=stats_samples)

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from attention_drift import report
+from attention_drift.jsonl import Run
+
+
+def _line(case_id, pre: list[bool] | None, post: list[bool], group="distract_neighborhood"):
+    def scores(flags):
+        return {"groups": {group: {"scores": [[0.6 if f else 0.1, 0.1 if f else 0.6, f] for f in flags],
+                                   "skipped": 0}}, "fluency": None}
+
+    line = {"case_id": case_id, "method": "rome", "post": scores(post), "edit_seconds": 1.0}
+    if pre is not None:
+        line["pre"] = scores(pre)
+    return line
+
+
+def _run(lines) -> Run:
+    return Run({"model": "m", "method": "rome"}, list(lines))
+
+
+def test_paired_difference_counts_and_recovery():
+    # 10 records x 4 prompts: pre all right, baseline gets 1 of 4 right, the other run 3 of 4
+    base = _run(_line(i, [True] * 4, [True, False, False, False]) for i in range(10))
+    better = _run(_line(i, [True] * 4, [True, True, True, False]) for i in range(10))
+    d = report.paired_difference(base, better, "distract_neighborhood")
+    assert d["n_records"] == 10 and d["n_prompts"] == 40
+    assert d["diff"] == pytest.approx(0.5)
+    assert d["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # identical records: no spread
+    assert d["p_value"] == pytest.approx(1 / report.N_BOOTSTRAP)
+    assert d["mcnemar_p"] == pytest.approx(2 * 0.5 ** 20)  # 20 discordant prompts, all one way
+    assert d["recovered"]["fraction"] == pytest.approx(2 / 3)  # lost 3 of 4, won back 2
+
+
+def test_paired_difference_without_effect_is_not_significant():
+    a = _run(_line(i, None, [i % 2 == 0, True]) for i in range(20))
+    b = _run(_line(i, None, [i % 2 == 1, True]) for i in range(20))
+    d = report.paired_difference(a, b, "distract_neighborhood")
+    assert d["diff"] == 0 and d["p_value"] == 1.0 and d["mcnemar_p"] == 1.0
+    assert d["ci95"][0] < 0 < d["ci95"][1]
+    assert d["recovered"] is None  # no pre-edit scores
+
+
+def test_pairs_only_shared_records_with_equal_prompts():
+    a = _run([_line(0, None, [True]), _line(1, None, [True]), _line(2, None, [True, True])])
+    b = _run([_line(1, None, [False]), _line(2, None, [True]), _line(3, None, [False])])
+    d = report.paired_difference(a, b, "distract_neighborhood")
+    assert d["n_records"] == 1 and d["diff"] == -1.0  # record 2 has another prompt count: left out
+
+
+def test_compare_json_has_paired_keys_for_every_pair():
+    runs = {name: _run(_line(i, [True] * 2, [i % 3 == k, True]) for i in range(6))
+            for k, name in enumerate(("rome", "rome-sadr", "rome-plus"))}
+    result = report.compare(runs)
+    assert set(result["paired"]) == {"rome -> rome-sadr", "rome -> rome-plus", "rome-sadr -> rome-plus"}
+    entry = result["paired"]["rome -> rome-sadr"]["distract_neighborhood"]
+    assert {"diff", "ci95", "p_value"} <= set(entry)
+    json.dumps(result)
+    assert "Paired on shared records" in report.compare_markdown(result)
+
+
+def test_summary_has_both_intervals():
+    run = _run(_line(i, [True, False], [i < 5, False]) for i in range(10))
+    post = report.summary(run)["groups"]["distract_neighborhood"]["post"]
+    assert post["accuracy"] == pytest.approx(0.25)
+    lo, hi = post["ci95_bootstrap"]
+    assert lo < 0.25 < hi
+    assert post["ci95"][0] < 0.25 < post["ci95"][1]
+    assert "bootstrap" in report.markdown(report.summary(run))
