@@ -96,6 +96,9 @@ def add_record_arguments(p) -> None:
 def add_variant_arguments(p, *, allow_none: bool = True) -> None:
     """``--method``, ``--stats-samples`` and the ``--sadr`` options: one Variant."""
     default = "none" if allow_none else "rome"
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="a named variant of attention_drift.variants.paper_variants (e.g. rome-sadr-w1) instead "
+                   "of --method / --sadr options")
     p.add_argument("--method", default=default,
                    help=("'none' or " if allow_none else "")
                    + "an editor of attention_drift.editing.EDITORS: rome, memit, pmet (default: %(default)s)")
@@ -131,8 +134,16 @@ def _sadr_layers(text: str | None):
 
 def variant_from_args(args):
     """The :class:`~attention_drift.variants.Variant` the flags ask for."""
-    from attention_drift.variants import SADRSpec, Variant
+    from attention_drift.variants import SADRSpec, Variant, paper_variants, with_stats_samples
 
+    if args.variant is not None:
+        table = paper_variants()
+        flags = [f for f in ("sadr", "sadr_distract", "sadr_distract_only") if getattr(args, f)]
+        if args.variant not in table:
+            raise CliError(f"--variant {args.variant!r}: choose from {', '.join(table)}")
+        if flags or args.method not in ("none", "rome") or args.sadr_weight is not None:
+            raise CliError("--variant names a whole variant: drop --method and the --sadr options")
+        return with_stats_samples(table[args.variant], args.stats_samples)
     options = {"weight": args.sadr_weight, "steps": args.sadr_steps, "layers": _sadr_layers(args.sadr_layers)}
     if not args.sadr:
         given = [k for k, v in options.items() if v is not None]

@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from attention_drift.figures import VARIANTS
+from attention_drift.variants import paper_variants
+
+VARIANTS = paper_variants()
 
 
 
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     common += ["--stats-samples", str(args.stats_samples)]
     _run_sharded(out, plan, common, args.jobs, deadline, start)
 
-    from attention_drift.cli import markdown, summary
+    from attention_drift.report import markdown, summary
     from attention_drift.jsonl import read_run
 
     table = {}
@@ -108,7 +110,7 @@ def _run_sharded(out: Path, plan: dict[str, int], common: list[str], jobs: int, 
     while queue or running:
         while queue and len(running) < jobs:
             i, name, k, part = queue.pop(0)
-            cmd = [sys.executable, "-m", "attention_drift.cli", "evaluate", *common, *VARIANTS[name],
+            cmd = [sys.executable, "-m", "attention_drift.cli", "evaluate", *common, "--variant", name,
                    "--shard", f"{i}/{k}", "--out", str(part)]
             log = open(part.with_suffix(".log"), "w")
             running[part] = (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
