@@ -25,13 +25,14 @@ their prediction rows as well.
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attention_drift.data import Rewrite
+from attention_drift.errors import AttentionDriftError
 from attention_drift.hooks import act_name
 
 EPS = 1e-8
@@ -40,19 +41,30 @@ SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
 
 
+class SADRError(AttentionDriftError):
+    """A SADR configuration that cannot be used as given."""
+
+
 @dataclass(frozen=True)
 class SADRConfig:
     """How SADR regularises attention during an edit.
 
+    ``SADRConfig()`` is the published protocol for whichever editor it is used with: the
+    editor resolves the unset ``weight`` and ``steps`` with :meth:`resolved` (the model
+    family's :data:`PRESETS` entry, else :data:`PUBLISHED`), so ``edit(..., sadr=SADRConfig())``
+    and ``SADRConfig.for_model(model, method)`` (what the command line uses) edit alike.
+
     Args:
-        weight: gamma, the loss weight. It multiplies a sum over layers and heads, so its scale
-            depends on model depth (published GPT-J values: ROME 0.01, MEMIT 0.005, PMET 0.08).
+        weight: gamma, the loss weight; None: the preset for the model family and editing
+            method (published GPT-J values: ROME 0.01, MEMIT 0.005, PMET 0.08). It multiplies
+            a sum over layers and heads, so its scale depends on model depth.
         layers: the layers regularised; None means every layer at or above the edit layer
             (layers below the injected delta cannot drift).
         selection: "hinge" (the paper's selective variant) or "all" heads.
         divergence: "kl" (published), "js" or "l2".
-        steps: optimisation steps to use instead of the editor's own (the paper uses 80 for
-            ROME+SADR against ROME's 20); None keeps the editor's.
+        steps: optimisation steps to use instead of the editor's own; None: the preset for
+            the method (published: ROME 80 against plain ROME's 20, MEMIT 20, PMET 40 against
+            plain PMET's 20), or the editor's own steps for a method without one.
         distract: also regularise distract-style prompts (the edit sentence followed by
             unrelated prompts), where specificity failure happens; our extension, off in the
             published variant.
@@ -61,7 +73,7 @@ class SADRConfig:
             ``distract``. Our extension.
     """
 
-    weight: float = 0.01
+    weight: float | None = None
     layers: tuple[int, ...] | None = None
     selection: str = "hinge"
     divergence: str = "kl"
@@ -72,28 +84,48 @@ class SADRConfig:
     @classmethod
     def for_model(cls, model, method: str = "rome", **overrides) -> "SADRConfig":
         """The preset weight and steps for ``model``'s family and the editing ``method``
-        (:data:`PRESETS`; families without a sweep get the published GPT-J values)."""
-        if method not in PUBLISHED:
-            raise ValueError(f"SADR presets exist for methods {tuple(PUBLISHED)}, not {method!r}")
+        (:data:`PRESETS`; families without a sweep get the published GPT-J values), with
+        ``overrides`` applied: ``SADRConfig(**overrides).resolved(model, method)``."""
+        return cls(**overrides).resolved(model, method)
+
+    def resolved(self, model, method: str) -> "SADRConfig":
+        """This config with an unset ``weight`` / ``steps`` filled in for ``model`` and ``method``.
+
+        ``model`` is a model (its HF ``model_type`` selects :data:`PRESETS`) or a family name.
+        ``steps`` stays None for a method without published values (the editor keeps its
+        own); ``weight`` must then be given.
+        """
         family = str(model.original_model.config.model_type) if hasattr(model, "original_model") else str(model)
-        weight, steps = PRESETS.get((family, method), PUBLISHED[method])
-        return cls(**{"weight": weight, "steps": steps, **overrides})
+        preset = PRESETS.get((family, method), PUBLISHED.get(method))
+        if preset is None and self.weight is None:
+            raise SADRError(
+                f"no published SADR weight for editing method {method!r} (published: {', '.join(PUBLISHED)}); "
+                "give one, e.g. SADRConfig(weight=0.01)"
+            )
+        weight, steps = preset if preset is not None else (self.weight, self.steps)
+        return replace(
+            self,
+            weight=self.weight if self.weight is not None else weight,
+            steps=self.steps if self.steps is not None else steps,
+        )
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
-            raise ValueError(f"SADR selection must be one of {SELECTIONS}, not {self.selection!r}")
+            raise SADRError(f"SADR selection must be one of {SELECTIONS}, not {self.selection!r}")
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"SADR divergence must be one of {DIVERGENCES}, not {self.divergence!r}")
-        if self.weight < 0:
-            raise ValueError(f"SADR weight must be >= 0, not {self.weight}")
+            raise SADRError(f"SADR divergence must be one of {DIVERGENCES}, not {self.divergence!r}")
+        if self.weight is not None and self.weight < 0:
+            raise SADRError(f"SADR weight must be >= 0, not {self.weight}")
         if self.distract_only and not self.distract:
             object.__setattr__(self, "distract", True)
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"SADR steps must be a positive number of optimisation steps, not {self.steps}")
+            raise SADRError(f"SADR steps must be a positive number of optimisation steps, not {self.steps}")
 
 
 PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
-"""(weight, steps) per method: the paper's GPT-J settings."""
+"""(weight, steps) per method: the paper's GPT-J settings (its run scripts ``examples/scripts/
+{rome,memit,pmet}.sh``: ``--v_num_grad_steps`` 80 / 20 / 40 with SADR against 20 / 20 / 20
+without, ``--attn_W_loss_weight`` 100 / 50 / 800 times 1e-4)."""
 
 PRESETS: dict[tuple[str, str], tuple[float, int]] = {}
 """(weight, steps) per (HF model_type, method) where a sweep found better values than :data:`PUBLISHED`.
@@ -117,7 +149,7 @@ def divergence(
         return (kl(before, mid) + kl(now, mid)) / 2
     if kind == "l2":
         return ((before - now) ** 2).sum(-1)
-    raise ValueError(f"divergence must be one of {DIVERGENCES}, not {kind!r}")
+    raise SADRError(f"divergence must be one of {DIVERGENCES}, not {kind!r}")
 
 
 def hinge_mask(
@@ -144,6 +176,8 @@ def sadr_loss(
     ``before`` is the unedited model's rows (detached), ``now`` the current step's (live);
     rows are over right-padded key positions, where both are zero and contribute nothing.
     """
+    if config.weight is None:
+        raise SADRError("SADRConfig.weight is unset; resolve it first: config.resolved(model, method)")
     if config.selection == "hinge":
         mask = hinge_mask(before, now.detach(), subject_last)
     else:
@@ -187,7 +221,7 @@ class SADRLoss:
             return tuple(range(info.layer, info.n_layers))
         bad = [l for l in self.config.layers if not 0 <= l < info.n_layers]
         if bad:
-            raise ValueError(f"SADR layers {bad} are out of range: the model has layers 0..{info.n_layers - 1}")
+            raise SADRError(f"SADR layers {bad} are out of range: the model has layers 0..{info.n_layers - 1}")
         return tuple(self.config.layers)
 
     def hook_names(self, info) -> list[str]:

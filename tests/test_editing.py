@@ -8,7 +8,9 @@ from attention_drift import tokens
 from attention_drift.data import Rewrite
 from attention_drift.editing import (
     ConfigError,
+    EditCache,
     EditError,
+    EditResult,
     MEMITConfig,
     PMETConfig,
     RequestError,
@@ -16,9 +18,11 @@ from attention_drift.editing import (
     StatsConfig,
     apply_edit,
     edit,
+    edit_key,
 )
 from attention_drift.editing.optimize import LayerRunner, rewriting_batch, unembed_rows
 from attention_drift.editing.stats import key_second_moments
+from attention_drift.sadr import SADRConfig, SADRError
 
 EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 JORDAN = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")
@@ -285,6 +289,259 @@ def test_extra_loss_must_be_scalar_and_model_is_restored(corpus, tiny_llama):
     with pytest.raises(EditError, match="scalar"):
         apply_edit(tiny_llama, EIFFEL, "rome", _fast(ROMEConfig(layer=1, stats=corpus)), extra_losses=[WrongShape()])
     assert _same(tiny_llama, original)
+
+
+# ---------------------------------------------------------------- re-entry, saving, caching
+
+def _config(method, corpus, **overrides):
+    base = {"rome": ROMEConfig(layer=1, stats=corpus), "memit": MEMITConfig(layers=(0, 1), stats=corpus),
+            "pmet": PMETConfig(layers=(0, 1), stats=corpus)}[method]
+    return dataclasses.replace(_fast(base), **overrides)
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "rome"), ("llama", "memit"), ("llama", "pmet"), ("gpt2", "rome")])
+def test_restore_and_apply_again_are_bitwise_every_time(arch, method, corpus):
+    from attention_drift.models import tiny_model
+
+    model = tiny_model(arch, n_layers=3)
+    original = _weights(model)
+    requests = [EIFFEL, JORDAN]  # ROME: two updates of one layer, in turn
+    result = apply_edit(model, requests, method, _config(method, corpus), progress=False)
+    edited = _weights(model)
+    assert not _same(model, original)
+    assert len(result.updates) == 2  # ROME: one per request; MEMIT / PMET: one per layer
+    for _ in range(3):
+        result.restore()
+        assert _same(model, original) and result.restored
+        result.apply()
+        assert _same(model, edited) and not result.restored
+    result.apply()  # applied already: nothing changes
+    assert _same(model, edited)
+    result.restore()
+    for _ in range(2):
+        with result as entered:
+            assert entered is result and _same(model, edited)
+        assert _same(model, original)
+
+
+def test_apply_refuses_weights_another_edit_changed(corpus, tiny_llama):
+    result = apply_edit(tiny_llama, EIFFEL, "rome", _config("rome", corpus), progress=False)
+    result.restore()
+    other = apply_edit(tiny_llama, JORDAN, "rome", _config("rome", corpus), progress=False)
+    with pytest.raises(EditError, match="no longer hold"):
+        result.apply()
+    other.restore()
+    result.apply()
+    result.restore()
+
+
+def test_saved_edit_loads_and_replays_bitwise(corpus, tmp_path, tiny_llama):
+    from attention_drift.models import tiny_model
+
+    sadr = SADRConfig(weight=1.0, selection="all", steps=4)
+    result = apply_edit(tiny_llama, [EIFFEL, JORDAN], "memit", _config("memit", corpus), sadr=sadr, progress=False)
+    edited = _weights(tiny_llama)
+    path = result.save(tmp_path / "edit.pt")
+    result.restore()
+    original = _weights(tiny_llama)
+
+    loaded = EditResult.load(path, tiny_llama)
+    assert loaded.restored and _same(tiny_llama, original)
+    with loaded:
+        assert _same(tiny_llama, edited)
+    assert _same(tiny_llama, original)
+    assert (loaded.method, loaded.requests, loaded.config, loaded.sadr, loaded.layers, loaded.key) == (
+        result.method, result.requests, result.config, result.sadr, result.layers, result.key)
+    assert loaded.config.stats == corpus and isinstance(loaded.config.stats, StatsConfig)
+    assert all(torch.equal(loaded.deltas[n], d) for n, d in result.deltas.items())
+    assert loaded.loss_trace == result.loss_trace and loaded.extra_trace == result.extra_trace
+    assert all(torch.equal(a, b) for a, b in zip(loaded.sadr_records[0]["mask"], result.sadr_records[0]["mask"]))
+    site = "blocks.1.hook_resid_post"
+    assert torch.equal(loaded.traces[1].delta[site], result.traces[1].delta[site])
+
+    with result:  # the model holds another edit now: the saved one was made on other weights
+        with pytest.raises(EditError, match="other weights"):
+            EditResult.load(path, tiny_llama)
+    with pytest.raises(EditError, match="another model"):
+        EditResult.load(path, tiny_model("gpt2", n_layers=3))
+
+
+def test_edit_key_covers_the_resolved_configuration(corpus, tiny_llama):
+    cfg = _config("rome", corpus)
+    key = edit_key(tiny_llama, "rome", cfg)
+    assert len(key) == 64 and key == edit_key(tiny_llama, "rome", dataclasses.replace(cfg))
+    changed = [
+        dataclasses.replace(cfg, steps=7),
+        dataclasses.replace(cfg, template_seed=1),
+        dataclasses.replace(cfg, context_templates=((4, 3),)),
+        dataclasses.replace(cfg, stats=dataclasses.replace(corpus, n_samples=33)),
+    ]
+    assert len({key, *(edit_key(tiny_llama, "rome", c) for c in changed)}) == 1 + len(changed)
+    with_sadr = edit_key(tiny_llama, "rome", cfg, SADRConfig())
+    assert with_sadr != key
+    assert with_sadr == edit_key(tiny_llama, "rome", cfg, SADRConfig(weight=0.01, steps=80))  # resolved alike
+    assert with_sadr != edit_key(tiny_llama, "rome", cfg, SADRConfig(steps=40))
+    assert edit_key(tiny_llama, "memit", _config("memit", corpus)) != key
+    result = apply_edit(tiny_llama, EIFFEL, "rome", cfg, progress=False)
+    result.restore()
+    assert result.key == key
+
+
+def _tiny_preset(monkeypatch, corpus, **rome):
+    from attention_drift.editing import config as config_module
+
+    monkeypatch.setitem(config_module._PRESETS, ("llama", 3, 64), {
+        "rome": dict(layer=1, steps=4, context_templates=((4, 2),), weight_decay=0.0, **rome),
+        "memit": dict(layers=(0, 1)), "pmet": dict(layers=(0, 1)), "stats": corpus,
+    })
+
+
+def test_cache_replays_a_stored_edit_bitwise_and_a_changed_preset_misses(corpus, tmp_path, monkeypatch):
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    _tiny_preset(monkeypatch, corpus)
+    original = _weights(model)
+    cache = EditCache(model, tmp_path / "edits")
+    with cache.edit(EIFFEL) as first:  # config None: the (patched) preset
+        stored = _weights(model)
+    assert (cache.hits, cache.misses) == (0, 1) and _same(model, original)
+    path = cache.path(EIFFEL)
+    assert path.is_file() and (path.parent / "edit.json").is_file()
+
+    with apply_edit(model, EIFFEL, "rome", ROMEConfig.for_model(model), progress=False):
+        fresh = _weights(model)
+    assert all(torch.equal(a, b) for a, b in zip(stored, fresh))
+
+    for cache_now in (cache, EditCache(model, tmp_path / "edits")):  # this one, and a later process's
+        with cache_now.edit([EIFFEL]) as replayed:
+            assert _same(model, fresh)
+        assert cache_now.hits == 1 and _same(model, original)
+        assert replayed.loss_trace == first.loss_trace and replayed.key == first.key
+
+    _tiny_preset(monkeypatch, corpus, lr=0.25)
+    assert cache.path(EIFFEL) != path
+    with cache.edit(EIFFEL) as changed:
+        assert not _same(model, fresh)
+    assert (cache.hits, cache.misses) == (1, 2) and changed.config.lr == 0.25
+
+
+def test_cache_keys_requests_and_sadr_protocol(corpus, tmp_path, monkeypatch, tiny_llama):
+    from attention_drift import sadr as sadr_module
+    from attention_drift.data import load_example
+
+    cache = EditCache(tiny_llama, tmp_path)
+    cfg = _config("rome", corpus)
+    sadr = SADRConfig(selection="all", steps=3)
+    with cache.edit(EIFFEL, "rome", cfg, sadr=sadr):
+        pass
+    with cache.edit(JORDAN, "rome", cfg, sadr=sadr):
+        pass
+    with cache.edit(EIFFEL, "rome", cfg, sadr=sadr) as result:
+        assert result.sadr == SADRConfig(weight=0.01, selection="all", steps=3)
+    assert (cache.hits, cache.misses) == (1, 2)
+    monkeypatch.setitem(sadr_module.PUBLISHED, "rome", (0.02, 80))  # another published weight: not the stored edit
+    with cache.edit(EIFFEL, "rome", cfg, sadr=sadr) as result:
+        assert result.sadr.weight == 0.02
+    assert (cache.hits, cache.misses) == (1, 3)
+    record = load_example()[0]
+    assert cache.path(record, "rome", cfg) == cache.path(record.rewrite, "rome", cfg)
+    with pytest.raises(RequestError, match="a Record, a Rewrite or a non-empty sequence"):
+        cache.path("The Eiffel Tower", "rome", cfg)
+
+
+# ---------------------------------------------------------------- the editor registry
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """A toy editor: each request adds ``factor`` times the current weight of ``layer``."""
+
+    layer: int
+    factor: float = 0.5
+    steps: int = 1
+    outside: bool = False
+
+    method = "toy"
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def check(self, model) -> None:
+        if not 0 <= self.layer < model.cfg.n_layers:
+            raise ConfigError(f"toy layer {self.layer} is out of range")
+
+    @classmethod
+    def for_model(cls, model) -> "ToyConfig":
+        return cls(layer=model.cfg.n_layers - 1)
+
+
+def _toy_prepare(model, config, *, progress=True):
+    from attention_drift.hooks import mlp_weight_name
+
+    return {"weight_name": mlp_weight_name(config.layer + config.outside)}
+
+
+def _toy_execute(model, requests, config, prepared, apply, extra_losses):
+    from attention_drift.models import mlp_out_weight
+
+    for _ in requests:
+        apply(prepared["weight_name"], config.factor * mlp_out_weight(model, config.layer).detach())
+    return []
+
+
+@pytest.fixture
+def toy_editor():
+    from attention_drift.editing import Editor, register, unregister
+
+    editor = register(Editor("toy", ToyConfig, _toy_prepare, _toy_execute))
+    yield editor
+    unregister("toy")
+
+
+def test_a_registered_editor_runs_through_apply_edit_and_leaves_again(toy_editor, tiny_llama):
+    from attention_drift.editing import CONFIG_TYPES, EDITORS, METHODS
+    from attention_drift.editing.config import CONFIG_TYPES as config_types
+
+    assert EDITORS["toy"] is toy_editor and "toy" in METHODS and config_types["toy"] is ToyConfig
+    assert tuple(METHODS) == ("rome", "memit", "pmet", "toy") and CONFIG_TYPES["toy"] is ToyConfig
+    original = _weights(tiny_llama)
+    with edit(tiny_llama, [EIFFEL, JORDAN], "toy") as result:  # config None: ToyConfig.for_model
+        assert result.method == "toy" and result.layers == (1,) and len(result.updates) == 2
+        assert torch.equal(tiny_llama.blocks[1].mlp.out.weight, (original[1] * 1.5) * 1.5)
+        assert torch.equal(tiny_llama.blocks[0].mlp.out.weight, original[0])
+        edited = _weights(tiny_llama)
+    assert _same(tiny_llama, original)
+    with result:
+        assert _same(tiny_llama, edited)
+    assert result.key == edit_key(tiny_llama, "toy", ToyConfig(layer=1))
+    with pytest.raises(ConfigError, match="needs a ToyConfig"):
+        apply_edit(tiny_llama, EIFFEL, "toy", ROMEConfig(layer=0))
+    with pytest.raises(SADRError, match="no published SADR weight"):
+        apply_edit(tiny_llama, EIFFEL, "toy", sadr=SADRConfig())
+    with pytest.raises(EditError, match="not among the parameters"):
+        apply_edit(tiny_llama, EIFFEL, "toy", ToyConfig(layer=0, outside=True))
+    assert _same(tiny_llama, original)
+
+
+def test_registry_checks_editors_and_forgets_removed_ones(tiny_llama):
+    from attention_drift.editing import EDITORS, METHODS, Editor, register, unregister
+
+    with pytest.raises(ConfigError, match="registered already"):
+        register(Editor("rome", ROMEConfig, _toy_prepare, _toy_execute))
+    with pytest.raises(ConfigError, match="method is 'toy'"):
+        register(Editor("toy2", ToyConfig, _toy_prepare, _toy_execute))
+    with pytest.raises(ConfigError, match="frozen dataclass"):
+        register(Editor("toy", dict, _toy_prepare, _toy_execute))
+    register(Editor("toy", ToyConfig, _toy_prepare, _toy_execute))
+    unregister("toy")
+    assert "toy" not in EDITORS and "toy" not in METHODS and list(EDITORS) == ["rome", "memit", "pmet"]
+    with pytest.raises(ConfigError, match="unknown editing method 'toy'; choose one of rome, memit, pmet"):
+        apply_edit(tiny_llama, EIFFEL, "toy", ToyConfig(layer=0))
+
+
+def test_default_steps_match_the_papers_baselines():
+    assert ROMEConfig(layer=0).steps == MEMITConfig(layers=(0,)).steps == PMETConfig(layers=(0,)).steps == 20
 
 
 # ---------------------------------------------------------------- real model (slow)

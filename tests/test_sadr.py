@@ -7,7 +7,8 @@ from attention_drift.data import Rewrite
 from attention_drift.editing import EditError, MEMITConfig, PMETConfig, ROMEConfig, StatsConfig, apply_edit, edit
 from attention_drift.editing.api import _check_sadr
 from attention_drift.models import tiny_model
-from attention_drift.sadr import SADRConfig, distract_prompts, divergence, hinge_mask, sadr_loss
+from attention_drift.editing.registry import resolve_edit
+from attention_drift.sadr import PRESETS, SADRConfig, SADRError, distract_prompts, divergence, hinge_mask, sadr_loss
 
 
 def _rows(values):
@@ -54,7 +55,7 @@ def test_loss_is_weighted_sum_over_selected_heads_averaged_over_prompts():
 def test_loss_has_gradient_reaching_the_current_rows():
     before = _rows(torch.rand(2, 2, 3, 4).tolist())
     logits = torch.randn(2, 2, 3, 4, requires_grad=True)
-    loss, _ = sadr_loss(before, logits.softmax(-1), torch.tensor([1, 2]), SADRConfig(selection="all"))
+    loss, _ = sadr_loss(before, logits.softmax(-1), torch.tensor([1, 2]), SADRConfig(weight=0.01, selection="all"))
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
@@ -86,6 +87,7 @@ def test_bad_config_is_a_clear_error(kwargs, match):
 # ------------------------------------------------------------- inside the editors (tiny model)
 
 EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
+STEPS = 6  # the editors' steps in these tests; SADR configs set them too (unset: the published 80 / 20 / 40)
 
 
 @pytest.fixture
@@ -97,7 +99,7 @@ def stats(tmp_path, monkeypatch):
 def _config(method, stats):
     cls = {"rome": ROMEConfig, "memit": MEMITConfig, "pmet": PMETConfig}[method]
     base = cls(layer=1, stats=stats) if method == "rome" else cls(layers=(1,), stats=stats)
-    return dataclasses.replace(base, steps=6, context_templates=((4, 2),), weight_decay=0.0)
+    return dataclasses.replace(base, steps=STEPS, context_templates=((4, 2),), weight_decay=0.0)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet"])
@@ -120,10 +122,10 @@ def test_sadr_runs_inside_each_editor_and_records_masks_and_loss(method, stats):
 def test_sadr_lowers_attention_drift_against_the_plain_edit(stats):
     model = tiny_model("llama", n_layers=3)
     cfg = _config("rome", stats)
-    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, selection="all")) as plain:
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, selection="all", steps=STEPS)) as plain:
         plain_drift = plain.sadr_records[0]["divergence_after"].sum()
         plain_delta = plain.traces[0].delta["blocks.1.mlp.hook_out"]
-    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=100.0, selection="all")) as restricted:
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=100.0, selection="all", steps=STEPS)) as restricted:
         trace = restricted.traces[0]
         drift = restricted.sadr_records[0]["divergence_after"].sum()
     # The gradient of the attention term reached the optimised vector and changed it ...
@@ -137,7 +139,7 @@ def test_sadr_distract_rows_join_the_batch_without_touching_the_editors_own_loss
     cfg = _config("rome", stats)
     prompts = distract_prompts(EIFFEL)
     assert prompts[0] == "The Eiffel Tower is located in Rome. The Barack Obama is located in"
-    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, distract=True)) as with_rows:
+    with edit(model, EIFFEL, "rome", cfg, sadr=SADRConfig(weight=0.0, distract=True, steps=STEPS)) as with_rows:
         nll_rows = with_rows.traces[0].nll
         record = with_rows.sadr_records[0]
     with edit(model, EIFFEL, "rome", cfg) as plain:
@@ -149,7 +151,7 @@ def test_sadr_distract_rows_join_the_batch_without_touching_the_editors_own_loss
 def test_sadr_distract_only_restricts_just_the_distract_rows(stats):
     model = tiny_model("llama", n_layers=3)
     cfg = _config("rome", stats)
-    only = SADRConfig(weight=1.0, distract_only=True)
+    only = SADRConfig(weight=1.0, distract_only=True, steps=STEPS)
     assert only.distract  # implied
     with edit(model, EIFFEL, "rome", cfg, sadr=only) as result:
         record = result.sadr_records[0]
@@ -168,6 +170,43 @@ def test_sadr_must_be_a_config_and_layers_in_range(stats):
     with pytest.raises(EditError, match="out of range"):
         apply_edit(model, EIFFEL, "rome", _config("rome", stats), sadr=SADRConfig(layers=(7,)))
     assert all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, original))
+
+
+@pytest.mark.parametrize("method, weight, steps", [("rome", 0.01, 80), ("memit", 0.005, 20), ("pmet", 0.08, 40)])
+def test_unset_weight_and_steps_are_the_published_protocol_of_the_method(method, weight, steps, stats):
+    model = tiny_model("llama", n_layers=3)
+    _, config, sadr = resolve_edit(model, method, _config(method, stats), SADRConfig())
+    assert (sadr.weight, sadr.steps, config.steps) == (weight, steps, steps)
+    assert sadr == SADRConfig.for_model(model, method)  # what the command line builds
+    _, config, sadr = resolve_edit(model, method, _config(method, stats), SADRConfig(weight=0.3, steps=7))
+    assert (sadr.weight, sadr.steps, config.steps) == (0.3, 7, 7)
+
+
+def test_a_family_preset_is_the_default_of_the_api_too(stats, monkeypatch):
+    model = tiny_model("llama", n_layers=3)
+    monkeypatch.setitem(PRESETS, ("llama", "rome"), (0.5, 30))
+    _, config, sadr = resolve_edit(model, "rome", _config("rome", stats), SADRConfig(selection="all"))
+    assert (sadr.weight, sadr.steps, config.steps) == (0.5, 30, 30)
+    assert sadr == SADRConfig.for_model(model, "rome", selection="all")
+    assert SADRConfig().resolved("gpt2", "rome") == SADRConfig(weight=0.01, steps=80)  # other families: published
+
+
+def test_rome_with_the_default_sadr_config_runs_the_published_80_steps(stats):
+    model = tiny_model("llama", n_layers=3)
+    result = apply_edit(model, EIFFEL, "rome", _config("rome", stats), sadr=SADRConfig(), progress=False)
+    result.restore()
+    assert result.traces[0].steps_run == 80 and result.config.steps == 80
+    assert len(result.sadr_records[0]["loss"]) == 80
+    assert result.sadr == SADRConfig(weight=0.01, steps=80)
+
+
+def test_an_unresolved_weight_is_a_clear_error():
+    before = _rows(torch.rand(1, 1, 2, 3).tolist())
+    with pytest.raises(SADRError, match="resolve"):
+        sadr_loss(before, before, torch.tensor([0]), SADRConfig())
+    with pytest.raises(SADRError, match="no published SADR weight"):
+        SADRConfig().resolved("llama", "fine-tune")
+    assert SADRConfig(weight=0.2).resolved("llama", "fine-tune") == SADRConfig(weight=0.2)  # steps: the editor's
 
 
 # ------------------------------------------------------------- real model (slow)

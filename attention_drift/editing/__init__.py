@@ -1,16 +1,19 @@
 """Knowledge editing on the TransformerLens bridge: ROME, MEMIT and PMET.
 
 ``edit(model, rewrite, method=...)`` edits inside a ``with`` block and restores the weights
-exactly on exit; ``apply_edit`` returns an :class:`EditResult` to restore later. Configs
-(frozen dataclasses, ``XConfig.for_model(model)`` presets) are in
+exactly on exit; ``apply_edit`` returns an :class:`EditResult` to restore, re-apply
+(bitwise) and save. The editors are registered in :data:`EDITORS`
+(:mod:`~attention_drift.editing.registry`: a new editor is one module and one line there).
+Configs (frozen dataclasses, ``XConfig.for_model(model)`` presets) are in
 :mod:`~attention_drift.editing.config`, the covariance statistics in
 :mod:`~attention_drift.editing.stats`, the shared value optimisation (and its extra-loss
-hook) in :mod:`~attention_drift.editing.optimize`.
+hook) in :mod:`~attention_drift.editing.optimize`; :func:`edit_key` identifies an edit's
+resolved configuration and :class:`EditCache` replays stored edits from disk.
 """
 
-from attention_drift.editing.api import METHODS, EditContext, EditResult, apply_edit, check_request, edit
+from attention_drift.editing.api import EditContext, EditResult, apply_edit, check_request, edit
+from attention_drift.editing.cache import EditCache
 from attention_drift.editing.config import (
-    CONFIG_TYPES,
     ConfigError,
     EditError,
     MEMITConfig,
@@ -19,16 +22,32 @@ from attention_drift.editing.config import (
     ROMEConfig,
     StatsConfig,
 )
+from attention_drift.editing.identity import edit_key
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, StepInfo
+from attention_drift.editing.registry import (
+    CONFIG_TYPES,
+    EDITORS,
+    METHODS,
+    Editor,
+    EditorConfig,
+    get_editor,
+    register,
+    resolve_edit,
+    unregister,
+)
 from attention_drift.editing.stats import key_second_moments
 
 __all__ = [
     "CONFIG_TYPES",
+    "EDITORS",
     "METHODS",
     "ConfigError",
+    "EditCache",
     "EditContext",
     "EditError",
     "EditResult",
+    "Editor",
+    "EditorConfig",
     "ExtraLoss",
     "MEMITConfig",
     "Objective",
@@ -41,7 +60,12 @@ __all__ = [
     "apply_edit",
     "check_request",
     "edit",
+    "edit_key",
+    "get_editor",
     "key_second_moments",
+    "register",
+    "resolve_edit",
+    "unregister",
 ]
 
 # TEMPORARY until the editor registry lands (branch editing).

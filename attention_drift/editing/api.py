@@ -3,68 +3,81 @@
     with attention_drift.edit(model, record.rewrite, method="rome") as result:
         ...  # the model is edited here
     # the original weights are back, bit for bit, also if the block raised
+    with result:
+        ...  # the same edit again, bit for bit, without recomputing it
 
 Everything that can be wrong with a request or a configuration is checked before any
-weight is touched; the covariance statistics and context templates are prepared before
-too. The exact original tensors of every parameter an editor will change are cloned first
-and copied back by :meth:`EditResult.restore` (and on any failure during the edit).
+weight is touched; the editor's preparation (covariance statistics, context templates) runs
+before too. The editor is looked up in :data:`~attention_drift.editing.registry.EDITORS`.
+The exact original tensors of every parameter an editor may change are cloned first, and
+every update the editor adds is recorded in order: :meth:`EditResult.restore` copies the
+originals back, :meth:`EditResult.apply` replays the updates (the same additions on the
+same tensors, so the weights are bitwise those of the first edit), and
+:meth:`EditResult.save` / :meth:`EditResult.load` keep them on disk (see
+:mod:`~attention_drift.editing.cache`).
 """
 
 import dataclasses
+import os
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Rewrite
-from attention_drift.editing import memit, pmet, rome
-from attention_drift.editing.config import (
-    CONFIG_TYPES,
-    ConfigError,
-    EditConfig,
-    EditError,
-    RequestError,
-)
+from attention_drift.editing.config import EditError, RequestError
+from attention_drift.editing.identity import FORMAT_VERSION, model_identity, resolved_key, weights_fingerprint
 from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace
-from attention_drift.editing.stats import inverse_second_moment, key_second_moments
-from attention_drift.editing.templates import context_templates
+from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, get_editor, resolve_edit
+from attention_drift.hooks import mlp_weight_name
 from attention_drift.models import mlp_out_weight, on_model_device
 from attention_drift.sadr import SADRConfig, SADRLoss
-from attention_drift.hooks import mlp_weight_name
 
-METHODS = tuple(CONFIG_TYPES)
+__all__ = ["CONFIG_TYPES", "METHODS", "EditContext", "EditResult", "apply_edit", "check_request", "edit"]
 
 
 @dataclass
 class EditResult:
-    """What an edit did, and the means to undo it.
+    """What an edit did, and the means to undo and redo it.
+
+    ``with result:`` applies the edit if it is restored and restores it on exit, so a result
+    can be entered again and again. Re-applying replays the recorded updates on the exact
+    original weights, so the edited weights are bitwise those of the first application.
 
     Attributes:
-        method: ``"rome"``, ``"memit"`` or ``"pmet"``.
+        method: the editor's name (``"rome"``, ``"memit"``, ``"pmet"`` or a registered one).
         requests: the edited requests.
-        config: the configuration used.
-        layers: the layers whose MLP output projection changed.
+        config: the configuration used (every default resolved; SADR's steps applied).
+        layers: the layers whose MLP output projection the edit may change.
         deltas: ``{"blocks.L.mlp.out.weight": new - original}`` in the parameter's layout.
         traces: one :class:`~attention_drift.editing.optimize.OptimizationTrace` per request.
-        seconds: wall time of the edit (statistics and templates included).
-        sadr: the SADR configuration used, or None.
-        restored: whether :meth:`restore` has put the original weights back.
+        seconds: wall time of the edit (preparation included; for a loaded result, of the
+            edit that produced it).
+        sadr: the SADR configuration used (weight and steps resolved), or None.
+        restored: whether the original weights are in the model now.
+        key: :func:`~attention_drift.editing.identity.edit_key` of the configuration; None
+            when extra loss terms took part (they are not part of a key).
     """
 
     method: str
     requests: tuple[Rewrite, ...]
-    config: EditConfig
+    config: EditorConfig
     layers: tuple[int, ...]
     deltas: dict[str, Tensor]
     traces: list[OptimizationTrace]
     seconds: float
     sadr: SADRConfig | None = None
     restored: bool = False
+    key: str | None = None
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _updates: list[tuple[str, Tensor]] = field(default_factory=list, repr=False)
+    _model: dict = field(default_factory=dict, repr=False)
 
     @property
     def loss_trace(self) -> list[list[float]]:
@@ -83,6 +96,11 @@ class EditResult:
         selected-head masks and loss per step, subject attention before / after."""
         return [t.records.get("sadr", {}) for t in self.traces]
 
+    @property
+    def updates(self) -> tuple[tuple[str, Tensor], ...]:
+        """The ``(parameter name, update)`` additions the editor made, in order."""
+        return tuple(self._updates)
+
     def restore(self) -> None:
         """Copy the original weights back (bitwise). Calling it again does nothing."""
         if self.restored:
@@ -92,17 +110,100 @@ class EditResult:
                 param.copy_(self._originals[name])
         self.restored = True
 
+    def apply(self) -> None:
+        """Put the edit back after :meth:`restore`: the weights become bitwise those of the
+        first application. Does nothing while applied; raises an :class:`EditError` when the
+        parameters no longer hold the original weights (another edit changed them)."""
+        if not self.restored:
+            return
+        changed = [n for n, p in self._params.items() if not torch.equal(p.detach(), self._originals[n])]
+        if changed:
+            raise EditError(
+                f"cannot re-apply the {self.method} edit: {', '.join(changed)} no longer hold the weights it "
+                "was made on (restore the other edit first)"
+            )
+        with torch.no_grad():
+            for name, upd in self._updates:
+                self._params[name].add_(upd)
+        self.restored = False
+
     def __enter__(self) -> "EditResult":
+        self.apply()
         return self
 
     def __exit__(self, *exc) -> None:
         self.restore()
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the updates and what produced them to ``path`` (a ``torch.save`` file that
+        loads with ``weights_only=True``); :meth:`load` replays them. Returns the path."""
+        path = Path(path)
+        data = {
+            "format": FORMAT_VERSION,
+            "key": self.key,
+            "model": self._model,
+            "method": self.method,
+            "config": _fields(self.config),
+            "sadr": None if self.sadr is None else _fields(self.sadr),
+            "requests": [dataclasses.asdict(r) for r in self.requests],
+            "layers": list(self.layers),
+            "seconds": self.seconds,
+            "originals": weights_fingerprint(self._originals),
+            "updates": [(name, upd.detach().cpu().clone()) for name, upd in self._updates],
+            "traces": [_portable(dataclasses.asdict(t), f"trace {i}") for i, t in enumerate(self.traces)],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model) -> "EditResult":
+        """The edit saved at ``path``, ready for ``model`` and restored (``with result:`` or
+        :meth:`apply` puts it in). Raises an :class:`EditError` when the file was written by
+        another format version, for another model, or on other weights than ``model`` holds."""
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise EditError(f"cannot read the saved edit {path}: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise EditError(f"{path} holds saved-edit format {found!r}, this version reads {FORMAT_VERSION}; edit again")
+        identity = model_identity(model)
+        mismatch = {k: (v, identity.get(k)) for k, v in data["model"].items() if k != "device" and identity.get(k) != v}
+        if mismatch:
+            raise EditError(f"{path} was saved for another model: {', '.join(f'{k} {a!r} != {b!r}' for k, (a, b) in mismatch.items())}")
+        editor = get_editor(data["method"])
+        config = _rebuild(editor.config_type, data["config"])
+        sadr = None if data["sadr"] is None else _rebuild(SADRConfig, data["sadr"])
+        layers = tuple(data["layers"])
+        with on_model_device(model):
+            params = _parameters(model, layers)
+            originals = {name: p.detach().clone() for name, p in params.items()}
+            if weights_fingerprint(originals) != data["originals"]:
+                raise EditError(
+                    f"{path} was made on other weights of {', '.join(params)} than the model holds now "
+                    "(is another edit applied, or is it another checkpoint?)"
+                )
+            updates = [(name, upd.to(params[name].device)) for name, upd in data["updates"]]
+            edited = {name: o.clone() for name, o in originals.items()}
+            for name, upd in updates:
+                edited[name].add_(upd)
+            deltas = {name: edited[name] - originals[name] for name in params}
+        traces = [_trace(t) for t in data["traces"]]
+        return cls(
+            data["method"], tuple(Rewrite(**r) for r in data["requests"]), config, layers, deltas, traces,
+            data["seconds"], sadr=sadr, restored=True, key=data["key"], _params=params, _originals=originals,
+            _updates=updates, _model=identity,
+        )
+
 
 class EditContext:
     """Context manager returned by :func:`edit`: edits on entry, restores on exit."""
 
-    def __init__(self, model, requests, method: str, config: EditConfig | None, sadr, extra_losses: Sequence[ExtraLoss]):
+    def __init__(self, model, requests, method: str, config: EditorConfig | None, sadr, extra_losses: Sequence[ExtraLoss]):
         self._args = (model, requests, method, config, sadr, tuple(extra_losses))
         self.result: EditResult | None = None
 
@@ -120,17 +221,19 @@ def edit(
     model,
     requests: Rewrite | Sequence,
     method: str = "rome",
-    config: EditConfig | None = None,
+    config: EditorConfig | None = None,
     sadr: SADRConfig | None = None,
     *,
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> EditContext:
     """``with edit(model, rewrite, method="rome") as result:`` the model is edited inside the block.
 
-    ``config=None`` uses ``XConfig.for_model(model)``. ``sadr`` (a
+    ``config=None`` uses the editor's preset, ``XConfig.for_model(model)``. ``sadr`` (a
     :class:`~attention_drift.sadr.SADRConfig`) adds the SADR regulariser to the value
-    optimisation, with its step count if it sets one; ``extra_losses`` adds any other
-    terms. On exit the original weights are restored exactly, even when the block raises.
+    optimisation; its unset weight and steps are the published ones for ``method``
+    (``SADRConfig()`` is the paper's protocol: ROME 80 steps, MEMIT 20, PMET 40).
+    ``extra_losses`` adds any other terms. On exit the original weights are restored
+    exactly, even when the block raises.
     """
     _check_sadr(sadr)
     return EditContext(model, requests, method, config, sadr, tuple(extra_losses))
@@ -148,7 +251,7 @@ def apply_edit(
     model,
     requests: Rewrite | Sequence,
     method: str = "rome",
-    config: EditConfig | None = None,
+    config: EditorConfig | None = None,
     *,
     sadr: SADRConfig | None = None,
     extra_losses: Sequence[ExtraLoss] = (),
@@ -157,9 +260,9 @@ def apply_edit(
     """Edit ``model`` in place and return the :class:`EditResult` (call ``.restore()`` to undo).
 
     ROME applies several requests one after the other; MEMIT and PMET insert them as one
-    batch. ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics are
-    computed (once per model, layer and corpus; cached on disk). Works on whatever device
-    the model is on.
+    batch. ``config``, ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics
+    are computed (once per model, layer and corpus; cached on disk). Works on whatever
+    device the model is on.
     """
     with on_model_device(model):
         return _apply_edit(model, requests, method, config, sadr, extra_losses, progress)
@@ -169,12 +272,9 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
     start = time.perf_counter()
     reqs = _requests(requests)
     _check_sadr(sadr)
-    config = _config(model, method, config)
+    editor, config, sadr = resolve_edit(model, method, config, sadr)
+    key = None if extra_losses else resolved_key(model, editor.name, config, sadr)
     if sadr is not None:
-        if sadr.steps is not None:
-            config = dataclasses.replace(config, steps=sadr.steps)
-        if sadr.layers is not None and any(not 0 <= l < model.cfg.n_layers for l in sadr.layers):
-            raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{model.cfg.n_layers - 1}")
         extra_losses = (*extra_losses, SADRLoss(sadr))
     for request in reqs:
         check_request(model, request)
@@ -185,31 +285,22 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
     if len(set(names)) != len(names):
         raise EditError(f"extra loss names must be unique, got {names}")
 
-    groups = context_templates(model, config.context_templates, config.template_seed)
-    if method == "rome":
-        inverse = None
-        if config.mom2_adjustment:
-            c_inv = inverse_second_moment(model, config.layer, config.stats, progress=progress)
-            inverse = lambda k: c_inv @ k  # noqa: E731
-        covs = {}
-    else:
-        covs = key_second_moments(model, config.layers, config.stats, progress=progress)
-
-    params = {mlp_weight_name(l): mlp_out_weight(model, l) for l in config.layers}
+    prepared = editor.prepare(model, config, progress=progress)
+    layers = tuple(config.layers)
+    params = _parameters(model, layers)
     originals = {name: p.detach().clone() for name, p in params.items()}
+    updates: list[tuple[str, Tensor]] = []
 
     def apply(name: str, upd: Tensor) -> None:
+        if name not in params:
+            raise EditError(f"editor {editor.name!r} wrote {name!r}, which is not among the parameters of its layers {layers}")
+        upd = upd.detach().to(params[name].device, params[name].dtype).clone()
         with torch.no_grad():
             params[name].add_(upd)
+        updates.append((name, upd))
 
     try:
-        if method == "rome":
-            flat = [t for g in groups for t in g]
-            traces = rome.execute(model, reqs, config, flat, inverse, apply, extra_losses)
-        elif method == "memit":
-            traces = memit.execute(model, reqs, config, groups, covs, apply, extra_losses)
-        else:
-            traces = pmet.execute(model, reqs, config, groups, covs, apply, extra_losses)
+        traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
     except BaseException:
         with torch.no_grad():
             for name, param in params.items():
@@ -217,9 +308,52 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
         raise
     deltas = {name: (p.detach() - originals[name]) for name, p in params.items()}
     return EditResult(
-        method, reqs, config, tuple(config.layers), deltas, traces, time.perf_counter() - start,
-        sadr=sadr, _params=params, _originals=originals,
+        editor.name, reqs, config, layers, deltas, list(traces), time.perf_counter() - start,
+        sadr=sadr, key=key, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
     )
+
+
+def _parameters(model, layers: Sequence[int]) -> dict[str, torch.nn.Parameter]:
+    return {mlp_weight_name(l): mlp_out_weight(model, l) for l in layers}
+
+
+def _fields(config) -> dict:
+    """A dataclass's fields as torch-loadable plain data (nested dataclasses as dicts)."""
+    return {f.name: _fields(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v
+            for f in dataclasses.fields(config)}
+
+
+def _rebuild(cls, data: dict):
+    """Inverse of :func:`_fields` for ``cls`` (a nested dataclass is rebuilt as the dataclass
+    its field's type names, also inside ``X | None``)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        kinds = [k for k in (hint, *typing.get_args(hint)) if isinstance(k, type) and dataclasses.is_dataclass(k)]
+        kwargs[name] = _rebuild(kinds[0], value) if isinstance(value, dict) and kinds else value
+    return cls(**kwargs)
+
+
+_PORTABLE = (str, int, float, bool, type(None))
+
+
+def _portable(value, where: str):
+    """``value`` with tensors moved to the CPU; an :class:`EditError` for anything that
+    ``torch.load(weights_only=True)`` cannot read back."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _portable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_portable(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, _PORTABLE):
+        return value
+    raise EditError(f"cannot save the edit: {where} holds a {type(value).__name__}; keep trace records to tensors and plain values")
+
+
+def _trace(data: dict) -> OptimizationTrace:
+    return OptimizationTrace(**{**data, "request": Rewrite(**data["request"]), "sites": tuple(data["sites"])})
 
 
 def _requests(requests) -> tuple[Rewrite, ...]:
@@ -237,21 +371,6 @@ def _requests(requests) -> tuple[Rewrite, ...]:
         if not isinstance(r, Rewrite):
             raise RequestError(f"every request must be a Rewrite, got {type(r).__name__}; use record.rewrite")
     return reqs
-
-
-def _config(model, method: str, config: EditConfig | None) -> EditConfig:
-    if method not in CONFIG_TYPES:
-        raise ConfigError(f"unknown editing method {method!r}; choose one of {', '.join(METHODS)}")
-    cls = CONFIG_TYPES[method]
-    if config is None:
-        config = cls.for_model(model)
-    elif not isinstance(config, cls):
-        raise ConfigError(
-            f"method {method!r} needs a {cls.__name__}, got a {type(config).__name__}; pass the matching "
-            f"config or method={getattr(config, 'method', '?')!r}"
-        )
-    config.check(model)
-    return config
 
 
 def check_request(model, request: Rewrite) -> None:

@@ -6,9 +6,15 @@ size; :func:`dataclasses.replace` derives variants (``replace(cfg, steps=40)``).
 
 Presets and where their numbers come from:
 
+* Steps: ROME 20, MEMIT 20, PMET 20, the baselines of the over-attention paper's run
+  scripts (``examples/scripts/{rome,memit,pmet}.sh`` of its official code, which override
+  the step counts of its hparams files: MEMIT 20 there, PMET 30), so that an editor's
+  "+SADR" run differs from its baseline only by SADR and the steps the paper gives SADR
+  (:data:`attention_drift.sadr.PUBLISHED`). Exceptions: the Llama-2 / TinyLlama presets
+  keep EasyEdit's explicit llama-7b values (ROME and MEMIT 25).
 * GPT-2 XL / GPT-J-6B: the published hyper-parameters of the ROME, MEMIT and PMET papers'
   code (ROME: layer 17 / 5, clamp 4; MEMIT: layers 13-17 / 3-8, clamp 0.75, lambda 20000 /
-  15000; PMET on GPT-J: layers 3-8, 30 steps, lr 0.2, KL factor 1, lambda 15000 as in the
+  15000; PMET on GPT-J: layers 3-8, lr 0.2, KL factor 1, lambda 15000 as in the
   EasyEdit configuration the over-attention paper used; the PMET repository's own GPT-J
   file has lambda 6000). GPT-2 medium / large: ROME layers 8 / 12 (EasyEdit). GPT-2 small
   and the MEMIT/PMET ranges of GPT-2 small, medium and large have no published values:
@@ -207,7 +213,7 @@ class ROMEConfig:
     @classmethod
     def for_model(cls, model) -> "ROMEConfig":
         """The preset for ``model``'s family and size (see the module docstring)."""
-        return _preset(model, "rome")
+        return _preset(model, cls)
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,10 @@ class MEMITConfig:
         layers: the edited layers, increasing; the target vectors z are optimised at the
             residual output of the last one.
         v_loss_layer: as :class:`ROMEConfig`.
-        lr, steps, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss: as
+        steps: optimisation steps; 20, as the over-attention paper's run script
+            (``examples/scripts/memit.sh``: 20 with and without SADR; the MEMIT repository's
+            GPT-J file has 25), so that a MEMIT+SADR run differs from plain MEMIT only by SADR.
+        lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss: as
             :class:`ROMEConfig` (the clamp is relative to the residual norm at the z layer).
         mom2_update_weight: lambda in ``(lambda C + K K^T)^-1``; C is a mean over tokens, so
             lambda is the number of corpus tokens one edited key weighs against.
@@ -230,7 +239,7 @@ class MEMITConfig:
     layers: tuple[int, ...]
     v_loss_layer: int | None = None
     lr: float = 0.5
-    steps: int = 25
+    steps: int = 20
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
@@ -255,7 +264,7 @@ class MEMITConfig:
     @classmethod
     def for_model(cls, model) -> "MEMITConfig":
         """The preset for ``model``'s family and size (see the module docstring)."""
-        return _preset(model, "memit")
+        return _preset(model, cls)
 
 
 @dataclass(frozen=True)
@@ -265,10 +274,14 @@ class PMETConfig:
     Args:
         layers: the edited MLP layers, increasing; attention and MLP output deltas are
             optimised at the last one.
-        v_loss_layer, lr, steps, weight_decay, clamp_norm_factor, kl_factor,
-            early_stop_loss, mom2_update_weight, context_templates, stats, template_seed:
-            as :class:`MEMITConfig` (the clamp and weight decay apply to each delta relative
-            to its own initial value).
+        steps: optimisation steps; 20, as the over-attention paper's run script for plain
+            PMET (``examples/scripts/pmet.sh``: 20, and 40 with SADR, overriding the 30 of its
+            GPT-J file, which is EasyEdit's), so that PMET+SADR differs from plain PMET only by
+            SADR and the steps the paper gives it.
+        v_loss_layer, lr, weight_decay, clamp_norm_factor, kl_factor, early_stop_loss,
+            mom2_update_weight, context_templates, stats, template_seed: as
+            :class:`MEMITConfig` (the clamp and weight decay apply to each delta relative to
+            its own initial value).
         nll_factor: factor of the target NLL; PMET divides it by 10 while the target is the
             argmax at every target position, and stops once the KL term is <= 0.01 then.
     """
@@ -276,7 +289,7 @@ class PMETConfig:
     layers: tuple[int, ...]
     v_loss_layer: int | None = None
     lr: float = 0.2
-    steps: int = 30
+    steps: int = 20
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 1.0
@@ -302,11 +315,21 @@ class PMETConfig:
     @classmethod
     def for_model(cls, model) -> "PMETConfig":
         """The preset for ``model``'s family and size (see the module docstring)."""
-        return _preset(model, "pmet")
+        return _preset(model, cls)
 
 
 EditConfig = ROMEConfig | MEMITConfig | PMETConfig
-CONFIG_TYPES: dict[str, type] = {"rome": ROMEConfig, "memit": MEMITConfig, "pmet": PMETConfig}
+"""The built-in editors' configs; any registered editor's config follows
+:class:`~attention_drift.editing.registry.EditorConfig`."""
+
+
+def __getattr__(name: str):
+    # CONFIG_TYPES derives from the editor registry, which imports this module: looked up lazily.
+    if name == "CONFIG_TYPES":
+        from attention_drift.editing.registry import CONFIG_TYPES
+
+        return CONFIG_TYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_range(layers: tuple[int, ...], what: str) -> None:
@@ -391,7 +414,8 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
 }
 
 
-def _preset(model, method: str):
+def _preset(model, cls):
+    method = cls.method
     family, depth = model_family(model), n_layers(model)
     d_model = int(model.cfg.d_model)
     entry = _PRESETS.get((family, depth, d_model)) or _PRESETS.get((family, depth, None))
@@ -399,11 +423,10 @@ def _preset(model, method: str):
         known = ", ".join(
             f"{fam} ({layers} layers{'' if d is None else f', d_model {d}'})" for fam, layers, d in _PRESETS
         )
-        cls = CONFIG_TYPES[method].__name__
         example = "layer=..." if method == "rome" else "layers=(..., ...)"
         raise ConfigError(
             f"no {method.upper()} preset for model family {family!r} with {depth} layers and d_model "
-            f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls}({example}) (pick the "
+            f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls.__name__}({example}) (pick the "
             f"layer with benchmarks/sweep_edit_layer.py, or a causal trace); presets exist for: {known}"
         )
-    return CONFIG_TYPES[method](**entry[method], stats=entry["stats"])
+    return cls(**entry[method], stats=entry["stats"])

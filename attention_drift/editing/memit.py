@@ -17,12 +17,14 @@ divisor.
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from attention_drift.data import Rewrite
-from attention_drift.editing.config import MEMITConfig
+from attention_drift.editing.config import MEMITConfig, PMETConfig
 from attention_drift.editing.optimize import (
     ExtraLoss,
     Objective,
@@ -31,8 +33,30 @@ from attention_drift.editing.optimize import (
     subject_activations,
     template_rows,
 )
+from attention_drift.editing.stats import key_second_moments
+from attention_drift.editing.templates import context_templates
 from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
 from attention_drift.hooks import act_name, mlp_weight_name
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What MEMIT and PMET need before any weight changes.
+
+    Args:
+        groups: the context template groups (``[["{}"], group per (length, count)]``).
+        covs: ``{layer: C}``, the key second moment of every edited layer.
+    """
+
+    groups: tuple[tuple[str, ...], ...]
+    covs: dict[int, Float[Tensor, "d_mlp d_mlp"]]
+
+
+def prepare(model, config: MEMITConfig | PMETConfig, *, progress: bool = True) -> Prepared:
+    """The context template groups and the key second moments of ``config.layers``."""
+    groups = context_templates(model, config.context_templates, config.template_seed)
+    covs = key_second_moments(model, config.layers, config.stats, progress=progress)
+    return Prepared(tuple(tuple(g) for g in groups), covs)
 
 
 def grouped_keys_and_outputs(
@@ -99,11 +123,12 @@ def execute(
     model,
     requests: Sequence[Rewrite],
     config: MEMITConfig,
-    groups: Sequence[Sequence[str]],
-    covs: dict[int, Tensor],
+    prepared: Prepared,
     apply: Callable[[str, Tensor], None],
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> list[OptimizationTrace]:
+    """Optimise each request's target residual, then spread the batch over ``config.layers``."""
+    groups, covs = prepared.groups, prepared.covs
     z_layer = config.layers[-1]
     site = act_name("resid_post", z_layer)
     objective = Objective(

@@ -14,6 +14,8 @@ as the only rewritten module, as in their configurations):
    ``R = (M - current MLP output of layer L at the bare prompt) / sqrt(layers left)`` (the
    square-root spread), and ``Delta = R K^T (K K^T + lambda C)^-1`` added to the MLP output
    projection.
+
+The preparation (templates, key second moments) is MEMIT's (:func:`prepare`).
 """
 
 import math
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from attention_drift.data import Rewrite
 from attention_drift.editing.config import PMETConfig
-from attention_drift.editing.memit import spread_updates
+from attention_drift.editing.memit import Prepared, prepare, spread_updates  # noqa: F401 (prepare: PMET's)
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
 from attention_drift.hooks import act_name
 
@@ -33,11 +35,12 @@ def execute(
     model,
     requests: Sequence[Rewrite],
     config: PMETConfig,
-    groups: Sequence[Sequence[str]],
-    covs: dict[int, Tensor],
+    prepared: Prepared,
     apply: Callable[[str, Tensor], None],
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> list[OptimizationTrace]:
+    """Optimise each request's attention and MLP deltas jointly, then spread the MLP targets."""
+    groups, covs = prepared.groups, prepared.covs
     z_layer = config.layers[-1]
     attn_site, mlp_site = act_name("attn_raw", z_layer), act_name("mlp_raw", z_layer)
     objective = Objective(

@@ -19,13 +19,17 @@ holding the previous ones (as ``apply_rome_to_model``).
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from attention_drift.data import Rewrite
 from attention_drift.editing.config import ROMEConfig
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.editing.stats import inverse_second_moment
+from attention_drift.editing.templates import context_templates
 from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
 from attention_drift.hooks import act_name, mlp_weight_name
 
@@ -49,12 +53,32 @@ def rank_one_update(model, layer: int, key: Tensor, u: Tensor, value: Tensor, cu
     return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What ROME needs before any weight changes.
+
+    Args:
+        templates: the context templates, flat (``"{}"`` first).
+        inverse_cov: ``C^-1`` (float64) of the edited layer's keys; None without the
+            covariance adjustment.
+    """
+
+    templates: tuple[str, ...]
+    inverse_cov: Float[Tensor, "d_mlp d_mlp"] | None
+
+
+def prepare(model, config: ROMEConfig, *, progress: bool = True) -> Prepared:
+    """The context templates and, with ``mom2_adjustment``, the inverse key covariance."""
+    groups = context_templates(model, config.context_templates, config.template_seed)
+    inverse = inverse_second_moment(model, config.layer, config.stats, progress=progress) if config.mom2_adjustment else None
+    return Prepared(tuple(t for g in groups for t in g), inverse)
+
+
 def execute(
     model,
     requests: Sequence[Rewrite],
     config: ROMEConfig,
-    templates: Sequence[str],
-    inverse_cov: Callable[[Tensor], Tensor] | None,
+    prepared: Prepared,
     apply: Callable[[str, Tensor], None],
     extra_losses: Sequence[ExtraLoss] = (),
 ) -> list[OptimizationTrace]:
@@ -64,12 +88,12 @@ def execute(
     traces = []
     for request in requests:
         solution = optimize_values(
-            model, request, templates, sites=[site], layer=layer, objective=objective(config),
+            model, request, list(prepared.templates), sites=[site], layer=layer, objective=objective(config),
             loss_layer=config.v_loss_layer, extra_losses=extra_losses, reference_names=[key_hook],
         )
         keys = solution.reference[key_hook].double()
         k_star, k_bare = keys.mean(0), keys[0]
-        u = inverse_cov(k_star) if inverse_cov is not None else k_star
+        u = prepared.inverse_cov @ k_star if prepared.inverse_cov is not None else k_star
         u = u / u.norm()
         upd = rank_one_update(
             model, layer, k_bare, u, solution.target[site].double(), solution.init[site].double()
