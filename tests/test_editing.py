@@ -216,8 +216,10 @@ def test_bad_input_fails_before_any_weight_is_touched(case, tiny_llama, monkeypa
 
 
 def test_bad_configs_and_methods(tiny_llama):
+    from attention_drift.models import tiny_model
+
     with pytest.raises(ConfigError, match="ROMEConfig\\(layer="):
-        ROMEConfig.for_model(tiny_llama)
+        ROMEConfig.for_model(tiny_model("llama", n_layers=3))  # no preset for this shape
     with pytest.raises(ConfigError, match="unknown editing method"):
         edit(tiny_llama, EIFFEL, "fine-tune", ROMEConfig(layer=0)).__enter__()
     with pytest.raises(ConfigError, match="needs a MEMITConfig"):

@@ -67,8 +67,3 @@ __all__ = [
     "resolve_edit",
     "unregister",
 ]
-
-# TEMPORARY until the editor registry lands (branch editing).
-from types import SimpleNamespace as _Editor  # noqa: E402
-
-EDITORS = {m: _Editor(name=m, config_type=c) for m, c in CONFIG_TYPES.items()}
