@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 from attention_drift.errors import AttentionDriftError
+from attention_drift.paths import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -69,7 +70,7 @@ class OfflineModel:
             return Path(spec.submodule_search_locations[0]) / self.gguf
         # The gemma package assembles its GGUF from chunk packages (and checks the sha256).
         module = importlib.import_module(self.module)
-        return Path(module.assemble(_cache_root() / "gguf" / module.MODEL_NAME))
+        return Path(module.assemble(cache_root() / "gguf" / module.MODEL_NAME))
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
@@ -94,11 +95,6 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 _ALIASES = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("ATTENTION_DRIFT_CACHE") or Path.home() / ".cache" / "attention_drift"
-    return Path(root)
-
-
 def _gguf_to_folder(gguf: Path) -> Path:
     """De-quantise a GGUF file to float32 safetensors once; return the cached HF folder.
 
@@ -108,7 +104,7 @@ def _gguf_to_folder(gguf: Path) -> Path:
     """
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    folder = cache_root() / "models" / f"{gguf.stem}-{key}"
     if (folder / "model.safetensors").exists():
         return folder
     from safetensors.torch import save_file
@@ -169,11 +165,29 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     return text, None
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: "torch.dtype | str") -> torch.dtype:
+    """``torch.float32`` / ``bfloat16`` / ``float16``, given as such or by name (``"bf16"``...)."""
+    resolved = DTYPES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(
+            f"unsupported model dtype {dtype!r}; use torch.float32, torch.bfloat16 or torch.float16 "
+            f"(or one of the names {', '.join(DTYPES)})"
+        )
+    return resolved
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: "torch.dtype | str" = torch.float32,
 ) -> TransformerBridge:
     """Load a model as an evaluation-mode ``TransformerBridge`` with raw (unprocessed) weights.
 
@@ -182,13 +196,22 @@ def load_model(
     Hugging Face folder, or a Hugging Face hub name (needs internet). Parameters are frozen
     (``requires_grad=False``): editors optimise their own tensors and write weights in closed
     form. The returned bridge carries ``model_name`` (what was asked for).
+
+    ``dtype`` (:func:`resolve_dtype`) is the weights' dtype: float32 (default), bfloat16 or
+    float16; the editors' own maths stays float32/float64 whatever it is. Weights are cast
+    while they are read (transformers initialises on the meta device and reads the
+    safetensors shard by shard), and on an accelerator they are placed there directly
+    (``device_map``), so host memory holds at most one copy of the model in ``dtype``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
     bridge_name, folder = resolve(name_or_path)
     source = str(folder) if folder is not None else bridge_name
+    placement = {} if device.type == "cpu" else {"device_map": device}
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise ModelLoadError(
@@ -200,7 +223,9 @@ def load_model(
     # The bridge switches BOS-adding on in the tokenizer; remember the model's own default.
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-    hf.eval().to(device)
+    hf.eval()
+    if not placement:
+        hf.to(device)
     bridge = TransformerBridge.boot_transformers(
         bridge_name if folder is None else _bridge_arch_name(folder, bridge_name),
         hf_model=hf,
@@ -263,12 +288,14 @@ def mlp_out_is_conv1d(model: TransformerBridge, layer: int = 0) -> bool:
     return type(model.blocks[layer].mlp.out.original_component).__name__ == "Conv1D"
 
 
-def tiny_model(arch: str = "llama", *, n_layers: int = 2, seed: int = 0) -> TransformerBridge:
+def tiny_model(
+    arch: str = "llama", *, n_layers: int = 2, seed: int = 0, dtype: "torch.dtype | str" = torch.float32
+) -> TransformerBridge:
     """A small randomly initialised bridge for fast unit tests (never as evidence of anything).
 
     ``arch`` is ``"llama"`` (RMSNorm, RoPE, grouped-query attention, gated MLP) or ``"gpt2"``
     (LayerNorm, learned positions, Conv1D). Its byte-level BPE tokenizer is trained on the fly
-    on a few sentences, so nothing is downloaded.
+    on a few sentences, so nothing is downloaded. ``dtype`` as in :func:`load_model`.
     """
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -294,7 +321,7 @@ def tiny_model(arch: str = "llama", *, n_layers: int = 2, seed: int = 0) -> Tran
     folder = Path(tempfile.mkdtemp(prefix=f"attention_drift_tiny_{arch}_"))
     hf.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return load_model(folder)
+    return load_model(folder, dtype=dtype)
 
 
 _TINY_CORPUS = [

@@ -323,15 +323,6 @@ EditConfig = ROMEConfig | MEMITConfig | PMETConfig
 :class:`~attention_drift.editing.registry.EditorConfig`."""
 
 
-def __getattr__(name: str):
-    # CONFIG_TYPES derives from the editor registry, which imports this module: looked up lazily.
-    if name == "CONFIG_TYPES":
-        from attention_drift.editing.registry import CONFIG_TYPES
-
-        return CONFIG_TYPES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _check_range(layers: tuple[int, ...], what: str) -> None:
     if not layers:
         raise ConfigError(f"{what}.layers is empty; give at least one layer")

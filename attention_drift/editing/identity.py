@@ -19,7 +19,7 @@ import torch
 from attention_drift.data import Rewrite
 from attention_drift.editing.config import ConfigError
 from attention_drift.editing.registry import resolve_edit
-from attention_drift.editing.stats import model_key
+from attention_drift.editing.fingerprints import model_key
 from attention_drift.models import model_family, n_layers
 
 FORMAT_VERSION = 1

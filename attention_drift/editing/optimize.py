@@ -15,9 +15,9 @@ minimised with Adam; each step first checks ``loss < early_stop_loss`` (stop), t
 step only evaluates, and after each update every delta is projected back into the ball of
 radius ``clamp_norm_factor * ||init||``, ``init`` being the site's value at row 0.
 
-Speed: nothing below ``layer`` depends on the deltas, so one reference forward (no grad)
-records the residual entering block ``layer`` and the keyword arguments HF passes to every
-later block (attention masks, rotary embeddings, per layer so sliding-window layers keep
+Speed: nothing below ``layer`` depends on the deltas, so one reference forward (no grad,
+stopped before the final norm: no logits) records the residual entering block ``layer`` and
+the keyword arguments HF passes to every later block (attention masks, rotary embeddings, per layer so sliding-window layers keep
 theirs); each step then runs only blocks ``layer..`` through the bridge (their hooks fire)
 and computes logits only at the target positions and at the essence row's subject token
 (final norm and unembedding applied to those rows alone), instead of full-vocabulary
@@ -31,6 +31,10 @@ Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at la
 ``layer`` are captured live (differentiable) from each step's forward pass, those below come
 from the reference pass (detached constants, they cannot change). Step 0 runs with all
 deltas zero, so a term can record reference activations then.
+
+Precision: the deltas, the optimiser, the losses (log-softmax of the read logits) and the
+activations handed to extra terms are float32 whatever the model's dtype; a bfloat16 or
+float16 model runs its blocks in its own dtype (the delta is added to its activation there).
 """
 
 import time
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from attention_drift import tokens
 from attention_drift.data import Rewrite
@@ -234,6 +239,18 @@ def rewriting_batch(
     return _concat(rewriting, essence, int(pad)), len(prompts), torch.tensor(positions)
 
 
+class _FinalResidual(Exception):
+    """Ends a reference pass at the final norm, carrying the residual that enters it."""
+
+    def __init__(self, hidden: Tensor):
+        super().__init__("reference pass stopped before the final norm")
+        self.hidden = hidden
+
+
+def _stop_before_final_norm(module, args, kwargs):
+    raise _FinalResidual(args[0] if args else next(iter(kwargs.values())))
+
+
 class _PrefixCache:
     """A stand-in for HF's key-value cache: puts each layer's constant keys / values (all ``T``
     positions of the reference pass) in front of the live ones, and stores nothing."""
@@ -249,8 +266,9 @@ class _PrefixCache:
 class LayerRunner:
     """Re-runs the bridge's blocks ``start..`` on the residual entering block ``start``.
 
-    A reference forward of the whole model (no grad) records that residual and the
-    arguments HF passes to each later block; :meth:`run` then calls the blocks itself, so
+    A reference forward (no grad; it stops at the final norm, so no logits are computed
+    unless :attr:`logits` is read) records that residual and the arguments HF passes to
+    each later block; :meth:`run` then calls the blocks itself, so
     hooks fire as usual, and returns the residual after ``upto``. Equal to the full
     forward (the tests compare the logits on tiny Llama and GPT-2 models).
 
@@ -288,10 +306,18 @@ class LayerRunner:
 
         handles = [self.model.blocks[l].register_forward_pre_hook(pre_hook(l), with_kwargs=True)
                    for l in range(start, self.total)]
+        ln_final = getattr(model, "ln_final", None)
+        if isinstance(ln_final, torch.nn.Module):
+            handles.append(ln_final.register_forward_pre_hook(_stop_before_final_norm, with_kwargs=True))
         names = dict.fromkeys([*reference_names, *kv_names, *([final_name] if want_suffix else [])])
+        self._final: Tensor | None = None
+        self._logits: Tensor | None = None
         try:
             with torch.no_grad(), model.hooks(fwd_hooks=[(n, save(n)) for n in names]):
-                self.logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                try:
+                    self._logits = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                except _FinalResidual as stop:
+                    self._final = stop.hidden.detach()
         finally:
             for handle in handles:
                 handle.remove()
@@ -311,7 +337,19 @@ class LayerRunner:
             with torch.no_grad():
                 final, _ = self.run()
                 reference = saved[final_name][self.rows, self.pos]
-                self.suffix = torch.allclose(final[self.valid], reference[self.valid], atol=1e-4, rtol=1e-3)
+                tol = max(1e-3, 4 * torch.finfo(final.dtype).eps)
+                self.suffix = torch.allclose(final[self.valid].float(), reference[self.valid].float(),
+                                             atol=tol / 10, rtol=tol)
+
+    @property
+    def logits(self) -> Tensor:
+        """Full-vocabulary logits ``[batch, pos, d_vocab]`` of the reference pass, computed on
+        first use: the pass itself stops at the final norm (no step reads these)."""
+        if self._logits is None:
+            with torch.no_grad():
+                b, T, d = self._final.shape
+                self._logits = unembed_rows(self.model, self._final.reshape(b * T, d)).reshape(b, T, -1)
+        return self._logits
 
     @staticmethod
     def _suffix_supported(model, start: int) -> bool:
@@ -426,8 +464,12 @@ def optimize_values(
     loss_layer: int | None = None,
     extra_losses: Sequence[ExtraLoss] = (),
     reference_names: Sequence[str] = (),
+    progress: bool = False,
 ) -> ValueSolution:
-    """Optimise one delta per site (hook names in block ``layer``) for ``request``; see the module docstring."""
+    """Optimise one delta per site (hook names in block ``layer``) for ``request``; see the module docstring.
+
+    ``progress`` shows a bar over the optimisation steps (with the current loss).
+    """
     start_time = time.perf_counter()
     total = n_layers(model)
     loss_layer = total - 1 if loss_layer is None else loss_layer
@@ -450,9 +492,9 @@ def optimize_values(
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
                          changes_from=subj if suffix_ok else None)
-    init = {s: runner.saved[s][0, subj[0]].clone() for s in sites}
+    init = {s: runner.saved[s][0, subj[0]].to(torch.float32, copy=True) for s in sites}
     reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
-    constants = {n: runner.saved[n] for n in const_names}
+    constants = {n: runner.saved[n].float() for n in const_names}
 
     # Target positions: the logits one position before each target token.
     rw_rows, positions, target_ids, row_len = [], [], [], []
@@ -474,31 +516,32 @@ def optimize_values(
     def inject(site):
         def fn(act, hook):
             act = act.clone()
-            act[rows, subj_local] = act[rows, subj_local] + d[site]
+            act[rows, subj_local] = (act[rows, subj_local] + d[site]).to(act.dtype)
             return act
         return fn
 
     def capture(name):
         def fn(act, hook):
-            acts[name] = runner.full_pattern(act)
+            acts[name] = runner.full_pattern(act).float()
         return fn
 
     trace = OptimizationTrace(request, layer, tuple(sites), extra={t.name: [] for t in extra_losses})
     kl_init = None
     nll_factor = objective.nll_factor
     hooks = [(s, inject(s)) for s in sites] + [(n, capture(n)) for n in live_names]
-    with model.hooks(fwd_hooks=hooks):
+    bar = tqdm(total=objective.steps, desc="optimising value", unit="step", disable=not progress, leave=False)
+    with model.hooks(fwd_hooks=hooks), bar:
         for step in range(objective.steps):
             opt.zero_grad()
             acts.clear()
             acts.update(constants)
             final, kept = runner.run(keep=(loss_layer,) if loss_layer < total - 1 else ())
             lens = kept.get(loss_layer, final)
-            log_probs = unembed_rows(model, lens[rw_rows_t, positions_t]).log_softmax(-1)
+            log_probs = unembed_rows(model, lens[rw_rows_t, positions_t]).float().log_softmax(-1)
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
             nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
             nll = nll_each.mean()
-            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj_local[n_rw:n_rw + 1]]).log_softmax(-1)
+            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj_local[n_rw:n_rw + 1]]).float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
@@ -515,6 +558,8 @@ def optimize_values(
             trace.kl.append(kl.item())
             trace.weight_decay.append(wd.item())
             trace.target_prob.append(torch.exp(-nll_each).mean().item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{trace.loss[-1]:.3f}", refresh=False)
             if trace.loss[-1] < objective.early_stop_loss:
                 trace.stopped_early = True
                 break

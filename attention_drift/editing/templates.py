@@ -5,93 +5,97 @@ random prefixes, so that the value works in varied contexts and the key is an av
 them. As in the editors' code (EasyEdit's version, which the paper's official code runs),
 each prefix is a text of ``length`` tokens (prompt word included, BOS counted where the model
 uses one) generated with top-k 5 sampling from one of ``"The"``, ``"Therefore"``,
-``"Because"``, ``"I"``, ``"You"``, braces removed, followed by ``". {}"``. Generated once per
-model, spec and seed, and kept in memory.
+``"Because"``, ``"I"``, ``"You"``, braces removed, followed by ``". {}"``.
+
+Generated once per model, spec and seed: kept in memory and on disk beside the model's
+statistics (``<cache_root()>/<model_key>/templates/``), so later processes skip the ~3 s of
+sampling.
 """
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from attention_drift import tokens
+from attention_drift.editing.fingerprints import model_key
+from attention_drift.paths import cache_dir
+from attention_drift.editing.sampling import sample_tokens
+
+__all__ = ["PROMPT_WORDS", "clear_cache", "context_templates", "sample_tokens", "templates_path"]
 
 PROMPT_WORDS = ("The", "Therefore", "Because", "I", "You")
 _CACHE: dict[tuple, list[list[str]]] = {}
+
+
+def templates_path(model, spec: Sequence[tuple[int, int]], seed: int = 0) -> Path:
+    """The disk cache file of the templates of ``model`` for ``spec`` and ``seed``."""
+    name = "_".join(f"{length}x{count}" for length, count in spec) or "none"
+    return cache_dir("stats") / model_key(model) / "templates" / f"{name}-seed{seed}.json"
 
 
 def context_templates(model, spec: Sequence[tuple[int, int]], seed: int = 0) -> list[list[str]]:
     """Template groups: ``[["{}"], group for each (length, count) of spec]``.
 
     A group holds ``count`` templates, spread over the five prompt words (``count // 5``
-    each, the remainder to the first words). Deterministic for a given seed.
+    each, the remainder to the first words). Deterministic for a given seed; read from the
+    memory or disk cache when made before.
     """
-    from attention_drift.editing.stats import model_key
-
-    key = (model_key(model), tuple(tuple(p) for p in spec), seed)
+    spec = tuple((int(length), int(count)) for length, count in spec)
+    key = (model_key(model), spec, seed)
     if key not in _CACHE:
-        generator = torch.Generator().manual_seed(seed)
-        groups = [["{}"]]
-        for length, count in spec:
-            group = []
-            for i, word in enumerate(PROMPT_WORDS):
-                n = count // len(PROMPT_WORDS) + (i < count % len(PROMPT_WORDS))
-                if n == 0:
-                    continue
-                prefix = tokens.encode(model, word)
-                for row in sample_tokens(model, prefix, n, max(length, len(prefix)), generator, top_k=5):
-                    text = model.tokenizer.decode(row, skip_special_tokens=True)
-                    group.append(text.replace("{", " ").replace("}", " ") + ". {}")
-            groups.append(group)
+        path = templates_path(model, spec, seed)
+        groups = _read(path, spec, seed)
+        if groups is None:
+            groups = _generate(model, spec, seed)
+            _write(path, groups, spec, seed, model)
         _CACHE[key] = groups
     return [list(g) for g in _CACHE[key]]
 
 
-@torch.no_grad()
-def sample_tokens(
-    model, prefix: list[int], batch: int, length: int, generator: torch.Generator, top_k: int | None = None
-) -> list[list[int]]:
-    """``batch`` continuations of ``prefix`` up to ``length`` tokens in all (KV-cached sampling).
+def _generate(model, spec: tuple[tuple[int, int], ...], seed: int) -> list[list[str]]:
+    generator = torch.Generator().manual_seed(seed)
+    groups = [["{}"]]
+    for length, count in spec:
+        group = []
+        for i, word in enumerate(PROMPT_WORDS):
+            n = count // len(PROMPT_WORDS) + (i < count % len(PROMPT_WORDS))
+            if n == 0:
+                continue
+            prefix = tokens.encode(model, word)
+            for row in sample_tokens(model, prefix, n, max(length, len(prefix)), generator, top_k=5):
+                text = model.tokenizer.decode(row, skip_special_tokens=True)
+                group.append(text.replace("{", " ").replace("}", " ") + ". {}")
+        groups.append(group)
+    return groups
 
-    Temperature 1; ``top_k`` restricts each step to the k most likely tokens. With
-    transformers 5 the decoder layers hand the KV cache to attention as ``cache=``, while
-    the bridge's attention reads ``past_key_values=``, so the cache would stay empty and
-    every step would see only its own token; a temporary pre-hook passes it under both
-    names (and generation falls back to full forwards if the cache still does not fill).
-    """
-    ids = torch.tensor([prefix] * batch, dtype=torch.long)
-    if ids.shape[1] >= length:
-        return ids[:, :length].tolist()
-    handles = [block.attn.register_forward_pre_hook(_pass_cache, with_kwargs=True) for block in model.blocks]
+
+def _read(path: Path, spec: tuple[tuple[int, int], ...], seed: int) -> list[list[str]] | None:
     try:
-        hf = model.original_model
-        out = hf(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        cached = cache is not None and cache.get_seq_length() == ids.shape[1]
-        while True:
-            nxt = _draw(out.logits[:, -1].float(), generator, top_k)
-            ids = torch.cat([ids, nxt], dim=1)
-            if ids.shape[1] >= length:
-                return ids.tolist()
-            out = hf(input_ids=nxt, cache=cache, use_cache=True) if cached else hf(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    groups = data.get("groups")
+    if (data.get("spec") != [list(p) for p in spec] or data.get("seed") != seed or not isinstance(groups, list)
+            or len(groups) != len(spec) + 1 or groups[0] != ["{}"]
+            or any(len(g) != count for g, (_, count) in zip(groups[1:], spec))):
+        return None
+    return [[str(t) for t in g] for g in groups]
 
 
-def _pass_cache(module, args, kwargs):
-    if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-        return args, {**kwargs, "past_key_values": kwargs["cache"]}
-    return None
-
-
-def _draw(logits: torch.Tensor, generator: torch.Generator, top_k: int | None) -> torch.Tensor:
-    if top_k is None:
-        return torch.multinomial(torch.softmax(logits, -1).to(generator.device), 1, generator=generator).to(logits.device)
-    values, indices = logits.topk(top_k, dim=-1)
-    probs = torch.softmax(values, -1).to(generator.device)  # draws reproducible on any model device
-    return indices.gather(-1, torch.multinomial(probs, 1, generator=generator).to(indices.device))
+def _write(path: Path, groups: list[list[str]], spec, seed: int, model) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    data = {"model": str(getattr(model, "model_name", "")), "spec": [list(p) for p in spec], "seed": seed,
+            "groups": groups}
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def clear_cache() -> None:
-    """Forget the generated templates (they are regenerated on next use)."""
+    """Forget the templates kept in memory (the disk cache stays)."""
     _CACHE.clear()
