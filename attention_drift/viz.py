@@ -1,17 +1,25 @@
-"""Interactive per-head attention views (circuitsvis), before and after an edit.
+"""Interactive attention views, before and after an edit, and the drift explorer.
 
 Typical notebook use::
 
     before, tokens = head_patterns(model, prompt, layer=12, heads=[3, 5])
     with edit(model, rewrite):
         after, _ = head_patterns(model, prompt, layer=12, heads=[3, 5])
-    view = before_after_view(before, after, tokens, heads=[3, 5], layer=12)
+    view = before_after_view(before, after, tokens, heads=[3, 5], layer=12, subject_last=4)
     view                      # renders in Jupyter
     save_html(view, "figures/eiffel_l12.html")
+    explorer("runs/drift")    # a drift run's explorer (attention_drift.explorer), inline
 
-Every view is an :class:`AttentionView`: circuitsvis panels under headings, rendered with
-circuitsvis's inlined JavaScript bundle (never its CDN), included once per page however
-many panels it has, so both the notebook output and the saved file work offline.
+Two kinds of views, both self-contained (their JavaScript inlined once per view, never a
+CDN), so the notebook output and the saved file work offline:
+
+* :class:`PageView`: drawn by the package's own JavaScript (``templates/explorer.js``): the
+  drift explorer (:func:`explorer`) and the per-head before / after / difference panels
+  (:func:`before_after_view`, :func:`difference_view`) with the measured cell outlined, colour
+  scales that leave out the first-token attention sink, signed colours with a legend and
+  token labels;
+* :class:`AttentionView`: circuitsvis panels under headings (:func:`attention_heads_view`),
+  circuitsvis's bundle included once however many panels the view has.
 """
 
 import functools
@@ -28,9 +36,10 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
 
-from attention_drift.tokens import batch_prompts, token_strings
-from attention_drift.hooks import act_name
+from attention_drift import explorer as explorer_mod
 from attention_drift.errors import AttentionDriftError
+from attention_drift.hooks import act_name
+from attention_drift.tokens import batch_prompts, token_strings
 
 
 class VizError(AttentionDriftError):
@@ -140,28 +149,84 @@ def attention_heads_view(
     return AttentionView(title, ((title, attention_heads(p, tokens, attention_head_names=names)),))
 
 
+@dataclass(frozen=True)
+class PageView:
+    """A view drawn by the package's own JavaScript (``templates/explorer.js``, no dependencies,
+    inlined once per view): the drift explorer (:func:`explorer`) or per-head attention panels
+    (:func:`before_after_view`, :func:`difference_view`).
+
+    Args:
+        title: the page title.
+        fragment: the HTML fragment (data, CSS and JavaScript included); it renders in Jupyter
+            and inside any page, offline.
+    """
+
+    title: str
+    fragment: str
+
+    def html(self) -> str:
+        return self.fragment
+
+    def _repr_html_(self) -> str:
+        return self.fragment
+
+    def page(self) -> str:
+        """A complete HTML document that opens offline."""
+        return explorer_mod.document(self.title, self.fragment)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`page` (see :func:`save_html`); returns the written path."""
+        return save_html(self, path)
+
+
+def _positions(tokens: list[str], query: int | None, subject_last: int | None) -> tuple[int, int | None]:
+    q = len(tokens) - 1 if query is None else int(query)
+    if not 0 <= q < len(tokens):
+        raise VizError(f"query position {q} is outside the {len(tokens)} tokens")
+    if subject_last is not None and not 0 <= subject_last <= q:
+        raise VizError(f"subject_last {subject_last} must lie in 0..{q} (the query row sees only earlier keys)")
+    return q, subject_last
+
+
+def _pattern_view(title: str, tokens: list[str], labels: list[str], matrices: list[tuple[Tensor, Tensor | None]],
+                  query: int, subject_last: int | None, panel_labels: list[str], signed: bool) -> PageView:
+    blob = explorer_mod._Blob()
+    heads = [{"label": label, "before": blob.add(b.numpy(), "f4"),
+              "after": None if a is None else blob.add(a.numpy(), "f4")}
+             for label, (b, a) in zip(labels, matrices)]
+    payload = {"title": title, "tokens": list(tokens), "query": query, "subject": subject_last, "heads": heads,
+               "labels": panel_labels, "signed": signed}
+    return PageView(title, explorer_mod.render("patterns", payload, blob.bytes()))
+
+
 def before_after_view(
     before: Float[Tensor, "head q k"],
     after: Float[Tensor, "head q k"],
     tokens: list[str],
     heads: list[int] | None = None,
     layer: int | None = None,
-) -> AttentionView:
-    """The chosen heads' attention before and after an edit, as two panels side by side.
+    *,
+    query: int | None = None,
+    subject_last: int | None = None,
+    title: str | None = None,
+) -> PageView:
+    """Each head's attention before the edit, after it, and after - before, side by side.
 
     ``heads`` names the model head of each row of ``before``/``after`` (labels such as
-    ``L12H3``); both panels share the colour range [0, 1] so their shades compare.
+    ``L12H3``). The measured cell, query row ``query`` (default: the last token, the prediction
+    position) -> key ``subject_last`` (the edited subject's last token, when given), is outlined;
+    the colour scales leave out the first token's column (the attention sink; a checkbox puts it
+    back) and cells beyond them carry a dot; the difference panel is signed (blue: attention lost
+    after the edit, red: gained) with a legend; a bar chart shows the query row alone.
     """
     b, a = _patterns(before, tokens, "before"), _patterns(after, tokens, "after")
     if b.shape != a.shape:
         raise VizError(f"before is {list(b.shape)} but after is {list(a.shape)}; use the same prompt and heads")
     names = _head_names(b.shape[0], heads, layer)
+    q, s = _positions(tokens, query, subject_last)
     where = f"layer {layer}" if layer is not None else "attention"
-    panels = tuple(
-        (f"{label} the edit", attention_heads(p, tokens, attention_head_names=names, min_value=0.0, max_value=1.0))
-        for label, p in (("before", b), ("after", a))
-    )
-    return AttentionView(f"{where}: before vs after the edit", panels, side_by_side=True)
+    return _pattern_view(title or f"{where}: before vs after the edit", tokens, names, list(zip(b, a)), q, s,
+                         ["before the edit", "after the edit"], False)
 
 
 def difference_view(
@@ -170,22 +235,39 @@ def difference_view(
     tokens: list[str],
     heads: list[int] | None = None,
     layer: int | None = None,
-) -> AttentionView:
-    """Per-head attention change after - before (negative: attention lost after the edit).
-
-    The colour range is symmetric, [-m, m] with m = the largest absolute change, so equal
-    shades mean equal changes in either direction.
-    """
+    *,
+    query: int | None = None,
+    subject_last: int | None = None,
+) -> PageView:
+    """Per-head attention change after - before on a signed scale with a legend (blue: attention
+    lost after the edit, red: gained), symmetric around 0 and leaving out the first token's
+    column; the measured cell outlined as in :func:`before_after_view`."""
     b, a = _patterns(before, tokens, "before"), _patterns(after, tokens, "after")
     if b.shape != a.shape:
         raise VizError(f"before is {list(b.shape)} but after is {list(a.shape)}; use the same prompt and heads")
-    diff = a - b
-    m = float(diff.abs().max()) if diff.numel() else 0.0
-    m = m if m > 0 else 1.0
     names = _head_names(b.shape[0], heads, layer)
+    q, s = _positions(tokens, query, subject_last)
     where = f"layer {layer}" if layer is not None else "attention"
-    rendered = attention_heads(diff, tokens, attention_head_names=names, min_value=-m, max_value=m)
-    return AttentionView(f"{where}: after − before (range ±{m:.3g})", (("after − before", rendered),))
+    return _pattern_view(f"{where}: after − before", tokens, names, [(d, None) for d in a - b], q, s,
+                         ["after − before"], True)
+
+
+def explorer(run, *, patterns=None, comparison=None, **options) -> PageView:
+    """The drift explorer of a drift run, shown inline in Jupyter (``viz.explorer(run)``) or saved
+    with ``.save(path)``.
+
+    ``run``: an :class:`~attention_drift.explorer.ExplorerData`, or anything
+    :meth:`ExplorerData.from_run <attention_drift.explorer.ExplorerData.from_run>` reads (a run
+    folder, its ``drift_records.jsonl``, a list of drift lines); ``patterns``, ``comparison``
+    and ``options`` (``threshold``, ``top_k``, ``title``, labels, methods) go to it.
+    """
+    if isinstance(run, explorer_mod.ExplorerData):
+        if patterns is not None or comparison is not None or options:
+            raise VizError("give patterns / comparison / options to ExplorerData.from_run, not with built ExplorerData")
+        data = run
+    else:
+        data = explorer_mod.ExplorerData.from_run(run, patterns=patterns, comparison=comparison, **options)
+    return PageView(data.title, explorer_mod.explorer_html(data))
 
 
 def head_patterns(
@@ -214,8 +296,8 @@ def head_patterns(
     return pattern, token_strings(model, batch.input_ids[0])
 
 
-def save_html(view: AttentionView | RenderedHTML, path: str | os.PathLike) -> Path:
-    """Write ``view`` as an HTML page with circuitsvis's JS inlined (opens offline).
+def save_html(view: "AttentionView | PageView | RenderedHTML", path: str | os.PathLike) -> Path:
+    """Write ``view`` as an HTML page with its JavaScript inlined (opens offline).
 
     A path without a suffix gets ``.html``. Returns the written path.
     """
@@ -224,8 +306,8 @@ def save_html(view: AttentionView | RenderedHTML, path: str | os.PathLike) -> Pa
         path = path.with_name(path.name + ".html")
     if isinstance(view, RenderedHTML):
         view = AttentionView("Attention", (("", view),))
-    if not isinstance(view, AttentionView):
-        raise VizError(f"save_html takes an AttentionView or a circuitsvis render, not {type(view).__name__}")
+    if not isinstance(view, (AttentionView, PageView)):
+        raise VizError(f"save_html takes a view of this module or a circuitsvis render, not {type(view).__name__}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(view.page(), encoding="utf-8")
     return path
