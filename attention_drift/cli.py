@@ -9,6 +9,7 @@ Commands::
     attention-drift compare FILE.jsonl ... [--json] [--all-records]
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
     attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR] ...
+    attention-drift explore DIR [--comparison DIR]
     attention-drift figures [--model NAME] [--data PATH|dev] [--out figures] [--runs DIR] ...
     attention-drift models
     attention-drift demo
@@ -400,6 +401,34 @@ def run_analysis(args) -> int:
     return 0
 
 
+# --- explore --------------------------------------------------------------------------------
+
+def register_explore(subparsers) -> None:
+    p = subparsers.add_parser(
+        "explore", help="open the per-head drift explorer of a drift run (writes DIR/explorer.html)",
+        description="Write the drift explorer of a folder made by 'attention-drift drift' (self-contained HTML, "
+        "works offline) and open it in the browser. With --comparison, a second run (e.g. the same records "
+        "with SADR) is shown beside it.")
+    p.add_argument("run", help="drift run folder (holds drift_records.jsonl)")
+    p.add_argument("--comparison", default=None, help="a second drift run folder to compare with")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN/explorer.html)")
+    p.add_argument("--no-open", action="store_true", help="write the page only")
+    p.set_defaults(run=run_explore)
+
+
+def run_explore(args) -> int:
+    from attention_drift.explorer import ExplorerData, write_explorer
+
+    out = Path(args.out) if args.out else Path(args.run) / "explorer.html"
+    path = write_explorer(out, ExplorerData.from_run(args.run, comparison=args.comparison))
+    print(f"{path} written", file=sys.stderr)
+    if not args.no_open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
 # --- figures --------------------------------------------------------------------------------
 
 def register_figures(subparsers) -> None:
@@ -488,7 +517,7 @@ def run_demo(args) -> int:
 # --- entry point ----------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_merge,
-                            register_drift, register_patch, register_figures, register_models, register_demo]
+                            register_drift, register_patch, register_explore, register_figures, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

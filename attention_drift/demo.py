@@ -93,9 +93,10 @@ def show_metrics(model, records) -> None:
     _say("\nBefore the edit the model holds the true fact, so efficacy and paraphrase (does it say the NEW "
          "target?) start near 0 and should reach ~100 after; neighbourhood and relation should stay where they "
          "were, while their distract versions (the edit sentence in front) fall: specificity failure.")
-    avg = [avg_s(x) for x in (before, after)]
-    if all(a is not None for a in avg):
-        _say(f"Avg.S (harmonic mean of ES, PS, NS, RS, DNS): before {100 * avg[0]:.1f}, after {100 * avg[1]:.1f}")
+    avg = avg_s(after)
+    if avg is not None:
+        _say(f"Avg.S after the edits (harmonic mean of ES, PS, NS, RS, DNS): {100 * avg:.1f} (before an edit it is "
+             "0 by construction, since efficacy is 0 while the model holds the true fact)")
 
 
 def run_demo(model_name: str = DEFAULT_MODEL, *, edit_demo: bool = True) -> int:
