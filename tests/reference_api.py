@@ -5,11 +5,13 @@ package's API, so an API change touches this file only and the stored numbers st
 from attention_drift import analysis
 from attention_drift.case_study import case_study
 from attention_drift.data import distract_prompt
+from attention_drift.drift import drift_record
+from attention_drift.patching import patch_record
 
 
 def drift_line(model, record, factory) -> dict:
-    """A record's drift run line (``drift_records.jsonl``)."""
-    return analysis.drift_record(model, record, factory)
+    """A record's drift run line (``drift_records.jsonl``, without ``"method"``)."""
+    return drift_record(model, record, factory).to_line()
 
 
 def drift_summary(lines) -> dict:
@@ -19,8 +21,8 @@ def drift_summary(lines) -> dict:
 
 
 def patch_line(model, record, factory, **options) -> dict:
-    """A record's patching run line (``patch_records.jsonl``)."""
-    return analysis.patch_record(model, record, factory, **options)
+    """A record's patching run line (``patch_records.jsonl``, without ``"method"``)."""
+    return patch_record(model, record, factory, **options).to_line()
 
 
 def patch_summary(lines) -> dict:
