@@ -7,7 +7,6 @@ model has no ROME preset, so ``attention_drift.editing.edit`` gets a fixed small
 for both paths (statistics from 32 sampled texts, in a private cache).
 """
 
-import dataclasses
 import json
 
 import pytest
@@ -85,4 +84,4 @@ def test_patch_command_equals_patch_record(folder, rome, tmp_path):
     _same(line, _untimed(direct.to_line()))
     case = direct.cases[0]
     assert case.pre != case.post and case.recovery("mlp_out_all") == pytest.approx(1.0, abs=1e-3)
-    assert dataclasses.asdict(direct)["head_source"] == "record" and calls == ["rome"]
+    assert direct.head_source == "record" and calls == ["rome"]
