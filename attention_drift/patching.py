@@ -764,6 +764,13 @@ class ContaminationPatch:
         """P(true) before the edit minus P(true) with the substitution, per cell."""
         return math.exp(self.pre[0]) - self.components[component][0].exp()
 
+    def damage(self, component: str) -> Float[Tensor, "position layer"]:
+        """Per cell, the fraction of the edit's log-odds change the substitution reproduces
+        (0: none, 1: all of it; NaN when the edit does not change the log-odds)."""
+        lp_true, lp_new = self.components[component]
+        change = _logodds(self.post) - _logodds(self.pre)
+        return (lp_true - lp_new - _logodds(self.pre)) / change if change else torch.full_like(lp_true, math.nan)
+
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "positions": list(self.positions), "labels": list(self.labels),
                 "tokens": list(self.tokens),

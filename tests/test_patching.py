@@ -334,6 +334,10 @@ def test_patch_record_matches_the_primitives(model):
     assert lp_true.shape == (3, model.cfg.n_layers)
     assert edited.scores.lp_true[0].item() == pytest.approx(cont.post[0], abs=1e-5)
     assert cont.p_true_drop("attn_out").shape == (3, model.cfg.n_layers)
+    damage = cont.damage("mlp_out")
+    lo = lp_true - cont.components["mlp_out"][1]
+    expected = (lo - (cont.pre[0] - cont.pre[1])) / ((cont.post[0] - cont.post[1]) - (cont.pre[0] - cont.pre[1]))
+    torch.testing.assert_close(damage, expected)
     line = json.loads(json.dumps(result.to_line()))
     assert set(line) == {"case_id", "kind", "subject", "target_new", "cases", "sweeps", "contamination",
                          "edit_seconds", "head_source", "top_heads"}
