@@ -285,7 +285,8 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
     pattern_path = out / "heads_patterns.pt"
     meta = {"format": DRIFT_FORMAT, **meta, "groups": list(groups)}
     if capture_heads is not None:
-        meta["capture_heads"] = capture_heads if isinstance(capture_heads, (int, str)) else [list(h) for h in capture_heads]
+        meta["capture_heads"] = (capture_heads if isinstance(capture_heads, (int, str))
+                                 else [list(h) for h in capture_heads])
     with RunFile(run_path, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, method)]
         for record in _progress(todo, "drift", progress):

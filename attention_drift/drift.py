@@ -78,7 +78,9 @@ class DriftError(AttentionDriftError):
     """Unusable input to a drift measurement; raised before any weight is touched."""
 
 
-def _round(t: Tensor, digits: int = DIGITS) -> Tensor:
+def rounded(t: Tensor, digits: int = DIGITS) -> Tensor:
+    """A float64 CPU copy of ``t`` rounded to ``digits`` decimals: how run files store tensors, so
+    a result and its line read back hold the same numbers."""
     scale = 10.0 ** digits
     return (t.detach().to("cpu", torch.float64) * scale).round() / scale
 
@@ -431,8 +433,8 @@ class HeadCapture:
         """Plain JSON values, patterns rounded to ``digits`` decimals (``[prompt][head][q][k]``)."""
         return {"heads": [list(h) for h in self.heads], "prompts": list(self.prompts),
                 "tokens": [list(t) for t in self.tokens],
-                "before": [_round(p, digits).tolist() for p in self.before],
-                "after": [_round(p, digits).tolist() for p in self.after]}
+                "before": [rounded(p, digits).tolist() for p in self.before],
+                "after": [rounded(p, digits).tolist() for p in self.after]}
 
     @classmethod
     def from_json(cls, d: dict) -> "HeadCapture":
@@ -593,7 +595,7 @@ def drift_record(
     before, after = drift.mass("subject_last")
     subject_before, subject_after = drift.mass("subject")
     result = RecordDrift(record.case_id, record.kind, record.rewrite.subject, record.rewrite.target_new, samples,
-                         _round(before), _round(after), _round(subject_after - subject_before), _round(drift.kl()),
+                         rounded(before), rounded(after), rounded(subject_after - subject_before), rounded(drift.kl()),
                          seconds.get("edit", math.nan))
     if capture_heads is None:
         return result
@@ -729,8 +731,8 @@ class DriftReport:
             "auroc": self.auroc,
             "curves": {k: v.to_dict() for k, v in self.curves.items()},
             "top_heads": self.top_head_table(top_k),
-            "subject_last_attention": {"before": _round(self.subject_last_before).tolist(),
-                                       "after": _round(self.subject_last_after).tolist()},
+            "subject_last_attention": {"before": rounded(self.subject_last_before).tolist(),
+                                       "after": rounded(self.subject_last_after).tolist()},
             "records": self.records,
             "n_samples_by_group": {g: sum(s.group == g for s in self.samples) for g in self.groups},
             "headline": self.headline(),

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
-from attention_drift.drift import EditFactory, ranked_heads
+from attention_drift.drift import EditFactory, ranked_heads, rounded
 from attention_drift.errors import AttentionDriftError
 from attention_drift.hooks import act_name
 from attention_drift.models import model_device
@@ -604,13 +604,6 @@ SWEEP_COMPONENTS = ("attn_pattern", "attn_out", "mlp_out", "resid_pre_last")
 CONTAMINATION_COMPONENTS = ("mlp_out", "attn_out")
 KEY_POSITIONS = ("subject_last", "target_new_last", "last")
 CONTAMINATION_POSITIONS = ("key", "all")
-DIGITS = 6
-"""Decimal digits kept of sweep and contamination grids (as the run file stores them)."""
-
-
-def _round(t: Tensor, digits: int = DIGITS) -> Tensor:
-    scale = 10.0 ** digits
-    return (t.detach().to("cpu", torch.float64) * scale).round() / scale
 
 
 def topk_variant(heads: Sequence[tuple[int, int]]) -> Variant:
@@ -774,7 +767,8 @@ class ContaminationPatch:
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "positions": list(self.positions), "labels": list(self.labels),
                 "tokens": list(self.tokens),
-                "components": {c: {"lp_true": t.tolist(), "lp_new": n.tolist()} for c, (t, n) in self.components.items()},
+                "components": {c: {"lp_true": t.tolist(), "lp_new": n.tolist()}
+                               for c, (t, n) in self.components.items()},
                 "pre": list(self.pre), "post": list(self.post)}
 
 
@@ -812,7 +806,9 @@ class RecordPatch:
                 "head_source": self.head_source, "top_heads": [list(t) for t in self.top_heads]}
 
 
-ExtraVariants = Mapping[str, Patch | Sequence[Patch]] | Callable[[list[tuple[int, int]]], Mapping[str, Patch | Sequence[Patch]]]
+NamedVariants = Mapping[str, Patch | Sequence[Patch]]
+ExtraVariants = NamedVariants | Callable[[list[tuple[int, int]]], NamedVariants]
+"""Named variants added by :func:`patch_record`: a mapping, or a function of the head ranking."""
 
 
 def _ranking(model, cases, clean, edited, heads, k) -> tuple[list[tuple[int, int, float]], list[tuple[int, int]], str]:
@@ -887,7 +883,7 @@ def patch_record(
     if sweep_prompts > 0:
         sweep, window_grid_ = sweep_grid(model), window_grid(model, "pattern", window)
     clean = [record_activations(model, case, None) for case in cases]
-    patched_cases, sweeps, edited = [], [], []
+    patched_cases, sweeps = [], []
     start = time.perf_counter()
     with edit_fn_factory(record) as result:
         seconds = float(getattr(result, "seconds", time.perf_counter() - start))
@@ -910,8 +906,8 @@ def patch_record(
                 wr = run_patched(model, source, window_grid_, batch_size=batch_size)
                 sweeps.append(SweepPatch(
                     case.prompt, tuple(pre), tuple(post), SWEEP_COMPONENTS,
-                    _round(lc.patched.lp_true.view(*sweep.shape)), _round(lc.patched.lp_new.view(*sweep.shape)),
-                    window_grid_.labels[0], _round(wr.patched.lp_true), _round(wr.patched.lp_new)))
+                    rounded(lc.patched.lp_true.view(*sweep.shape)), rounded(lc.patched.lp_new.view(*sweep.shape)),
+                    window_grid_.labels[0], rounded(wr.patched.lp_true), rounded(wr.patched.lp_new)))
     contamination = []
     for case, source in list(zip(cases, edited))[:contamination_prompts]:
         keys = key_positions(model, case)
@@ -924,8 +920,8 @@ def patch_record(
             grid = layer_position_grid(model, positions, component, contamination_window)
             res = run_patched(model, source, grid, batch_size=batch_size)
             pre, post = res.base.pair(), res.source.pair()
-            grids[component] = (_round(res.patched.lp_true.view(*grid.shape)),
-                                _round(res.patched.lp_new.view(*grid.shape)))
+            grids[component] = (rounded(res.patched.lp_true.view(*grid.shape)),
+                                rounded(res.patched.lp_new.view(*grid.shape)))
         contamination.append(ContaminationPatch(
             case.prompt, tuple(positions), tuple(names.get(p, "") for p in positions),
             tuple(tokens.token_strings(model, [ids[p] for p in positions])), grids, tuple(pre), tuple(post)))

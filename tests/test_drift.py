@@ -227,7 +227,8 @@ def test_drift_record_line_round_trips_and_matches_measure_drift(tiny_llama):
     result = drift_record(tiny_llama, record, _factory(tiny_llama))
     prompts, targets = _distract(record, "relation")
     assert [s.prompt for s in result.samples] == prompts and [s.target_true for s in result.samples] == targets
-    drift = measure_drift(tiny_llama, record.rewrite, prompts, lambda: push_subject(tiny_llama, record.rewrite), targets)
+    drift = measure_drift(tiny_llama, record.rewrite, prompts, lambda: push_subject(tiny_llama, record.rewrite),
+                          targets)
     before, after = drift.mass("subject_last")
     torch.testing.assert_close(result.subject_last_before, before.double(), atol=5e-7, rtol=0)
     torch.testing.assert_close(result.delta_subject_last, (after - before).double(), atol=1e-6, rtol=0)
