@@ -1,99 +1,70 @@
-"""Data-set analyses behind the ``attention-drift drift`` and ``attention-drift patch`` commands.
+"""The run layer of the ``attention-drift drift`` and ``attention-drift patch`` commands.
 
 Both edit every record on its own (single-edit protocol: the weights are restored after each
-record), write one JSON line per record to a run file in the output folder as soon as the
-record is done (re-running with the same folder skips the records already there), then
-rebuild the whole result from that file, write ``drift.json`` / ``patch.json`` and the figures,
-and return a short markdown summary.
+record), measure it with the one per-record function the notebooks use too
+(:func:`attention_drift.drift.drift_record`, :func:`attention_drift.patching.patch_record`),
+write its line to a run file in the output folder as soon as the record is done (re-running
+with the same folder skips the records already there), then rebuild the whole result from that
+file, write ``drift.json`` / ``patch.json`` and the figures, and return a short markdown summary.
+No measurement happens here: this module is resume, IO, aggregation, figures and markdown.
 
-:func:`run_drift` (RQ3 of the paper): attention drift of every head at the prediction position
-on the distract-neighbourhood and distract-relation prompts (:func:`attention_drift.drift.measure_drift`),
-per-head statistics, the top drifting heads with their attention to the edited subject's last
-token before -> after the edit, and how drift predicts specificity failure (Pearson / Spearman
-with 95% CIs, AUROC, binned failure curves).
+:func:`run_drift` (RQ3 of the paper): per record, attention drift of every head at the
+prediction position on the distract-neighbourhood and distract-relation prompts; over records
+(:func:`drift_from_lines`, i.e. :func:`attention_drift.drift.drift_report`), per-head statistics,
+the top drifting heads with their attention to the edited subject's last token before -> after
+the edit, and how drift predicts specificity failure (Pearson / Spearman with 95% CIs, AUROC,
+binned failure curves).
 
-:func:`run_patch` (RQ4 and RQ2): on each record's distract-neighbourhood prompts, the unedited
-model's activations are patched into the edited model (*restoration*). Variants:
+:func:`run_patch` (RQ4 and RQ2): per record, the restoration variants, sweeps and contamination
+of :func:`attention_drift.patching.patch_record` on its distract-neighbourhood prompts; over
+records (:func:`patch_from_lines`), per variant: mean P(true), mean log-odds(true vs new), the
+fraction of the post- to pre-edit log-odds gap it recovers (pooled: gap of the means; and the
+mean / median of per-prompt fractions over prompts with a gap) and the distract-neighbourhood
+accuracy after patching (the fraction of prompts where the true answer beats the new target,
+the paper's strict per-token test), next to the pre- and post-edit accuracy; the sweeps' pooled
+recovery per cell; the contamination's drop in P(true).
 
-* ``attn_pattern_all`` (a): attention patterns of every layer and head, every query position;
-* ``attn_pattern_topk`` (b): only the patterns of the k heads whose attention from the last
-  token to the edited subject's last token grew most (ranked on the record's own prompts, or
-  taken from a ``drift.json``);
-* ``attn_out_all``: attention outputs of every layer at every position;
-* ``mlp_out_all`` (c): MLP outputs of every layer at every position (a check: ROME / MEMIT /
-  PMET change MLP weights only, so this is the unedited run and recovers 100%);
-* ``mlp_out_last``: MLP outputs of every layer at the last token only;
-* ``resid_subject`` (d): the residual stream (``hook_resid_post`` of every layer) at the edited
-  subject's last token inside the edit sentence, i.e. what the edit wrote where ROME writes;
-  the last token's own residual is not offered as a summary variant because restoring it at the
-  last layer is the unedited output by construction (the sweep shows it layer by layer);
-
-plus two sweeps on the first ``sweep_prompts`` prompts of each record: layer x component
-(per layer alone: attention pattern, attention output, MLP output at every position, and the
-residual stream entering the layer at the last token) and the paper's sliding windows of 10
-layers of attention patterns; and the reverse *contamination* (the unedited model with the
-edited model's MLP or attention outputs over windows of 6 layers at one position; on the
-first ``contamination_prompts`` prompts, at the key positions (edited subject's last token,
-the new target's last token in the edit sentence, the last token) or at every position).
-
-Per variant: mean P(true), mean log-odds(true vs new), the fraction of the post- to pre-edit
-log-odds gap it recovers (pooled: gap of the means; and the mean / median of per-prompt
-fractions over prompts with a gap) and the distract-neighbourhood accuracy after patching
-(the fraction of prompts where the true answer beats the new target, the paper's strict
-per-token test), next to the pre- and post-edit accuracy.
+Run-file lines are :meth:`attention_drift.drift.RecordDrift.to_line` and
+:meth:`attention_drift.patching.RecordPatch.to_line` plus ``"method"`` (a record without
+prompts: ``{"case_id", "kind", "samples" or "cases": [], "skipped": "no prompts", "method"}``).
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from pathlib import Path
 
+import einops
 import numpy as np
 import torch
 
-from attention_drift import tokens
 from attention_drift.data import Record
 from attention_drift.drift import (
+    DEFAULT_GROUPS,
     DriftError,
-    DriftSample,
-    Regions,
+    EditFactory,
+    HeadCapture,
+    RecordDrift,
+    drift_record,
     drift_report,
-    measure_drift,
-    record_prompts,
 )
 from attention_drift.jsonl import RunFile, read_run
-from attention_drift.models import model_device
-from attention_drift.hooks import act_name
-from attention_drift.patching import (
-    Grid,
-    Patch,
-    PatchCase,
+from attention_drift.patching import (  # noqa: F401  (SWEEP_COMPONENTS, KEY_POSITIONS re-exported)
+    CONTAMINATION_COMPONENTS,
+    KEY_POSITIONS,
+    SUMMARY_VARIANTS,
+    SWEEP_COMPONENTS,
     PatchingError,
-    layer_position_grid,
-    record_activations,
-    run_patched,
-    window_grid,
+    patch_record,
 )
+from attention_drift.stats import proportion
 
 DRIFT_FORMAT = "attention_drift.analysis.drift/1"
 PATCH_FORMAT = "attention_drift.analysis.patch/1"
-DRIFT_GROUPS = ("distract_neighborhood", "distract_relation")
-SUMMARY_VARIANTS = ("none", "attn_pattern_all", "attn_pattern_topk", "attn_out_all", "mlp_out_all",
-                    "mlp_out_last", "resid_subject")
-SWEEP_COMPONENTS = ("attn_pattern", "attn_out", "mlp_out", "resid_pre_last")
-CONTAMINATION_COMPONENTS = ("mlp_out", "attn_out")
-KEY_POSITIONS = ("subject_last", "target_new_last", "last")
-
-EditFactory = Callable[[Record], AbstractContextManager]
-
-
-def _round(t: torch.Tensor, digits: int = 6) -> list:
-    scale = 10.0 ** digits
-    return (t.detach().double().cpu() * scale).round().div(scale).tolist()
+DRIFT_GROUPS = DEFAULT_GROUPS
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -127,6 +98,12 @@ def _png_ok() -> bool:
 
 def _fmt(x: float, spec: str = ".3f") -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _lines_of(run_path: Path, records: Sequence[Record]) -> list[dict]:
+    """The run file's lines of ``records`` (a run file may hold more records than asked for)."""
+    wanted = {json.dumps(r.case_id) for r in records}
+    return [line for line in read_run(run_path).records if json.dumps(line["case_id"]) in wanted]
 
 
 # =============================================================================================
@@ -198,98 +175,14 @@ class EditCache:
 # drift
 
 
-def drift_record(model, record: Record, edit_fn_factory: EditFactory,
-                 groups: Sequence[str] = DRIFT_GROUPS, *, capture: bool = False) -> dict | None:
-    """One record's drift line (None when it has no prompt of ``groups`` containing its subject,
-    without editing). With ``capture`` the line also holds the full attention patterns of its first
-    prompt before / inside the edit (``"patterns"``: tensors, not JSON; popped by :func:`run_drift`)."""
-    prompts, targets, names = record_prompts(record, groups)
-    if not prompts:
-        return None
-    captured: dict = {}
-    hook_names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
-
-    def patterns() -> torch.Tensor:
-        ids = torch.tensor([tokens.encode(model, prompts[0])], device=model_device(model))
-        with torch.no_grad():
-            _, cache = model.run_with_cache(ids, names_filter=lambda n: n in hook_names)
-        return torch.stack([cache[n][0] for n in hook_names]).float().cpu()
-
-    seconds = {}
-
-    @contextlib.contextmanager
-    def edited():
-        start = time.perf_counter()
-        with edit_fn_factory(record) as result:
-            seconds["edit"] = getattr(result, "seconds", time.perf_counter() - start)
-            if capture:
-                captured["after"] = patterns()
-            yield result
-
-    if capture:
-        captured["before"] = patterns()
-    drift = measure_drift(model, record.rewrite, prompts, edited, targets)
-    factors = drift.factors()
-    before, after = drift.mass("subject_last")
-    sb, sa = drift.mass("subject")
-    sc_b, sc_a = drift.scores_before, drift.scores_after
-    samples = [
-        DriftSample(record.case_id, group, prompt, target, {k: float(v[i]) for k, v in factors.items()},
-                    float(sc_b.lp_true[i]), float(sc_b.lp_new[i]), float(sc_a.lp_true[i]),
-                    float(sc_a.lp_new[i])).to_dict()
-        for i, (prompt, target, group) in enumerate(zip(prompts, targets, names))
-    ]
-    line = {
-        "case_id": record.case_id, "kind": record.kind, "subject": record.rewrite.subject,
-        "target_new": record.rewrite.target_new, "samples": samples,
-        "heads": {"subject_last_before": _round(before), "subject_last_after": _round(after),
-                  "delta_subject": _round(sa - sb), "kl": _round(drift.kl())},
-        "edit_seconds": float(seconds.get("edit", float("nan"))),
-    }
-    if capture:
-        ids = tokens.encode(model, prompts[0])
-        line["patterns"] = {"prompt": prompts[0], "tokens": tokens.token_strings(model, ids), **captured}
-    return line
-
-
 def drift_from_lines(lines: Sequence[dict], groups: Sequence[str] = DRIFT_GROUPS, *, top_k: int = 10,
                      threshold: float = 0.05) -> dict:
-    """The ``drift.json`` content rebuilt from per-record lines of :func:`drift_record`."""
-    lines = [line for line in lines if line.get("samples")]
-    if not lines:
+    """The ``drift.json`` content of run-file lines (:meth:`RecordDrift.to_line`; skipped records
+    are left out): :func:`~attention_drift.drift.drift_report` of the records they hold."""
+    records = [RecordDrift.from_line(line) for line in lines if line.get("samples")]
+    if not records:
         raise DriftError("no record with distract prompts containing its subject; nothing to report")
-    samples = [DriftSample.from_dict(s) for line in lines for s in line["samples"]]
-
-    def stack(key: str) -> torch.Tensor:
-        return torch.cat([torch.tensor(line["heads"][key], dtype=torch.float64) for line in lines])
-
-    before, after = stack("subject_last_before"), stack("subject_last_after")
-    report = drift_report(samples, after - before, stack("delta_subject"), stack("kl"), groups,
-                          threshold=threshold)
-    out = report.to_dict()
-    mean_before, mean_after = before.nanmean(0), after.nanmean(0)
-    stats = report.head_stats["delta_subject_last"]
-    out["top_heads"] = [
-        {"layer": l, "head": h, "before": float(mean_before[l, h]), "after": float(mean_after[l, h]),
-         "drift": d, "median_drift": float(stats.quantiles[stats.levels.index(0.5), l, h])
-         if 0.5 in stats.levels else None, "frac_above": float(stats.frac_above[l, h])}
-        for l, h, d in report.top_heads(top_k)
-    ]
-    out["subject_last_attention"] = {"before": _round(mean_before), "after": _round(mean_after)}
-    out["records"] = len(lines)
-    out["n_samples_by_group"] = {g: sum(s.group == g for s in samples) for g in groups}
-    out["headline"] = {
-        group: {factor: {"pearson_fails": report.correlations[group][factor]["fails"]["pearson"].to_dict(),
-                         "spearman_fails": report.correlations[group][factor]["fails"]["spearman"].to_dict(),
-                         "pearson_logodds_drop":
-                             report.correlations[group][factor]["logodds_drop"]["pearson"].to_dict(),
-                         "spearman_logodds_drop":
-                             report.correlations[group][factor]["logodds_drop"]["spearman"].to_dict(),
-                         "auroc": report.auroc[group][factor]}
-                for factor in ("max_drift_subject_last", "sum_drift_subject_last")}
-        for group in ("all", *groups)
-    }
-    return out
+    return drift_report(records, groups, threshold=threshold).to_dict(top_k)
 
 
 def drift_markdown(result: dict, title: str = "") -> str:
@@ -363,29 +256,57 @@ def _heads_view(patterns: dict, top: list[dict], path: Path) -> Path:
     return viz.save_html(view, path)
 
 
+def _view_patterns(capture: HeadCapture, n_layers: int) -> dict:
+    """The first prompt of an all-heads capture as ``{"prompt", "tokens", "before", "after"}``
+    with ``[layer, head, query, key]`` float32 patterns (what :func:`_heads_view` draws)."""
+    def grid(p: torch.Tensor) -> torch.Tensor:
+        return einops.rearrange(p.float(), "(layer head) q k -> layer head q k", layer=n_layers)
+
+    return {"prompt": capture.prompts[0], "tokens": list(capture.tokens[0]),
+            "before": grid(capture.before[0]), "after": grid(capture.after[0])}
+
+
 def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, out_dir, meta: dict, *,
               groups: Sequence[str] = DRIFT_GROUPS, top_k: int = 10, method: str = "edit",
-              progress: bool = False, figures: bool = True) -> dict:
-    """Measure drift record by record (resumable in ``out_dir/drift_records.jsonl``), then write
-    ``drift.json`` and the figures; returns the ``drift.json`` content plus ``"markdown"``."""
+              progress: bool = False, figures: bool = True,
+              capture_heads: Sequence[tuple[int, int]] | int | str | None = None) -> dict:
+    """Measure drift record by record (:func:`~attention_drift.drift.drift_record`, resumable in
+    ``out_dir/drift_records.jsonl``), then write ``drift.json`` and the figures; returns the
+    ``drift.json`` content plus ``"markdown"`` (and ``"figures"``).
+
+    ``capture_heads`` (see :func:`~attention_drift.drift.drift_record`) also writes each record's
+    captured attention patterns into its line (``"capture"``). The figures' before / after view
+    of the top heads uses the first prompt of the first record measured into this folder (its
+    patterns of every head, from the same forward passes, kept in ``heads_patterns.pt``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_path = out / "drift_records.jsonl"
     pattern_path = out / "heads_patterns.pt"
     meta = {"format": DRIFT_FORMAT, **meta, "groups": list(groups)}
+    if capture_heads is not None:
+        meta["capture_heads"] = (capture_heads if isinstance(capture_heads, (int, str))
+                                 else [list(h) for h in capture_heads])
     with RunFile(run_path, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, method)]
         for record in _progress(todo, "drift", progress):
-            line = drift_record(model, record, edit_fn_factory, groups, capture=not pattern_path.exists())
-            if line is None:
-                line = {"case_id": record.case_id, "kind": record.kind, "samples": [], "skipped": "no prompts"}
-            patterns = line.pop("patterns", None)
-            if patterns is not None:
-                torch.save(patterns, pattern_path)
-            run.write({**line, "method": method})
-    wanted = {json.dumps(r.case_id) for r in records}
-    lines = [line for line in read_run(run_path).records if json.dumps(line["case_id"]) in wanted]
-    result = drift_from_lines(lines, groups, top_k=top_k)
+            view = not pattern_path.exists()
+            result = drift_record(model, record, edit_fn_factory, groups,
+                                  capture_heads="all" if view else capture_heads)
+            if result is None:
+                run.write({"case_id": record.case_id, "kind": record.kind, "samples": [], "skipped": "no prompts",
+                           "method": method})
+                continue
+            if view:
+                torch.save(_view_patterns(result.capture, model.cfg.n_layers), pattern_path)
+                if capture_heads is None:
+                    result = dataclasses.replace(result, capture=None)
+                elif capture_heads != "all":
+                    wanted = ([(l, h) for l, h, _ in result.top_heads(capture_heads)]
+                              if isinstance(capture_heads, int) else capture_heads)
+                    result = dataclasses.replace(result, capture=result.capture.select(wanted))
+            run.write({**result.to_line(capture=capture_heads is not None), "method": method})
+    result = drift_from_lines(_lines_of(run_path, records), groups, top_k=top_k)
     result["meta"] = meta
     (out / "drift.json").write_text(json.dumps(result, indent=1))
     if figures:
@@ -399,157 +320,6 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
 # patch
 
 
-def _all(model) -> tuple[int, ...]:
-    return tuple(range(model.cfg.n_layers))
-
-
-def topk_variant(heads: Sequence[tuple[int, int]]) -> tuple[Patch, ...]:
-    """One variant patching the attention patterns of exactly ``heads`` ((layer, head) pairs)."""
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(int(l), []).append(int(h))
-    return tuple(Patch("pattern", (l,), tuple(sorted(hs))) for l, hs in sorted(by_layer.items()))
-
-
-def summary_variants(model, top_heads: Sequence[tuple[int, int]], has_subject: bool = True) -> dict[str, tuple]:
-    """The named restoration variants of the module docstring (``resid_subject`` only when the
-    prompt's edit sentence holds the subject's tokens)."""
-    layers = _all(model)
-    out = {
-        "none": (),
-        "attn_pattern_all": (Patch("pattern", layers),),
-        "attn_pattern_topk": topk_variant(top_heads),
-        "attn_out_all": (Patch("attn_out", layers),),
-        "mlp_out_all": (Patch("mlp_out", layers),),
-        "mlp_out_last": (Patch("mlp_out", layers, positions=(-1,)),),
-    }
-    if has_subject:
-        out["resid_subject"] = (Patch("resid_post", layers, positions="subject_last"),)
-    return out
-
-
-def sweep_grid(model) -> Grid:
-    """[layer, component]: each layer alone, components of :data:`SWEEP_COMPONENTS`."""
-    variants = []
-    for l in range(model.cfg.n_layers):
-        variants += [(Patch("pattern", (l,)),), (Patch("attn_out", (l,)),), (Patch("mlp_out", (l,)),),
-                     (Patch("resid_pre", (l,), positions=(-1,)),)]
-    return Grid(tuple(variants), ("layer", "component"),
-                (tuple(map(str, range(model.cfg.n_layers))), SWEEP_COMPONENTS))
-
-
-def _key_positions(model, case: PatchCase) -> dict[str, int]:
-    regions = Regions.of(model, case.rewrite, case.prompt)
-    found = {"subject_last": regions.positions("subject_last"), "target_new_last": regions.positions("target_new"),
-             "last": regions.positions("last")}
-    return {name: pos[-1] for name, pos in found.items() if pos}
-
-
-def _scores_pair(scores, i: int | None = None) -> list[float]:
-    if i is None:
-        return [float(scores.lp_true[0]), float(scores.lp_new[0])]
-    return [float(scores.lp_true[i]), float(scores.lp_new[i])]
-
-
-def _subject_drift(model, case: PatchCase, clean, edited) -> torch.Tensor | None:
-    """[layer, head] change of the last prompt token's attention to the edited subject's last token."""
-    pos = Regions.of(model, case.rewrite, case.prompt).positions("subject_last")
-    if not pos:
-        return None
-    q = int(clean.batch.prompt_lengths[0]) - 1
-    names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
-    b = torch.stack([clean.cache[n][0, :, q, pos[0]] for n in names]).float().cpu()
-    a = torch.stack([edited.cache[n][0, :, q, pos[0]] for n in names]).float().cpu()
-    return a - b
-
-
-def top_heads_of(drift: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
-    """The ``k`` heads with the largest drift, as (layer, head, drift)."""
-    n_heads = drift.shape[1]
-    order = torch.nan_to_num(drift, nan=-math.inf).flatten().argsort(descending=True, stable=True)[:k]
-    return [(*divmod(int(i), n_heads), float(drift.flatten()[i])) for i in order]
-
-
-def patch_record(model, record: Record, edit_fn_factory: EditFactory, *, k: int = 10,
-                 heads: Sequence[tuple[int, int]] | None = None, window: int = 10, sweep_prompts: int = 1,
-                 contamination_prompts: int = 1, contamination_window: int = 6,
-                 contamination_positions: str = "key", batch_size: int = 64) -> dict | None:
-    """One record's patching line (None, without editing, when it has no neighbourhood prompt).
-
-    ``heads``: the top-k heads to patch in (b); None ranks the heads by this record's own drift.
-    """
-    if contamination_positions not in ("key", "all"):
-        raise PatchingError(f"contamination_positions must be 'key' or 'all', not {contamination_positions!r}")
-    cases = PatchCase.from_record(record, ("neighborhood",))
-    if not cases:
-        return None
-    clean = [record_activations(model, case, None) for case in cases]
-    sweep = sweep_grid(model) if sweep_prompts > 0 else None
-    windows = window_grid(model, "pattern", window) if sweep_prompts > 0 else None
-    line = {"case_id": record.case_id, "kind": record.kind, "subject": record.rewrite.subject,
-            "target_new": record.rewrite.target_new, "cases": [], "sweeps": [], "contamination": []}
-    start = time.perf_counter()
-    with edit_fn_factory(record) as result:
-        line["edit_seconds"] = float(getattr(result, "seconds", time.perf_counter() - start))
-        edited = [record_activations(model, case, None) for case in cases]
-        drifts = [d for d in (_subject_drift(model, c, s, e) for c, s, e in zip(cases, clean, edited)) if d is not None]
-        record_drift = torch.stack(drifts).mean(0) if drifts else None
-        if heads is None:
-            ranked = top_heads_of(record_drift, k) if record_drift is not None else []
-            line["head_source"] = "record"
-        else:
-            ranked = [(int(l), int(h), float(record_drift[l, h]) if record_drift is not None else float("nan"))
-                      for l, h in list(heads)[:k]]
-            line["head_source"] = "given"
-        line["top_heads"] = [list(t) for t in ranked]
-        for i, (case, source) in enumerate(zip(cases, clean)):
-            has_subject = bool(Regions.of(model, case.rewrite, case.prompt).positions("subject_last"))
-            named = summary_variants(model, [(l, h) for l, h, _ in ranked], has_subject)
-            if not named["attn_pattern_topk"]:
-                del named["attn_pattern_topk"]
-            res = run_patched(model, source, list(named.values()), batch_size=batch_size)
-            entry = {"prompt": case.prompt, "target_true": case.true_target, "target_new": case.new_target,
-                     "pre": _scores_pair(res.source), "post": _scores_pair(res.base),
-                     "variants": {name: _scores_pair(res.patched, j) for j, name in enumerate(named)}}
-            line["cases"].append(entry)
-            if i < sweep_prompts:
-                lc = run_patched(model, source, sweep, batch_size=batch_size)
-                wr = run_patched(model, source, windows, batch_size=batch_size)
-                line["sweeps"].append({
-                    "prompt": case.prompt, "pre": entry["pre"], "post": entry["post"],
-                    "layer_component": {"components": list(SWEEP_COMPONENTS),
-                                        "lp_true": _round(lc.patched.lp_true.view(*sweep.shape)),
-                                        "lp_new": _round(lc.patched.lp_new.view(*sweep.shape))},
-                    "windows": {"labels": list(windows.labels[0]), "lp_true": _round(wr.patched.lp_true),
-                                "lp_new": _round(wr.patched.lp_new)},
-                })
-    for case, source in list(zip(cases, edited))[:contamination_prompts]:
-        n_tokens = int(source.batch.prompt_lengths[0])
-        keys = _key_positions(model, case)
-        positions = list(keys.values()) if contamination_positions == "key" else list(range(n_tokens))
-        names = {p: n for n, p in keys.items()}
-        ids = tokens.encode(model, case.prompt)
-        entry = {"prompt": case.prompt, "positions": positions,
-                 "labels": [names.get(p, "") for p in positions],
-                 "tokens": [tokens.token_strings(model, [ids[p]])[0] for p in positions], "components": {}}
-        for component in CONTAMINATION_COMPONENTS:
-            grid = layer_position_grid(model, positions, component, contamination_window)
-            res = run_patched(model, source, grid, batch_size=batch_size)
-            entry["pre"], entry["post"] = _scores_pair(res.base), _scores_pair(res.source)
-            entry["components"][component] = {"lp_true": _round(res.patched.lp_true.view(*grid.shape)),
-                                              "lp_new": _round(res.patched.lp_new.view(*grid.shape))}
-        line["contamination"].append(entry)
-    return line
-
-
-def _accuracy(lp: np.ndarray) -> dict:
-    correct = lp[:, 0] > lp[:, 1]
-    n = int(correct.size)
-    p = float(correct.mean()) if n else float("nan")
-    half = 1.96 * math.sqrt(p * (1 - p) / n) if n else float("nan")
-    return {"accuracy": p, "ci95": [max(0.0, p - half), min(1.0, p + half)], "half_width": half, "n": n}
-
-
 def _variant_stats(patched: np.ndarray, pre: np.ndarray, post: np.ndarray) -> dict:
     lo, lo_pre, lo_post = (x[:, 0] - x[:, 1] for x in (patched, pre, post))
     gap = lo_pre - lo_post
@@ -558,7 +328,7 @@ def _variant_stats(patched: np.ndarray, pre: np.ndarray, post: np.ndarray) -> di
     p, p_pre, p_post = (np.exp(x[:, 0]) for x in (patched, pre, post))
     gap_p = p_pre.mean() - p_post.mean()
     return {
-        **_accuracy(patched),
+        **proportion(patched[:, 0] > patched[:, 1]),
         "mean_p_true": float(p.mean()), "mean_logodds": float(lo.mean()),
         "recovery_pooled": float((lo.mean() - lo_post.mean()) / gap.mean()) if abs(gap.mean()) > 1e-9 else None,
         "recovery_mean": float(per.mean()) if per.size else None,
@@ -735,8 +505,9 @@ def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
               sweep_prompts: int = 1, contamination_prompts: int = 1, contamination_window: int = 6,
               contamination_positions: str = "key", batch_size: int = 64, method: str = "edit",
               progress: bool = False, figures: bool = True) -> dict:
-    """Patch record by record (resumable in ``out_dir/patch_records.jsonl``), then write
-    ``patch.json`` and the figures; returns the ``patch.json`` content plus ``"markdown"``."""
+    """Patch record by record (:func:`~attention_drift.patching.patch_record`, resumable in
+    ``out_dir/patch_records.jsonl``), then write ``patch.json`` and the figures; returns the
+    ``patch.json`` content plus ``"markdown"`` (and ``"figures"``)."""
     if k < 1:
         raise PatchingError(f"k must be >= 1, got {k}")
     out = Path(out_dir)
@@ -748,16 +519,14 @@ def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
     with RunFile(run_path, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, method)]
         for record in _progress(todo, "patch", progress):
-            line = patch_record(model, record, edit_fn_factory, k=k, heads=heads, window=window,
-                                sweep_prompts=sweep_prompts, contamination_prompts=contamination_prompts,
-                                contamination_window=contamination_window,
-                                contamination_positions=contamination_positions, batch_size=batch_size)
-            if line is None:
-                line = {"case_id": record.case_id, "kind": record.kind, "cases": [], "skipped": "no prompts"}
+            result = patch_record(model, record, edit_fn_factory, k=k, heads=heads, window=window,
+                                  sweep_prompts=sweep_prompts, contamination_prompts=contamination_prompts,
+                                  contamination_window=contamination_window,
+                                  contamination_positions=contamination_positions, batch_size=batch_size)
+            line = ({"case_id": record.case_id, "kind": record.kind, "cases": [], "skipped": "no prompts"}
+                    if result is None else result.to_line())
             run.write({**line, "method": method})
-    wanted = {json.dumps(r.case_id) for r in records}
-    lines = [line for line in read_run(run_path).records if json.dumps(line["case_id"]) in wanted]
-    result = patch_from_lines(lines)
+    result = patch_from_lines(_lines_of(run_path, records))
     if "contamination" in result:
         result["contamination"]["window"] = contamination_window
     result["meta"] = meta

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Rewrite
-from attention_drift.drift import HeadDrift, Regions, collect_attention_rows, row_kl
+from attention_drift.drift import HeadDrift, collect_attention_rows, row_kl
 from attention_drift.editing.api import METHODS, edit
 from attention_drift.editing.config import EditConfig
 from attention_drift.patching import (
@@ -52,6 +52,7 @@ from attention_drift.patching import (
     supports_pattern_patching,
 )
 from attention_drift.plots import PALETTE, SEQUENTIAL, _label, _style
+from attention_drift.regions import Regions
 from attention_drift.viz import AttentionView
 from attention_drift.errors import AttentionDriftError
 
@@ -181,7 +182,8 @@ class CaseStudy:
         return cls(
             Rewrite(**d["request"]), d["prompt"], d["true_target"], d["new_target"], tuple(d["tokens"]),
             int(d["subject_last"]), *(prediction(d["predictions"][s]) for s in STATES),
-            torch.tensor(d["rows_before"], dtype=torch.float32), torch.tensor(d["rows_after"], dtype=torch.float32),
+            torch.tensor(d["rows_before"], dtype=torch.float32, device="cpu"),
+            torch.tensor(d["rows_after"], dtype=torch.float32, device="cpu"),
             tuple(HeadChange(int(h["layer"]), int(h["head"]), float(h["before"]), float(h["after"]))
                   for h in d["top_heads"]),
             d.get("method", "rome"),
@@ -291,7 +293,7 @@ def case_study(
     top = tuple(HeadChange(l, h, b, a) for l, h, b, a, _ in drift.top(top_k, "delta"))
     return CaseStudy(request, distract_prompt, true_target, request.target_new,
                      tuple(tokens.token_strings(model, ids)), s, pre, post, restored,
-                     before, after, top, name)
+                     before.cpu(), after.cpu(), top, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +359,7 @@ def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
 
 def _view_patterns(rows: Tensor, n: int) -> Tensor:
     """[head, key] prediction rows as [head, q, k] patterns whose only non-zero row is the last."""
-    patterns = torch.zeros(rows.shape[0], n, n)
+    patterns = torch.zeros(rows.shape[0], n, n, device="cpu")
     patterns[:, n - 1] = rows.detach().float().cpu()
     return patterns
 

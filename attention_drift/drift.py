@@ -6,6 +6,20 @@ token, which predicts the first target token) of every layer and query head. One
 forward per model state (before / inside the edit) yields both those rows and the logits that
 score the true answer against the edit's new target, so a prompt is never run twice per state.
 
+Three levels, each built on the one before:
+
+* :func:`measure_drift`: any prompts of one rewrite, before and inside one edit
+  (:class:`PromptDrift`: rows, regions, scores, factors; tensors on the model's device);
+* :func:`drift_record`: one data-set record, edited once, on its distract prompts
+  (:class:`RecordDrift`, on the CPU: the line of the ``attention-drift drift`` run file, with
+  :meth:`RecordDrift.to_line` / :meth:`RecordDrift.from_line`, and optionally the full attention
+  patterns of chosen heads, :class:`HeadCapture`);
+* :func:`drift_report`: the report over records (:class:`DriftReport`: per-head statistics, the
+  top drifting heads, correlations with failure, AUROC, binned curves); its
+  :meth:`DriftReport.to_dict` is ``drift.json``. :func:`dataset_drift` is the loop of
+  :func:`drift_record` and :func:`drift_report` in memory; the command runs the same two
+  functions through its resumable run file (:mod:`attention_drift.analysis`).
+
 Typical use, with any editor that is a context manager changing the weights in place::
 
     drift = measure_drift(model, rewrite, prompts, lambda: edit(model, rewrite), targets=answers)
@@ -13,39 +27,62 @@ Typical use, with any editor that is a context manager changing the weights in p
     report = dataset_drift(model, records, lambda r: edit(model, r.rewrite))
     report.to_dict()
 
-Everything that is attention *mass on a region* sums the row over that region's key positions;
-*delta* is after minus before; *KL* is KL(before || after) of the whole row with eps 1e-8
-inside the logs, as in the paper.
+Everything that is attention *mass on a region* sums the row over that region's key positions
+(:class:`~attention_drift.regions.Regions`); *delta* is after minus before; *KL* is
+KL(before || after) of the whole row with eps 1e-8 inside the logs, as in the paper.
 """
 
+import contextlib
+import dataclasses
 import math
-import statistics
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
-from attention_drift.hooks import act_name
 from attention_drift.errors import AttentionDriftError
+from attention_drift.hooks import act_name
+from attention_drift.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
+from attention_drift.scores import Scores
+from attention_drift.stats import (  # noqa: F401  (re-exported)
+    BinnedCurve,
+    Correlation,
+    auroc,
+    binned_curve,
+    pearson,
+    spearman,
+)
 
 EPS = 1e-8
-REGIONS = (
-    "subject", "subject_last", "prompt_subject", "prompt_subject_last",
-    "edit_sentence", "target_new", "prompt", "last",
-)
 GROUPS = ("distract_neighborhood", "distract_relation", "neighborhood", "relation")
+DEFAULT_GROUPS = ("distract_neighborhood", "distract_relation")
 SEVERITIES = ("logodds_drop", "p_true_drop")
 OUTCOMES = (*SEVERITIES, "fails")
+HEAD_KEYS = ("subject_last_before", "subject_last_after", "delta_subject", "kl")
+"""Per-head arrays of a run-file line (``line["heads"]``), each ``[prompt][layer][head]``."""
+DIGITS = 6
+"""Decimal digits kept of per-head values in :class:`RecordDrift` (and so in the run file)."""
+CAPTURE_DIGITS = 4
+"""Decimal digits of captured attention patterns in :meth:`HeadCapture.to_json`."""
+
+EditFactory = Callable[[Record], AbstractContextManager]
 
 
 class DriftError(AttentionDriftError):
     """Unusable input to a drift measurement; raised before any weight is touched."""
+
+
+def rounded(t: Tensor, digits: int = DIGITS) -> Tensor:
+    """A float64 CPU copy of ``t`` rounded to ``digits`` decimals: how run files store tensors, so
+    a result and its line read back hold the same numbers."""
+    scale = 10.0 ** digits
+    return (t.detach().to("cpu", torch.float64) * scale).round() / scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +95,8 @@ class AttentionRows:
 
     ``rows[b, l, h, k]`` is the attention that prompt ``b``'s query position ``query[b]`` pays to
     key ``k`` in layer ``l``, head ``h`` (grouped-query models: one row per query head). Keys are
-    right padded to the longest prompt; keys at or beyond ``lengths[b]`` hold zeros.
+    right padded to the longest prompt; keys at or beyond ``lengths[b]`` hold zeros. All three
+    tensors are on the model's device.
     """
 
     rows: Float[Tensor, "batch layer head key"]
@@ -69,22 +107,28 @@ class AttentionRows:
         return int(self.rows.shape[0])
 
 
-def _rows_from_cache(cache, n_layers: int, query: Tensor, n_keys: int) -> Tensor:
-    picks = torch.arange(query.shape[0])
-    per_layer = [cache[act_name("pattern", l)][picks, :, query, :n_keys] for l in range(n_layers)]
-    return torch.stack(per_layer, dim=1).float()
+def _pattern_names(model) -> list[str]:
+    return [act_name("pattern", l) for l in range(model.cfg.n_layers)]
 
 
-def _forward_rows(model, batch: tokens.Batch, query: Tensor, rows_of: int) -> tuple[Tensor, Tensor]:
-    """(logits, rows) of one forward; rows are read for the first ``rows_of`` batch rows."""
-    wanted = {act_name("pattern", l) for l in range(model.cfg.n_layers)}
+def _forward_rows(model, batch: tokens.Batch, query: Tensor, rows_of: int,
+                  patterns: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logits, rows, patterns) of one forward. Rows (``[b, layer, head, key]``) are read at
+    ``query`` for the first ``rows_of`` batch rows; with ``patterns`` also their full patterns
+    ``[b, layer, head, query, key]`` (float16), cropped to the longest of those prompts."""
+    names = _pattern_names(model)
+    wanted = set(names)
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in wanted
         )
-    sub = {name: cache[name][:rows_of] for name in wanted}
     n_keys = int(batch.prompt_lengths[:rows_of].max())
-    return logits, _rows_from_cache(sub, model.cfg.n_layers, query, n_keys)
+    picks = torch.arange(rows_of, device=query.device)
+    rows = torch.stack([cache[n][picks, :, query, :n_keys] for n in names], dim=1).float()
+    full = None
+    if patterns:
+        full = torch.stack([cache[n][:rows_of, :, :n_keys, :n_keys] for n in names], dim=1).half()
+    return logits, rows, full
 
 
 def collect_attention_rows(model, prompts: Sequence[str], query: str | Sequence[int] = "last") -> AttentionRows:
@@ -97,7 +141,7 @@ def collect_attention_rows(model, prompts: Sequence[str], query: str | Sequence[
     prompts = list(prompts)
     batch = tokens.batch_prompts(model, prompts)
     q = _query_positions(batch, query)
-    _, rows = _forward_rows(model, batch, q, len(prompts))
+    _, rows, _ = _forward_rows(model, batch, q, len(prompts))
     return AttentionRows(rows, batch.prompt_lengths.clone(), q)
 
 
@@ -106,7 +150,7 @@ def _query_positions(batch: tokens.Batch, query: str | Sequence[int]) -> Tensor:
         if query != "last":
             raise DriftError(f"query must be 'last' or one position per prompt, not {query!r}")
         return batch.last_prompt_index.clone()
-    q = torch.as_tensor(list(query), dtype=torch.long)
+    q = torch.as_tensor(list(query), dtype=torch.long, device=batch.prompt_lengths.device)
     if q.shape != batch.prompt_lengths.shape:
         raise DriftError(f"query gives {q.numel()} positions for {len(batch)} prompts; give one per prompt")
     if bool(((q < 0) | (q >= batch.prompt_lengths)).any()):
@@ -117,121 +161,22 @@ def _query_positions(batch: tokens.Batch, query: str | Sequence[int]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Regions of a prompt
-
-Span = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Regions:
-    """Token spans (inclusive, :func:`~attention_drift.tokens.encode` positions) of one prompt.
-
-    Args:
-        length: number of tokens of the prompt (BOS included).
-        subject: the edited subject's tokens: in a distract prompt the occurrence inside the
-            edit sentence (the first one), otherwise the prompt's first occurrence; None if absent.
-        prompt_subjects: the subject's occurrences in the prompt proper (after the edit sentence
-            in a distract prompt, all of them otherwise).
-        edit_sentence: the edit sentence ``f"{prompt} {target_new}."`` when the text starts with it.
-        target_new: the new target's tokens inside the edit sentence.
-    """
-
-    length: int
-    subject: Span | None
-    prompt_subjects: tuple[Span, ...]
-    edit_sentence: Span | None
-    target_new: Span | None
-
-    @classmethod
-    def of(cls, model, rewrite: Rewrite, text: str) -> "Regions":
-        length = len(tokens.encode(model, text))
-        spans = tokens.subject_spans(model, text, rewrite.subject)
-        edit_sentence = target_new = None
-        if text.startswith(rewrite.edit_sentence):
-            edit_sentence = tokens.subject_spans(model, text, rewrite.edit_sentence)[0]
-            inside = [s for s in tokens.subject_spans(model, text, rewrite.target_new)
-                      if edit_sentence[0] <= s[0] and s[1] <= edit_sentence[1]]
-            target_new = inside[-1] if inside else None
-            subject = spans[0] if spans else None
-            prompt_subjects = tuple(s for s in spans if s[0] > edit_sentence[1])
-        else:
-            subject = spans[0] if spans else None
-            prompt_subjects = tuple(spans)
-        return cls(length, subject, prompt_subjects, edit_sentence, target_new)
-
-    def positions(self, region: str) -> tuple[int, ...]:
-        """Token positions of ``region`` (one of :data:`REGIONS`); empty when the prompt lacks it.
-
-        ``subject_last`` is the edited subject's last token (the paper's strongest factor);
-        ``prompt_subject_last`` the last token of each of the prompt's own occurrences;
-        ``prompt`` everything after the edit sentence (the whole prompt if there is none);
-        ``last`` the prediction position.
-        """
-        def span(s: Span | None) -> tuple[int, ...]:
-            return () if s is None else tuple(range(s[0], s[1] + 1))
-
-        if region == "subject":
-            return span(self.subject)
-        if region == "subject_last":
-            return () if self.subject is None else (self.subject[1],)
-        if region == "prompt_subject":
-            return tuple(p for s in self.prompt_subjects for p in span(s))
-        if region == "prompt_subject_last":
-            return tuple(s[1] for s in self.prompt_subjects)
-        if region == "edit_sentence":
-            return span(self.edit_sentence)
-        if region == "target_new":
-            return span(self.target_new)
-        if region == "prompt":
-            start = 0 if self.edit_sentence is None else self.edit_sentence[1] + 1
-            return tuple(range(start, self.length))
-        if region == "last":
-            return (self.length - 1,)
-        raise DriftError(f"unknown region {region!r}; choose from {REGIONS}")
-
-    def mask(self, region: str, n_keys: int) -> Bool[Tensor, " key"]:
-        mask = torch.zeros(n_keys, dtype=torch.bool)
-        mask[list(self.positions(region))] = True
-        return mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Scores and per-prompt drift
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Scores of prompts under one model state: mean per-token log-probabilities (the paper's
-    negated per-token NLL) of the true answer and of the edit's new target.
-
-    ``p_true = exp(lp_true)`` is the geometric-mean token probability; ``logodds = lp_true -
-    lp_new``; a prompt is failed (``prefers_new``) when ``lp_new > lp_true`` (strict, as the
-    paper's correctness test).
-    """
-
-    lp_true: Float[Tensor, " n"]
-    lp_new: Float[Tensor, " n"]
-
-    @property
-    def p_true(self) -> Float[Tensor, " n"]:
-        return self.lp_true.exp()
-
-    @property
-    def p_new(self) -> Float[Tensor, " n"]:
-        return self.lp_new.exp()
-
-    @property
-    def logodds(self) -> Float[Tensor, " n"]:
-        return self.lp_true - self.lp_new
-
-    @property
-    def prefers_new(self) -> Bool[Tensor, " n"]:
-        return self.lp_new > self.lp_true
+# Per-prompt drift
 
 
 def row_kl(before: Float[Tensor, "*rows key"], after: Float[Tensor, "*rows key"]) -> Float[Tensor, "*rows"]:
     """KL(before || after) of attention rows: sum_k b_k (log(b_k + 1e-8) - log(a_k + 1e-8))."""
     return (before * ((before + EPS).log() - (after + EPS).log())).sum(-1)
+
+
+def ranked_heads(values: Float[Tensor, "layer head"], k: int | None = None) -> list[tuple[int, int, float]]:
+    """``(layer, head, value)`` of the ``k`` (default: all) heads with the largest ``values``,
+    largest first; NaN last; ties in (layer, head) order."""
+    n_heads = values.shape[1]
+    flat = torch.nan_to_num(values.detach().flatten(), nan=-math.inf)
+    order = flat.argsort(descending=True, stable=True)[: flat.numel() if k is None else max(k, 0)]
+    out = values.detach().flatten()
+    return [(*divmod(int(i), n_heads), float(out[i])) for i in order.tolist()]
 
 
 @dataclass(frozen=True)
@@ -257,13 +202,8 @@ class HeadDrift:
         keys = {"delta": self.delta, "abs_delta": self.delta.abs(), "kl": self.kl}
         if by not in keys:
             raise DriftError(f"top(by={by!r}): choose from {tuple(keys)}")
-        n_heads = self.before.shape[1]
-        order = keys[by].flatten().argsort(descending=True, stable=True)[: max(k, 0)]
-        out = []
-        for i in order.tolist():
-            l, h = divmod(i, n_heads)
-            out.append((l, h, float(self.before[l, h]), float(self.after[l, h]), float(self.delta[l, h])))
-        return out
+        return [(l, h, float(self.before[l, h]), float(self.after[l, h]), float(self.delta[l, h]))
+                for l, h, _ in ranked_heads(keys[by], k)]
 
 
 FACTORS = (
@@ -276,9 +216,12 @@ FACTORS = (
 
 @dataclass(frozen=True)
 class PromptDrift:
-    """Attention rows and scores of a batch of prompts before and inside one edit.
+    """Attention rows and scores of a batch of prompts before and inside one edit (tensors on
+    the model's device).
 
-    ``scores_before`` / ``scores_after`` are None when no true answers were given.
+    ``scores_before`` / ``scores_after`` are None when no true answers were given;
+    ``patterns_before`` / ``patterns_after`` (float16 ``[prompt, layer, head, query, key]``,
+    keys and queries up to the longest prompt) only when :func:`measure_drift` captured them.
     """
 
     prompts: tuple[str, ...]
@@ -287,18 +230,18 @@ class PromptDrift:
     after: AttentionRows
     scores_before: Scores | None = None
     scores_after: Scores | None = None
+    patterns_before: Float[Tensor, "batch layer head query key"] | None = None
+    patterns_after: Float[Tensor, "batch layer head query key"] | None = None
 
     def mass(self, region: str) -> tuple[Float[Tensor, "batch layer head"], Float[Tensor, "batch layer head"]]:
         """(before, after) attention mass on ``region`` per prompt, layer and head; NaN for
         prompts that lack the region."""
-        n_keys = self.before.rows.shape[-1]
-        masks = torch.stack([r.mask(region, n_keys) for r in self.regions]).float()
-        before = torch.einsum("blhk,bk->blh", self.before.rows, masks)
+        rows = self.before.rows
+        masks = torch.stack([r.mask(region, rows.shape[-1], rows.device) for r in self.regions]).to(rows.dtype)
+        before = torch.einsum("blhk,bk->blh", rows, masks)
         after = torch.einsum("blhk,bk->blh", self.after.rows, masks)
-        absent = torch.tensor([not r.positions(region) for r in self.regions])
-        nan = torch.tensor(float("nan"))
-        return (torch.where(absent[:, None, None], nan, before),
-                torch.where(absent[:, None, None], nan, after))
+        absent = torch.tensor([not r.positions(region) for r in self.regions], device=rows.device)[:, None, None]
+        return before.masked_fill(absent, math.nan), after.masked_fill(absent, math.nan)
 
     def kl(self) -> Float[Tensor, "batch layer head"]:
         """KL(before || after) of each prompt's whole attention row per layer and head."""
@@ -332,20 +275,14 @@ class PromptDrift:
         return {name: out[name] for name in FACTORS}
 
 
-def _score_batch(model, prompts: list[str], true_targets: Sequence[str] | None, new_target: str):
-    if true_targets is None:
-        return tokens.batch_prompts(model, prompts)
-    return tokens.batch_with_targets(model, prompts + prompts, list(true_targets) + [new_target] * len(prompts))
-
-
-def _state(model, batch: tokens.Batch, n: int, scored: bool) -> tuple[AttentionRows, Scores | None]:
+def _state(model, batch: tokens.Batch, n: int, scored: bool, patterns: bool):
     query = batch.last_prompt_index[:n].clone()
-    logits, rows = _forward_rows(model, batch, query, n)
+    logits, rows, full = _forward_rows(model, batch, query, n, patterns)
     scores = None
     if scored:
         lp = tokens.target_log_probs(logits, batch)
         scores = Scores(lp[:n].detach().clone(), lp[n:].detach().clone())
-    return AttentionRows(rows, batch.prompt_lengths[:n].clone(), query), scores
+    return AttentionRows(rows, batch.prompt_lengths[:n].clone(), query), scores, full
 
 
 def measure_drift(
@@ -354,6 +291,8 @@ def measure_drift(
     prompts: Sequence[str],
     edit_fn: Callable[[], AbstractContextManager],
     targets: Sequence[str] | None = None,
+    *,
+    capture: bool = False,
 ) -> PromptDrift:
     """Attention rows (and, given ``targets``, scores) of ``prompts`` before and inside an edit.
 
@@ -362,7 +301,8 @@ def measure_drift(
     return a context manager inside which the model's weights are edited (and restored on exit).
     One batched forward per state gives the rows and the logits of every prompt and both targets
     (prompts followed by their true answer, then by the new target; the rows are read at the
-    last prompt token, which does not see the target).
+    last prompt token, which does not see the target). ``capture`` also keeps every head's full
+    attention pattern of each prompt from the same two passes (float16).
     """
     prompts = list(prompts)
     if not prompts:
@@ -378,201 +318,24 @@ def measure_drift(
             f"subject {rewrite.subject!r} does not occur in {lacking[:3]}; drift is measured on the "
             "edited subject's tokens, so prompts must contain it (use data.distract_prompt)"
         )
-    batch = _score_batch(model, prompts, targets, rewrite.target_new)
-    before, scores_before = _state(model, batch, len(prompts), targets is not None)
+    scored = targets is not None
+    if scored:
+        batch = tokens.batch_with_targets(model, prompts + prompts,
+                                          list(targets) + [rewrite.target_new] * len(prompts))
+    else:
+        batch = tokens.batch_prompts(model, prompts)
+    before, scores_before, patterns_before = _state(model, batch, len(prompts), scored, capture)
     context = edit_fn()
     if not isinstance(context, AbstractContextManager) and not hasattr(context, "__enter__"):
         raise DriftError(f"edit_fn() returned {type(context).__name__}, not a context manager")
     with context:
-        after, scores_after = _state(model, batch, len(prompts), targets is not None)
-    return PromptDrift(tuple(prompts), regions, before, after, scores_before, scores_after)
+        after, scores_after, patterns_after = _state(model, batch, len(prompts), scored, capture)
+    return PromptDrift(tuple(prompts), regions, before, after, scores_before, scores_after,
+                       patterns_before, patterns_after)
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics (no scipy)
-
-
-@dataclass(frozen=True)
-class Correlation:
-    """A correlation coefficient with its Fisher-z confidence interval and two-sided p-value.
-
-    Pearson: r of the pairs, CI ``tanh(atanh(r) -+ z_q / sqrt(n - 3))``. Spearman: Pearson r of
-    average ranks, CI with the Fieller-Hartley-Pearson standard error ``sqrt(1.06 / (n - 3))``.
-    p-value of both from ``t = r sqrt((n - 2) / (1 - r^2))`` with n - 2 degrees of freedom. Pairs
-    with a NaN are dropped first; fewer than 4 pairs, or a constant variable, give NaN.
-    """
-
-    method: str
-    r: float
-    n: int
-    ci_low: float
-    ci_high: float
-    p_value: float
-    confidence: float = 0.95
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("method", "r", "n", "ci_low", "ci_high", "p_value", "confidence")}
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularised incomplete beta function (modified Lentz)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        step = d * c
-        h *= step
-        if abs(step - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: int | float, b: int | float, x: int | float) -> float:
-    """Regularised incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: int | float, df: int | float) -> float:
-    """Two-sided p-value of Student's t: I_{df/(df+t^2)}(df/2, 1/2)."""
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _clean_pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64).ravel()
-    y = np.asarray(y, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise DriftError(f"correlation needs paired data: got {x.size} and {y.size} values")
-    keep = np.isfinite(x) & np.isfinite(y)
-    return x[keep], y[keep]
-
-
-def _correlation(method: str, x: np.ndarray, y: np.ndarray, se_scale: float, confidence: float) -> Correlation:
-    n = int(x.size)
-    nan = float("nan")
-    if n < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return Correlation(method, nan, n, nan, nan, nan, confidence)
-    xc, yc = x - x.mean(), y - y.mean()
-    r = float(np.clip((xc @ yc) / math.sqrt((xc @ xc) * (yc @ yc)), -1.0, 1.0))
-    zq = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    if abs(r) >= 1.0:
-        return Correlation(method, r, n, r, r, 0.0, confidence)
-    z, se = math.atanh(r), math.sqrt(se_scale / (n - 3))
-    t = r * math.sqrt((n - 2) / (1 - r * r))
-    low, high = math.tanh(z - zq * se), math.tanh(z + zq * se)
-    return Correlation(method, r, n, low, high, t_two_sided_p(t, n - 2), confidence)
-
-
-def _ranks(v: np.ndarray) -> np.ndarray:
-    order = np.argsort(v, kind="mergesort")
-    ranks = np.empty(v.size, dtype=np.float64)
-    sorted_v = v[order]
-    i = 0
-    while i < v.size:
-        j = i
-        while j + 1 < v.size and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve of ``scores`` predicting boolean ``labels``: the Mann-Whitney U
-    statistic over (positives x negatives) pairs, ties counted one half; NaN scores dropped; NaN
-    when either class is empty."""
-    s, y = _clean_pairs(scores, np.asarray(labels, dtype=np.float64))
-    n_pos, n_neg = int((y > 0).sum()), int((y <= 0).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = _ranks(s)
-    return float((ranks[y > 0].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def pearson(x, y, confidence: float = 0.95) -> Correlation:
-    """Pearson correlation of paired values (see :class:`Correlation` for CI and p-value)."""
-    x, y = _clean_pairs(x, y)
-    return _correlation("pearson", x, y, 1.0, confidence)
-
-
-def spearman(x, y, confidence: float = 0.95) -> Correlation:
-    """Spearman rank correlation (average ranks for ties; see :class:`Correlation`)."""
-    x, y = _clean_pairs(x, y)
-    return _correlation("spearman", _ranks(x), _ranks(y), 1.06, confidence)
-
-
-@dataclass(frozen=True)
-class BinnedCurve:
-    """Failure by drift-factor quantile bin.
-
-    Bins are the factor's ``n_bins`` quantile intervals (lower edge inclusive for the first bin,
-    upper edges inclusive); per bin: count, mean factor, failure rate (fraction of prompts the
-    edited model fails) and mean severity. Empty bins (ties) hold NaN.
-    """
-
-    factor: str
-    severity: str
-    edges: tuple[float, ...]
-    count: tuple[int, ...]
-    mean_factor: tuple[float, ...]
-    failure_rate: tuple[float, ...]
-    mean_severity: tuple[float, ...]
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("factor", "severity", "edges", "count", "mean_factor",
-                                              "failure_rate", "mean_severity")}
-
-
-def binned_curve(factor: Sequence[float | int], fails: Sequence[bool | int], severity: Sequence[float | int],
-                 n_bins: int = 5, *, factor_name: str = "", severity_name: str = "") -> BinnedCurve:
-    """Failure rate and mean severity per quantile bin of ``factor`` (NaN factors dropped)."""
-    if n_bins < 1:
-        raise DriftError(f"n_bins must be >= 1, not {n_bins}")
-    f = np.asarray(factor, dtype=np.float64)
-    fl = np.asarray(fails, dtype=np.float64)
-    sv = np.asarray(severity, dtype=np.float64)
-    keep = np.isfinite(f)
-    f, fl, sv = f[keep], fl[keep], sv[keep]
-    if f.size == 0:
-        nan = (float("nan"),) * n_bins
-        return BinnedCurve(factor_name, severity_name, (float("nan"),) * (n_bins + 1), (0,) * n_bins, nan, nan, nan)
-    edges = np.quantile(f, np.linspace(0, 1, n_bins + 1))
-    index = np.clip(np.searchsorted(edges, f, side="left") - 1, 0, n_bins - 1)
-    count, mean_f, rate, mean_s = [], [], [], []
-    for b in range(n_bins):
-        sel = index == b
-        count.append(int(sel.sum()))
-        empty = not sel.any()
-        mean_f.append(float("nan") if empty else float(f[sel].mean()))
-        rate.append(float("nan") if empty else float(fl[sel].mean()))
-        mean_s.append(float("nan") if empty else float(np.nanmean(sv[sel])))
-    return BinnedCurve(factor_name, severity_name, tuple(float(e) for e in edges), tuple(count),
-                       tuple(mean_f), tuple(rate), tuple(mean_s))
-
-
-# ---------------------------------------------------------------------------------------------
-# Data-set report
+# One record
 
 
 @dataclass(frozen=True)
@@ -630,6 +393,226 @@ class DriftSample:
 
 
 @dataclass(frozen=True)
+class HeadCapture:
+    """Full attention patterns of chosen heads on each prompt of a record, before and inside the
+    edit, taken from the measurement's own forward passes (CPU, float16).
+
+    Args:
+        heads: the (layer, head) pairs, in the order of the patterns' head axis.
+        prompts: the prompts, as in :attr:`RecordDrift.samples`.
+        tokens: per prompt, its token strings (:func:`~attention_drift.tokens.encode` positions).
+        before, after: per prompt a ``[head, query, key]`` tensor over the prompt's own tokens
+            (``pattern[i, q, k]``: attention of query ``q`` to key ``k`` in head ``heads[i]``).
+    """
+
+    heads: tuple[tuple[int, int], ...]
+    prompts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    before: tuple[Tensor, ...]
+    after: tuple[Tensor, ...]
+
+    def pattern(self, prompt: int, layer: int, head: int, state: str = "after") -> Float[Tensor, "query key"]:
+        """The ``[query, key]`` pattern of head (``layer``, ``head``) on prompt ``prompt`` in
+        ``state`` (``"before"`` or ``"after"`` the edit)."""
+        if state not in ("before", "after"):
+            raise DriftError(f"state must be 'before' or 'after', not {state!r}")
+        if (layer, head) not in self.heads:
+            raise DriftError(f"head ({layer}, {head}) was not captured; captured: {list(self.heads)}")
+        return getattr(self, state)[prompt][self.heads.index((layer, head))]
+
+    def select(self, heads: Sequence[tuple[int, int]]) -> "HeadCapture":
+        """The same capture restricted to ``heads`` (each must have been captured), in that order."""
+        missing = [tuple(h) for h in heads if tuple(h) not in self.heads]
+        if missing:
+            raise DriftError(f"heads {missing} were not captured; captured: {list(self.heads)}")
+        index = [self.heads.index(tuple(h)) for h in heads]
+        return HeadCapture(tuple((int(l), int(h)) for l, h in heads), self.prompts, self.tokens,
+                           tuple(p[index] for p in self.before), tuple(p[index] for p in self.after))
+
+    def to_json(self, digits: int = CAPTURE_DIGITS) -> dict:
+        """Plain JSON values, patterns rounded to ``digits`` decimals (``[prompt][head][q][k]``)."""
+        return {"heads": [list(h) for h in self.heads], "prompts": list(self.prompts),
+                "tokens": [list(t) for t in self.tokens],
+                "before": [rounded(p, digits).tolist() for p in self.before],
+                "after": [rounded(p, digits).tolist() for p in self.after]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeadCapture":
+        """The capture :meth:`to_json` wrote."""
+        return cls(tuple((int(l), int(h)) for l, h in d["heads"]), tuple(d["prompts"]),
+                   tuple(tuple(t) for t in d["tokens"]),
+                   tuple(torch.tensor(p, dtype=torch.float16, device="cpu") for p in d["before"]),
+                   tuple(torch.tensor(p, dtype=torch.float16, device="cpu") for p in d["after"]))
+
+
+@dataclass(frozen=True)
+class RecordDrift:
+    """One record's drift: its scored prompts and every head's attention before / inside the edit.
+
+    Per-head tensors are ``[prompt, layer, head]`` float64 on the CPU, rounded to :data:`DIGITS`
+    decimals (as the run file stores them, so a line read back gives the same numbers).
+
+    Args:
+        case_id, kind, subject, target_new: the record.
+        samples: one :class:`DriftSample` per prompt, in prompt order.
+        subject_last_before, subject_last_after: attention mass of the prediction position on
+            the edited subject's last token before / inside the edit.
+        delta_subject: change of the mass on all of the subject's tokens.
+        kl: KL(before || after) of the prediction rows.
+        edit_seconds: the editor's own time (its result's ``seconds``, else the time to enter it).
+        capture: full patterns of chosen heads (:func:`drift_record`'s ``capture_heads``).
+    """
+
+    case_id: int | str
+    kind: str
+    subject: str
+    target_new: str
+    samples: tuple[DriftSample, ...]
+    subject_last_before: Float[Tensor, "prompt layer head"]
+    subject_last_after: Float[Tensor, "prompt layer head"]
+    delta_subject: Float[Tensor, "prompt layer head"]
+    kl: Float[Tensor, "prompt layer head"]
+    edit_seconds: float = math.nan
+    capture: HeadCapture | None = None
+
+    @property
+    def delta_subject_last(self) -> Float[Tensor, "prompt layer head"]:
+        return self.subject_last_after - self.subject_last_before
+
+    def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
+        """``(layer, head, mean drift)`` of the ``k`` heads whose attention to the edited
+        subject's last token grew most on average over this record's prompts."""
+        return ranked_heads(self.delta_subject_last.nanmean(0), k)
+
+    def to_line(self, *, capture: bool = False) -> dict:
+        """The run-file line (JSON values); with ``capture`` also ``"capture"``
+        (:meth:`HeadCapture.to_json`) when there is one."""
+        line = {
+            "case_id": self.case_id, "kind": self.kind, "subject": self.subject, "target_new": self.target_new,
+            "samples": [s.to_dict() for s in self.samples],
+            "heads": {k: getattr(self, k).tolist() for k in HEAD_KEYS},
+            "edit_seconds": self.edit_seconds,
+        }
+        if capture and self.capture is not None:
+            line["capture"] = self.capture.to_json()
+        return line
+
+    @classmethod
+    def from_line(cls, line: dict) -> "RecordDrift":
+        """The record a run-file line holds (a line with samples; see :meth:`to_line`)."""
+        if not line.get("samples"):
+            raise DriftError(f"the line of case {line.get('case_id')!r} has no samples (a skipped record)")
+        heads = {k: torch.tensor(line["heads"][k], dtype=torch.float64, device="cpu") for k in HEAD_KEYS}
+        capture = HeadCapture.from_json(line["capture"]) if "capture" in line else None
+        return cls(line["case_id"], line.get("kind", ""), line.get("subject", ""), line.get("target_new", ""),
+                   tuple(DriftSample.from_dict(s) for s in line["samples"]), **heads,
+                   edit_seconds=float(line.get("edit_seconds", math.nan)), capture=capture)
+
+
+def _group_prompts(record: Record, group: str) -> tuple[list[str], list[str]]:
+    source = record.neighborhood if group.endswith("neighborhood") else record.relation
+    prompts = list(source.prompts)
+    if group.startswith("distract_"):
+        prompts = [distract_prompt(record.rewrite, p) for p in prompts]
+    return prompts, list(source.targets)
+
+
+def _check_groups(groups: Sequence[str]) -> None:
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        raise DriftError(f"unknown groups {bad}; choose from {GROUPS}")
+
+
+def record_prompts(record: Record, groups: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, true targets, group names) of ``record``'s ``groups`` that contain its subject."""
+    prompts, targets, names = [], [], []
+    for group in groups:
+        p, t = _group_prompts(record, group)
+        keep = [i for i, text in enumerate(p) if record.rewrite.subject in text]
+        prompts += [p[i] for i in keep]
+        targets += [t[i] for i in keep]
+        names += [group] * len(keep)
+    return prompts, targets, names
+
+
+def _capture(model, drift: PromptDrift, heads: Sequence[tuple[int, int]]) -> HeadCapture:
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    bad = [(l, h) for l, h in heads if not (0 <= l < n_layers and 0 <= h < n_heads)]
+    if bad:
+        raise DriftError(f"capture heads {bad} out of range: the model has {n_layers} layers x {n_heads} heads")
+    layers = torch.tensor([l for l, _ in heads], device=drift.patterns_before.device)
+    picks = torch.tensor([h for _, h in heads], device=drift.patterns_before.device)
+    before, after, strings = [], [], []
+    for i, prompt in enumerate(drift.prompts):
+        n = drift.regions[i].length
+        before.append(drift.patterns_before[i, layers, picks, :n, :n].cpu())
+        after.append(drift.patterns_after[i, layers, picks, :n, :n].cpu())
+        strings.append(tuple(tokens.token_strings(model, tokens.encode(model, prompt))))
+    return HeadCapture(tuple((int(l), int(h)) for l, h in heads), drift.prompts, tuple(strings),
+                       tuple(before), tuple(after))
+
+
+def drift_record(
+    model,
+    record: Record,
+    edit_fn_factory: EditFactory,
+    groups: Sequence[str] = DEFAULT_GROUPS,
+    *,
+    capture_heads: Sequence[tuple[int, int]] | int | str | None = None,
+) -> RecordDrift | None:
+    """Drift of one record: its prompts of ``groups`` that contain its subject, measured before
+    and inside ``edit_fn_factory(record)`` (entered once; :func:`measure_drift`). None, without
+    editing, when the record has no such prompt (plain neighbourhood prompts never do).
+
+    ``capture_heads`` also returns the full attention patterns of the distract prompts before
+    and inside the edit (:attr:`RecordDrift.capture`), from the same forward passes: a list of
+    (layer, head) pairs, an int k (this record's k most drifting heads, :meth:`RecordDrift.top_heads`)
+    or ``"all"`` (every head).
+    """
+    _check_groups(groups)
+    if isinstance(capture_heads, str) and capture_heads != "all":
+        raise DriftError(f"capture_heads must be (layer, head) pairs, an int or 'all', not {capture_heads!r}")
+    prompts, targets, names = record_prompts(record, groups)
+    if not prompts:
+        return None
+    seconds = {}
+
+    @contextlib.contextmanager
+    def edited():
+        start = time.perf_counter()
+        with edit_fn_factory(record) as result:
+            seconds["edit"] = float(getattr(result, "seconds", time.perf_counter() - start))
+            yield result
+
+    drift = measure_drift(model, record.rewrite, prompts, edited, targets, capture=capture_heads is not None)
+    factors = {k: v.tolist() for k, v in drift.factors().items()}
+    sb, sa = drift.scores_before.cpu(), drift.scores_after.cpu()
+    samples = tuple(
+        DriftSample(record.case_id, group, prompt, target, {k: v[i] for k, v in factors.items()},
+                    float(sb.lp_true[i]), float(sb.lp_new[i]), float(sa.lp_true[i]), float(sa.lp_new[i]))
+        for i, (prompt, target, group) in enumerate(zip(prompts, targets, names))
+    )
+    before, after = drift.mass("subject_last")
+    subject_before, subject_after = drift.mass("subject")
+    result = RecordDrift(record.case_id, record.kind, record.rewrite.subject, record.rewrite.target_new, samples,
+                         rounded(before), rounded(after), rounded(subject_after - subject_before), rounded(drift.kl()),
+                         seconds.get("edit", math.nan))
+    if capture_heads is None:
+        return result
+    if capture_heads == "all":
+        heads = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    elif isinstance(capture_heads, int):
+        heads = [(l, h) for l, h, _ in result.top_heads(capture_heads)]
+    else:
+        heads = [(int(l), int(h)) for l, h in capture_heads]
+    return dataclasses.replace(result, capture=_capture(model, drift, heads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-set report
+
+
+@dataclass(frozen=True)
 class HeadStats:
     """Per-head statistics over prompts of one per-head quantity ([layer, head] each).
 
@@ -650,20 +633,21 @@ class HeadStats:
         valid = ~values.isnan()
         count = valid.sum(0).clamp(min=1)
         mean = torch.where(valid, values, 0.0).sum(0) / count
-        quantiles = torch.nanquantile(values, torch.tensor(levels, dtype=values.dtype), dim=0)
+        quantiles = torch.nanquantile(values, torch.tensor(levels, dtype=values.dtype, device=values.device), dim=0)
         frac = ((values > threshold) & valid).sum(0) / count
         return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold)
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean, as (layer, head, mean)."""
-        n_heads = self.mean.shape[1]
-        order = torch.nan_to_num(self.mean, nan=-math.inf).flatten().argsort(descending=True, stable=True)[:k]
-        return [(*divmod(i, n_heads), float(self.mean.flatten()[i])) for i in order.tolist()]
+        return ranked_heads(self.mean, k)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "mean": self.mean.tolist(), "levels": list(self.levels),
                 "quantiles": self.quantiles.tolist(), "threshold": self.threshold,
                 "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()]}
+
+
+HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last")
 
 
 @dataclass(frozen=True)
@@ -679,6 +663,10 @@ class DriftReport:
             for the outcomes of :data:`OUTCOMES` (``"fails"`` as 0 / 1: point-biserial r).
         auroc: ``{group or "all": {factor: AUROC of the factor predicting failure}}``.
         curves: failure by quantile bin of each factor, over all samples.
+        groups: the prompt groups measured.
+        records: the number of records.
+        subject_last_before, subject_last_after: mean over samples of every head's attention to
+            the edited subject's last token before / inside the edit.
     """
 
     samples: tuple[DriftSample, ...]
@@ -687,18 +675,48 @@ class DriftReport:
     auroc: dict[str, dict[str, float]]
     curves: dict[str, BinnedCurve]
     groups: tuple[str, ...] = field(default=())
+    records: int = 0
+    subject_last_before: Float[Tensor, "layer head"] | None = None
+    subject_last_after: Float[Tensor, "layer head"] | None = None
 
     def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` heads whose attention to the edited subject's last token grows most on
         average, as (layer, head, mean drift)."""
         return self.head_stats["delta_subject_last"].top(k)
 
+    def top_head_table(self, k: int = 10) -> list[dict]:
+        """The :meth:`top_heads` with their mean attention before / after, median drift and
+        fraction of prompts above the threshold (``drift.json``'s ``top_heads``)."""
+        stats = self.head_stats["delta_subject_last"]
+        median = stats.levels.index(0.5) if 0.5 in stats.levels else None
+        return [{"layer": l, "head": h, "before": float(self.subject_last_before[l, h]),
+                 "after": float(self.subject_last_after[l, h]), "drift": d,
+                 "median_drift": None if median is None else float(stats.quantiles[median, l, h]),
+                 "frac_above": float(stats.frac_above[l, h])}
+                for l, h, d in self.top_heads(k)]
+
     def failure_rate(self, group: str | None = None) -> float:
         chosen = [s for s in self.samples if group is None or s.group == group]
         return float("nan") if not chosen else sum(s.fails for s in chosen) / len(chosen)
 
-    def to_dict(self) -> dict:
-        """Everything as JSON-ready Python values (NaN stays float NaN)."""
+    def headline(self) -> dict:
+        """Per group, the correlations of the two headline factors with failure and log-odds drop."""
+        out = {}
+        for group in ("all", *self.groups):
+            out[group] = {}
+            for factor in HEADLINE_FACTORS:
+                c = self.correlations[group][factor]
+                out[group][factor] = {
+                    "pearson_fails": c["fails"]["pearson"].to_dict(),
+                    "spearman_fails": c["fails"]["spearman"].to_dict(),
+                    "pearson_logodds_drop": c["logodds_drop"]["pearson"].to_dict(),
+                    "spearman_logodds_drop": c["logodds_drop"]["spearman"].to_dict(),
+                    "auroc": self.auroc[group][factor]}
+        return out
+
+    def to_dict(self, top_k: int = 10) -> dict:
+        """Everything as JSON-ready Python values (NaN stays float NaN): the content of
+        ``drift.json`` (``top_k`` heads in ``"top_heads"``)."""
         return {
             "groups": list(self.groups),
             "n_samples": len(self.samples),
@@ -712,109 +730,40 @@ class DriftReport:
             },
             "auroc": self.auroc,
             "curves": {k: v.to_dict() for k, v in self.curves.items()},
+            "top_heads": self.top_head_table(top_k),
+            "subject_last_attention": {"before": rounded(self.subject_last_before).tolist(),
+                                       "after": rounded(self.subject_last_after).tolist()},
+            "records": self.records,
+            "n_samples_by_group": {g: sum(s.group == g for s in self.samples) for g in self.groups},
+            "headline": self.headline(),
         }
 
 
-def _group_prompts(record: Record, group: str) -> tuple[list[str], list[str]]:
-    source = record.neighborhood if group.endswith("neighborhood") else record.relation
-    prompts = list(source.prompts)
-    if group.startswith("distract_"):
-        prompts = [distract_prompt(record.rewrite, p) for p in prompts]
-    return prompts, list(source.targets)
-
-
-def record_prompts(record: Record, groups: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """(prompts, true targets, group names) of ``record``'s ``groups`` that contain its subject."""
-    prompts, targets, names = [], [], []
-    for group in groups:
-        p, t = _group_prompts(record, group)
-        keep = [i for i, text in enumerate(p) if record.rewrite.subject in text]
-        prompts += [p[i] for i in keep]
-        targets += [t[i] for i in keep]
-        names += [group] * len(keep)
-    return prompts, targets, names
-
-
-def dataset_drift(
-    model,
-    records: Iterable[Record],
-    edit_fn_factory: Callable[[Record], AbstractContextManager],
-    groups: Sequence[str] = ("distract_neighborhood", "distract_relation"),
-    *,
-    threshold: float = 0.05,
-    levels: tuple[float, ...] = (0.1, 0.5, 0.9),
-    n_bins: int = 5,
-    progress: bool = False,
-) -> DriftReport:
-    """Drift of every head on each record's prompts of ``groups``, and its link to failure.
-
-    ``edit_fn_factory(record)`` returns the context manager that applies the record's edit (e.g.
-    ``lambda r: edit(model, r.rewrite, method="rome")``); each record is edited once and all its
-    prompts are measured in one batched forward per state (:func:`measure_drift`). Prompts that do
-    not contain the edited subject (plain neighbourhood prompts) are skipped: drift is measured
-    on the subject's tokens. ``threshold`` is the drift (attention mass change) above which a
-    head counts in ``frac_above``; ``levels`` the per-head quantiles; ``n_bins`` the bins of the
-    failure curves.
-    """
-    bad = [g for g in groups if g not in GROUPS]
-    if bad or not groups:
-        raise DriftError(f"unknown groups {bad}; choose from {GROUPS}")
-    records = list(records)
-    plans = []
-    for record in records:
-        prompts, targets, names = record_prompts(record, groups)
-        if prompts:
-            plans.append((record, prompts, targets, names))
-    if not plans:
-        raise DriftError(f"no record has prompts containing its subject in groups {tuple(groups)}")
-    if progress:
-        from tqdm.auto import tqdm
-
-        plans = tqdm(plans, desc="drift")
-    samples, deltas, subject_deltas, kls = [], [], [], []
-    for record, prompts, targets, names in plans:
-        drift = measure_drift(model, record.rewrite, prompts, lambda r=record: edit_fn_factory(r), targets)
-        factors = drift.factors()
-        before, after = drift.mass("subject_last")
-        deltas.append(after - before)
-        before, after = drift.mass("subject")
-        subject_deltas.append(after - before)
-        kls.append(drift.kl())
-        sb, sa = drift.scores_before, drift.scores_after
-        for i, (prompt, target, group) in enumerate(zip(prompts, targets, names)):
-            samples.append(DriftSample(
-                record.case_id, group, prompt, target, {k: float(v[i]) for k, v in factors.items()},
-                float(sb.lp_true[i]), float(sb.lp_new[i]), float(sa.lp_true[i]), float(sa.lp_new[i]),
-            ))
-    return drift_report(samples, torch.cat(deltas), torch.cat(subject_deltas), torch.cat(kls), groups,
-                        threshold=threshold, levels=levels, n_bins=n_bins)
-
-
 def drift_report(
-    samples: Sequence[DriftSample],
-    deltas: Float[Tensor, "n layer head"],
-    subject_deltas: Float[Tensor, "n layer head"],
-    kls: Float[Tensor, "n layer head"],
-    groups: Sequence[str] = ("distract_neighborhood", "distract_relation"),
+    records: Sequence[RecordDrift],
+    groups: Sequence[str] = DEFAULT_GROUPS,
     *,
     threshold: float = 0.05,
     levels: tuple[float, ...] = (0.1, 0.5, 0.9),
     n_bins: int = 5,
 ) -> DriftReport:
-    """The :class:`DriftReport` of already measured samples (what :func:`dataset_drift` ends
-    with; also used to rebuild a report from stored per-record results). ``deltas``,
-    ``subject_deltas`` and ``kls`` hold one [layer, head] slice per sample, in sample order:
-    the drift to the edited subject's last token, to all its tokens, and the row KL."""
-    samples = list(samples)
-    if not samples:
-        raise DriftError("drift_report needs at least one sample")
-    if not deltas.shape[0] == subject_deltas.shape[0] == kls.shape[0] == len(samples):
-        raise DriftError(f"got {len(samples)} samples but per-head values for "
-                         f"{deltas.shape[0]}/{subject_deltas.shape[0]}/{kls.shape[0]} prompts")
+    """The :class:`DriftReport` of measured records (:func:`drift_record` results, or run-file
+    lines read back with :meth:`RecordDrift.from_line`). ``threshold`` is the drift (attention
+    mass change) above which a head counts in ``frac_above``; ``levels`` the per-head quantiles;
+    ``n_bins`` the bins of the failure curves."""
+    records = [r for r in records if r is not None and r.samples]
+    if not records:
+        raise DriftError("no record with distract prompts containing its subject; nothing to report")
+    samples = [s for r in records for s in r.samples]
+
+    def cat(key: str) -> Tensor:
+        return torch.cat([getattr(r, key).to(torch.float64) for r in records])
+
+    before, after = cat("subject_last_before"), cat("subject_last_after")
     head_stats = {
-        "delta_subject_last": HeadStats.of("delta_subject_last", deltas, levels, threshold),
-        "delta_subject": HeadStats.of("delta_subject", subject_deltas, levels, threshold),
-        "kl": HeadStats.of("kl", kls, levels, threshold),
+        "delta_subject_last": HeadStats.of("delta_subject_last", after - before, levels, threshold),
+        "delta_subject": HeadStats.of("delta_subject", cat("delta_subject"), levels, threshold),
+        "kl": HeadStats.of("kl", cat("kl"), levels, threshold),
     }
     correlations, aurocs = {}, {}
     for group in ("all", *groups):
@@ -832,4 +781,38 @@ def drift_report(
                         factor_name=f, severity_name="logodds_drop")
         for f in FACTORS
     }
-    return DriftReport(tuple(samples), head_stats, correlations, aurocs, curves, tuple(groups))
+    return DriftReport(tuple(samples), head_stats, correlations, aurocs, curves, tuple(groups), len(records),
+                       before.nanmean(0), after.nanmean(0))
+
+
+def dataset_drift(
+    model,
+    records: Iterable[Record],
+    edit_fn_factory: EditFactory,
+    groups: Sequence[str] = DEFAULT_GROUPS,
+    *,
+    threshold: float = 0.05,
+    levels: tuple[float, ...] = (0.1, 0.5, 0.9),
+    n_bins: int = 5,
+    progress: bool = False,
+) -> DriftReport:
+    """:func:`drift_record` on every record, then :func:`drift_report`: drift of every head on
+    each record's prompts of ``groups`` and its link to failure, in memory (the ``attention-drift
+    drift`` command runs the same two functions through a resumable run file).
+
+    ``edit_fn_factory(record)`` returns the context manager that applies the record's edit (e.g.
+    ``lambda r: edit(model, r.rewrite, method="rome")``); each record is edited once. Records
+    without prompts containing the edited subject (plain neighbourhood prompts) are skipped
+    without editing.
+    """
+    _check_groups(groups)
+    records = list(records)
+    if progress:
+        from tqdm.auto import tqdm
+
+        records = tqdm(records, desc="drift")
+    measured = [drift_record(model, record, edit_fn_factory, groups) for record in records]
+    if not any(m is not None for m in measured):
+        raise DriftError(f"no record has prompts containing its subject in groups {tuple(groups)}")
+    return drift_report([m for m in measured if m is not None], groups, threshold=threshold, levels=levels,
+                        n_bins=n_bins)

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from plotly.colors import qualitative
 from torch import Tensor
 from attention_drift.errors import AttentionDriftError
+from attention_drift.stats import pearson
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu_r"
@@ -218,12 +219,6 @@ def recovery_curves(
     return _style(fig, title, xlabel, ylabel)
 
 
-def _pearson(x: Tensor, y: Tensor) -> float:
-    xc, yc = x - x.mean(), y - y.mean()
-    denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
-    return float((xc * yc).sum()) / denom if denom > 0 else float("nan")
-
-
 def drift_vs_failure(
     drift: Float[Tensor, " n"],
     failure: Float[Tensor, " n"],
@@ -240,8 +235,8 @@ def drift_vs_failure(
     Bins hold equal numbers of cases (cases sorted by drift, split into ``bins`` near-equal
     chunks); each bin is drawn at its mean drift and mean failure with a 95% normal error
     bar (1.96 x standard error of the mean; 0 for a one-case bin). The annotation shows
-    ``rho`` when given (e.g. from the drift module), else the Pearson r of the points,
-    plus n and ``p_value`` when given.
+    ``rho`` when given (e.g. from the drift module), else the Pearson r of the points
+    (:func:`attention_drift.stats.pearson`: NaN below 4 cases), plus n and ``p_value`` when given.
     """
     x, y = _values(drift), _values(failure)
     if x.shape != y.shape:
@@ -262,7 +257,7 @@ def drift_vs_failure(
         means.append(float(ys.mean()))
         errors.append(1.96 * float(ys.std()) / math.sqrt(len(chunk)) if len(chunk) > 1 else 0.0)
         counts.append(len(chunk))
-    r = _pearson(x, y) if rho is None else rho
+    r = pearson(x, y).r if rho is None else rho
     label = f"{'Pearson r' if rho is None else 'ρ'} = {r:.3f}, n = {n}"
     if p_value is not None:
         label += f", p = {p_value:.2g}"

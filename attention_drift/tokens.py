@@ -10,6 +10,8 @@
   (GPT-2-style BPE gives ``" Paris"``, SentencePiece gives ``"▁Paris"``) and never switched on
   a model name.
 * Padding: right padding, so a prompt's positions are the same batched and alone.
+* Device: a :class:`Batch` is built on the model's device (:func:`~attention_drift.models.model_device`),
+  so it can be handed to the model and combined with its activations as it is.
 """
 
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from attention_drift.models import model_device
 
 
 def _bos(model) -> list[int]:
@@ -83,28 +87,26 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _stack(rows: list[list[int]], prompt_lengths: list[int], pad: int) -> Batch:
+def _stack(rows: list[list[int]], prompt_lengths: list[int], pad: int, device: torch.device) -> Batch:
     if not rows:
         raise ValueError("cannot build a batch from zero prompts")
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    lengths = torch.tensor([len(r) for r in rows])
-    prompt = torch.tensor(prompt_lengths)
-    return Batch(ids, mask, prompt, lengths - prompt)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    prompt = torch.tensor(prompt_lengths, dtype=torch.long, device=device)
+    target = torch.tensor([len(r) - p for r, p in zip(rows, prompt_lengths)], dtype=torch.long, device=device)
+    return Batch(ids, mask, prompt, target)
 
 
 def batch_prompts(model, prompts: list[str]) -> Batch:
-    """Right-padded batch of prompts alone."""
+    """Right-padded batch of prompts alone, on the model's device."""
     rows = [encode(model, p) for p in prompts]
-    return _stack(rows, [len(r) for r in rows], _pad_id(model.tokenizer))
+    return _stack(rows, [len(r) for r in rows], _pad_id(model.tokenizer), model_device(model))
 
 
 def batch_with_targets(model, prompts: list[str], targets: list[str]) -> Batch:
-    """Right-padded batch of ``f"{prompt} {target}"`` with the target span of each row."""
+    """Right-padded batch of ``f"{prompt} {target}"`` with the target span of each row, on the
+    model's device."""
     if len(prompts) != len(targets):
         raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; they pair one to one")
     rows, prompt_lengths = [], []
@@ -112,14 +114,14 @@ def batch_with_targets(model, prompts: list[str], targets: list[str]) -> Batch:
         p_ids, t_ids = continuation_ids(model, prompt, target)
         rows.append(p_ids + t_ids)
         prompt_lengths.append(len(p_ids))
-    return _stack(rows, prompt_lengths, _pad_id(model.tokenizer))
+    return _stack(rows, prompt_lengths, _pad_id(model.tokenizer), model_device(model))
 
 
 def target_log_probs(logits: Float[Tensor, "batch seq vocab"], batch: Batch) -> Float[Tensor, " batch"]:
     """Mean log-probability per target token of each row (the paper's per-token mean NLL, negated)."""
     log_probs = logits.float().log_softmax(-1)
     b, s = batch.input_ids.shape
-    pos = torch.arange(s - 1)
+    pos = torch.arange(s - 1, device=logits.device)
     in_target = (pos[None] >= batch.prompt_lengths[:, None] - 1) & (
         pos[None] < (batch.lengths - 1)[:, None]
     )

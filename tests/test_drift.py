@@ -2,27 +2,28 @@ import contextlib
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from attention_drift import tokens
 from attention_drift.data import distract_prompt, load_example
+from attention_drift import analysis
 from attention_drift.drift import (
     FACTORS,
     DriftError,
+    HeadCapture,
     HeadDrift,
-    Regions,
-    binned_curve,
+    RecordDrift,
+    auroc,
     collect_attention_rows,
     dataset_drift,
+    drift_record,
+    drift_report,
     measure_drift,
-    auroc,
     pearson,
     row_kl,
-    spearman,
-    t_two_sided_p,
 )
+from attention_drift.regions import RegionError, Regions
 from attention_drift.models import mlp_out_weight
 
 from handmade_edit import push_subject  # noqa: E402
@@ -119,7 +120,8 @@ def test_batched_rows_equal_unbatched(model):
         n = int(alone.lengths[0])
         assert int(rows.lengths[i]) == n and int(rows.query[i]) == n - 1
         torch.testing.assert_close(rows.rows[i, :, :, :n], alone.rows[0], atol=1e-6, rtol=0)
-        assert rows.rows[i, :, :, n:].abs().max() == 0 if rows.rows.shape[-1] > n else True
+        if rows.rows.shape[-1] > n:
+            assert rows.rows[i, :, :, n:].abs().max() == 0
     sums = rows.rows.sum(-1)
     torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
 
@@ -153,7 +155,7 @@ def test_regions_of_distract_prompt_with_subject_twice(tiny_gpt2):
     plain = Regions.of(tiny_gpt2, rewrite, OBAMA.relation.prompts[0])
     assert plain.edit_sentence is None and plain.target_new is None
     assert plain.prompt_subjects == (plain.subject,)
-    with pytest.raises(DriftError, match="unknown region"):
+    with pytest.raises(RegionError, match="unknown region"):
         regions.positions("object")
 
 
@@ -171,62 +173,6 @@ def test_measure_drift_rejects_bad_input_before_editing(tiny_llama):
     assert not calls
     with pytest.raises(DriftError, match="context manager"):
         measure_drift(tiny_llama, EIFFEL.rewrite, _distract(EIFFEL)[0], lambda: 3)
-
-
-def test_pearson_spearman_known_data():
-    x = np.arange(10.0)
-    perfect = pearson(x, 2 * x + 1)
-    assert perfect.r == pytest.approx(1.0) and perfect.p_value == 0.0 and perfect.ci_low == pytest.approx(1.0)
-    assert pearson(x, -x).r == pytest.approx(-1.0)
-    assert spearman(x, np.exp(x)).r == pytest.approx(1.0)
-    assert pearson(x, np.exp(x)).r < 0.99
-    # NaN pairs dropped; constant input gives NaN rather than an exception.
-    assert pearson([1, 2, float("nan"), 4, 5], [1, 2, 3, 4, 5]).n == 4
-    assert math.isnan(pearson(x, np.ones(10)).r)
-    # Fisher CI: r = 0.5, n = 28 -> z = 0.5493, se = 0.2.
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=28), rng.normal(size=28)
-    c = pearson(a, b)
-    z = math.atanh(c.r)
-    assert c.ci_low == pytest.approx(math.tanh(z - 1.959964 * 0.2), abs=1e-5)
-    assert c.ci_high == pytest.approx(math.tanh(z + 1.959964 * 0.2), abs=1e-5)
-    # p-value: t = r sqrt((n-2)/(1-r^2)) against a numerical integral of Student's t density.
-    df = 26
-    t = abs(c.r) * math.sqrt(df / (1 - c.r ** 2))
-    grid = np.linspace(t, 200, 400001)
-    dens = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
-        * (1 + grid ** 2 / df) ** (-(df + 1) / 2)
-    assert c.p_value == pytest.approx(2 * np.trapezoid(dens, grid), rel=1e-4)
-    assert t_two_sided_p(2.228139, 10) == pytest.approx(0.05, abs=1e-5)
-    assert t_two_sided_p(0.0, 5) == pytest.approx(1.0)
-
-
-def test_spearman_ties_use_average_ranks():
-    x = [1, 2, 2, 3, 4]
-    y = [1, 2.5, 2.5, 4, 5]  # the average ranks of x
-    assert spearman(x, y).r == pytest.approx(1.0)
-    assert spearman(x, [5, 4, 3, 2, 1]).r == pytest.approx(pearson([1, 2.5, 2.5, 4, 5], [5, 4, 3, 2, 1]).r)
-
-
-def test_auroc():
-    assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == pytest.approx(1.0)
-    assert auroc([0.9, 0.8, 0.2, 0.1], [False, False, True, True]) == pytest.approx(0.0)
-    assert auroc([0.5, 0.5, 0.5, 0.5], [False, True, False, True]) == pytest.approx(0.5)
-    # pairs (pos, neg): (0.3 > 0.1), (0.3 < 0.4), (0.6 > 0.1), (0.6 > 0.4) -> 3 / 4
-    assert auroc([0.1, 0.3, 0.4, 0.6, float("nan")], [0, 1, 0, 1, 1]) == pytest.approx(0.75)
-    assert math.isnan(auroc([0.1, 0.2], [True, True]))
-
-
-def test_binned_curve():
-    factor = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, float("nan")]
-    fails = [0, 0, 0, 1, 0, 1, 1, 1, 1]
-    severity = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 9.0]
-    curve = binned_curve(factor, fails, severity, n_bins=2)
-    assert curve.count == (4, 4)
-    assert curve.failure_rate == pytest.approx((0.25, 0.75))
-    assert curve.mean_factor == pytest.approx((0.25, 0.65))
-    assert curve.mean_severity == pytest.approx((0.15, 0.55))
-    assert curve.edges[0] == pytest.approx(0.1) and curve.edges[-1] == pytest.approx(0.8)
 
 
 def test_dataset_drift_report(tiny_llama):
@@ -266,6 +212,110 @@ def test_dataset_drift_rejects_unknown_groups(tiny_llama):
         dataset_drift(tiny_llama, RECORDS, lambda r: contextlib.nullcontext(), groups=("paraphrase",))
     with pytest.raises(DriftError, match="no record"):
         dataset_drift(tiny_llama, RECORDS[:1], lambda r: contextlib.nullcontext(), groups=("neighborhood",))
+
+
+def _factory(model, edits=None):
+    def factory(record):
+        if edits is not None:
+            edits.append(record.case_id)
+        return push_subject(model, record.rewrite)
+    return factory
+
+
+def test_drift_record_line_round_trips_and_matches_measure_drift(tiny_llama):
+    record = OBAMA
+    result = drift_record(tiny_llama, record, _factory(tiny_llama))
+    prompts, targets = _distract(record, "relation")
+    assert [s.prompt for s in result.samples] == prompts and [s.target_true for s in result.samples] == targets
+    drift = measure_drift(tiny_llama, record.rewrite, prompts, lambda: push_subject(tiny_llama, record.rewrite),
+                          targets)
+    before, after = drift.mass("subject_last")
+    torch.testing.assert_close(result.subject_last_before, before.double(), atol=5e-7, rtol=0)
+    torch.testing.assert_close(result.delta_subject_last, (after - before).double(), atol=1e-6, rtol=0)
+    assert result.samples[0].factors["max_kl"] == pytest.approx(float(drift.factors()["max_kl"][0]), abs=1e-7)
+    assert result.samples[1].lp_new_after == pytest.approx(float(drift.scores_after.lp_new[1]), abs=1e-6)
+    line = json.loads(json.dumps(result.to_line()))
+    assert set(line) == {"case_id", "kind", "subject", "target_new", "samples", "heads", "edit_seconds"}
+    back = RecordDrift.from_line(line)
+    for key in ("subject_last_before", "subject_last_after", "delta_subject", "kl"):
+        assert torch.equal(getattr(back, key), getattr(result, key)), key
+    assert back.samples == result.samples and back.to_line() == line
+    assert result.top_heads(2) == back.top_heads(2) and result.top_heads(2)[0][0] == 1  # above the edited layer
+    with pytest.raises(DriftError, match="no samples"):
+        RecordDrift.from_line({"case_id": 1, "samples": [], "skipped": "no prompts"})
+
+
+def test_drift_record_skips_records_without_prompts_without_editing(tiny_llama):
+    edits = []
+    assert drift_record(tiny_llama, EIFFEL, _factory(tiny_llama, edits), ("distract_relation",)) is None
+    assert drift_record(tiny_llama, EIFFEL, _factory(tiny_llama, edits), ("neighborhood",)) is None
+    assert edits == []
+    with pytest.raises(DriftError, match="unknown groups"):
+        drift_record(tiny_llama, EIFFEL, _factory(tiny_llama, edits), ("paraphrase",))
+
+
+def test_capture_holds_the_full_patterns_of_the_same_passes(tiny_llama):
+    record = EIFFEL
+    heads = [(1, 2), (0, 1)]
+    result = drift_record(tiny_llama, record, _factory(tiny_llama), capture_heads=heads)
+    cap = result.capture
+    assert cap.heads == tuple(heads) and cap.prompts == tuple(s.prompt for s in result.samples)
+    for i, prompt in enumerate(cap.prompts):
+        ids = tokens.encode(tiny_llama, prompt)
+        n = len(ids)
+        assert cap.tokens[i] == tuple(tokens.token_strings(tiny_llama, ids))
+        assert cap.before[i].shape == (2, n, n) and cap.before[i].dtype == torch.float16
+        with torch.no_grad():
+            _, cache = tiny_llama.run_with_cache(torch.tensor([ids]), names_filter=lambda name: "pattern" in name)
+        clean = cache["blocks.1.attn.hook_pattern"][0, 2]
+        torch.testing.assert_close(cap.pattern(i, 1, 2, "before").float(), clean, atol=1e-3, rtol=0)
+        with push_subject(tiny_llama, record.rewrite), torch.no_grad():
+            _, cache = tiny_llama.run_with_cache(torch.tensor([ids]), names_filter=lambda name: "pattern" in name)
+        torch.testing.assert_close(cap.pattern(i, 1, 2, "after").float(), cache["blocks.1.attn.hook_pattern"][0, 2],
+                                   atol=1e-3, rtol=0)
+        # the prediction row of the capture is the drift's row: its subject mass is subject_last_before
+        s = Regions.of(tiny_llama, record.rewrite, prompt).subject[1]
+        assert float(cap.pattern(i, 1, 2, "before")[n - 1, s]) == pytest.approx(
+            float(result.subject_last_before[i, 1, 2]), abs=1e-3)
+    assert torch.equal(cap.pattern(0, 0, 1, "before"), cap.pattern(0, 0, 1, "after"))  # below the edit
+    assert "capture" not in result.to_line()
+    line = json.loads(json.dumps(result.to_line(capture=True)))
+    back = RecordDrift.from_line(line).capture
+    assert back.heads == cap.heads and back.tokens == cap.tokens
+    torch.testing.assert_close(back.after[1].float(), cap.after[1].float(), atol=3e-4, rtol=0)  # 4 digits, float16
+    picked = cap.select([(0, 1)])
+    assert picked.heads == ((0, 1),) and torch.equal(picked.before[0][0], cap.before[0][1])
+    with pytest.raises(DriftError, match="not captured"):
+        cap.pattern(0, 1, 1)
+    with pytest.raises(DriftError, match="not captured"):
+        cap.select([(1, 1)])
+
+
+def test_capture_top_k_and_all_heads(tiny_llama):
+    top = drift_record(tiny_llama, EIFFEL, _factory(tiny_llama), capture_heads=3)
+    assert list(top.capture.heads) == [(l, h) for l, h, _ in top.top_heads(3)]
+    every = drift_record(tiny_llama, EIFFEL, _factory(tiny_llama), capture_heads="all")
+    assert len(every.capture.heads) == tiny_llama.cfg.n_layers * tiny_llama.cfg.n_heads
+    assert torch.equal(every.capture.select(list(top.capture.heads)).after[2], top.capture.after[2])
+    assert json.dumps([s.to_dict() for s in every.samples]) == json.dumps([s.to_dict() for s in top.samples])
+    with pytest.raises(DriftError, match="out of range"):
+        drift_record(tiny_llama, EIFFEL, _factory(tiny_llama), capture_heads=[(2, 0)])
+    with pytest.raises(DriftError, match="capture_heads must be"):
+        drift_record(tiny_llama, EIFFEL, _factory(tiny_llama), capture_heads="some")
+    assert isinstance(every.capture, HeadCapture)
+
+
+def test_dataset_drift_is_the_report_of_the_run_lines(tiny_llama):
+    """dataset_drift (notebooks) and drift_from_lines over run-file lines (the command) agree exactly."""
+    records = RECORDS[:4]
+    report = dataset_drift(tiny_llama, records, _factory(tiny_llama))
+    lines = [json.loads(json.dumps(drift_record(tiny_llama, r, _factory(tiny_llama)).to_line())) for r in records]
+    from_lines = analysis.drift_from_lines(lines, top_k=10)
+    assert json.dumps(report.to_dict(10)) == json.dumps(from_lines)
+    assert json.dumps(drift_report([RecordDrift.from_line(x) for x in lines]).to_dict(3)) == \
+        json.dumps(analysis.drift_from_lines(lines, top_k=3))
+    with pytest.raises(DriftError, match="nothing to report"):
+        drift_report([])
 
 
 @pytest.mark.slow

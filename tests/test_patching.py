@@ -1,4 +1,5 @@
 import contextlib
+import json
 
 import pytest
 import torch
@@ -7,18 +8,25 @@ from attention_drift import tokens
 from attention_drift.data import Rewrite, load_example
 from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
 from attention_drift.patching import (
+    CONTAMINATION_COMPONENTS,
+    SUMMARY_VARIANTS,
+    SWEEP_COMPONENTS,
     Patch,
     PatchCase,
     PatchingError,
     aggregate,
+    key_positions,
     layer_component_grid,
     layer_head_grid,
     layer_position_grid,
     patch_edit,
+    patch_record,
     record_activations,
     run_patched,
     run_variant,
+    summary_variants,
     supports_pattern_patching,
+    topk_variant,
     window_grid,
 )
 
@@ -261,6 +269,118 @@ def test_pattern_patching_refused_where_edits_are_discarded(tiny_gpt_neo):
     # other components still work there
     result = run_patched(tiny_gpt_neo, source, [Patch("z", 1, heads=0)])
     assert torch.isfinite(result.patched.lp_true).all()
+
+
+class Edits:
+    """The hand-made edit as a record factory that counts how often it is entered."""
+
+    def __init__(self, model):
+        self.model, self.entered = model, []
+
+    def __call__(self, record):
+        self.entered.append(record.case_id)
+        return push_subject(self.model, record.rewrite)
+
+
+def test_patch_record_matches_the_primitives(model):
+    """Each number of patch_record is what record_activations / run_patched give on their own."""
+    edits = Edits(model)
+    result = patch_record(model, EIFFEL, edits, k=2, sweep_prompts=1, contamination_prompts=1, window=2,
+                          contamination_window=2)
+    assert edits.entered == [EIFFEL.case_id]  # entered once for restoration, sweeps and contamination
+    cases = PatchCase.from_record(EIFFEL, ("neighborhood",))
+    assert [c.prompt for c in result.cases] == [c.prompt for c in cases]
+    top = [(l, h) for l, h, _ in result.top_heads]
+    assert len(top) == 2 and result.head_source == "record"
+    named = summary_variants(model, top)
+    assert list(result.cases[0].variants) == list(named) == list(SUMMARY_VARIANTS)
+    clean = record_activations(model, cases[1], None)
+    with push_subject(model, EIFFEL.rewrite):
+        alone = run_patched(model, clean, list(named.values()))
+        edited = record_activations(model, cases[0], None)
+    case = result.cases[1]
+    assert case.pre == pytest.approx(alone.source.pair(), abs=1e-5)
+    assert case.post == pytest.approx(alone.base.pair(), abs=1e-5)
+    for j, name in enumerate(named):
+        assert case.variants[name] == pytest.approx(alone.patched.pair(j), abs=1e-5), name
+    assert case.recovery("mlp_out_all") == pytest.approx(1.0, abs=1e-3)  # the edit is in an MLP weight
+    assert case.recovery("none") == pytest.approx(0.0, abs=1e-6)
+    # top heads: ranked by this record's mean drift of the last token's attention to the subject's last token
+    drift = []
+    for c in cases:
+        subject_last = key_positions(model, c)["subject_last"]
+        before = record_activations(model, c, [Patch("pattern", 1)])
+        with push_subject(model, EIFFEL.rewrite):
+            after = record_activations(model, c, [Patch("pattern", 1)])
+        q = int(before.batch.prompt_lengths[0]) - 1
+        name = "blocks.1.attn.hook_pattern"
+        drift.append(after.cache[name][0, :, q, subject_last] - before.cache[name][0, :, q, subject_last])
+    mean = torch.stack(drift).mean(0)
+    assert [h for l, h, _ in result.top_heads] == mean.argsort(descending=True)[:2].tolist()
+    assert all(l == 1 for l, _, _ in result.top_heads)
+    # sweep: the first prompt only; restoring layer 0's MLP output undoes the whole edit
+    (sweep,) = result.sweeps
+    rec, windows = sweep.recovery()
+    assert rec.shape == (model.cfg.n_layers, len(SWEEP_COMPONENTS)) and windows.shape == (model.cfg.n_layers,)
+    assert float(rec[0, SWEEP_COMPONENTS.index("mlp_out")]) == pytest.approx(1.0, abs=1e-3)
+    assert sweep.window_labels == window_grid(model, "pattern", 2).labels[0]
+    # contamination: the unedited model (pre) with the edited model's (post) outputs substituted
+    (cont,) = result.contamination
+    assert cont.labels == ("subject_last", "target_new_last", "last") and cont.tokens[0].strip() == "Tower"
+    assert set(cont.components) == set(CONTAMINATION_COMPONENTS)
+    assert cont.pre == pytest.approx(result.cases[0].pre, abs=1e-6)
+    assert cont.post == pytest.approx(result.cases[0].post, abs=1e-6)
+    lp_true = cont.components["mlp_out"][0]
+    assert lp_true.shape == (3, model.cfg.n_layers)
+    assert edited.scores.lp_true[0].item() == pytest.approx(cont.post[0], abs=1e-5)
+    assert cont.p_true_drop("attn_out").shape == (3, model.cfg.n_layers)
+    damage = cont.damage("mlp_out")
+    lo = lp_true - cont.components["mlp_out"][1]
+    expected = (lo - (cont.pre[0] - cont.pre[1])) / ((cont.post[0] - cont.post[1]) - (cont.pre[0] - cont.pre[1]))
+    torch.testing.assert_close(damage, expected)
+    line = json.loads(json.dumps(result.to_line()))
+    assert set(line) == {"case_id", "kind", "subject", "target_new", "cases", "sweeps", "contamination",
+                         "edit_seconds", "head_source", "top_heads"}
+
+
+def test_patch_record_extra_variants_given_heads_and_own_cases(tiny_llama):
+    edits = Edits(tiny_llama)
+    seen = []
+
+    def extra(ranking):
+        seen.append(list(ranking))
+        return {"first head": Patch("pattern", ranking[0][0], ranking[0][1]), "mlp 0": Patch("mlp_out", 0)}
+
+    cases = [PatchCase.distract(EIFFEL.rewrite, "The Louvre is in", "Paris")]
+    result = patch_record(tiny_llama, EIFFEL, edits, k=1, heads=[(1, 3), (0, 2)], variants=extra, cases=cases,
+                          sweep_prompts=0, contamination_prompts=0)
+    assert seen == [[(1, 3), (0, 2)]] and result.head_source == "given"
+    assert [t[:2] for t in result.top_heads] == [(1, 3)]
+    (case,) = result.cases
+    assert case.prompt == cases[0].prompt and list(case.variants)[-2:] == ["first head", "mlp 0"]
+    assert case.variants["mlp 0"] == pytest.approx(case.pre, abs=1e-5)  # the edit is in layer 0's MLP
+    assert case.variants["first head"] == pytest.approx(case.variants["attn_pattern_topk"], abs=1e-6)
+    assert result.sweeps == () and result.contamination == ()
+    seen.clear()
+    ranked = patch_record(tiny_llama, EIFFEL, edits, k=2, variants=extra, sweep_prompts=0, contamination_prompts=0)
+    (ranking,) = seen  # without heads: every head, most drifting first
+    assert len(ranking) == tiny_llama.cfg.n_layers * tiny_llama.cfg.n_heads
+    assert ranking[:2] == [(l, h) for l, h, _ in ranked.top_heads]
+    assert [d for _, _, d in ranked.top_heads] == sorted((d for _, _, d in ranked.top_heads), reverse=True)
+    with pytest.raises(PatchingError, match="reuse names"):
+        patch_record(tiny_llama, EIFFEL, edits, variants={"none": ()}, sweep_prompts=0, contamination_prompts=0)
+
+
+def test_patch_record_bad_input_fails_before_editing(tiny_llama):
+    edits = Edits(tiny_llama)
+    for options, message in [({"k": 0}, "k must be"), ({"contamination_positions": "some"}, "'key' or 'all'"),
+                             ({"window": 0}, "window must be"), ({"sweep_prompts": -1}, ">= 0"),
+                             ({"cases": [PatchCase("The Louvre is in", "Paris", "Rome")]}, "needs its rewrite")]:
+        with pytest.raises(PatchingError, match=message):
+            patch_record(tiny_llama, EIFFEL, edits, **options)
+    assert patch_record(tiny_llama, OBAMA, edits) is None  # no neighbourhood prompts
+    assert edits.entered == []
+    assert topk_variant([]) == () and "attn_pattern_topk" not in summary_variants(tiny_llama, [])
 
 
 @contextlib.contextmanager
