@@ -29,15 +29,12 @@ Run-file lines are :meth:`attention_drift.drift.RecordDrift.to_line` and
 prompts: ``{"case_id", "kind", "samples" or "cases": [], "skipped": "no prompts", "method"}``).
 """
 
-import contextlib
-import dataclasses
 import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import einops
 import numpy as np
 import torch
 
@@ -65,6 +62,9 @@ from attention_drift.stats import proportion
 DRIFT_FORMAT = "attention_drift.analysis.drift/1"
 PATCH_FORMAT = "attention_drift.analysis.patch/1"
 DRIFT_GROUPS = DEFAULT_GROUPS
+CAPTURE_TOP_K = 6
+"""Heads per record whose full patterns a drift run keeps for the explorer: the record's own
+most drifting ones (6 keeps a 100-record page near 3-4 MB)."""
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -107,71 +107,6 @@ def _lines_of(run_path: Path, records: Sequence[Record]) -> list[dict]:
 
 
 # =============================================================================================
-# edit cache
-
-
-class EditCache:
-    """An editor factory that remembers each record's weight change and replays it.
-
-    The first edit of a record runs ``factory(record)`` (e.g. ROME) and stores
-    ``result.deltas`` (``{"blocks.L.mlp.out.weight": new - original}``) in memory and, with
-    ``folder``, as ``folder/<case_id>.pt``; later edits of that record (in this process or, from
-    the folder, in another command) add the stored deltas to the weights and restore the exact
-    originals on exit, without optimising again. The folder belongs to one model, method and
-    edit configuration: keep one per setting (the commands key it by their options).
-    """
-
-    def __init__(self, model, factory: EditFactory, folder=None):
-        self.model, self.factory = model, factory
-        self.folder = None if folder is None else Path(folder)
-        self.deltas: dict[str, dict[str, torch.Tensor]] = {}
-        self.hits = 0
-
-    def _path(self, record: Record) -> Path | None:
-        if self.folder is None:
-            return None
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(record.case_id))
-        return self.folder / f"{name}.pt"
-
-    def _stored(self, record: Record) -> dict | None:
-        key = json.dumps(record.case_id)
-        if key not in self.deltas:
-            path = self._path(record)
-            if path is not None and path.is_file():
-                self.deltas[key] = torch.load(path)
-        return self.deltas.get(key)
-
-    @contextlib.contextmanager
-    def __call__(self, record: Record):
-        from attention_drift.models import mlp_out_weight
-
-        stored = self._stored(record)
-        if stored is None:
-            with self.factory(record) as result:
-                deltas = {n: d.detach().cpu().clone() for n, d in getattr(result, "deltas", {}).items()}
-                if deltas:
-                    self.deltas[json.dumps(record.case_id)] = deltas
-                    path = self._path(record)
-                    if path is not None:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        torch.save(deltas, path)
-                yield result
-            return
-        self.hits += 1
-        params = {n: mlp_out_weight(self.model, int(n.split(".")[1])) for n in stored}
-        originals = {n: p.detach().clone() for n, p in params.items()}
-        try:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.add_(stored[n].to(p.device, p.dtype))
-            yield None
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(originals[n])
-
-
-# =============================================================================================
 # drift
 
 
@@ -205,7 +140,7 @@ def drift_markdown(result: dict, title: str = "") -> str:
     return "\n".join(rows)
 
 
-def _drift_figures(result: dict, out: Path, patterns: dict | None, png: bool, n_view: int = 6) -> list[str]:
+def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:
     from attention_drift import plots
 
     written = []
@@ -228,90 +163,64 @@ def _drift_figures(result: dict, out: Path, patterns: dict | None, png: bool, n_
             xlabel="max over heads of the drift to the subject's last token",
             ylabel="log-odds(true vs new) drop")
         written += _save_figure(fig, out / "drift_vs_failure", png)
-    if patterns is not None:
-        written.append(str(_heads_view(patterns, result["top_heads"][:n_view], out / "heads_before_after.html")))
     return written
 
 
-def _heads_view(patterns: dict, top: list[dict], path: Path) -> Path:
-    """circuitsvis before / after / difference panels of the top heads on one prompt."""
-    from circuitsvis.attention import attention_heads
+def _prompt_patterns(model, record: Record, capture: HeadCapture) -> dict[int, dict]:
+    """A record's captured patterns in the explorer's schema (:class:`attention_drift.explorer.PromptPatterns`)."""
+    from attention_drift.regions import Regions
 
-    from attention_drift import viz
-
-    picks = [(t["layer"], t["head"]) for t in top]
-    names = [f"L{l}H{h}" for l, h in picks]
-    b = torch.stack([patterns["before"][l, h] for l, h in picks])
-    a = torch.stack([patterns["after"][l, h] for l, h in picks])
-    diff = a - b
-    m = float(diff.abs().max()) or 1.0
-    toks = list(patterns["tokens"])
-    panels = (
-        ("before the edit", attention_heads(b, toks, attention_head_names=names, min_value=0.0, max_value=1.0)),
-        ("after the edit", attention_heads(a, toks, attention_head_names=names, min_value=0.0, max_value=1.0)),
-        (f"after − before (±{m:.3g})", attention_heads(diff, toks, attention_head_names=names,
-                                                       min_value=-m, max_value=m)),
-    )
-    view = viz.AttentionView(f"Top drifting heads on: {patterns['prompt']}", panels, side_by_side=True)
-    return viz.save_html(view, path)
-
-
-def _view_patterns(capture: HeadCapture, n_layers: int) -> dict:
-    """The first prompt of an all-heads capture as ``{"prompt", "tokens", "before", "after"}``
-    with ``[layer, head, query, key]`` float32 patterns (what :func:`_heads_view` draws)."""
-    def grid(p: torch.Tensor) -> torch.Tensor:
-        return einops.rearrange(p.float(), "(layer head) q k -> layer head q k", layer=n_layers)
-
-    return {"prompt": capture.prompts[0], "tokens": list(capture.tokens[0]),
-            "before": grid(capture.before[0]), "after": grid(capture.after[0])}
+    out = {}
+    for i, prompt in enumerate(capture.prompts):
+        subject = Regions.of(model, record.rewrite, prompt).subject
+        out[i] = {"tokens": capture.tokens[i], "query": len(capture.tokens[i]) - 1, "subject_last": subject[1],
+                  "heads": {head: (capture.before[i][j].float().numpy(), capture.after[i][j].float().numpy())
+                            for j, head in enumerate(capture.heads)}}
+    return out
 
 
 def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, out_dir, meta: dict, *,
               groups: Sequence[str] = DRIFT_GROUPS, top_k: int = 10, method: str = "edit",
               progress: bool = False, figures: bool = True,
-              capture_heads: Sequence[tuple[int, int]] | int | str | None = None) -> dict:
+              capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K) -> dict:
     """Measure drift record by record (:func:`~attention_drift.drift.drift_record`, resumable in
-    ``out_dir/drift_records.jsonl``), then write ``drift.json`` and the figures; returns the
-    ``drift.json`` content plus ``"markdown"`` (and ``"figures"``).
+    ``out_dir/drift_records.jsonl``), then write ``drift.json``, the figures and the drift
+    explorer (``explorer.html``); returns the ``drift.json`` content plus ``"markdown"`` (and
+    ``"figures"``).
 
-    ``capture_heads`` (see :func:`~attention_drift.drift.drift_record`) also writes each record's
-    captured attention patterns into its line (``"capture"``). The figures' before / after view
-    of the top heads uses the first prompt of the first record measured into this folder (its
-    patterns of every head, from the same forward passes, kept in ``heads_patterns.pt``).
+    ``capture_heads`` (see :func:`~attention_drift.drift.drift_record`; default: each record's
+    :data:`CAPTURE_TOP_K` most drifting heads) picks the heads whose full attention patterns
+    before / inside the edit are kept, from the measurement's own forward passes, in
+    ``out_dir/drift_patterns.jsonl`` for the explorer's per-head panels.
     """
+    from attention_drift import explorer
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_path = out / "drift_records.jsonl"
-    pattern_path = out / "heads_patterns.pt"
+    run_path = out / explorer.RUN_FILE
     meta = {"format": DRIFT_FORMAT, **meta, "groups": list(groups)}
-    if capture_heads is not None:
-        meta["capture_heads"] = (capture_heads if isinstance(capture_heads, (int, str))
-                                 else [list(h) for h in capture_heads])
-    with RunFile(run_path, meta) as run:
+    capture_meta = capture_heads if isinstance(capture_heads, (int, str)) else [list(h) for h in capture_heads]
+    with RunFile(run_path, meta) as run, \
+            RunFile(out / explorer.PATTERNS_FILE, {**meta, "format": explorer.PATTERNS_FORMAT,
+                                                   "capture_heads": capture_meta}) as patterns:
         todo = [r for r in records if not run.done(r.case_id, method)]
         for record in _progress(todo, "drift", progress):
-            view = not pattern_path.exists()
-            result = drift_record(model, record, edit_fn_factory, groups,
-                                  capture_heads="all" if view else capture_heads)
+            result = drift_record(model, record, edit_fn_factory, groups, capture_heads=capture_heads)
             if result is None:
                 run.write({"case_id": record.case_id, "kind": record.kind, "samples": [], "skipped": "no prompts",
                            "method": method})
                 continue
-            if view:
-                torch.save(_view_patterns(result.capture, model.cfg.n_layers), pattern_path)
-                if capture_heads is None:
-                    result = dataclasses.replace(result, capture=None)
-                elif capture_heads != "all":
-                    wanted = ([(l, h) for l, h, _ in result.top_heads(capture_heads)]
-                              if isinstance(capture_heads, int) else capture_heads)
-                    result = dataclasses.replace(result, capture=result.capture.select(wanted))
-            run.write({**result.to_line(capture=capture_heads is not None), "method": method})
+            if not patterns.done(record.case_id, method):
+                patterns.write(explorer.patterns_line(record.case_id, _prompt_patterns(model, record, result.capture),
+                                                      method))
+            run.write({**result.to_line(), "method": method})
     result = drift_from_lines(_lines_of(run_path, records), groups, top_k=top_k)
     result["meta"] = meta
     (out / "drift.json").write_text(json.dumps(result, indent=1))
     if figures:
-        patterns = torch.load(pattern_path) if pattern_path.exists() else None
-        result["figures"] = _drift_figures(result, out, patterns, _png_ok())
+        result["figures"] = _drift_figures(result, out, _png_ok())
+        page = explorer.ExplorerData.from_run(out, title=f"Attention drift · {meta.get('model')} · {method}")
+        result["figures"].append(str(explorer.write_explorer(out / "explorer.html", page)))
     result["markdown"] = drift_markdown(result, f"{meta.get('model')} · {method}")
     return result
 

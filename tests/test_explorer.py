@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from attention_drift.drift import drift_record
 import torch
 
 from attention_drift import analysis, explorer, viz
@@ -231,11 +233,11 @@ def test_a_100_record_run_stays_a_few_megabytes(tmp_path):
 
 
 def test_real_drift_lines_and_patterns_of_a_tiny_model(tiny_llama):
-    """Lines of analysis.drift_record and patterns read with viz.head_patterns inside the same
+    """Lines of drift.drift_record and patterns read with viz.head_patterns inside the same
     edit agree on the measured cell (prediction row -> subject's last token)."""
     record = next(r for r in load_example() if r.kind == "counterfact")
     edit = lambda r: push_subject(tiny_llama, r.rewrite)  # noqa: E731
-    line = analysis.drift_record(tiny_llama, record, edit)
+    line = drift_record(tiny_llama, record, edit).to_line()
     run = ExplorerRun.from_lines([{"meta": {"model": "tiny", "method": "handmade"}}, {**line, "method": "handmade"}])
     heads = run.top_heads(2)
     prompts, _, _ = record_prompts(record, analysis.DRIFT_GROUPS)

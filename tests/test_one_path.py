@@ -2,9 +2,9 @@
 
 ``attention-drift drift`` / ``patch`` on a saved tiny Llama folder, with a real ROME edit, against
 :func:`~attention_drift.drift.drift_record` / :func:`~attention_drift.patching.patch_record` (and
-:func:`~attention_drift.drift.dataset_drift`) on the same folder loaded in this process. The tiny
-model has no ROME preset, so ``attention_drift.editing.edit`` gets a fixed small configuration
-for both paths (statistics from 32 sampled texts, in a private cache).
+:func:`~attention_drift.drift.dataset_drift`) on the same folder loaded in this process.
+``attention_drift.editing.edit`` gets one fixed small configuration on both paths (statistics
+from 32 sampled texts, in a private cache) in place of the tiny model's preset.
 """
 
 import json
@@ -29,7 +29,7 @@ def folder():
 
 @pytest.fixture
 def rome(monkeypatch, tmp_path):
-    """``editing.edit`` with the tiny model's ROME configuration (the command passes config=None)."""
+    """``editing.edit`` with one fixed ROME configuration, whatever the caller resolved."""
     monkeypatch.setenv("ATTENTION_DRIFT_CACHE", str(tmp_path / "cache"))
     tiny = ROMEConfig(layer=0, steps=6, context_templates=((4, 2),), weight_decay=0.0,
                       stats=StatsConfig(corpus="model", n_samples=32, seq_len=24))
@@ -38,7 +38,7 @@ def rome(monkeypatch, tmp_path):
 
     def edit(model, requests, method="rome", config=None, sadr=None, **kwargs):
         calls.append(method)
-        return real(model, requests, method, config or tiny, sadr, **kwargs)
+        return real(model, requests, method, tiny, sadr, **kwargs)
 
     monkeypatch.setattr(editing, "edit", edit)
     return lambda model: (lambda record: real(model, record.rewrite, "rome", tiny)), calls
