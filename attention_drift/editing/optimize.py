@@ -280,8 +280,8 @@ class LayerRunner:
     ``[row, suffix position]`` (use :meth:`local` for positions) and attention patterns
     ``[row, head, suffix query, T cached keys + suffix keys]`` (:meth:`full_pattern` maps them
     back to ``[row, head, T, T]``). A check at construction compares the suffix run with the
-    reference; on a mismatch (or another attention type) the runner falls back to full rows
-    (``self.suffix`` is False).
+    reference (in bfloat16 / float16, to a few rounding units per position); on a mismatch (or
+    another attention type) the runner falls back to full rows (``self.suffix`` is False).
     """
 
     def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = (),
@@ -337,9 +337,12 @@ class LayerRunner:
             with torch.no_grad():
                 final, _ = self.run()
                 reference = saved[final_name][self.rows, self.pos]
-                tol = max(1e-3, 4 * torch.finfo(final.dtype).eps)
-                self.suffix = torch.allclose(final[self.valid].float(), reference[self.valid].float(),
-                                             atol=tol / 10, rtol=tol)
+                final, reference = final[self.valid].float(), reference[self.valid].float()
+                if self.resid.dtype in (torch.float32, torch.float64):
+                    self.suffix = torch.allclose(final, reference, atol=1e-4, rtol=1e-3)
+                else:  # bfloat16 / float16: rounding differs with the batch layout; bugs give O(1) errors
+                    error = (final - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)
+                    self.suffix = bool(error.max() <= 8 * torch.finfo(self.resid.dtype).eps)
 
     @property
     def logits(self) -> Tensor:
