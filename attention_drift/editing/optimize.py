@@ -17,8 +17,8 @@ radius ``clamp_norm_factor * ||init||``, ``init`` being the site's value at row 
 
 Speed: nothing below ``layer`` depends on the deltas, so one reference forward (no grad,
 stopped before the final norm: no logits) records the residual entering block ``layer`` and
-the keyword arguments HF passes to every later block (attention masks, rotary embeddings, per layer so sliding-window layers keep
-theirs); each step then runs only blocks ``layer..`` through the bridge (their hooks fire)
+the keyword arguments HF passes to every later block (attention masks, rotary embeddings,
+per layer so sliding-window layers keep theirs); each step then runs only blocks ``layer..`` through the bridge (their hooks fire)
 and computes logits only at the target positions and at the essence row's subject token
 (final norm and unembedding applied to those rows alone), instead of full-vocabulary
 logits at every position. On rotary-attention models the steps also skip every position
@@ -268,8 +268,8 @@ class LayerRunner:
 
     A reference forward (no grad; it stops at the final norm, so no logits are computed
     unless :attr:`logits` is read) records that residual and the arguments HF passes to
-    each later block; :meth:`run` then calls the blocks itself, so
-    hooks fire as usual, and returns the residual after ``upto``. Equal to the full
+    each later block; :meth:`run` then calls the blocks itself, so hooks fire as usual, and
+    returns the residual after ``upto``. Equal to the full
     forward (the tests compare the logits on tiny Llama and GPT-2 models).
 
     ``changes_from[row]``, when given, is the first position of each row that a change at
