@@ -68,3 +68,22 @@ def test_smollm2_knows_facts(smollm2):
     assert probs.max() > 0.5
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.n_heads == 9
     assert smollm2.cfg.default_prepend_bos is False
+
+
+def test_dtype_by_object_or_name_and_bad_dtypes_are_clear_errors():
+    assert models.resolve_dtype(torch.bfloat16) is torch.bfloat16
+    assert models.resolve_dtype("bf16") is torch.bfloat16 and models.resolve_dtype("torch.float16") is torch.float16
+    for bad in (torch.int8, "float8", torch.float64):
+        with pytest.raises(ModelLoadError, match="unsupported model dtype"):
+            models.resolve_dtype(bad)
+
+
+def test_bfloat16_model_holds_bfloat16_weights_and_close_logits():
+    full = models.tiny_model("llama")
+    half = models.tiny_model("llama", dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    batch = tokens.batch_prompts(full, ["The Eiffel Tower is in Paris"])
+    with torch.no_grad():
+        a, b = full(batch.input_ids), half(batch.input_ids).float()
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05 * a.abs().max()
+    assert torch.equal(half.blocks[0].mlp.out.weight, full.blocks[0].mlp.out.weight.to(torch.bfloat16))
