@@ -274,6 +274,8 @@ def register_sweep(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: %(default)s)")
     p.add_argument("--max-retries", type=int, default=2,
                    help="times a record whose worker died is tried again (default: %(default)s)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long (lines in flight are dropped; re-run to continue)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_sweep)
 
@@ -297,12 +299,13 @@ def run_sweep(args) -> int:
         args.model, tuple(with_stats_samples(table[n], args.stats_samples) for n in names), Path(args.out),
         selection_from_args(args), workers=args.workers, address=args.address, device=args.device,
         dtype=args.dtype, gpus_per_worker=args.gpus_per_worker, threads=args.threads, batch_size=args.batch_size,
-        fluency=fluency, max_retries=args.max_retries, progress=not args.no_progress)
+        fluency=fluency, max_retries=args.max_retries, deadline=args.deadline, progress=not args.no_progress)
     outcome = sweep(config)
     files = " ".join(str(config.path(v)) for v in config.variants)
-    print(f"{outcome.out}: {sum(outcome.written.values())} line(s) written, {sum(outcome.skipped.values())} already "
-          f"there, {outcome.retried} retried, {outcome.seconds:.0f} s; compare with: attention-drift compare {files}",
-          file=sys.stderr)
+    stopped = "" if outcome.complete else "stopped at the deadline (re-run to continue), "
+    print(f"{outcome.out}: {stopped}{sum(outcome.written.values())} line(s) written, "
+          f"{sum(outcome.skipped.values())} already there, {outcome.retried} retried, {outcome.seconds:.0f} s; "
+          f"compare with: attention-drift compare {files}", file=sys.stderr)
     return 0
 
 

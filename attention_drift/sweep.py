@@ -22,8 +22,8 @@ How the work is spread:
 * The driver is the only writer: actors return lines and the driver appends them with
   :class:`~attention_drift.jsonl.RunFile`, so a line is never written twice. A worker that dies
   is replaced and its record retried (at most ``max_retries`` times) on whichever worker is
-  free first. Interrupted sweeps (Ctrl-C, a kill, an error) resume when re-run: records in
-  the files are skipped.
+  free first. Interrupted sweeps (Ctrl-C, a kill, an error, the ``deadline``) resume when
+  re-run: records in the files are skipped.
 """
 
 import json
@@ -72,6 +72,8 @@ class SweepConfig:
         fluency: a :class:`~attention_drift.evaluate.FluencyConfig` to also score
             generations, or None.
         max_retries: how often a record whose worker died is tried again.
+        deadline: seconds after which the sweep stops, dropping the lines in flight (a re-run
+            continues); None: no limit.
         progress: one progress bar on stderr.
     """
 
@@ -88,6 +90,7 @@ class SweepConfig:
     batch_size: int = 32
     fluency: Any = None
     max_retries: int = 2
+    deadline: float | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -103,6 +106,8 @@ class SweepConfig:
                 raise SweepError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise SweepError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if self.deadline is not None and self.deadline <= 0:
+            raise SweepError(f"--deadline must be > 0 seconds, got {self.deadline}")
         if self.gpus_per_worker is not None:
             if self.gpus_per_worker < 0:
                 raise SweepError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
@@ -123,6 +128,7 @@ class SweepOutcome:
         skipped: lines already in the files, per variant name.
         retried: tasks run again because their worker died.
         seconds: wall time of the whole sweep.
+        complete: False when the deadline stopped it before every line was written.
     """
 
     out: Path
@@ -130,6 +136,7 @@ class SweepOutcome:
     skipped: dict[str, int]
     retried: int
     seconds: float
+    complete: bool = True
 
 
 class SweepWorker:
@@ -371,17 +378,19 @@ def run_sweep(config: SweepConfig, *, worker_class: type = SweepWorker,
         skipped = {v.name: sum(files[v.name].done(r.case_id, v.method) for r in records) for v in config.variants}
         written = dict.fromkeys(files, 0)
         plan = _Plan(records, config.variants, files, _known_pre(config, metas))
-        retried = 0
+        retried, complete = 0, True
         if plan.lines:
+            stop_at = None if config.deadline is None else start + config.deadline
             with ray_session(config.workers, config.address) as ray:
-                retried = _drive(ray, config, plan, files, written, worker_class, on_line)
-    return SweepOutcome(out, written, skipped, retried, time.perf_counter() - start)
+                retried, complete = _drive(ray, config, plan, files, written, worker_class, on_line, stop_at)
+    return SweepOutcome(out, written, skipped, retried, time.perf_counter() - start, complete)
 
 
 def _drive(ray, config: SweepConfig, plan: _Plan, files: dict, written: dict, worker_class: type,
-           on_line: Callable[[str, dict], None] | None) -> int:
+           on_line: Callable[[str, dict], None] | None, stop_at: float | None) -> tuple[int, bool]:
     """The scheduling loop: hand tasks to idle workers, write what comes back, replace workers
-    that die. Returns how many tasks were retried."""
+    that die, stop at ``stop_at`` (a ``time.perf_counter()``). Returns (tasks retried, whether
+    every task was done)."""
     from tqdm.auto import tqdm
 
     gpus = _gpus(config, ray)
@@ -413,6 +422,8 @@ def _drive(ray, config: SweepConfig, plan: _Plan, files: dict, written: dict, wo
                 inflight[ref] = (actor, task)
             if not inflight:
                 break
+            if stop_at is not None and time.perf_counter() > stop_at:
+                return retried, False
             done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             if not done:
                 continue
@@ -455,4 +466,4 @@ def _drive(ray, config: SweepConfig, plan: _Plan, files: dict, written: dict, wo
             ray.kill(actor)
         for actor in idle:
             ray.kill(actor)
-    return retried
+    return retried, True

@@ -178,6 +178,14 @@ def test_cuda_without_a_gpu_in_the_cluster_is_refused(tiny_folder, local_ray, tm
     assert not (tmp_path / "none.jsonl").exists()
 
 
+def test_the_deadline_stops_the_sweep(tiny_folder, local_ray, tmp_path):
+    config = SweepConfig(tiny_folder, (VARIANTS["none"],), tmp_path, RecordSelection(limit=2), progress=False,
+                         deadline=1e-6)
+    outcome = run_sweep(config)
+    assert not outcome.complete and outcome.written == {"none": 0}
+    assert not (tmp_path / "none.jsonl").exists()
+
+
 class _Done:
     def __init__(self, done=()):
         self.ids = set(done)
