@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from attention_drift.errors import AttentionDriftError
-from attention_drift.runs import RecordSelection, ModelHandle, RunError, check_writable, evaluate_record_line, run_meta
+from attention_drift.runs import ModelHandle, RecordSelection, RunError, check_writable, evaluate_record_line, run_meta
 from attention_drift.variants import NONE, Variant
 
 FORWARDED_ENV = ("ATTENTION_DRIFT_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -320,18 +320,21 @@ def _import_ray():
 @contextmanager
 def ray_session(workers: int, address: str | None = None) -> Iterator[Any]:
     """Ray for a sweep: the one already initialised in this process, else a cluster joined at
-    ``address``, else a local Ray with ``workers`` CPUs (shut down on exit when started here)."""
+    ``address`` (``"auto"``: the one running on this machine), else a new local Ray with
+    ``workers`` CPUs (shut down on exit when started here)."""
     import logging
 
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
         options = {"logging_level": logging.WARNING, "include_dashboard": False}
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, **options)
-            else:
-                ray.init(num_cpus=workers, **options)
+            else:  # a new local Ray even where one runs already (--address auto joins that one)
+                ray.init(address="local", num_cpus=workers, **options)
         except ConnectionError as err:
             raise SweepError(f"cannot join the Ray cluster at --address {address!r}: {err}; start it with "
                              "'ray start --head' or leave --address out for a local Ray") from None
@@ -340,6 +343,21 @@ def ray_session(workers: int, address: str | None = None) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once where nothing listens at a ``HOST:PORT`` address (Ray would retry for minutes)."""
+    import re
+    import socket
+
+    match = re.fullmatch(r"([\w.-]+):(\d+)", address)
+    if match is None:
+        return
+    try:
+        socket.create_connection((match.group(1), int(match.group(2))), timeout=5).close()
+    except OSError as err:
+        raise SweepError(f"nothing answers at --address {address} ({err.strerror or err}); start the cluster with "
+                         "'ray start --head', or leave --address out for a local Ray") from None
 
 
 def _gpus(config: SweepConfig, ray) -> float:

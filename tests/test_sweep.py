@@ -7,6 +7,7 @@ import logging
 import os
 
 import pytest
+import ray
 import torch
 
 from attention_drift import cli, runs
@@ -15,7 +16,6 @@ from attention_drift.runs import ModelHandle, RecordSelection
 from attention_drift.sweep import SweepConfig, SweepError, SweepWorker, _Plan, run_sweep
 from attention_drift.variants import Variant, paper_variants
 
-ray = pytest.importorskip("ray")
 VARIANTS = paper_variants()
 TIMINGS = ("edit_seconds", "eval_seconds")
 
@@ -229,3 +229,11 @@ def test_config_checks():
         SweepConfig("m", (), "out")
     with pytest.raises(SweepError, match="max-retries"):
         SweepConfig("m", (Variant("none"),), "out", max_retries=-1)
+
+
+def test_an_address_where_nothing_listens_fails_at_once():
+    from attention_drift.sweep import _check_reachable
+
+    with pytest.raises(SweepError, match="nothing answers at --address 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1")
+    _check_reachable("auto")  # Ray itself says when no cluster runs
