@@ -5,6 +5,7 @@ Commands::
     attention-drift evaluate --model NAME --data PATH|dev --method none|rome|memit|pmet [--sadr ...]
                              [--limit N] [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32] [--shard I/K] [--reuse-pre FILE.jsonl]
+    attention-drift sweep --variants rome,rome-sadr --out DIR [--workers N] [--address ADDR] ...   (Ray)
     attention-drift summarize FILE.jsonl [--json] [--per-record]
     attention-drift compare FILE.jsonl ... [--json] [--all-records]
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
@@ -235,6 +236,78 @@ def run_evaluate(args) -> int:
                                 fluency=fluency, reuse_pre=args.reuse_pre, progress=not args.no_progress)
     print(f"{out}: {outcome.written} record(s) written, {outcome.skipped} already there; "
           f"summarize with: attention-drift summarize {out}", file=sys.stderr)
+    return 0
+
+
+# --- sweep ----------------------------------------------------------------------------------
+
+def register_sweep(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="records x variants on Ray workers; one resumable run file per variant",
+        description="Evaluate every selected record under every variant as Ray tasks (workers keep the model "
+        "loaded; statistics computed once; pre-edit scores computed once per record and shared) into "
+        "OUT/<variant>.jsonl, the run files of 'evaluate' that 'compare' reads. A worker that dies has its "
+        "record retried on another. Resumable: re-run the same command.")
+    p.add_argument("--variants", required=True,
+                   help="comma-separated variants of attention_drift.variants.paper_variants, e.g. "
+                   "none,rome,rome-sadr")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="offline name (see 'attention-drift models'), local HF folder, .gguf file or hub name "
+                   "(default: %(default)s)")
+    add_record_arguments(p)
+    p.add_argument("--out", required=True, help="folder of the run files <variant>.jsonl")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own model (default: 1)")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. auto, or HOST:6379) instead of starting a local Ray")
+    p.add_argument("--device", default="cpu", help="the workers' torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPU share per worker, e.g. 0.0625 for 16 workers on one GPU (default with --device cuda: "
+                   "the cluster's GPUs split evenly over the workers)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights' dtype; edit maths stays float32 (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
+    p.add_argument("--stats-samples", type=int, default=None,
+                   help="covariance statistics sample count (default: the model preset's)")
+    p.add_argument("--fluency", action="store_true", help="also sample generations and score n-gram entropy")
+    p.add_argument("--fluency-length", type=int, default=100,
+                   help="tokens per generation, prompt included (default: %(default)s)")
+    p.add_argument("--fluency-per-prompt", type=int, default=1,
+                   help="generations per generation prompt (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="times a record whose worker died is tried again (default: %(default)s)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long (lines in flight are dropped; re-run to continue)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=run_sweep)
+
+
+def run_sweep(args) -> int:
+    from attention_drift.sweep import SweepConfig, run_sweep as sweep
+    from attention_drift.variants import paper_variants, with_stats_samples
+
+    table = paper_variants()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise CliError(f"unknown variant {unknown[0]!r}; choose from {', '.join(table)}" if unknown
+                       else "--variants is empty; give e.g. none,rome")
+    fluency = None
+    if args.fluency:
+        from attention_drift.evaluate import FluencyConfig
+
+        fluency = FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
+    config = SweepConfig(
+        args.model, tuple(with_stats_samples(table[n], args.stats_samples) for n in names), Path(args.out),
+        selection_from_args(args), workers=args.workers, address=args.address, device=args.device,
+        dtype=args.dtype, gpus_per_worker=args.gpus_per_worker, threads=args.threads, batch_size=args.batch_size,
+        fluency=fluency, max_retries=args.max_retries, deadline=args.deadline, progress=not args.no_progress)
+    outcome = sweep(config)
+    files = " ".join(str(config.path(v)) for v in config.variants)
+    stopped = "" if outcome.complete else "stopped at the deadline (re-run to continue), "
+    print(f"{outcome.out}: {stopped}{sum(outcome.written.values())} line(s) written, "
+          f"{sum(outcome.skipped.values())} already there, {outcome.retried} retried, {outcome.seconds:.0f} s; "
+          f"compare with: attention-drift compare {files}", file=sys.stderr)
     return 0
 
 
@@ -516,8 +589,9 @@ def run_demo(args) -> int:
 
 # --- entry point ----------------------------------------------------------------------------
 
-COMMANDS: list[Callable] = [register_evaluate, register_summarize, register_compare, register_merge,
-                            register_drift, register_patch, register_explore, register_figures, register_models, register_demo]
+COMMANDS: list[Callable] = [register_evaluate, register_sweep, register_summarize, register_compare,
+                            register_merge, register_drift, register_patch, register_explore, register_figures,
+                            register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

@@ -229,7 +229,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
         if todo:
             model = handle.get()
             resolved = variant.resolve(model)
-            key = _edit_key(model, variant, resolved)
+            key = edit_key(model, variant, resolved)
             if out.exists():
                 old = {line.get("edit_key") for line in read_run(out).records} - {None, key}
                 if old:
@@ -245,7 +245,9 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
     return RunOutcome(out, len(todo), len(records) - len(todo))
 
 
-def _edit_key(model, variant: Variant, resolved) -> str | None:
+def edit_key(model, variant: Variant, resolved) -> str | None:
+    """The run lines' ``edit_key``: :func:`attention_drift.editing.edit_key` of the resolved
+    configuration (None for ``"none"``)."""
     if not variant.edits:
         return None
     from attention_drift.editing import edit_key
