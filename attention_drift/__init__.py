@@ -27,7 +27,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_MODULES = {"analysis", "case_study", "data", "drift", "editing", "evaluate", "explorer", "figures", "hooks", "models",
+            "patching", "plots", "report", "runs", "sadr", "stats", "sweep", "variants", "viz"}
+
+
 def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"attention_drift.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'attention_drift' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"attention_drift.{_EXPORTS[name]}"), name)
@@ -36,4 +42,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | _MODULES)
