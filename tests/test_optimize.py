@@ -70,6 +70,16 @@ def test_progress_bar_over_steps_only_when_asked(tiny_llama, capsys):
     assert "optimising value" in err and "/3 " in err and solution.trace.steps_run == 3
 
 
+def test_apply_edit_passes_its_progress_flag_to_every_editor(tiny_llama, capsys):
+    from attention_drift.editing import EDITORS, apply_edit
+
+    for method in EDITORS:
+        apply_edit(tiny_llama, EIFFEL, method, progress=False).restore()
+        assert "optimising value" not in capsys.readouterr().err
+        apply_edit(tiny_llama, EIFFEL, method, progress=True).restore()
+        assert "optimising value" in capsys.readouterr().err, method
+
+
 def test_rome_edits_a_bfloat16_model_with_float32_maths():
     """On a bfloat16 model the delta, the losses and the covariance are float32 and the edit
     does what it does on the same weights in float32: the same delta (up to bfloat16 rounding

@@ -32,7 +32,7 @@ from attention_drift import tokens
 from attention_drift.data import Rewrite
 from attention_drift.editing.config import EditError, RequestError
 from attention_drift.editing.identity import FORMAT_VERSION, model_identity, resolved_key, weights_fingerprint
-from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace
+from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace, step_progress
 from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, get_editor, resolve_edit
 from attention_drift.hooks import mlp_weight_name
 from attention_drift.models import mlp_out_weight, on_model_device
@@ -261,7 +261,8 @@ def apply_edit(
 
     ROME applies several requests one after the other; MEMIT and PMET insert them as one
     batch. ``config``, ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics
-    are computed (once per model, layer and corpus; cached on disk). Works on whatever
+    are computed (once per model, layer and corpus; cached on disk) and over each value
+    optimisation's steps (a bar that clears when the edit is done). Works on whatever
     device the model is on.
     """
     with on_model_device(model):
@@ -300,7 +301,8 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
         updates.append((name, upd))
 
     try:
-        traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
+        with step_progress(progress):
+            traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
     except BaseException:
         with torch.no_grad():
             for name, param in params.items():

@@ -37,6 +37,8 @@ activations handed to extra terms are float32 whatever the model's dtype; a bflo
 float16 model runs its blocks in its own dtype (the delta is added to its activation there).
 """
 
+import contextlib
+import contextvars
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -456,6 +458,20 @@ def _none(request: Rewrite) -> tuple[str, ...]:
     return ()
 
 
+_STEP_PROGRESS = contextvars.ContextVar("attention_drift_step_progress", default=False)
+
+
+@contextlib.contextmanager
+def step_progress(enabled: bool):
+    """Inside the block, :func:`optimize_values` shows a bar over each value optimisation's steps
+    (how :func:`~attention_drift.editing.apply_edit` passes its ``progress`` to any editor)."""
+    token = _STEP_PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _STEP_PROGRESS.reset(token)
+
+
 def optimize_values(
     model,
     request: Rewrite,
@@ -467,11 +483,12 @@ def optimize_values(
     loss_layer: int | None = None,
     extra_losses: Sequence[ExtraLoss] = (),
     reference_names: Sequence[str] = (),
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> ValueSolution:
     """Optimise one delta per site (hook names in block ``layer``) for ``request``; see the module docstring.
 
-    ``progress`` shows a bar over the optimisation steps (with the current loss).
+    ``progress`` shows a bar over the optimisation steps (with the current loss); None: as the
+    enclosing :func:`step_progress` block says (``apply_edit``'s ``progress``), else no bar.
     """
     start_time = time.perf_counter()
     total = n_layers(model)
@@ -532,6 +549,8 @@ def optimize_values(
     kl_init = None
     nll_factor = objective.nll_factor
     hooks = [(s, inject(s)) for s in sites] + [(n, capture(n)) for n in live_names]
+    if progress is None:
+        progress = _STEP_PROGRESS.get()
     bar = tqdm(total=objective.steps, desc="optimising value", unit="step", disable=not progress, leave=False)
     with model.hooks(fwd_hooks=hooks), bar:
         for step in range(objective.steps):
