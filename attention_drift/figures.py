@@ -157,13 +157,20 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
     return found
 
 
-def _summaries(runs: dict[str, Path], names: Sequence[str], *, shared: bool) -> dict[str, dict]:
-    """``{"runs": {label: summary}, "paired": ...}`` of the named runs present (see :func:`report.compare`)."""
+def _summaries(runs: dict[str, Path], names: Sequence[str], *, shared: bool,
+               pairs: Sequence[tuple[str, str]] = ()) -> dict[str, dict]:
+    """``{"runs": {label: summary}, "paired": ...}`` of the named runs present, with the paired
+    tests of those ``pairs`` whose runs are both present (see :func:`report.compare`)."""
     from attention_drift.jsonl import read_run
     from attention_drift.report import compare
 
     present = [n for n in names if n in runs]
-    return compare({n: read_run(runs[n]) for n in present}, shared=shared) if present else {}
+    pairs = [(a, b) for a, b in pairs if a in present and b in present]
+    return compare({n: read_run(runs[n]) for n in present}, shared=shared, pairs=pairs) if present else {}
+
+
+def _against(base: str, names: Sequence[str]) -> list[tuple[str, str]]:
+    return [(base, n) for n in names if n != base]
 
 
 def _row(summary: dict, phase: str = "post") -> dict:
@@ -225,7 +232,8 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
 def _main_table(runs, out: Path, png: bool) -> dict:
     from attention_drift import plots
 
-    summaries = _summaries(runs, _main(), shared=False)
+    pairs = [(m, f"{m}-sadr") for m in _editors()]
+    summaries = _summaries(runs, _main(), shared=False, pairs=pairs)
     if not summaries:
         return {}
     numbers, md = _table(summaries)
@@ -233,7 +241,7 @@ def _main_table(runs, out: Path, png: bool) -> dict:
     fig = plots.metric_bars(bars, "Editors with and without SADR (95% CI)", metrics=list(SHOWN))
     result = {"numbers": numbers, "markdown": md, "files": _save(fig, out, "main_table", png)}
     if len(set(numbers["records"].values())) > 1:  # runs of unequal size: also the table on shared records
-        shared_numbers, shared_md = _table(_summaries(runs, _main(), shared=True))
+        shared_numbers, shared_md = _table(_summaries(runs, _main(), shared=True, pairs=pairs))
         result["shared"] = {"numbers": shared_numbers, "markdown": shared_md}
     return result
 
@@ -244,7 +252,7 @@ def _ablations(runs, out: Path, png: bool) -> dict:
     result: dict = {"files": []}
     sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
     if len(sweep) >= 2:
-        numbers, md = _table(_summaries(runs, list(sweep), shared=True))
+        numbers, md = _table(_summaries(runs, list(sweep), shared=True, pairs=_against("rome", list(sweep))))
         rows = numbers["rows"]
         names = [n for n in rows if n != "pre-edit"]
         xs = [sweep[n] for n in names]
@@ -259,7 +267,7 @@ def _ablations(runs, out: Path, png: bool) -> dict:
         present = [n for n in names if n in runs]
         if not set(present) - {"rome", "rome-sadr"}:
             continue
-        numbers, md = _table(_summaries(runs, present, shared=True))
+        numbers, md = _table(_summaries(runs, present, shared=True, pairs=_against("rome", present)))
         bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
         fig = plots.metric_bars(bars, f"SADR ablation: {family} (records all runs share)", metrics=list(SHOWN))
         result[family] = {"numbers": numbers, "markdown": md}

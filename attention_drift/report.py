@@ -218,22 +218,25 @@ def paired_difference(a: Run, b: Run, group: str) -> dict | None:
     return out
 
 
-def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = COMPARE_GROUPS) -> dict:
+def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = COMPARE_GROUPS,
+            pairs: Sequence[tuple[str, str]] | None = None) -> dict:
     """Several runs side by side: ``{"runs": {label: summary}, "paired": {"A -> B": {group: ...}}}``.
 
     With ``shared`` every summary is restricted to the case_ids all runs have. ``paired`` holds,
-    for every ordered pair of runs (first -> later), :func:`paired_difference` of each group
-    (post-edit scores; always on the shared records of that pair).
+    for each pair ``(A, B)`` of ``pairs`` (default: every ordered pair, first -> later),
+    :func:`paired_difference` of each group (post-edit scores; always on the shared records of
+    that pair).
     """
     keys = shared_records(runs) if shared else None
     restricted = {label: Run(run.meta, [line for line in run.records if keys is None or _key(line) in keys])
                   for label, run in runs.items()}
     labels = list(runs)
+    if pairs is None:
+        pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
     paired = {}
-    for i, first in enumerate(labels):
-        for second in labels[i + 1:]:
-            entry = {g: paired_difference(runs[first], runs[second], g) for g in groups}
-            paired[f"{first} -> {second}"] = {g: v for g, v in entry.items() if v is not None}
+    for first, second in pairs:
+        entry = {g: paired_difference(runs[first], runs[second], g) for g in groups}
+        paired[f"{first} -> {second}"] = {g: v for g, v in entry.items() if v is not None}
     return {"runs": {label: summary(run) for label, run in restricted.items()}, "paired": paired}
 
 
