@@ -338,8 +338,23 @@ def measure_drift(
 # One record
 
 
+class Outcome:
+    """``fails`` / ``flipped`` of a prompt scored before and inside an edit (its ``lp_true_before``,
+    ``lp_new_before``, ``lp_true_after``, ``lp_new_after``): the one definition of failure."""
+
+    @property
+    def fails(self) -> bool:
+        """The edited model prefers the new target (``lp_new > lp_true``, the paper's strict test)."""
+        return self.lp_new_after > self.lp_true_after
+
+    @property
+    def flipped(self) -> bool:
+        """It fails, and the unedited model did not."""
+        return self.fails and not self.lp_new_before > self.lp_true_before
+
+
 @dataclass(frozen=True)
-class DriftSample:
+class DriftSample(Outcome):
     """One scored prompt of a data-set run: its factors, scores before / inside the edit, and failure.
 
     ``fails``: the edited model prefers the new target (``lp_new > lp_true``); ``flipped``: it
@@ -356,14 +371,6 @@ class DriftSample:
     lp_new_before: float
     lp_true_after: float
     lp_new_after: float
-
-    @property
-    def fails(self) -> bool:
-        return self.lp_new_after > self.lp_true_after
-
-    @property
-    def flipped(self) -> bool:
-        return self.fails and not self.lp_new_before > self.lp_true_before
 
     @property
     def severity(self) -> dict[str, float]:

@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float
 
-from attention_drift.drift import pearson
+from attention_drift.drift import Outcome
+from attention_drift.stats import pearson
 from attention_drift.errors import AttentionDriftError
 from attention_drift.jsonl import Run, read_run
 
@@ -267,7 +268,7 @@ def sadr_selected(sadr_records: Sequence[Mapping], n_layers: int, n_heads: int) 
 
 
 @dataclass(frozen=True)
-class PromptRow:
+class PromptRow(Outcome):
     """One distract prompt of a drift run and its scores before / inside the edit.
 
     Args:
@@ -292,14 +293,6 @@ class PromptRow:
     lp_new_before: float
     lp_true_after: float
     lp_new_after: float
-
-    @property
-    def fails(self) -> bool:
-        return self.lp_new_after > self.lp_true_after
-
-    @property
-    def flipped(self) -> bool:
-        return self.fails and not self.lp_new_before > self.lp_true_before
 
 
 def _label(meta: Mapping) -> str:
@@ -409,7 +402,7 @@ class ExplorerRun:
     def head_metrics(self, threshold: float = 0.05) -> dict[str, Float[np.ndarray, "layer head"]]:
         """:data:`METRICS` per head over the run's prompts, as ``drift_report``'s head statistics
         (NaN prompts left out; NaN where a head has no valid prompt); the correlation is
-        :func:`attention_drift.drift.pearson` of the head's drift with failure (0 / 1)."""
+        :func:`attention_drift.stats.pearson` of the head's drift with failure (0 / 1)."""
         drift = self.drift
         valid = ~np.isnan(drift)
         count = valid.sum(0)
