@@ -48,6 +48,7 @@ from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
 from attention_drift.errors import AttentionDriftError
 from attention_drift.hooks import act_name
+from attention_drift.sadr import selection_frequency
 from attention_drift.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
 from attention_drift.scores import Scores
 from attention_drift.stats import (  # noqa: F401  (re-exported)
@@ -468,6 +469,8 @@ class RecordDrift:
         kl: KL(before || after) of the prediction rows.
         edit_seconds: the editor's own time (its result's ``seconds``, else the time to enter it).
         capture: full patterns of chosen heads (:func:`drift_record`'s ``capture_heads``).
+        sadr_selected: with a SADR edit, per head the fraction of steps x prompts SADR selected
+            it (:func:`attention_drift.sadr.selection_frequency`).
     """
 
     case_id: int | str
@@ -481,6 +484,7 @@ class RecordDrift:
     kl: Float[Tensor, "prompt layer head"]
     edit_seconds: float = math.nan
     capture: HeadCapture | None = None
+    sadr_selected: Float[Tensor, "layer head"] | None = None
 
     @property
     def delta_subject_last(self) -> Float[Tensor, "prompt layer head"]:
@@ -500,6 +504,8 @@ class RecordDrift:
             "heads": {k: getattr(self, k).tolist() for k in HEAD_KEYS},
             "edit_seconds": self.edit_seconds,
         }
+        if self.sadr_selected is not None:
+            line["sadr_selected"] = rounded(self.sadr_selected, 4).tolist()
         if capture and self.capture is not None:
             line["capture"] = self.capture.to_json()
         return line
@@ -513,7 +519,9 @@ class RecordDrift:
         capture = HeadCapture.from_json(line["capture"]) if "capture" in line else None
         return cls(line["case_id"], line.get("kind", ""), line.get("subject", ""), line.get("target_new", ""),
                    tuple(DriftSample.from_dict(s) for s in line["samples"]), **heads,
-                   edit_seconds=float(line.get("edit_seconds", math.nan)), capture=capture)
+                   edit_seconds=float(line.get("edit_seconds", math.nan)), capture=capture,
+                   sadr_selected=(None if line.get("sadr_selected") is None
+                                  else torch.tensor(line["sadr_selected"], dtype=torch.float64, device="cpu")))
 
 
 def _group_prompts(record: Record, group: str) -> tuple[list[str], list[str]]:
@@ -582,13 +590,14 @@ def drift_record(
     prompts, targets, names = record_prompts(record, groups)
     if not prompts:
         return None
-    seconds = {}
+    entered = {}
 
     @contextlib.contextmanager
     def edited():
         start = time.perf_counter()
         with edit_fn_factory(record) as result:
-            seconds["edit"] = float(getattr(result, "seconds", time.perf_counter() - start))
+            entered["edit"] = float(getattr(result, "seconds", time.perf_counter() - start))
+            entered["sadr"] = [r for r in getattr(result, "sadr_records", None) or [] if r.get("mask")]
             yield result
 
     drift = measure_drift(model, record.rewrite, prompts, edited, targets, capture=capture_heads is not None)
@@ -603,7 +612,9 @@ def drift_record(
     subject_before, subject_after = drift.mass("subject")
     result = RecordDrift(record.case_id, record.kind, record.rewrite.subject, record.rewrite.target_new, samples,
                          rounded(before), rounded(after), rounded(subject_after - subject_before), rounded(drift.kl()),
-                         seconds.get("edit", math.nan))
+                         entered.get("edit", math.nan),
+                         sadr_selected=(selection_frequency(entered["sadr"], model.cfg.n_layers, model.cfg.n_heads)
+                                        if entered.get("sadr") else None))
     if capture_heads is None:
         return result
     if capture_heads == "all":

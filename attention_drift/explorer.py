@@ -45,6 +45,7 @@ import numpy as np
 from jaxtyping import Float
 
 from attention_drift.drift import Outcome
+from attention_drift.sadr import selection_frequency
 from attention_drift.stats import pearson
 from attention_drift.errors import AttentionDriftError
 from attention_drift.jsonl import Run, read_run
@@ -244,23 +245,10 @@ def read_patterns(path: str | os.PathLike, method: str | None = None) -> dict[tu
 
 
 def sadr_selected(sadr_records: Sequence[Mapping], n_layers: int, n_heads: int) -> list[list[float]]:
-    """Per head, the fraction of SADR's optimisation steps x regularised prompts in which it was
-    selected, averaged over the edit's requests (``EditResult.sadr_records``); 0 on layers SADR
-    did not regularise. JSON-ready ``[layer][head]``: store it as a drift line's
-    ``"sadr_selected"`` so the explorer can show what SADR selected."""
-    total = np.zeros((n_layers, n_heads))
-    used = 0
-    for record in sadr_records:
-        masks = record.get("mask") or []
-        if not masks:
-            continue
-        stacked = np.stack([_array(m, "SADR mask") for m in masks])
-        if stacked.ndim != 4 or stacked.shape[-1] != n_heads:
-            raise ExplorerError(f"SADR masks are {list(stacked.shape)}, expected [step, row, layer, {n_heads}]")
-        layers = list(record["layers"])
-        total[layers] += stacked.mean(axis=(0, 1))
-        used += 1
-    return (total / max(used, 1)).round(4).tolist()
+    """:func:`attention_drift.sadr.selection_frequency` as JSON-ready ``[layer][head]``: a drift
+    line's ``"sadr_selected"`` (the drift run stores it when the edit used SADR), which the
+    explorer shows as the heads SADR selected."""
+    return selection_frequency(sadr_records, n_layers, n_heads).numpy().round(4).tolist()
 
 
 # =============================================================================================

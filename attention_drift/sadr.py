@@ -249,3 +249,21 @@ class SADRLoss:
 def _at(rows: Float[Tensor, "prompt layer head key"], position: Int[Tensor, " prompt"]) -> Float[Tensor, "prompt layer head"]:
     index = position.view(-1, 1, 1, 1).expand(-1, rows.shape[1], rows.shape[2], 1)
     return rows.gather(-1, index)[..., 0].clone()
+
+
+def selection_frequency(records: Sequence[Mapping], n_layers: int, n_heads: int) -> Float[Tensor, "layer head"]:
+    """Per head, the fraction of optimisation steps x regularised prompts in which SADR selected
+    it, averaged over an edit's requests (``EditResult.sadr_records``); 0 on layers SADR did not
+    regularise."""
+    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    used = 0
+    for record in records:
+        masks = record.get("mask") or []
+        if not len(masks):
+            continue
+        stacked = torch.stack([torch.as_tensor(m) for m in masks]).to("cpu", torch.float64)
+        if stacked.ndim != 4 or stacked.shape[-1] != n_heads:
+            raise SADRError(f"SADR masks are {list(stacked.shape)}, expected [step, row, layer, {n_heads}]")
+        total[list(record["layers"])] += stacked.mean(dim=(0, 1))
+        used += 1
+    return total / max(used, 1)

@@ -337,3 +337,20 @@ def test_smollm2_rome_edit_drifts_attention_onto_the_subject(smollm2):
     assert drift.scores_after.prefers_new.any()
     top = drift.head_drift(int(factors["max_drift_subject_last"].argmax())).top(1)[0]
     assert top[0] > 5 and top[3] > top[2]
+
+
+def test_drift_of_a_sadr_edit_records_what_sadr_selected(tiny_llama):
+    """The line of a SADR edit says, per head, how often SADR selected it (the explorer's dots)."""
+    from attention_drift.data import load_example
+    from attention_drift.editing import edit
+    from attention_drift.sadr import SADRConfig
+
+    record = next(r for r in load_example() if r.kind == "counterfact")
+    sadr = SADRConfig(weight=1.0, steps=4, selection="all")
+    result = drift_record(tiny_llama, record, lambda r: edit(tiny_llama, r.rewrite, "rome", sadr=sadr))
+    selected = result.sadr_selected
+    assert selected.shape == (tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads)
+    assert float(selected.max()) == 1.0 and float(selected.min()) >= 0.0  # "all": every regularised head, always
+    assert RecordDrift.from_line(result.to_line()).sadr_selected.tolist() == selected.tolist()
+    plain = drift_record(tiny_llama, record, lambda r: edit(tiny_llama, r.rewrite, "rome"))
+    assert plain.sadr_selected is None and "sadr_selected" not in plain.to_line()
