@@ -457,8 +457,8 @@ def run_analysis(args) -> int:
     if args.edit_cache:
         from attention_drift.editing.cache import EditCache
 
-        cache = EditCache(model, args.edit_cache)
-    factory = variant.editor(model, cache=cache)
+        cache = EditCache(model, args.edit_cache, progress=not args.no_progress)
+    factory = variant.editor(model, cache=cache, progress=not args.no_progress)
     meta = {"model": args.model, "data": selection.label, "edit": variant.meta()}
     common = {"method": variant.name, "progress": not args.no_progress, "figures": not args.no_figures}
     if args.analysis == "drift":

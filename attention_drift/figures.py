@@ -286,11 +286,12 @@ def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path, heads_fro
     model = cfg.handle().get()
     meta = {"model": cfg.model, "data": selection.label, "edit": variant.meta()}
     common = {"method": variant.name, "progress": cfg.progress, "figures": True}
+    editor = variant.editor(model, progress=cfg.progress)
     if kind == "drift":
-        analysis.run_drift(model, selection.load(), variant.editor(model), folder, meta, **common)
+        analysis.run_drift(model, selection.load(), editor, folder, meta, **common)
         return
     heads = analysis.load_top_heads(heads_from, 10) if heads_from is not None and heads_from.exists() else None
-    analysis.run_patch(model, selection.load(), variant.editor(model), folder, meta, k=10, heads=heads, **common)
+    analysis.run_patch(model, selection.load(), editor, folder, meta, k=10, heads=heads, **common)
 
 
 def _read_json(path: Path) -> dict:

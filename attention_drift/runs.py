@@ -172,9 +172,10 @@ def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
 
 
 def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_size: int = 32, fluency=None,
-                         pre: dict | None = None, key: str | None = None) -> dict:
+                         pre: dict | None = None, key: str | None = None, progress: bool = False) -> dict:
     """One record's run line: pre-edit scores (or ``pre``), then for an editing variant the edit
-    (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores; weights restored after."""
+    (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores; weights restored after.
+    ``progress``: a bar over the edit's optimisation steps."""
     from attention_drift.evaluate import evaluate_record
 
     start = time.perf_counter()
@@ -188,7 +189,7 @@ def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_siz
         from attention_drift.editing import edit
 
         config, sadr = resolved
-        with edit(model, record.rewrite, method=variant.method, config=config, sadr=sadr) as result:
+        with edit(model, record.rewrite, method=variant.method, config=config, sadr=sadr, progress=progress) as result:
             post = evaluate_record(model, record, **options)
         if sadr is not None:
             trace = result.sadr_records[0]
@@ -241,7 +242,8 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
                        disable=not progress, dynamic_ncols=True)
             for record in bar:
                 run.write(evaluate_record_line(model, record, variant, resolved, batch_size=batch_size,
-                                               fluency=fluency, pre=reused.get(json.dumps(record.case_id)), key=key))
+                                               fluency=fluency, pre=reused.get(json.dumps(record.case_id)), key=key,
+                                               progress=progress))
     return RunOutcome(out, len(todo), len(records) - len(todo))
 
 

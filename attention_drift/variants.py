@@ -157,11 +157,12 @@ class Variant:
             return config, None
         return config, self.sadr.resolve(model, self.method, config.layers[-1])
 
-    def editor(self, model, *, cache=None) -> Callable[..., AbstractContextManager] | None:
+    def editor(self, model, *, cache=None, progress: bool = True) -> Callable[..., AbstractContextManager] | None:
         """``record -> context manager`` that edits ``model`` for the record inside the block
         (restoring it on exit); None for ``"none"``. With ``cache`` (an
         :class:`~attention_drift.editing.cache.EditCache`) a stored edit of the same resolved
-        configuration is replayed instead of optimised again."""
+        configuration is replayed instead of optimised again. ``progress``: bars while statistics
+        are computed and over each edit's optimisation steps."""
         if not self.edits:
             return None
         config, sadr = self.resolve(model)
@@ -169,7 +170,8 @@ class Variant:
             return lambda record: cache.edit(record.rewrite, self.method, config, sadr)
         from attention_drift.editing import edit
 
-        return lambda record: edit(model, record.rewrite, method=self.method, config=config, sadr=sadr)
+        return lambda record: edit(model, record.rewrite, method=self.method, config=config, sadr=sadr,
+                                   progress=progress)
 
     def meta(self) -> dict:
         """The variant as written in run-file headers."""

@@ -203,13 +203,14 @@ class EditResult:
 class EditContext:
     """Context manager returned by :func:`edit`: edits on entry, restores on exit."""
 
-    def __init__(self, model, requests, method: str, config: EditorConfig | None, sadr, extra_losses: Sequence[ExtraLoss]):
-        self._args = (model, requests, method, config, sadr, tuple(extra_losses))
+    def __init__(self, model, requests, method: str, config: EditorConfig | None, sadr, extra_losses: Sequence[ExtraLoss],
+                 progress: bool = True):
+        self._args = (model, requests, method, config, sadr, tuple(extra_losses), progress)
         self.result: EditResult | None = None
 
     def __enter__(self) -> EditResult:
-        model, requests, method, config, sadr, extra = self._args
-        self.result = apply_edit(model, requests, method, config, sadr=sadr, extra_losses=extra)
+        model, requests, method, config, sadr, extra, progress = self._args
+        self.result = apply_edit(model, requests, method, config, sadr=sadr, extra_losses=extra, progress=progress)
         return self.result
 
     def __exit__(self, *exc) -> None:
@@ -225,6 +226,7 @@ def edit(
     sadr: SADRConfig | None = None,
     *,
     extra_losses: Sequence[ExtraLoss] = (),
+    progress: bool = True,
 ) -> EditContext:
     """``with edit(model, rewrite, method="rome") as result:`` the model is edited inside the block.
 
@@ -232,11 +234,11 @@ def edit(
     :class:`~attention_drift.sadr.SADRConfig`) adds the SADR regulariser to the value
     optimisation; its unset weight and steps are the published ones for ``method``
     (``SADRConfig()`` is the paper's protocol: ROME 80 steps, MEMIT 20, PMET 40).
-    ``extra_losses`` adds any other terms. On exit the original weights are restored
-    exactly, even when the block raises.
+    ``extra_losses`` adds any other terms; ``progress`` as in :func:`apply_edit`. On exit the
+    original weights are restored exactly, even when the block raises.
     """
     _check_sadr(sadr)
-    return EditContext(model, requests, method, config, sadr, tuple(extra_losses))
+    return EditContext(model, requests, method, config, sadr, tuple(extra_losses), progress)
 
 
 def _check_sadr(sadr) -> None:
