@@ -134,6 +134,8 @@ def drift_markdown(result: dict, title: str = "") -> str:
     for group, by_factor in result["headline"].items():
         for factor, h in by_factor.items():
             p, s, pl = h["pearson_fails"], h["spearman_fails"], h["pearson_logodds_drop"]
+            if not p["n"]:  # a group without prompts in this run (e.g. relation prompts of CounterFact records)
+                continue
             rows.append(f"| {group} | {factor} | {_fmt(p['r'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | "
                         f"{_fmt(s['r'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {_fmt(pl['r'])} "
                         f"(p {_fmt(pl['p_value'], '.2g')}) | {_fmt(h['auroc'])} | {p['n']} |")

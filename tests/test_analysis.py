@@ -166,3 +166,16 @@ def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
     assert len(err) == 1 and err[0].startswith("attention-drift: error: ") and needle in err[0]
 
 
+
+
+def test_drift_markdown_leaves_out_groups_without_prompts():
+    corr = {"r": 0.5, "ci_low": 0.1, "ci_high": 0.8, "p_value": 0.01, "n": 12}
+    empty = {**corr, "r": float("nan"), "n": 0}
+    headline = {"all": {"max_drift_subject_last": {"pearson_fails": corr, "spearman_fails": corr,
+                                                    "pearson_logodds_drop": corr, "auroc": 0.7}},
+                "distract_relation": {"max_drift_subject_last": {"pearson_fails": empty, "spearman_fails": empty,
+                                                                  "pearson_logodds_drop": empty, "auroc": float("nan")}}}
+    result = {"records": 2, "n_samples": 12, "n_samples_by_group": {"distract_neighborhood": 12, "distract_relation": 0},
+              "failure_rate": {"all": 0.5}, "top_heads": [], "headline": headline}
+    text = analysis.drift_markdown(result)
+    assert "| all | max_drift_subject_last | 0.500" in text and "| distract_relation |" not in text
