@@ -41,8 +41,9 @@ def _header_diff(a: dict, b: dict, ignore: tuple[str, ...] = ("created",)) -> li
     return sorted(k for k in (set(a) | set(b)) - set(ignore) if a.get(k) != b.get(k))
 
 
-def _parse(path: Path) -> tuple[dict | None, list[dict], int]:
-    """(meta, record lines, byte length of the well-formed prefix) of ``path``.
+def _parse(path: Path) -> tuple[dict | None, list[dict], int, bool]:
+    """(meta, record lines, byte length of the well-formed prefix, whether a cut-short last line
+    was left out) of ``path``.
 
     Only an unterminated last line may be malformed (a write cut short); it is left out.
     """
@@ -68,7 +69,7 @@ def _parse(path: Path) -> tuple[dict | None, list[dict], int]:
             else:
                 records.append(obj)
         good += len(raw) + (0 if last else 1)
-    return meta, records, good
+    return meta, records, good, bool(data[good:].strip())
 
 
 def read_run(path: str | os.PathLike) -> Run:
@@ -76,10 +77,10 @@ def read_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_file():
         raise RunFileError(f"run file {str(path)!r} does not exist; write one with 'attention-drift evaluate --out'")
-    meta, records, good = _parse(path)
+    meta, records, _, truncated = _parse(path)
     if meta is None:
         raise RunFileError(f"run file {path} is empty")
-    return Run(meta, records, truncated=bool(path.read_bytes()[good:].strip()))
+    return Run(meta, records, truncated=truncated)
 
 
 class RunFile:
@@ -100,7 +101,7 @@ class RunFile:
         if self.path.is_dir():
             raise RunFileError(f"--out {str(self.path)!r} is a folder; give a .jsonl file path")
         if self.path.exists():
-            old, records, self._good = _parse(self.path)
+            old, records, self._good, _ = _parse(self.path)
             if old is not None:
                 self._check(old, ignore)
                 self._done = {_key(r) for r in records}

@@ -218,7 +218,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
     ``meta`` is the header (:func:`run_meta`). The model is loaded only when a record is left
     to do. Lines already in the file must carry the same ``edit_key`` as this run resolves to.
     """
-    from attention_drift.jsonl import RunFile, read_run
+    from attention_drift.jsonl import RunFile
 
     out = Path(out)
     check_writable(out)
@@ -231,11 +231,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
             model = handle.get()
             resolved = variant.resolve(model)
             key = edit_key(model, variant, resolved)
-            if out.exists():
-                old = {line.get("edit_key") for line in read_run(out).records} - {None, key}
-                if old:
-                    raise RunError(f"{out} was written with another resolved edit configuration (edit_key "
-                                   f"{sorted(old)[0]}, now {key}): a preset changed since; write to a new --out")
+            check_edit_key(out, key)
             from tqdm.auto import tqdm
 
             bar = tqdm(todo, desc=f"evaluate {variant.name}", unit="record", file=sys.stderr,
@@ -245,6 +241,19 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
                                                fluency=fluency, pre=reused.get(json.dumps(record.case_id)), key=key,
                                                progress=progress))
     return RunOutcome(out, len(todo), len(records) - len(todo))
+
+
+def check_edit_key(path: Path, key: str | None) -> None:
+    """Refuse to append to the run file ``path`` when its lines were written with another resolved
+    edit configuration than ``key`` (a preset changed since)."""
+    from attention_drift.jsonl import read_run
+
+    if not path.is_file():
+        return
+    old = {line.get("edit_key") for line in read_run(path).records} - {None, key}
+    if old:
+        raise RunError(f"{path} was written with another resolved edit configuration (edit_key "
+                       f"{sorted(old)[0]}, now {key}): a preset changed since; write to a new --out")
 
 
 def edit_key(model, variant: Variant, resolved) -> str | None:

@@ -41,7 +41,7 @@ from attention_drift.errors import AttentionDriftError
 from attention_drift.runs import (
     ModelHandle,
     RecordSelection,
-    RunError,
+    check_edit_key,
     check_writable,
     edit_key,
     evaluate_record_line,
@@ -292,16 +292,8 @@ def _known_pre(config: SweepConfig, metas: dict[str, dict]) -> dict[str, dict]:
 
 def _check_keys(config: SweepConfig, keys: dict[str, str | None]) -> None:
     """Refuse to append to a run file written with another resolved edit configuration."""
-    from attention_drift.jsonl import read_run
-
     for variant in config.variants:
-        key, path = keys.get(variant.name), config.path(variant)
-        if key is None or not path.is_file():
-            continue
-        old = {line.get("edit_key") for line in read_run(path).records} - {None, key}
-        if old:
-            raise RunError(f"{path} was written with another resolved edit configuration (edit_key "
-                           f"{sorted(old)[0]}, now {key}): a preset changed since; write to a new --out")
+        check_edit_key(config.path(variant), keys.get(variant.name))
 
 
 def _import_ray():
