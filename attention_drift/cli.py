@@ -88,8 +88,8 @@ def add_model_arguments(p, *, model: bool = True) -> None:
 def add_record_arguments(p) -> None:
     """``--data``, ``--kinds``, ``--limit``, ``--balanced``."""
     p.add_argument("--data", default=None,
-                   help="CounterFact-style JSON file, URL, 'counterfact' (download), or 'dev' (the development "
-                   "split shipped with the package); default: the 8-record example shipped with the package")
+                   help="CounterFact-style JSON file, URL, 'counterfact' (download), 'dev' (the development "
+                   "split shipped with the package), or its fixed halves 'dev-tune' / 'dev-report'; default: the 8-record example shipped with the package")
     p.add_argument("--kinds", default=None, help="comma-separated record kinds to keep: counterfact,wikidata")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) records")
     p.add_argument("--balanced", action="store_true", help="with --limit N: N/2 records of each kind")
@@ -107,12 +107,16 @@ def add_variant_arguments(p, *, allow_none: bool = True) -> None:
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
     g = p.add_argument_group("SADR", "regularise attention drift during the edit (attention_drift.SADRConfig)")
-    g.add_argument("--sadr", action="store_true", help="edit with SADR (published settings unless overridden)")
+    g.add_argument("--sadr", action="store_true", help="edit with SADR (--sadr-variant's settings unless overridden)")
+    g.add_argument("--sadr-variant", default=None, metavar="NAME",
+                   help="a named SADR variant (attention_drift.variants.SADR_VARIANTS): 'published' (the paper's, "
+                   "default) or 'plus' (ours: the new target must not gain on synthetic distract prompts); "
+                   "the other --sadr-* options override its fields")
     g.add_argument("--sadr-weight", type=float, default=None,
                    help="loss weight gamma (default: the per-model, per-method preset)")
-    g.add_argument("--sadr-selection", choices=("hinge", "all"), default="hinge",
+    g.add_argument("--sadr-selection", choices=("hinge", "all"), default=None,
                    help="hinge: only heads above the pre-edit maximum (published); all: every head")
-    g.add_argument("--sadr-divergence", choices=("kl", "js", "l2"), default="kl")
+    g.add_argument("--sadr-divergence", choices=("kl", "js", "l2"), default=None)
     g.add_argument("--sadr-steps", type=int, default=None,
                    help="optimisation steps with SADR (default: the published steps per method)")
     g.add_argument("--sadr-layers", default=None,
@@ -136,28 +140,30 @@ def _sadr_layers(text: str | None):
 
 def variant_from_args(args):
     """The :class:`~attention_drift.variants.Variant` the flags ask for."""
-    from attention_drift.variants import SADRSpec, Variant, paper_variants, with_stats_samples
+    from attention_drift.variants import Variant, paper_variants, sadr_variant, with_stats_samples
 
+    options = {"weight": args.sadr_weight, "steps": args.sadr_steps, "layers": _sadr_layers(args.sadr_layers),
+               "selection": args.sadr_selection, "divergence": args.sadr_divergence,
+               "distract": args.sadr_distract or None, "distract_only": args.sadr_distract_only or None}
+    given = [k for k, v in options.items() if v is not None]
     if args.variant is not None:
         table = paper_variants()
-        flags = [f for f in ("sadr", "sadr_distract", "sadr_distract_only") if getattr(args, f)]
         if args.variant not in table:
             raise CliError(f"--variant {args.variant!r}: choose from {', '.join(table)}")
-        if flags or args.method not in ("none", "rome") or args.sadr_weight is not None:
+        if args.sadr or given or args.sadr_variant or args.method not in ("none", "rome"):
             raise CliError("--variant names a whole variant: drop --method and the --sadr options")
         return with_stats_samples(table[args.variant], args.stats_samples)
-    options = {"weight": args.sadr_weight, "steps": args.sadr_steps, "layers": _sadr_layers(args.sadr_layers)}
     if not args.sadr:
-        given = [k for k, v in options.items() if v is not None]
-        given += [k for k in ("distract", "distract_only") if getattr(args, f"sadr_{k}")]
-        if given:
-            raise CliError(f"--sadr-{given[0].replace('_', '-')} needs --sadr")
-        sadr = None
-    else:
-        sadr = SADRSpec(selection=args.sadr_selection, divergence=args.sadr_divergence,
-                        distract=args.sadr_distract, distract_only=args.sadr_distract_only, **options)
-    name = args.method + ("-sadr" if sadr is not None else "")
-    return Variant(name, args.method, sadr, args.stats_samples)
+        if given or args.sadr_variant:
+            flag = "variant" if args.sadr_variant else given[0]
+            raise CliError(f"--sadr-{flag.replace('_', '-')} needs --sadr")
+        return Variant(args.method, args.method, None, args.stats_samples)
+    if args.method == "none":
+        raise CliError("--sadr needs an editing method: add --method rome, memit or pmet")
+    name = args.sadr_variant or "published"
+    spec = sadr_variant(name, args.method, **{k: options[k] for k in given})
+    label = f"{args.method}-sadr" + ("" if name == "published" else f"-{name}")
+    return Variant(label, args.method, spec, args.stats_samples)
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

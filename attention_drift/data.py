@@ -323,11 +323,31 @@ def load_counterfact(
     return records if limit is None else records[:limit]
 
 
-def load_dev(*, kinds: Collection[str] | None = None, limit: int | None = None) -> list[Record]:
+DEV_HALVES = ("tune", "report")
+"""The two fixed halves of the development split: within each kind, in file order, the first 84
+records are the ``report`` half and the last 84 the ``tune`` half. Methods are tuned on ``tune``
+only and reported on ``report`` (whose first 50 + 50 are the records of the committed grid runs)."""
+
+
+def load_dev(*, kinds: Collection[str] | None = None, limit: int | None = None,
+             half: str | None = None) -> list[Record]:
     """The development split of the paper's merged CounterFact set, shipped with the package
     (336 records, 168 of each kind; MIT licence, from the paper's public release). What
-    ``--data dev`` loads; a held-out split is kept outside the package for independent checks."""
-    return load_counterfact(Path(__file__).parent / "examples" / "counterfact_dev.json.gz", kinds=kinds, limit=limit)
+    ``--data dev`` loads; a held-out split is kept outside the package for independent checks.
+    ``half``: only the :data:`DEV_HALVES` half ``"tune"`` or ``"report"`` (``--data dev-tune``,
+    ``--data dev-report``), balanced by kind."""
+    if half is not None and half not in DEV_HALVES:
+        raise ValueError(f"dev half must be one of {DEV_HALVES}, not {half!r}")
+    records = load_counterfact(Path(__file__).parent / "examples" / "counterfact_dev.json.gz", kinds=kinds)
+    if half is not None:
+        keep = []
+        for kind in KINDS:
+            of_kind = [r for r in records if r.kind == kind]
+            cut = len(of_kind) // 2
+            keep += of_kind[:cut] if half == "report" else of_kind[cut:]
+        ids = {id(r) for r in keep}
+        records = [r for r in records if id(r) in ids]
+    return records if limit is None else records[:limit]
 
 
 def load_example() -> list[Record]:

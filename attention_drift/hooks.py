@@ -29,6 +29,10 @@ Llama-style and GPT-2 models they are the same tensor.
 
 import re
 
+OUTPUT_LOG_PROBS = "output.log_probs"
+"""Not a hook: the key under which the value optimisation hands extra loss terms the
+next-token log-probabilities of the rows they ask for (``ExtraLoss.output_rows``)."""
+
 SUFFIXES: dict[str, str] = {
     "pattern": "attn.hook_pattern",
     "z": "attn.hook_z",

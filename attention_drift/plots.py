@@ -403,6 +403,43 @@ def tradeoff_curve(
     return _style(fig, title, xlabel, ylabel)
 
 
+def recovery_tradeoff(
+    points: Mapping[str, Sequence[Mapping]],
+    title: str = "SADR variants: distract loss recovered vs paraphrase cost",
+    *,
+    cost_label: str = "paraphrase",
+) -> go.Figure:
+    """One marker per variant: x = its paraphrase accuracy minus the plain editor's (points),
+    y = the share of the plain editor's distract-neighbourhood loss it wins back (%), both with
+    95% CIs; one series per key of ``points`` (e.g. the tuning and the report half). Points are
+    :func:`attention_drift.report.tradeoff` entries."""
+    if not points or not any(points.values()):
+        raise PlotError("recovery_tradeoff needs at least one point: {series: [report.tradeoff entries]}")
+    fig = go.Figure()
+    for i, (series, entries) in enumerate(points.items()):
+        def bars(key, value):
+            lo_hi = [e[key] or [e[value]] * 2 for e in entries]
+            return ([100 * (hi - e[value]) for e, (lo, hi) in zip(entries, lo_hi)],
+                    [100 * (e[value] - lo) for e, (lo, hi) in zip(entries, lo_hi)])
+
+        x_up, x_down = bars("cost_ci95", "cost_diff")
+        y_up, y_down = bars("recovered_ci95", "recovered")
+        fig.add_trace(go.Scatter(
+            x=[100 * e["cost_diff"] for e in entries], y=[100 * e["recovered"] for e in entries],
+            mode="markers+text", name=series, text=[e["variant"] for e in entries], textposition="top center",
+            marker={"color": PALETTE[i % len(PALETTE)], "size": 10},
+            error_x={"type": "data", "array": x_up, "arrayminus": x_down, "visible": True, "thickness": 1},
+            error_y={"type": "data", "array": y_up, "arrayminus": y_down, "visible": True, "thickness": 1},
+            customdata=[[e["n_records"], 100 * (e["efficacy"] or 0)] for e in entries],
+            hovertemplate=(f"{html.escape(series)}: %{{text}}<br>{cost_label} %{{x:+.1f}} points<br>"
+                           "recovered %{y:.0f}%<br>records %{customdata[0]}, efficacy %{customdata[1]:.1f}%<extra></extra>"),
+        ))
+    fig.add_hline(y=60, line_dash="dot", line_color="grey", annotation_text="60% recovered")
+    fig.add_vline(x=-3, line_dash="dot", line_color="grey", annotation_text=f"{cost_label} -3")
+    return _style(fig, title, f"{cost_label} accuracy minus the plain editor's (points)",
+                  "distract-neighbourhood loss recovered (%)")
+
+
 def _browser() -> str | None:
     """The Chrome/Chromium binary kaleido will use, found the way kaleido finds it."""
     env = os.environ.get("BROWSER_PATH")

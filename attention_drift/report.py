@@ -240,6 +240,32 @@ def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[st
     return {"runs": {label: summary(run) for label, run in restricted.items()}, "paired": paired}
 
 
+def tradeoff(runs: Mapping[str, Run], baseline: str, *, group: str = "distract_neighborhood",
+             cost: str = "paraphrase") -> list[dict]:
+    """Per run other than ``baseline``, against it on their shared records (:func:`paired_difference`):
+    the fraction of the baseline's ``group`` loss the run wins back, and the run's ``cost``
+    accuracy minus the baseline's (both with paired bootstrap CIs), plus its post-edit efficacy.
+
+    Returns ``[{"variant", "n_records", "recovered", "recovered_ci95", "cost_diff", "cost_ci95",
+    "efficacy"}]``, fractions; runs without a recovery (no baseline loss) are left out.
+    """
+    if baseline not in runs:
+        raise KeyError(f"baseline run {baseline!r} is not among {sorted(runs)}")
+    points = []
+    for name, run in runs.items():
+        if name == baseline:
+            continue
+        won, paid = paired_difference(runs[baseline], run, group), paired_difference(runs[baseline], run, cost)
+        if won is None or won["recovered"] is None or paid is None:
+            continue
+        efficacy = summary(run)["groups"].get("efficacy", {}).get("post")
+        points.append({"variant": name, "n_records": won["n_records"],
+                       "recovered": won["recovered"]["fraction"], "recovered_ci95": won["recovered"]["ci95"],
+                       "cost_diff": paid["diff"], "cost_ci95": paid["ci95"],
+                       "efficacy": None if efficacy is None else efficacy["accuracy"]})
+    return points
+
+
 def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: bool) -> str:
     cells = [label, str(result["meta"]["records"])]
     cells += [_pct(result["groups"].get(g, {}).get(phase)) for g in groups]

@@ -36,13 +36,17 @@ class RunError(AttentionDriftError):
     """A run that cannot start or continue; the message says what to change."""
 
 
+DEV_DATA = {"dev": None, "dev-tune": "tune", "dev-report": "report"}
+
+
 @dataclass(frozen=True)
 class RecordSelection:
     """Which records a run uses.
 
     Args:
         data: a CounterFact-style JSON file, URL or ``"counterfact"``; ``"dev"``: the development
-            split shipped with the package; None: the 8-record example shipped with the package.
+            split shipped with the package (``"dev-tune"`` / ``"dev-report"``: its fixed tuning /
+            report half, :data:`~attention_drift.data.DEV_HALVES`); None: the 8-record example shipped with the package.
         kinds: keep only these record kinds (``counterfact``, ``wikidata``).
         limit: the first N (selected) records.
         balanced: with ``limit``: N/2 records of each kind.
@@ -72,7 +76,7 @@ class RecordSelection:
         """How run headers name the data."""
         if self.data is None:
             return "example"
-        if self.data in ("counterfact", "dev") or re.match(r"https?://", self.data):
+        if self.data == "counterfact" or self.data in DEV_DATA or re.match(r"https?://", self.data):
             return self.data
         return str(Path(self.data).expanduser().resolve())
 
@@ -83,8 +87,8 @@ class RecordSelection:
 
         if self.data is None:
             records = [r for r in data.load_example() if self.kinds is None or r.kind in self.kinds]
-        elif self.data == "dev":
-            records = data.load_dev(kinds=self.kinds)
+        elif self.data in DEV_DATA:
+            records = data.load_dev(kinds=self.kinds, half=DEV_DATA[self.data])
         else:
             records = data.load_counterfact(self.data, kinds=self.kinds)
         if self.balanced:
@@ -193,8 +197,8 @@ def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_siz
             post = evaluate_record(model, record, **options)
         if sadr is not None:
             trace = result.sadr_records[0]
-            line["sadr"] = {"loss": trace["loss"][-1], "selected_heads": int(trace["mask"][-1].sum()),
-                            "steps": result.traces[0].steps_run}
+            line["sadr"] = {"loss": trace["loss"][-1], "steps": result.traces[0].steps_run,
+                            "selected_heads": int(trace["mask"][-1].sum()) if trace["mask"] else 0}
         line["post"] = post.to_json()
         line["edit_seconds"] = float(result.seconds)
     line["eval_seconds"] = time.perf_counter() - start

@@ -33,12 +33,14 @@ from torch import Tensor
 
 from attention_drift.data import Rewrite
 from attention_drift.errors import AttentionDriftError
+from attention_drift.hooks import OUTPUT_LOG_PROBS as OUTPUT
 from attention_drift.hooks import act_name
 
 EPS = 1e-8
 DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
+OUTPUTS = ("target", "kl", "both")
 
 
 class SADRError(AttentionDriftError):
@@ -71,6 +73,16 @@ class SADRConfig:
         distract_only: regularise only those distract prompts, not the rewriting prompts
             (where attention to the subject is how the new fact gets recalled); implies
             ``distract``. Our extension.
+        output_weight: factor of an output-locality term on the distract prompts, at their last
+            position (where the failure shows: another subject's fact pulled toward the new
+            target), averaged over them; ``output`` says which. Needs ``distract``; 0: off
+            (published). Our extension.
+        output: ``"target"``: how far the log-probability of the new target's first token rose
+            above the unedited model's, ``relu(log p_now - log p_before)`` (sensitive to the
+            small probabilities that decide a distract prompt); ``"kl"``: KL(unedited ||
+            current) of the whole next-token distribution; ``"both"``: their sum.
+        distract_subjects: the other subjects of the distract prompts (a fixed list, never
+            evaluation data).
     """
 
     weight: float | None = None
@@ -80,6 +92,9 @@ class SADRConfig:
     steps: int | None = None
     distract: bool = False
     distract_only: bool = False
+    output_weight: float = 0.0
+    output: str = "target"
+    distract_subjects: tuple[str, ...] = DISTRACT_SUBJECTS
 
     @classmethod
     def for_model(cls, model, method: str = "rome", **overrides) -> "SADRConfig":
@@ -120,6 +135,18 @@ class SADRConfig:
             object.__setattr__(self, "distract", True)
         if self.steps is not None and self.steps < 1:
             raise SADRError(f"SADR steps must be a positive number of optimisation steps, not {self.steps}")
+        if self.output not in OUTPUTS:
+            raise SADRError(f"SADR output must be one of {OUTPUTS}, not {self.output!r}")
+        if self.output_weight < 0:
+            raise SADRError(f"SADR output_weight must be >= 0, not {self.output_weight}")
+        if self.output_weight and not self.distract:
+            raise SADRError("SADR output_weight regularises the distract prompts: set distract=True too")
+        if isinstance(self.distract_subjects, (list, str)):
+            object.__setattr__(self, "distract_subjects",
+                               (self.distract_subjects,) if isinstance(self.distract_subjects, str)
+                               else tuple(self.distract_subjects))
+        if self.distract and not self.distract_subjects:
+            raise SADRError("SADR distract prompts need at least one subject in distract_subjects")
 
 
 PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
@@ -212,9 +239,13 @@ class SADRLoss:
     name: str = "sadr"
     record: dict = field(default_factory=dict)
     _before: Tensor | None = field(default=None, repr=False)
+    _before_output: Tensor | None = field(default=None, repr=False)
 
     def extra_prompts(self, request: Rewrite) -> list[str]:
-        return distract_prompts(request) if self.config.distract else []
+        return distract_prompts(request, self.config.distract_subjects) if self.config.distract else []
+
+    def output_rows(self, info) -> Tensor:
+        return info.extra_rows if self.config.output_weight else info.extra_rows[:0]
 
     def layers(self, info) -> tuple[int, ...]:
         if self.config.layers is None:
@@ -225,25 +256,56 @@ class SADRLoss:
         return tuple(self.config.layers)
 
     def hook_names(self, info) -> list[str]:
-        return [act_name("pattern", l) for l in self.layers(info)]
+        return [act_name("pattern", l) for l in self.layers(info)] if self.attends else []
+
+    @property
+    def attends(self) -> bool:
+        """Whether attention rows are read: not when only the output term is on (weight 0 and an
+        output weight); a weight of 0 alone still records the rows (drift without restriction)."""
+        return self.config.weight != 0 or not self.config.output_weight
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
+        first = step == 0 or not self.record
+        if first:
+            self.record = {"layers": self.layers(info) if self.attends else (), "mask": [], "loss": [],
+                           "distract_rows": len(info.extra_rows)}
+        loss = torch.zeros(())
+        if self.attends:
+            loss = loss + self._attention_term(first, acts, info)
+        if self.config.output_weight:
+            loss = loss + self._output_term(first, acts, info)
+        self.record["loss"].append(loss.item())
+        return loss
+
+    def _attention_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
         rows = (info.extra_rows if self.config.distract_only
                 else torch.cat([torch.arange(info.n_rewriting), info.extra_rows]))
         query = info.last_prompt_index[rows]
         now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()
         subject = info.subject_last_index[rows]
-        if step == 0 or self._before is None:
+        if first or self._before is None:
             self._before = now.detach().clone()
-            self.record = {"layers": self.layers(info), "mask": [], "loss": [],
-                           "distract_rows": len(info.extra_rows),
-                           "subject_before": _at(self._before, subject)}
+            self.record["subject_before"] = _at(self._before, subject)
         loss, mask = sadr_loss(self._before, now, subject, self.config)
         self.record["mask"].append(mask)
-        self.record["loss"].append(loss.item())
         self.record["subject_after"] = _at(now.detach(), subject)
         self.record["divergence_after"] = divergence(self._before, now.detach(), self.config.divergence)
         return loss
+
+    def _output_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
+        now = acts[OUTPUT]
+        if first or self._before_output is None:
+            self._before_output = now.detach().clone()
+            self.record["output_loss"] = []
+        before = self._before_output
+        term = torch.zeros((), device=now.device)
+        if self.config.output in ("kl", "both"):
+            term = term + (before.exp() * (before - now)).sum(-1).mean()
+        if self.config.output in ("target", "both"):
+            target = info.batch.input_ids[0, info.batch.prompt_lengths[0]]
+            term = term + torch.relu(now[:, target] - before[:, target]).mean()
+        self.record["output_loss"].append(term.item())
+        return self.config.output_weight * term
 
 
 def _at(rows: Float[Tensor, "prompt layer head key"], position: Int[Tensor, " prompt"]) -> Float[Tensor, "prompt layer head"]:

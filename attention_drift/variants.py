@@ -58,6 +58,9 @@ class SADRSpec:
         divergence: ``"kl"`` (published), ``"js"`` or ``"l2"``.
         distract: also restrict distract-style rows (our extension).
         distract_only: restrict only distract-style rows (our extension).
+        output_weight, output: the output-locality term on the distract rows, its factor and
+            kind (our extension; :class:`~attention_drift.sadr.SADRConfig`); needs ``distract``.
+        subjects: the distract rows' other subjects; None: the default list.
     """
 
     weight: float | None = None
@@ -67,8 +70,17 @@ class SADRSpec:
     divergence: str = "kl"
     distract: bool = False
     distract_only: bool = False
+    output_weight: float = 0.0
+    output: str = "target"
+    subjects: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if isinstance(self.subjects, list):
+            object.__setattr__(self, "subjects", tuple(self.subjects))
+        if self.output_weight < 0:
+            raise VariantError(f"SADR output weight must be >= 0, got {self.output_weight}")
+        if self.output_weight and not (self.distract or self.distract_only):
+            raise VariantError("the SADR output term regularises distract rows: set distract=True too")
         if isinstance(self.layers, str) and self.layers not in LAYER_RANGES:
             raise VariantError(f"SADR layers {self.layers!r}: give {' or '.join(map(repr, LAYER_RANGES))} "
                                "or layer indices")
@@ -90,7 +102,10 @@ class SADRSpec:
                 raise VariantError(f"SADR layers {self.layers!r}: the model has no layers in that half above its "
                                    f"edit layer {edit_layer} ({model.cfg.n_layers} layers); give layer indices")
         overrides = {"layers": layers, "selection": self.selection, "divergence": self.divergence,
-                     "distract": self.distract, "distract_only": self.distract_only}
+                     "distract": self.distract, "distract_only": self.distract_only,
+                     "output_weight": self.output_weight, "output": self.output}
+        if self.subjects is not None:
+            overrides["distract_subjects"] = self.subjects
         overrides.update({k: v for k, v in (("weight", self.weight), ("steps", self.steps)) if v is not None})
         try:
             return SADRConfig.for_model(model, method, **overrides)
@@ -101,6 +116,8 @@ class SADRSpec:
         out = dataclasses.asdict(self)
         if isinstance(self.layers, tuple):
             out["layers"] = list(self.layers)
+        if self.subjects is not None:
+            out["subjects"] = list(self.subjects)
         return out
 
 
@@ -179,6 +196,34 @@ class Variant:
                 "sadr": None if self.sadr is None else self.sadr.to_json()}
 
 
+SADR_VARIANTS: dict[str, dict[str, SADRSpec]] = {
+    "published": {"*": SADRSpec()},
+    "plus": {
+        "*": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0),
+    },
+}
+"""Named SADR variants, per editing method (``"*"``: any other method): ``published`` is the
+paper's regulariser with its published weight and steps; ``plus`` is ours: on a few synthetic
+distract prompts (the edit sentence, then the rewriting prompt about other, fixed subjects) the
+new target's first token may not gain log-probability over the unedited model
+(:class:`~attention_drift.sadr.SADRConfig` ``output="target"``), with no attention term and the
+editor's own 20 steps. Chosen on the development split's tuning half (``benchmarks/tune_sadr.py``;
+every candidate tried is in :data:`PLUS_CANDIDATES`); what it gives on the report half is in
+the README."""
+
+
+def sadr_variant(name: str, method: str, **overrides) -> SADRSpec:
+    """The :data:`SADR_VARIANTS` spec ``name`` for editing ``method``, with ``overrides`` of its fields."""
+    if name not in SADR_VARIANTS:
+        raise VariantError(f"unknown SADR variant {name!r}; choose from {', '.join(SADR_VARIANTS)}")
+    table = SADR_VARIANTS[name]
+    spec = table.get(method, table["*"])
+    try:
+        return dataclasses.replace(spec, **overrides)
+    except TypeError as err:
+        raise VariantError(f"SADR variant {name!r}: {err}") from None
+
+
 def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]:
     """The figures' variant table: the unedited model, every editor with and without the published
     SADR, and the ROME ablations (weight, selection, distract rows, layer range)."""
@@ -186,7 +231,8 @@ def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]
     table = {NONE: Variant(NONE)}
     for method in editors:
         table[method] = Variant(method, method)
-        table[f"{method}-sadr"] = Variant(f"{method}-sadr", method, SADRSpec())
+        table[f"{method}-sadr"] = Variant(f"{method}-sadr", method, sadr_variant("published", method))
+        table[f"{method}-sadr-plus"] = Variant(f"{method}-sadr-plus", method, sadr_variant("plus", method))
     ablations = {
         "w0.1": SADRSpec(weight=0.1), "w1": SADRSpec(weight=1.0), "all": SADRSpec(selection="all"),
         "distract": SADRSpec(distract=True), "distract-w0.1": SADRSpec(distract=True, weight=0.1),
@@ -196,7 +242,19 @@ def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]
     }
     if "rome" in editors:
         table.update({f"rome-sadr-{k}": Variant(f"rome-sadr-{k}", "rome", spec) for k, spec in ablations.items()})
+        table.update({f"rome-plus-{k}": Variant(f"rome-plus-{k}", "rome", spec) for k, spec in PLUS_CANDIDATES.items()})
     return table
+
+
+PLUS_CANDIDATES: dict[str, SADRSpec] = {
+    "kl1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="kl"),
+    "t1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0),
+    "t3": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=3.0),
+    "t1-s6": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0,
+                      subjects=("Barack Obama", "the Louvre", "Toyota", "Albert Einstein", "Microsoft", "Brazil")),
+}
+"""Every SADR+ candidate tried on the tuning half (``benchmarks/tune_sadr.py``), by tag: the
+figures' trade-off plot shows them all. ``weight=0.0``: no attention term."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:

@@ -273,3 +273,21 @@ def test_records_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.kind = "wikidata"  # type: ignore[misc]
     assert copy.deepcopy(record) == record
+
+
+def test_dev_halves_are_fixed_balanced_and_disjoint():
+    from attention_drift.data import load_dev
+    from attention_drift.runs import RecordSelection
+
+    every = load_dev()
+    tune, report = load_dev(half="tune"), load_dev(half="report")
+    ids = lambda records: [json.dumps(r.case_id) for r in records]  # noqa: E731
+    assert not set(ids(tune)) & set(ids(report)) and sorted(ids(tune) + ids(report)) == sorted(ids(every))
+    for half in (tune, report):
+        assert sum(r.kind == "counterfact" for r in half) == sum(r.kind == "wikidata" for r in half) == 84
+    # the report half starts with the first records of each kind (those of the committed grid runs)
+    first = RecordSelection("dev", limit=100, balanced=True).load()
+    assert ids(RecordSelection("dev-report", limit=100, balanced=True).load()) == ids(first)
+    assert RecordSelection("dev-tune").label == "dev-tune"
+    with pytest.raises(ValueError, match="dev half"):
+        load_dev(half="test")

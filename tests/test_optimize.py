@@ -106,3 +106,43 @@ def test_rome_edits_a_bfloat16_model_with_float32_maths():
         assert error < (1e-5 if dtype == torch.float32 else 1e-2), (dtype, error)
         deltas[dtype] = trace.delta[site]
     assert torch.nn.functional.cosine_similarity(deltas[torch.float32], deltas[torch.bfloat16], dim=0) > 0.99
+
+
+class _ReadOutput:
+    """An extra term that asks for the next-token log-probabilities of its extra prompt and
+    keeps those of step 0 (delta zero)."""
+
+    name = "read_output"
+
+    def __init__(self, prompt: str):
+        self.prompt, self.seen = prompt, []
+
+    def extra_prompts(self, request):
+        return [self.prompt]
+
+    def output_rows(self, info):
+        return info.extra_rows
+
+    def hook_names(self, info):
+        return []
+
+    def __call__(self, step, acts, info):
+        self.seen.append(acts[optimize.OUTPUT].detach().clone())
+        return torch.zeros(())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # cached-suffix layout and full rows
+def test_output_rows_are_the_full_forwards_next_token_log_probs(arch):
+    model = tiny_model(arch, n_layers=3)
+    prompt = "The Eiffel Tower is located in Rome. The Louvre is located in"
+    term = _ReadOutput(prompt)
+    optimize_values(model, EIFFEL, ["{}", "Paris is big. {}"], sites=[act_name("mlp_raw", 1)], layer=1,
+                    objective=Objective(lr=0.5, steps=3, weight_decay=0.0, clamp_norm_factor=4.0, kl_factor=0.0),
+                    extra_losses=[term])
+    batch = tokens.batch_prompts(model, [prompt])
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    expected = logits[0, batch.last_prompt_index[0]].float().log_softmax(-1)
+    assert term.seen[0].shape == (1, model.cfg.d_vocab)
+    torch.testing.assert_close(term.seen[0][0], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(term.seen[-1], term.seen[0])  # later steps see the delta

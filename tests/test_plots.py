@@ -227,3 +227,19 @@ def test_save_html_and_png_without_suffix(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (700, 450)
+
+
+def test_recovery_tradeoff_marks_every_variant_with_its_intervals():
+    from attention_drift.plots import recovery_tradeoff
+
+    points = {"tuning half": [{"variant": "a", "n_records": 12, "recovered": 0.5, "recovered_ci95": [0.3, 0.7],
+                               "cost_diff": -0.02, "cost_ci95": [-0.05, 0.0], "efficacy": 1.0},
+                              {"variant": "b", "n_records": 12, "recovered": 0.8, "recovered_ci95": None,
+                               "cost_diff": -0.1, "cost_ci95": None, "efficacy": 0.9}]}
+    fig = recovery_tradeoff(points)
+    (trace,) = fig.data
+    assert list(trace.x) == [-2.0, -10.0] and list(trace.y) == [50.0, 80.0]
+    assert list(trace.error_y.array) == pytest.approx([20.0, 0.0])
+    assert list(trace.error_x.arrayminus) == pytest.approx([3.0, 0.0])
+    with pytest.raises(PlotError, match="at least one point"):
+        recovery_tradeoff({"x": []})

@@ -69,3 +69,25 @@ def test_summary_has_both_intervals():
     assert lo < 0.25 < hi
     assert post["ci95"][0] < 0.25 < post["ci95"][1]
     assert "bootstrap" in report.markdown(report.summary(run))
+
+
+def _two_groups(case_id, pre, dns, paraphrase):
+    line = _line(case_id, pre, dns)
+    para = _line(case_id, [True, True], paraphrase, group="paraphrase")
+    for phase in ("pre", "post"):
+        line[phase]["groups"].update(para[phase]["groups"])
+    return line
+
+
+def test_tradeoff_points_are_recovery_and_paraphrase_cost_against_the_baseline():
+    runs = {
+        "rome": _run(_two_groups(i, [True] * 4, [True, False, False, False], [True, True]) for i in range(8)),
+        "plus": _run(_two_groups(i, [True] * 4, [True, True, True, False], [True, i % 2 == 0]) for i in range(8)),
+    }
+    (point,) = report.tradeoff(runs, "rome")
+    assert point["variant"] == "plus" and point["n_records"] == 8
+    assert point["recovered"] == pytest.approx(2 / 3)
+    assert point["cost_diff"] == pytest.approx(-0.25)  # 4 of 16 paraphrase prompts lost
+    assert point["cost_ci95"][0] <= -0.25 <= point["cost_ci95"][1]
+    with pytest.raises(KeyError, match="baseline"):
+        report.tradeoff(runs, "memit")

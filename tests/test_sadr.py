@@ -233,3 +233,55 @@ def test_sadr_lowers_subject_attention_in_a_distract_prompt_on_smollm2(smollm2):
     assert plain.max() > 0.05  # plain ROME drifts onto the subject
     assert restricted.clamp(min=0).sum() < plain.clamp(min=0).sum()
     assert restricted.max() < plain.max()
+
+
+# ------------------------------------------------------------- the output term (SADR+)
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"output_weight": 1.0}, "distract=True"),
+    ({"output_weight": -1.0, "distract": True}, "output_weight"),
+    ({"output_weight": 1.0, "distract": True, "output": "nll"}, "output"),
+    ({"distract": True, "distract_subjects": ()}, "subject"),
+])
+def test_bad_output_term_config_is_a_clear_error(kwargs, match):
+    with pytest.raises(SADRError, match=match):
+        SADRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("output", ["target", "kl", "both"])
+def test_output_term_is_zero_before_the_edit_and_has_gradient_after(output, stats):
+    model = tiny_model("llama", n_layers=3)
+    sadr = SADRConfig(weight=0.0, distract=True, output_weight=50.0, output=output, steps=STEPS)
+    with edit(model, EIFFEL, "rome", _config("rome", stats), sadr=sadr) as result:
+        record = result.sadr_records[0]
+        trace = result.traces[0]
+    assert record["output_loss"][0] == 0.0 and min(record["output_loss"]) >= 0.0
+    assert record["mask"] == [] and record["layers"] == ()  # weight 0: no attention term, no patterns read
+    assert max(record["output_loss"][1:]) > 0.0  # the delta moved the distract rows' predictions...
+    assert trace.extra["sadr"] == pytest.approx([50.0 * v for v in record["output_loss"]])
+    with edit(model, EIFFEL, "rome", _config("rome", stats)) as plain:
+        plain_delta = plain.traces[0].delta["blocks.1.mlp.hook_out"]
+    # ... and its gradient reached the optimised vector
+    assert not torch.allclose(trace.delta["blocks.1.mlp.hook_out"], plain_delta)
+
+
+def test_output_target_term_keeps_the_new_target_from_gaining_on_distract_prompts(stats):
+    """With the term, the new target's log-probability at the end of the distract prompts rises
+    less than with the plain edit (measured by full forwards of the edited models)."""
+    from attention_drift.evaluate import continuation_log_probs
+
+    model = tiny_model("llama", n_layers=3)
+    prompts = distract_prompts(EIFFEL)
+
+    def target_lp():
+        return continuation_log_probs(model, prompts, [EIFFEL.target_new] * len(prompts)).sum()
+
+    before = target_lp()
+    cfg = dataclasses.replace(_config("rome", stats), steps=12)
+    with edit(model, EIFFEL, "rome", cfg):
+        plain = target_lp()
+    sadr = SADRConfig(weight=0.0, distract=True, output_weight=100.0, steps=12)
+    with edit(model, EIFFEL, "rome", cfg, sadr=sadr):
+        restricted = target_lp()
+    assert plain > before  # the plain edit pulls the distract prompts toward the new target
+    assert restricted - before < 0.5 * (plain - before)

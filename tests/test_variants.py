@@ -3,7 +3,8 @@ import argparse
 import pytest
 
 from attention_drift import cli
-from attention_drift.variants import SADRSpec, Variant, VariantError, paper_variants, split_layers
+from attention_drift.variants import (SADR_VARIANTS, SADRSpec, Variant, VariantError, paper_variants, sadr_variant,
+                                      split_layers)
 
 
 def test_layer_halves_follow_depth_and_edit_layer():
@@ -18,6 +19,7 @@ def test_paper_table_is_built_from_the_editor_registry():
     for method in EDITORS:
         assert table[method] == Variant(method, method)
         assert table[f"{method}-sadr"] == Variant(f"{method}-sadr", method, SADRSpec())
+        assert table[f"{method}-sadr-plus"] == Variant(f"{method}-sadr-plus", method, sadr_variant("plus", method))
     assert table["rome-sadr-upper"].sadr.layers == "upper"
 
 
@@ -56,3 +58,27 @@ def test_resolve_uses_the_model_preset_and_published_sadr(tiny_llama):
     assert sadr.layers == split_layers(config.layer, tiny_llama.cfg.n_layers)["lower"]
     with pytest.raises(VariantError, match="no layers in that half"):
         Variant("v", "rome", SADRSpec(layers="upper")).resolve(tiny_llama)
+
+
+def test_sadr_variant_flag_picks_a_named_variant_and_other_flags_override_it():
+    plus = cli.variant_from_args(_args("--method", "rome", "--sadr", "--sadr-variant", "plus"))
+    assert plus == paper_variants()["rome-sadr-plus"] and plus.sadr.output_weight > 0 and plus.sadr.distract
+    assert cli.variant_from_args(_args("--method", "pmet", "--sadr", "--sadr-variant", "published")) == \
+        paper_variants()["pmet-sadr"]
+    heavier = cli.variant_from_args(_args("--method", "rome", "--sadr", "--sadr-variant", "plus", "--sadr-steps", "7"))
+    assert heavier.name == "rome-sadr-plus"
+    assert heavier.sadr == sadr_variant("plus", "rome", steps=7)
+    assert set(SADR_VARIANTS) >= {"published", "plus"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (("--method", "rome", "--sadr-variant", "plus"), "--sadr-variant needs --sadr"),
+    (("--method", "rome", "--sadr", "--sadr-variant", "best"), "unknown SADR variant 'best'"),
+    (("--method", "none", "--sadr"), "needs an editing method"),
+    (("--variant", "rome-sadr", "--sadr-variant", "plus"), "names a whole variant"),
+])
+def test_bad_sadr_variant_flags_say_what_to_change(argv, needle):
+    from attention_drift.errors import AttentionDriftError
+
+    with pytest.raises(AttentionDriftError, match=needle):
+        cli.variant_from_args(_args(*argv))

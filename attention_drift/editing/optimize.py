@@ -55,9 +55,10 @@ from attention_drift.data import Rewrite
 from attention_drift.editing.config import EditError, RequestError
 from attention_drift.models import n_layers
 from attention_drift.tokens import Batch
-from attention_drift.hooks import act_name, layer_of
+from attention_drift.hooks import OUTPUT_LOG_PROBS, act_name, layer_of
 
 _DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "output_attentions")
+OUTPUT = OUTPUT_LOG_PROBS
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,10 @@ class ExtraLoss(Protocol):
     the full activation ``[batch, ...]``. An optional ``record`` dict attribute is copied
     into the trace after the run. An optional ``extra_prompts(request) -> list[str]`` adds
     prompt rows to the batch (each containing the subject; the delta is injected at its
-    first occurrence's last token, as the edited MLP would write it there).
+    first occurrence's last token, as the edited MLP would write it there). An optional
+    ``output_rows(info) -> Tensor`` names batch rows whose next-token log-probabilities at
+    their last prompt position the term reads: ``acts[OUTPUT]`` is then ``[len(rows), d_vocab]``
+    (float32, live), in that order.
     """
 
     name: str
@@ -509,6 +513,8 @@ def optimize_values(
                 raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
             (live_names if hook_layer(name) >= layer else const_names)[name] = None
 
+    out_rows = [r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()]
+    out_rows_t = torch.tensor(sorted(set(out_rows)), dtype=torch.long)
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
                          changes_from=subj if suffix_ok else None)
@@ -527,6 +533,7 @@ def optimize_values(
     rw_rows_t, target_t = torch.tensor(rw_rows), torch.tensor(target_ids)
     positions_t = runner.local(rw_rows_t, torch.tensor(positions))
     subj_local = runner.local(rows, subj)
+    out_local = runner.local(out_rows_t, info.last_prompt_index[out_rows_t])
     row_len_t = torch.tensor(row_len, dtype=torch.float32)
 
     d = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
@@ -558,6 +565,8 @@ def optimize_values(
             acts.clear()
             acts.update(constants)
             final, kept = runner.run(keep=(loss_layer,) if loss_layer < total - 1 else ())
+            if len(out_rows_t):
+                acts[OUTPUT] = unembed_rows(model, final[out_rows_t, out_local]).float().log_softmax(-1)
             lens = kept.get(loss_layer, final)
             log_probs = unembed_rows(model, lens[rw_rows_t, positions_t]).float().log_softmax(-1)
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
