@@ -40,7 +40,7 @@ EPS = 1e-8
 DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
-OUTPUTS = ("target", "kl", "both")
+OUTPUTS = ("target", "contrast", "kl", "both")
 
 
 class SADRError(AttentionDriftError):
@@ -79,8 +79,11 @@ class SADRConfig:
             (published). Our extension.
         output: ``"target"``: how far the log-probability of the new target's first token rose
             above the unedited model's, ``relu(log p_now - log p_before)`` (sensitive to the
-            small probabilities that decide a distract prompt); ``"kl"``: KL(unedited ||
-            current) of the whole next-token distribution; ``"both"``: their sum.
+            small probabilities that decide a distract prompt); ``"contrast"``: how far
+            ``log p(new) - log p(true)`` of the first tokens of the new and the old target rose
+            (the comparison that decides a distract prompt whose answer is the old target);
+            ``"kl"``: KL(unedited || current) of the whole next-token distribution; ``"both"``:
+            target + kl.
         distract_subjects: the other subjects of the distract prompts (a fixed list, never
             evaluation data).
     """
@@ -301,9 +304,12 @@ class SADRLoss:
         term = torch.zeros((), device=now.device)
         if self.config.output in ("kl", "both"):
             term = term + (before.exp() * (before - now)).sum(-1).mean()
+        new, true = info.target_ids
         if self.config.output in ("target", "both"):
-            target = info.batch.input_ids[0, info.batch.prompt_lengths[0]]
-            term = term + torch.relu(now[:, target] - before[:, target]).mean()
+            term = term + torch.relu(now[:, new] - before[:, new]).mean()
+        if self.config.output == "contrast":
+            gain = (now[:, new] - now[:, true]) - (before[:, new] - before[:, true])
+            term = term + torch.relu(gain).mean()
         self.record["output_loss"].append(term.item())
         return self.config.output_weight * term
 

@@ -248,7 +248,7 @@ def test_bad_output_term_config_is_a_clear_error(kwargs, match):
         SADRConfig(**kwargs)
 
 
-@pytest.mark.parametrize("output", ["target", "kl", "both"])
+@pytest.mark.parametrize("output", ["target", "contrast", "kl", "both"])
 def test_output_term_is_zero_before_the_edit_and_has_gradient_after(output, stats):
     model = tiny_model("llama", n_layers=3)
     sadr = SADRConfig(weight=0.0, distract=True, output_weight=50.0, output=output, steps=STEPS)

@@ -98,6 +98,7 @@ class StepInfo:
     position predicting the first target token (the essence row: its last token);
     ``subject_last_index`` the subject's last token, where the deltas are added.
     Activations of blocks ``>= start_layer`` are live, those below are constants.
+    ``target_ids``: the first token of the new and of the true target after the prompt.
     """
 
     request: Rewrite
@@ -109,6 +110,7 @@ class StepInfo:
     start_layer: int
     n_layers: int
     extra_rows: Int[Tensor, " extra"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    target_ids: tuple[int, int] = (-1, -1)
 
 
 @runtime_checkable
@@ -502,8 +504,10 @@ def optimize_values(
     extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
     batch, n_rw, subj = rewriting_batch(model, request, templates, extra_prompts)
     rows = torch.arange(len(batch))
+    first_true = tokens.continuation_ids(model, request.prompt, request.target_true)[1][:1] or [-1]
     info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total,
-                    extra_rows=rows[n_rw + 1:])
+                    extra_rows=rows[n_rw + 1:],
+                    target_ids=(int(batch.input_ids[0, batch.prompt_lengths[0]]), int(first_true[0])))
 
     live_names: dict[str, None] = {}
     const_names: dict[str, None] = {}
