@@ -144,17 +144,17 @@ def step_costs(model, request, cfg, repeats: int) -> None:
 
     def run_from(start, changes_from=None):
         runner = LayerRunner(model, batch, start, changes_from=changes_from)
-        local_tp, local_subj = runner.local(ti, tp), runner.local(rows, subj)
+        target_at, subject_at = runner.index(ti, tp), runner.index(rows, subj)
 
         def hook(act, hook):
             act = act.clone()
-            act[rows, local_subj] = act[rows, local_subj] + delta
+            act[subject_at] = act[subject_at] + delta
             return act
 
         def step():
             with model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_out", hook)]):
                 final, _ = runner.run()
-            return -unembed_rows(model, final[ti, local_tp]).log_softmax(-1)[torch.arange(len(tid)), tid].mean()
+            return -unembed_rows(model, final[target_at]).log_softmax(-1)[torch.arange(len(tid)), tid].mean()
         return step
 
     def plain_step():
@@ -163,7 +163,7 @@ def step_costs(model, request, cfg, repeats: int) -> None:
 
     ways = {"(a) full forward, full logits": plain_step, "(b) all blocks, target logits": run_from(0),
             f"(c) blocks {layer}.., target logits": run_from(layer),
-            f"(d) blocks {layer}.., positions from the subject on, target logits": run_from(layer, subj)}
+            f"(d) blocks {layer}.., positions from the subject on (packed), target logits": run_from(layer, subj)}
     times = {name: float("inf") for name in ways}
     for fn in ways.values():
         fn().backward()  # warm-up

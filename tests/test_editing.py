@@ -81,16 +81,16 @@ def test_suffix_runner_matches_the_full_rows_with_a_change_at_the_subject(arch):
     batch, _, subj = rewriting_batch(model, EIFFEL, ["{}", "Paris is big. {}", "A very long prefix here. {}"])
     full = LayerRunner(model, batch, 1)
     part = LayerRunner(model, batch, 1, changes_from=subj)
-    assert part.suffix == (arch == "llama")
+    assert part.layout == ("packed" if arch == "llama" else "full") and full.layout == "full"
     rows = torch.arange(len(batch))
     delta = torch.randn(model.cfg.d_model)
 
     def inject(runner):
-        local = runner.local(rows, subj)
+        at = runner.index(rows, subj)
 
         def fn(act, hook):
             act = act.clone()
-            act[rows, local] += delta
+            act[at] += delta
             return act
         return fn
 
@@ -106,11 +106,11 @@ def test_suffix_runner_matches_the_full_rows_with_a_change_at_the_subject(arch):
     for r in range(len(batch)):
         n = int(batch.attention_mask[r].sum())
         for q in range(int(subj[r]), n):
-            local = int(part.local(torch.tensor([r]), torch.tensor([q]))[0])
-            assert torch.allclose(final_part[r, local], final_full[r, q], atol=1e-5)
+            at = part.index(torch.tensor([r]), torch.tensor([q]))
+            assert torch.allclose(final_part[at][0], final_full[r, q], atol=1e-5)
             assert torch.allclose(pat_part[r, :, q, :n], pat_full[r, :, q, :n], atol=1e-6)
-    if part.suffix:
-        assert final_part.shape[1] < final_full.shape[1]
+    if part.layout == "packed":
+        assert final_part.shape[0] == 1 and final_part.shape[1] < final_full.shape[1] * len(batch)
         assert pat_part[0, :, : int(subj[0])].abs().sum() == 0  # queries before the subject are not run
 
 

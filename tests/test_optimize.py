@@ -8,9 +8,11 @@ from attention_drift import tokens
 from attention_drift.data import Rewrite
 from attention_drift.editing import Objective, ROMEConfig, StatsConfig, apply_edit
 from attention_drift.editing import optimize
-from attention_drift.editing.optimize import LayerRunner, optimize_values, rewriting_batch
+from attention_drift.editing.config import EditError
+from attention_drift.editing.optimize import LayerRunner, optimize_values, rewriting_batch, unembed_rows
 from attention_drift.hooks import act_name
 from attention_drift.models import tiny_model
+from attention_drift.sadr import SADRConfig
 
 EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 
@@ -131,7 +133,7 @@ class _ReadOutput:
         return torch.zeros(())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # cached-suffix layout and full rows
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # packed suffixes and full rows
 def test_output_rows_are_the_full_forwards_next_token_log_probs(arch):
     model = tiny_model(arch, n_layers=3)
     prompt = "The Eiffel Tower is located in Rome. The Louvre is located in"
@@ -146,3 +148,95 @@ def test_output_rows_are_the_full_forwards_next_token_log_probs(arch):
     assert term.seen[0].shape == (1, model.cfg.d_vocab)
     torch.testing.assert_close(term.seen[0][0], expected, atol=1e-4, rtol=1e-4)
     assert not torch.equal(term.seen[-1], term.seen[0])  # later steps see the delta
+
+
+def _distract_batch(model):
+    from attention_drift.sadr import distract_prompts
+
+    templates = ["{}", "Paris is big. {}", "A very long prefix before the prompt. {}"]
+    return rewriting_batch(model, EIFFEL, templates, extra_prompts=distract_prompts(EIFFEL))
+
+
+def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_lengths():
+    """Rewriting rows (short suffixes) and SADR's distract rows (long ones) run as one packed
+    sequence of their real suffix tokens; with a delta added at each row's subject, every
+    suffix position's logits and final residual, and the attention patterns mapped back by
+    ``full_pattern``, are those of a full forward with the same delta."""
+    model = tiny_model("llama", n_layers=3)
+    batch, _, subj = _distract_batch(model)
+    lengths = batch.attention_mask.sum(1)
+    suffix = lengths - subj
+    assert suffix.max() >= 3 * suffix.min()
+    runner = LayerRunner(model, batch, 1, changes_from=subj)
+    assert runner.layout == "packed"
+    rows = torch.arange(len(batch))
+    delta = torch.randn(model.cfg.d_model)
+    mlp, pattern, final_name = act_name("mlp_raw", 1), act_name("pattern", 2), act_name("resid_post", 2)
+
+    def inject(at):
+        def fn(act, hook):
+            act = act.clone()
+            act[at] += delta
+            return act
+        return fn
+
+    seen = {}
+    save = lambda name: lambda act, hook: seen.__setitem__(name, act.detach())  # noqa: E731
+    with torch.no_grad(), model.hooks(fwd_hooks=[(mlp, inject((rows, subj))), (pattern, save("full")),
+                                                 (final_name, save("final"))]):
+        full_logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(mlp, inject(runner.index(rows, subj))), (pattern, save("packed"))]):
+        final, _ = runner.run()
+    assert final.shape == (1, int(suffix.sum()), model.cfg.d_model)  # no padding to the longest suffix
+    assert seen["packed"].shape[:3] == (1, model.cfg.n_heads, int(suffix.sum()))
+    real_rows, real_pos = [], []
+    for r in range(len(batch)):
+        real_rows += [r] * int(suffix[r])
+        real_pos += range(int(subj[r]), int(lengths[r]))
+    real_rows, real_pos = torch.tensor(real_rows), torch.tensor(real_pos)
+    at = runner.index(real_rows, real_pos)
+    torch.testing.assert_close(final[at], seen["final"][real_rows, real_pos], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unembed_rows(model, final[at]), full_logits[real_rows, real_pos], atol=1e-5, rtol=1e-5)
+    mapped = runner.full_pattern(seen["packed"])
+    assert mapped.shape == seen["full"].shape
+    for r in range(len(batch)):
+        s, n = int(subj[r]), int(lengths[r])
+        torch.testing.assert_close(mapped[r, :, s:n], seen["full"][r, :, s:n], atol=1e-6, rtol=1e-5)
+        assert mapped[r, :, :s].abs().sum() == 0 and mapped[r, :, n:].abs().sum() == 0
+    with pytest.raises(EditError, match="not run by the packed layer runner"):
+        runner.index(torch.tensor([0]), torch.tensor([0]))  # before the subject
+
+
+@pytest.mark.parametrize("sadr", [SADRConfig(weight=1.0, distract=True, steps=5),
+                                  SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="both", steps=5)],
+                         ids=["attention", "output"])
+def test_distract_sadr_edit_is_the_same_packed_as_on_full_rows(sadr, monkeypatch):
+    """The packed layout is only faster: a ROME+SADR edit with distract rows (attention term,
+    or the output term reading ``acts[OUTPUT]``) gives the deltas and traces of full rows."""
+    model = tiny_model("llama", n_layers=3)
+    layouts = []
+    init = LayerRunner.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        layouts.append(self.layout)
+
+    monkeypatch.setattr(LayerRunner, "__init__", spy)
+    results = {}
+    for layout in ("packed", "full"):
+        if layout == "full":
+            monkeypatch.setattr(LayerRunner, "_packing_supported", staticmethod(lambda model, start: False))
+        result = apply_edit(model, EIFFEL, "rome", _rome(context_templates=((4, 2), (8, 2))), sadr=sadr,
+                            progress=False)
+        result.restore()
+        results[layout] = result
+    assert layouts == ["packed", "full"]
+    packed, full = results["packed"], results["full"]
+    name = "blocks.1.mlp.out.weight"
+    assert packed.deltas[name].abs().sum() > 0
+    torch.testing.assert_close(packed.deltas[name], full.deltas[name], atol=1e-5, rtol=1e-5)
+    (tp,), (tf,) = packed.traces, full.traces
+    assert tp.steps_run == tf.steps_run == 5 and tp.records["sadr"]["distract_rows"] > 0
+    assert tp.loss == pytest.approx(tf.loss, rel=1e-5, abs=1e-6)
+    assert tp.extra["sadr"] == pytest.approx(tf.extra["sadr"], rel=1e-3, abs=1e-6)
+    assert max(tp.extra["sadr"]) > 0

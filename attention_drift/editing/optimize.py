@@ -23,9 +23,11 @@ and computes logits only at the target positions and at the essence row's subjec
 (final norm and unembedding applied to those rows alone), instead of full-vocabulary
 logits at every position. On rotary-attention models the steps also skip every position
 before the subject's last token, which the deltas cannot reach: those enter attention as
-keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), so a
-step costs the few suffix tokens of each row instead of the whole row. Extra terms that read
-attention patterns get them laid out as in a full forward.
+keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), and the
+suffixes of all rows run packed into one sequence, so a step costs the sum of the suffix
+lengths, not the whole rows nor every row padded to the longest suffix (the distract rows'
+are several times the rewriting rows'). Extra terms that read attention patterns get them
+laid out as in a full forward.
 
 Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at layers >=
 ``layer`` are captured live (differentiable) from each step's forward pass, those below come
@@ -44,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import einops
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -260,8 +263,9 @@ def _stop_before_final_norm(module, args, kwargs):
 
 
 class _PrefixCache:
-    """A stand-in for HF's key-value cache: puts each layer's constant keys / values (all ``T``
-    positions of the reference pass) in front of the live ones, and stores nothing."""
+    """A stand-in for HF's key-value cache: puts each layer's constant keys / values (those of
+    every row's positions before its suffix, from the reference pass) in front of the live
+    ones, and stores nothing."""
 
     def __init__(self, kv: dict[int, tuple[Tensor, Tensor]]):
         self.kv = kv
@@ -283,13 +287,17 @@ class LayerRunner:
     ``changes_from[row]``, when given, is the first position of each row that a change at
     block ``start`` can reach (the deltas go in at the subject's last token; causal attention
     keeps every earlier position as it was). Then, on rotary-attention bridges (Llama,
-    SmolLM2, Gemma...), blocks run on those *suffix* positions only: earlier positions enter
-    attention as keys / values cached from the reference pass. Activations are then laid out
-    ``[row, suffix position]`` (use :meth:`local` for positions) and attention patterns
-    ``[row, head, suffix query, T cached keys + suffix keys]`` (:meth:`full_pattern` maps them
-    back to ``[row, head, T, T]``). A check at construction compares the suffix run with the
-    reference (in bfloat16 / float16, to a few rounding units per position); on a mismatch (or
-    another attention type) the runner falls back to full rows (``self.suffix`` is False).
+    SmolLM2, Gemma...), blocks run on those *suffix* positions only, packed: the real suffix
+    tokens of all rows form one sequence of ``N`` tokens (batch 1, no padding to the longest
+    suffix), each attending to its own row's earlier positions, which enter attention as
+    keys / values cached from the reference pass (all rows' ``P`` of them in one key
+    sequence), and to its own row's earlier suffix tokens; the mask is gathered from HF's
+    per-layer masks, so sliding windows hold. Activations are then ``[1, N, ...]``
+    (:meth:`index` maps (row, position) pairs to them) and attention patterns
+    ``[1, head, N, P + N]`` (:meth:`full_pattern` maps them back to ``[row, head, T, T]``).
+    A check at construction compares the packed run with the reference (in bfloat16 /
+    float16, to a few rounding units per position); on a mismatch (or another attention
+    type) the runner falls back to full rows. ``layout`` says which: ``"packed"`` or ``"full"``.
     """
 
     def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = (),
@@ -297,9 +305,9 @@ class LayerRunner:
         self.model, self.start, self.total = model, start, n_layers(model)
         calls: dict[int, tuple[tuple, dict]] = {}
         saved: dict[str, Tensor] = {}
-        want_suffix = changes_from is not None and self._suffix_supported(model, start)
+        want_packed = changes_from is not None and self._packing_supported(model, start)
         kv_names = ([n for l in range(start, self.total) for n in (act_name("rot_k", l), act_name("v", l))]
-                    if want_suffix else [])
+                    if want_packed else [])
         final_name = act_name("resid_post", self.total - 1)
 
         def pre_hook(layer):
@@ -317,7 +325,7 @@ class LayerRunner:
         ln_final = getattr(model, "ln_final", None)
         if isinstance(ln_final, torch.nn.Module):
             handles.append(ln_final.register_forward_pre_hook(_stop_before_final_norm, with_kwargs=True))
-        names = dict.fromkeys([*reference_names, *kv_names, *([final_name] if want_suffix else [])])
+        names = dict.fromkeys([*reference_names, *kv_names, *([final_name] if want_packed else [])])
         self._final: Tensor | None = None
         self._logits: Tensor | None = None
         try:
@@ -338,19 +346,21 @@ class LayerRunner:
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.calls[layer] = (args[1:] if args else (), kwargs)
-        self.suffix = False
-        if want_suffix:
-            self._build_suffix(batch, changes_from.to(self.resid.device), saved)
-        if self.suffix:
+        self.layout = "full"
+        if want_packed:
+            self._build_packed(batch, changes_from.to(self.resid.device), saved)
+        if self.layout == "packed":
             with torch.no_grad():
                 final, _ = self.run()
-                reference = saved[final_name][self.rows, self.pos]
-                final, reference = final[self.valid].float(), reference[self.valid].float()
+                final = final[0].float()
+                reference = saved[final_name][self._rows, self._pos].float()
                 if self.resid.dtype in (torch.float32, torch.float64):
-                    self.suffix = torch.allclose(final, reference, atol=1e-4, rtol=1e-3)
+                    ok = torch.allclose(final, reference, atol=1e-4, rtol=1e-3)
                 else:  # bfloat16 / float16: rounding differs with the batch layout; bugs give O(1) errors
                     error = (final - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)
-                    self.suffix = bool(error.max() <= 8 * torch.finfo(self.resid.dtype).eps)
+                    ok = bool(error.max() <= 8 * torch.finfo(self.resid.dtype).eps)
+            if not ok:
+                self.layout = "full"
 
     @property
     def logits(self) -> Tensor:
@@ -363,82 +373,88 @@ class LayerRunner:
         return self._logits
 
     @staticmethod
-    def _suffix_supported(model, start: int) -> bool:
+    def _packing_supported(model, start: int) -> bool:
         attn = model.blocks[start].attn
         return (type(attn).__name__ == "PositionEmbeddingsAttentionBridge" and hasattr(attn, "hook_rot_k")
                 and all(act_name(kind, l) in model.hook_dict for l in range(start, n_layers(model))
                         for kind in ("rot_k", "v")))
 
-    def _build_suffix(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor]) -> None:
+    def _build_packed(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor]) -> None:
+        """Sets up the packed layout (``layout = "packed"``), or leaves ``layout`` at ``"full"``
+        when a block's arguments are not the kind it knows how to pack."""
         b, T = batch.input_ids.shape
         device = self.resid.device
-        lengths = batch.attention_mask.to(device).sum(1)
-        s = changes_from.long()
-        S = int((lengths - s).max())
-        pos = s[:, None] + torch.arange(S, device=device)[None]
-        self.valid = pos < lengths[:, None]
-        self.pos = pos.clamp(max=T - 1)
-        self.rows = torch.arange(b, device=device)[:, None]
-        self.s, self.T, self.S, self.lengths = s, T, S, lengths
-        self.suffix_resid = self.resid[self.rows, self.pos]
-        self.suffix_calls = {}
+        real = batch.attention_mask.to(device).bool()
+        before = torch.arange(T, device=device)[None] < changes_from.long()[:, None]
+        rows, pos = (real & ~before).nonzero(as_tuple=True)  # the packed tokens, row by row
+        key_rows, key_pos = (real & before).nonzero(as_tuple=True)  # the cached keys
+        n, p = len(rows), len(key_rows)
+        flat = torch.full((b, T), -1, dtype=torch.long, device=device)
+        flat[rows, pos] = torch.arange(n, device=device)
+        key = torch.full((b, T), -1, dtype=torch.long, device=device)
+        key[key_rows, key_pos] = torch.arange(p, device=device)
+        key[rows, pos] = p + torch.arange(n, device=device)
+        other_row = torch.cat([rows[:, None] != key_rows[None], rows[:, None] != rows[None]], 1)
+        packed_calls = {}
         for layer, (args, kwargs) in self.calls.items():
             mask = kwargs.get("attention_mask")
-            if args or mask is None or mask.dim() != 4 or "position_embeddings" not in kwargs:
+            if (args or mask is None or mask.dim() != 4 or not mask.is_floating_point()
+                    or "position_embeddings" not in kwargs):
                 return
-            mask = mask.expand(b, -1, -1, -1)
-            low = torch.finfo(mask.dtype).min if mask.is_floating_point() else None
-            if low is None:
-                return
-            rows_q = mask.gather(2, self.pos[:, None, :, None].expand(b, mask.shape[1], S, T))
-            keys = torch.arange(T, device=device)
-            prefix = rows_q.masked_fill(~(keys[None, None, None, :] < s[:, None, None, None]), low)
-            suffix = rows_q.gather(3, self.pos[:, None, None, :].expand(b, mask.shape[1], S, S))
-            suffix = suffix.masked_fill(~self.valid[:, None, None, :], low)
             cos, sin = kwargs["position_embeddings"]
-            gather = lambda t: t.expand(b, -1, -1)[self.rows, self.pos]  # noqa: E731
+            if cos.dim() != 3:
+                return
+            per_query = mask.expand(b, -1, -1, -1)[rows, :, pos]  # [query, mask head, T]
+            packed_mask = per_query[..., torch.cat([key_pos, pos])]
+            packed_mask = packed_mask.masked_fill(other_row[:, None], torch.finfo(mask.dtype).min)
+            gather = lambda t: t.expand(b, *t.shape[1:])[rows, pos][None]  # noqa: E731
             attn = self.model.blocks[layer].attn
             k = saved[act_name("rot_k", layer)]  # hooks show [batch, pos, kv head, d_head]
-            v = saved[act_name("v", layer)]
-            v = v.reshape(b, T, k.shape[2], -1)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            v = saved[act_name("v", layer)].reshape(*k.shape[:3], -1)
+            k, v = (einops.rearrange(t[key_rows, key_pos], "key head d -> 1 head key d") for t in (k, v))
             # HF 5 hands its own cache to attention as ``cache``, which the bridge does not read;
             # ``layer_past`` reaches the bridge's attention through the decoder layer's **kwargs.
-            new = {**kwargs, "attention_mask": torch.cat([prefix, suffix], -1),
+            new = {**kwargs, "attention_mask": einops.rearrange(packed_mask, "q h k -> 1 h q k"),
                    "position_embeddings": (gather(cos), gather(sin)),
                    "layer_past": _PrefixCache({int(getattr(attn, "_layer_idx", layer)): (k, v)})}
-            if "position_ids" in kwargs and kwargs["position_ids"] is not None:
-                new["position_ids"] = kwargs["position_ids"].expand(b, -1)[self.rows, self.pos]
-            self.suffix_calls[layer] = new
-        self.suffix = True
+            if kwargs.get("position_ids") is not None:
+                new["position_ids"] = gather(kwargs["position_ids"])
+            packed_calls[layer] = new
+        self.packed_calls, self.packed_resid = packed_calls, self.resid[rows, pos][None]
+        self._rows, self._pos, self._flat, self._key = rows, pos, flat, key
+        self.layout = "packed"
 
-    def local(self, rows: Tensor, positions: Tensor) -> Tensor:
-        """Positions of the runner's activations for (row, absolute position) pairs."""
-        return positions - self.s[rows] if self.suffix else positions
+    def index(self, rows: Int[Tensor, " n"], positions: Int[Tensor, " n"]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+        """(row index, position index) of (row, absolute position) pairs in the runner's
+        activations (read them as ``act[row_index, position_index]``): the pairs themselves
+        with full rows, ``(0, packed position)`` in the packed layout."""
+        if self.layout == "full":
+            return rows, positions
+        flat = self._flat[rows.to(self._flat.device), positions.to(self._flat.device)]
+        if bool((flat < 0).any()):
+            bad = [(int(r), int(q)) for r, q, f in zip(rows, positions, flat) if f < 0]
+            raise EditError(f"(row, position) pairs {bad} are not run by the packed layer runner: only real "
+                            "tokens from each row's changes_from position on are")
+        return torch.zeros_like(flat), flat
 
     def full_pattern(self, pattern: Tensor) -> Tensor:
-        """A suffix-layout attention pattern ``[row, head, S, T + S]`` as ``[row, head, T, T]``
-        (queries before the suffix and padding are zero)."""
-        if not self.suffix:
+        """An attention pattern of the runner's layout as ``[row, head, T, T]``: a packed
+        ``[1, head, N, P + N]`` one gets zeros at queries before each row's suffix and at padding."""
+        if self.layout == "full":
             return pattern
-        b, h = pattern.shape[:2]
-        T, S = self.T, self.S
-        q = torch.arange(T, device=pattern.device)[None, :]
-        idx_q = (q - self.s[:, None]).clamp(0, S - 1)
-        ok_q = (q >= self.s[:, None]) & (q < self.lengths[:, None])
-        idx_k = torch.where(q < self.s[:, None], q, T + q - self.s[:, None]).clamp(max=T + S - 1)
-        ok_k = q < self.lengths[:, None]
-        out = pattern.gather(2, idx_q[:, None, :, None].expand(b, h, T, T + S))
-        out = out.gather(3, idx_k[:, None, None, :].expand(b, h, T, T))
-        return out * (ok_q[:, None, :, None] & ok_k[:, None, None, :])
+        query, key = self._flat, self._key
+        out = pattern[0][:, query.clamp(min=0)[:, :, None], key.clamp(min=0)[:, None, :]]
+        seen = (query >= 0)[:, :, None] & (key >= 0)[:, None, :]
+        return einops.rearrange(out, "head row q k -> row head q k") * seen[:, None]
 
     def run(self, upto: int | None = None, keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """(residual after block ``upto`` (default: the last), {layer: residual after it} for ``keep``)."""
         upto = self.total - 1 if upto is None else upto
-        hidden, kept = (self.suffix_resid if self.suffix else self.resid), {}
+        packed = self.layout == "packed"
+        hidden, kept = (self.packed_resid if packed else self.resid), {}
         for layer in range(self.start, upto + 1):
-            if self.suffix:
-                out = self.model.blocks[layer](hidden, **self.suffix_calls[layer])
+            if packed:
+                out = self.model.blocks[layer](hidden, **self.packed_calls[layer])
             else:
                 args, kwargs = self.calls[layer]
                 if "hidden_states" in kwargs:
@@ -535,9 +551,10 @@ def optimize_values(
         target_ids += batch.input_ids[i, p:p + t].tolist()
         row_len.append(t)
     rw_rows_t, target_t = torch.tensor(rw_rows), torch.tensor(target_ids)
-    positions_t = runner.local(rw_rows_t, torch.tensor(positions))
-    subj_local = runner.local(rows, subj)
-    out_local = runner.local(out_rows_t, info.last_prompt_index[out_rows_t])
+    target_at = runner.index(rw_rows_t, torch.tensor(positions))
+    subject_at = runner.index(rows, subj)
+    essence_at = runner.index(rows[n_rw:n_rw + 1], subj[n_rw:n_rw + 1])
+    output_at = runner.index(out_rows_t, info.last_prompt_index[out_rows_t])
     row_len_t = torch.tensor(row_len, dtype=torch.float32)
 
     d = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
@@ -547,7 +564,7 @@ def optimize_values(
     def inject(site):
         def fn(act, hook):
             act = act.clone()
-            act[rows, subj_local] = (act[rows, subj_local] + d[site]).to(act.dtype)
+            act[subject_at] = (act[subject_at] + d[site]).to(act.dtype)
             return act
         return fn
 
@@ -570,13 +587,13 @@ def optimize_values(
             acts.update(constants)
             final, kept = runner.run(keep=(loss_layer,) if loss_layer < total - 1 else ())
             if len(out_rows_t):
-                acts[OUTPUT] = unembed_rows(model, final[out_rows_t, out_local]).float().log_softmax(-1)
+                acts[OUTPUT] = unembed_rows(model, final[output_at]).float().log_softmax(-1)
             lens = kept.get(loss_layer, final)
-            log_probs = unembed_rows(model, lens[rw_rows_t, positions_t]).float().log_softmax(-1)
+            log_probs = unembed_rows(model, lens[target_at]).float().log_softmax(-1)
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
             nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
             nll = nll_each.mean()
-            kl_lp = unembed_rows(model, final[rows[n_rw:n_rw + 1], subj_local[n_rw:n_rw + 1]]).float().log_softmax(-1)
+            kl_lp = unembed_rows(model, final[essence_at]).float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
