@@ -199,15 +199,15 @@ class Variant:
 SADR_VARIANTS: dict[str, dict[str, SADRSpec]] = {
     "published": {"*": SADRSpec()},
     "plus": {
-        "*": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0),
+        "*": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast"),
     },
 }
 """Named SADR variants, per editing method (``"*"``: any other method): ``published`` is the
-paper's regulariser with its published weight and steps; ``plus`` is ours: on a few synthetic
+paper's regulariser with its published weight and steps; ``plus`` is ours: on three synthetic
 distract prompts (the edit sentence, then the rewriting prompt about other, fixed subjects) the
-new target's first token may not gain log-probability over the unedited model
-(:class:`~attention_drift.sadr.SADRConfig` ``output="target"``), with no attention term and the
-editor's own 20 steps. Chosen on the development split's tuning half (``benchmarks/tune_sadr.py``;
+new target may not gain on the old one, ``log p(new) - log p(true)`` of their first tokens at the
+prompts' end staying at or below the unedited model's (:class:`~attention_drift.sadr.SADRConfig`
+``output="contrast"``, weight 1), with no attention term and the editor's own 20 steps. Chosen on the development split's tuning half (``benchmarks/tune_sadr.py``;
 every candidate tried is in :data:`PLUS_CANDIDATES`); what it gives on the report half is in
 the README."""
 
