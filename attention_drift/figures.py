@@ -212,8 +212,8 @@ def _editors() -> list[str]:
 
 
 def _main() -> list[str]:
-    """Every editor, then the editor with the published SADR."""
-    return [name for method in _editors() for name in (method, f"{method}-sadr")]
+    """Every editor, then the editor with the published SADR and with SADR+ (``-sadr-plus``)."""
+    return [name for method in _editors() for name in (method, f"{method}-sadr", f"{method}-sadr-plus")]
 
 
 def _prevalence(runs, out: Path, png: bool) -> dict:
@@ -232,7 +232,8 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
 def _main_table(runs, out: Path, png: bool) -> dict:
     from attention_drift import plots
 
-    pairs = [(m, f"{m}-sadr") for m in _editors()]
+    pairs = [pair for m in _editors()
+             for pair in ((m, f"{m}-sadr"), (m, f"{m}-sadr-plus"), (f"{m}-sadr", f"{m}-sadr-plus"))]
     summaries = _summaries(runs, _main(), shared=False, pairs=pairs)
     if not summaries:
         return {}
