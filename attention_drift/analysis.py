@@ -13,7 +13,9 @@ prediction position on the distract-neighbourhood and distract-relation prompts;
 (:func:`drift_from_lines`, i.e. :func:`attention_drift.drift.drift_report`), per-head statistics,
 the top drifting heads with their attention to the edited subject's last token before -> after
 the edit, and how drift predicts specificity failure (Pearson / Spearman with 95% CIs, AUROC,
-binned failure curves).
+binned failure curves). Failure is counted on the prompts the unedited model got right only
+(:class:`attention_drift.drift.Outcome`); the markdown and the drift-vs-failure figure say how
+many prompts that keeps and excludes, and show the attention-mass factor beside the KL factor.
 
 :func:`run_patch` (RQ4 and RQ2): per record, the restoration variants, sweeps and contamination
 of :func:`attention_drift.patching.patch_record` on its distract-neighbourhood prompts; over
@@ -120,26 +122,88 @@ def drift_from_lines(lines: Sequence[dict], groups: Sequence[str] = DRIFT_GROUPS
     return drift_report(records, groups, threshold=threshold).to_dict(top_k)
 
 
+def _ci(entry: dict, low: str = "ci_low", high: str = "ci_high") -> str:
+    return f"[{_fmt(entry[low], '.2f')}, {_fmt(entry[high], '.2f')}]"
+
+
+def _failure_sentence(result: dict) -> str:
+    """How many prompts the failure statistics keep, and the failure rate per group."""
+    f = result["failure"]["all"]
+    rates = ", ".join(
+        f"{g} {_fmt(v['rate'], '.2f')} [{_fmt(v['ci95'][0], '.2f')}, {_fmt(v['ci95'][1], '.2f')}] "
+        f"({v['n_failed']} / {v['n_kept']})"
+        for g, v in result["failure"].items() if v["n_kept"])
+    wrong = ", ".join(f"{g} {_fmt(v, '.2f')}" for g, v in result["wrong_after_rate"].items()
+                      if g == "all" or result["n_samples_by_group"].get(g))
+    return (f"Failure: a prompt the unedited model got right (P(true) ≥ P(new)) that the edited model gets wrong. "
+            f"Prompts already wrong before the edit are excluded from every failure statistic: kept "
+            f"{f['n_kept']} of {f['n_prompts']} prompts ({f['n_excluded_wrong_before']} excluded), from "
+            f"{f['n_records_kept']} of {f['n_records']} records. Failure rate [95% CI] (failed / kept): {rates}. "
+            f"(Wrong after the edit over all prompts, which counts the prompts wrong before too: {wrong}.)")
+
+
 def drift_markdown(result: dict, title: str = "") -> str:
+    """The drift section: sizes, the failure definition and rate, the top heads, and per group and
+    :data:`~attention_drift.drift.HEADLINE_FACTORS` factor the Pearson and Spearman correlations
+    (Fisher-z 95% CIs) with failure and with the log-odds drop and the AUROC for failure
+    (record-clustered bootstrap 95% CI), over the prompts right before the edit."""
     rows = [f"## attention drift{' · ' + title if title else ''}", "",
             f"{result['records']} records, {result['n_samples']} prompts "
-            f"({', '.join(f'{g}: {n}' for g, n in result['n_samples_by_group'].items())}); failure rate "
-            + ", ".join(f"{g} {_fmt(v, '.2f')}" for g, v in result["failure_rate"].items()), "",
+            f"({', '.join(f'{g}: {n}' for g, n in result['n_samples_by_group'].items())}).", "",
+            _failure_sentence(result), "",
             "| layer | head | subject attn before → after | mean drift | frac > 0.05 |", "|---:|---:|---|---:|---:|"]
     for t in result["top_heads"]:
         rows.append(f"| {t['layer']} | {t['head']} | {t['before']:.3f} → {t['after']:.3f} | "
                     f"{t['drift']:+.3f} | {t['frac_above']:.2f} |")
-    rows += ["", "| group | factor | Pearson r [95% CI] vs fails | Spearman ρ [95% CI] vs fails | "
-             "Pearson r vs log-odds drop | AUROC | n |", "|---|---|---|---|---|---:|---:|"]
-    for group, by_factor in result["headline"].items():
+    rows += ["", "Drift factors vs failure and log-odds(true vs new) drop, over the prompts right before the edit "
+             "(correlations: Fisher-z 95% CIs; AUROC: record-clustered bootstrap 95% CI):", "",
+             "| group | factor | Pearson r vs failure | Spearman ρ vs failure | AUROC for failure | "
+             "Pearson r vs log-odds drop | Spearman ρ vs log-odds drop | prompts / records |",
+             "|---|---|---|---|---|---|---|---:|"]
+    for group, by_factor in result["headline_right_before"].items():
         for factor, h in by_factor.items():
-            p, s, pl = h["pearson_fails"], h["spearman_fails"], h["pearson_logodds_drop"]
-            if not p["n"]:  # a group without prompts in this run (e.g. relation prompts of CounterFact records)
+            if not h["n_prompts"]:  # a group without prompts in this run (e.g. relation prompts of CounterFact records)
                 continue
-            rows.append(f"| {group} | {factor} | {_fmt(p['r'])} [{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}] | "
-                        f"{_fmt(s['r'])} [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | {_fmt(pl['r'])} "
-                        f"(p {_fmt(pl['p_value'], '.2g')}) | {_fmt(h['auroc'])} | {p['n']} |")
+            cells = [f"{_fmt(h[k]['r'])} {_ci(h[k])}" for k in ("pearson_failure", "spearman_failure")]
+            cells.append(f"{_fmt(h['auroc']['value'])} {_ci(h['auroc'])}")
+            cells += [f"{_fmt(h[k]['r'])} {_ci(h[k])} (p {_fmt(h[k]['p_value'], '.2g')})"
+                      for k in ("pearson_logodds_drop", "spearman_logodds_drop")]
+            rows.append(f"| {group} | {factor} | " + " | ".join(cells) + f" | {h['n_prompts']} / {h['n_records']} |")
     return "\n".join(rows)
+
+
+FIGURE_FACTORS = {"max_drift_subject_last": "max over heads of the drift of attention to the subject's last token",
+                  "max_kl": "max over heads of KL(before ‖ after) of the attention row"}
+"""The factors of the drift-vs-failure figure, side by side: attention mass and KL."""
+
+
+def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS):
+    """The drift-vs-failure figure of a ``drift.json`` content (:meth:`DriftReport.to_dict`): one
+    panel per factor (default: the attention-mass factor beside the KL factor), the log-odds
+    drop of every prompt right before the edit (failed ones coloured), binned means with 95%
+    CIs, Pearson and Spearman with the log-odds drop (95% CIs), the AUROC for failure (95% CI)
+    and n. None when fewer than 2 such prompts have finite values."""
+    from attention_drift import plots
+
+    failure = result["failure"]["all"]
+    panels = []
+    for factor, label in factors.items():
+        kept = [s for s in result["samples"] if s["right_before"] and math.isfinite(s["factors"][factor])
+                and math.isfinite(s["severity"]["logodds_drop"])]
+        if len(kept) < 2:
+            continue
+        c = result["correlations_right_before"]["all"][factor]["logodds_drop"]
+        panels.append({
+            "drift": torch.tensor([s["factors"][factor] for s in kept]),
+            "failure": torch.tensor([s["severity"]["logodds_drop"] for s in kept]),
+            "failed": [s["flipped"] for s in kept], "bins": min(8, len(kept)),
+            "correlations": [c["pearson"], c["spearman"]], "auroc": result["auroc_right_before"]["all"][factor],
+            "n_records": len({json.dumps(s["case_id"]) for s in kept}), "xlabel": f"{factor}: {label}"})
+    if not panels:
+        return None
+    return plots.drift_vs_failure_panels(panels, ylabel="log-odds(true vs new) drop", title=(
+        f"Drift vs failure · {failure['n_kept']} prompts right before the edit, {failure['n_records_kept']} records "
+        f"({failure['n_excluded_wrong_before']} prompts wrong before the edit excluded)"))
 
 
 def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:
@@ -148,22 +212,15 @@ def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:
     written = []
     before = torch.tensor(result["subject_last_attention"]["before"])
     after = torch.tensor(result["subject_last_attention"]["after"])
+    stats = result["head_stats"]["delta_subject_last"]
+    mean, sem = torch.tensor(stats["mean"]), torch.tensor(stats["sem"])
     kl = torch.tensor(result["head_stats"]["kl"]["mean"])
-    fig = plots.drift_heatmap(before, after, kl=kl, title=(
+    fig = plots.drift_heatmap(before, after, kl=kl, drift_ci=(mean - 1.96 * sem, mean + 1.96 * sem), title=(
         f"Drift of attention to the edited subject · {result['n_samples']} prompts, "
-        f"{result['records']} edits"))
+        f"{result['records']} records (hover: 95% CI of each head's mean drift)"))
     written += _save_figure(fig, out / "drift_heatmap", png)
-    samples = [s for s in result["samples"]
-               if math.isfinite(s["factors"]["max_drift_subject_last"]) and math.isfinite(s["severity"]["logodds_drop"])]
-    if len(samples) >= 2:
-        c = result["correlations"]["all"]["max_drift_subject_last"]["logodds_drop"]["pearson"]
-        fig = plots.drift_vs_failure(
-            torch.tensor([s["factors"]["max_drift_subject_last"] for s in samples]),
-            torch.tensor([s["severity"]["logodds_drop"] for s in samples]),
-            bins=min(8, len(samples)), rho=None if c["r"] != c["r"] else c["r"],
-            p_value=None if c["p_value"] != c["p_value"] else c["p_value"],
-            xlabel="max over heads of the drift to the subject's last token",
-            ylabel="log-odds(true vs new) drop")
+    fig = drift_failure_figure(result)
+    if fig is not None:
         written += _save_figure(fig, out / "drift_vs_failure", png)
     return written
 

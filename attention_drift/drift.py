@@ -681,7 +681,8 @@ class HeadStats:
     """Per-head statistics over prompts of one per-head quantity ([layer, head] each).
 
     ``mean`` and ``quantiles`` (at ``levels``) ignore NaN prompts; ``frac_above`` is the fraction
-    of prompts whose value exceeds ``threshold``.
+    of prompts whose value exceeds ``threshold``; ``sem`` the standard error of the mean
+    (sample standard deviation / sqrt(n); NaN below 2 prompts).
     """
 
     name: str
@@ -690,6 +691,7 @@ class HeadStats:
     levels: tuple[float, ...]
     frac_above: Float[Tensor, "layer head"]
     threshold: float
+    sem: Float[Tensor, "layer head"] | None = None
 
     @classmethod
     def of(cls, name: str, values: Float[Tensor, "n layer head"], levels: tuple[float, ...],
@@ -699,7 +701,10 @@ class HeadStats:
         mean = torch.where(valid, values, 0.0).sum(0) / count
         quantiles = torch.nanquantile(values, torch.tensor(levels, dtype=values.dtype, device=values.device), dim=0)
         frac = ((values > threshold) & valid).sum(0) / count
-        return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold)
+        n = valid.sum(0)
+        var = torch.where(valid, (values - mean) ** 2, 0.0).sum(0) / (n - 1).clamp(min=1)
+        sem = (var / n.clamp(min=1)).sqrt().masked_fill(n < 2, math.nan)
+        return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold, sem.to(values.dtype))
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean, as (layer, head, mean)."""
@@ -708,7 +713,8 @@ class HeadStats:
     def to_dict(self) -> dict:
         return {"name": self.name, "mean": self.mean.tolist(), "levels": list(self.levels),
                 "quantiles": self.quantiles.tolist(), "threshold": self.threshold,
-                "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()]}
+                "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()],
+                "sem": None if self.sem is None else self.sem.tolist()}
 
 
 HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last", "max_kl")

@@ -11,6 +11,7 @@ from attention_drift.data import load_example
 from attention_drift.patching import Patch, topk_variant
 
 from handmade_edit import push_subject  # noqa: E402
+from synthetic_drift import synthetic_run  # noqa: E402
 
 RECORDS = load_example()
 CF = [r for r in RECORDS if r.kind == "counterfact"]   # neighbourhood prompts (distract neighbourhood)
@@ -168,14 +169,53 @@ def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
 
 
 
-def test_drift_markdown_leaves_out_groups_without_prompts():
-    corr = {"r": 0.5, "ci_low": 0.1, "ci_high": 0.8, "p_value": 0.01, "n": 12}
-    empty = {**corr, "r": float("nan"), "n": 0}
-    headline = {"all": {"max_drift_subject_last": {"pearson_fails": corr, "spearman_fails": corr,
-                                                    "pearson_logodds_drop": corr, "auroc": 0.7}},
-                "distract_relation": {"max_drift_subject_last": {"pearson_fails": empty, "spearman_fails": empty,
-                                                                  "pearson_logodds_drop": empty, "auroc": float("nan")}}}
-    result = {"records": 2, "n_samples": 12, "n_samples_by_group": {"distract_neighborhood": 12, "distract_relation": 0},
-              "failure_rate": {"all": 0.5}, "top_heads": [], "headline": headline}
+def _synthetic_lines(prompts_per_record=(4,), n_records=6):
+    """Synthetic drift-run lines whose every third prompt the unedited model got wrong already."""
+    lines, _ = synthetic_run(n_records=n_records, prompts_per_record=prompts_per_record, seed=2, n_layers=4,
+                             n_heads=3, drifting=((2, 1), (3, 0)), pattern_heads=1)
+    i = 0
+    for line in lines[1:]:
+        for s in line["samples"]:
+            if i % 3 == 0:
+                s["lp_true_before"], s["lp_new_before"] = s["lp_new_before"], s["lp_true_before"]
+            i += 1
+    return lines[1:]
+
+
+def test_drift_markdown_reports_failure_on_prompts_right_before():
+    result = analysis.drift_from_lines(_synthetic_lines())
+    f = result["failure"]["all"]
+    assert (f["n_prompts"], f["n_kept"], f["n_excluded_wrong_before"]) == (24, 16, 8)
     text = analysis.drift_markdown(result)
-    assert "| all | max_drift_subject_last | 0.500" in text and "| distract_relation |" not in text
+    assert "kept 16 of 24 prompts (8 excluded), from 6 of 6 records" in text
+    assert f"all {f['rate']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}] ({f['n_failed']} / 16)" in text
+    assert "Pearson r vs failure | Spearman ρ vs failure | AUROC for failure" in text
+    h = result["headline_right_before"]["all"]["max_kl"]
+    row = next(line for line in text.splitlines() if line.startswith("| all | max_kl |"))
+    assert f"{h['auroc']['value']:.3f} [{h['auroc']['ci_low']:.2f}, {h['auroc']['ci_high']:.2f}]" in row
+    assert f"{h['spearman_logodds_drop']['r']:.3f}" in row and row.endswith(f"| {h['n_prompts']} / 6 |")
+    assert h["n_prompts"] == 16
+
+
+def test_drift_markdown_leaves_out_groups_without_prompts():
+    result = analysis.drift_from_lines(_synthetic_lines(prompts_per_record=(1,)))
+    text = analysis.drift_markdown(result)
+    assert "| all | max_drift_subject_last |" in text and "| distract_relation |" not in text
+    assert "distract_relation nan" not in text
+
+
+def test_drift_failure_figure_shows_kl_beside_attention_mass():
+    result = analysis.drift_from_lines(_synthetic_lines())
+    fig = analysis.drift_failure_figure(result)
+    assert [a.xref for a in fig.layout.annotations] == ["x domain", "x2 domain"]
+    assert fig.layout.xaxis.title.text.startswith("max_drift_subject_last")
+    assert fig.layout.xaxis2.title.text.startswith("max_kl")
+    kept = [s for s in result["samples"] if s["right_before"]]
+    held, failed = fig.data[0], fig.data[1]
+    assert len(held.x) + len(failed.x) == len(kept) and len(failed.x) == sum(s["flipped"] for s in kept)
+    for text, factor in zip((a.text for a in fig.layout.annotations), analysis.FIGURE_FACTORS):
+        c = result["correlations_right_before"]["all"][factor]["logodds_drop"]
+        assert f"Pearson r = {c['pearson']['r']:.3f}" in text and f"Spearman ρ = {c['spearman']['r']:.3f}" in text
+        assert "AUROC = " in text and "(cluster bootstrap) for failure" in text and "n = 16 cases, 6 records" in text
+    assert "16 prompts right before the edit, 6 records (8 prompts wrong before the edit excluded)" in \
+        fig.layout.title.text
