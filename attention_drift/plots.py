@@ -145,12 +145,14 @@ def patching_heatmap(
     row_title: str = "layer",
     col_title: str = "component",
     value_name: str = "recovery",
+    ci: tuple[Float[Tensor, "row col"], Float[Tensor, "row col"]] | None = None,
 ) -> go.Figure:
     """Heatmap of a patching result: layer x component, layer x head, or position x layer
     (contamination, with the prompt's tokens as ``row_labels``).
 
     Colours use a diverging scale centred at ``zmid`` (a sequential one when ``zmid`` is
-    None). NaN cells are left blank. Hover shows the row label, column label and value.
+    None). NaN cells are left blank. Hover shows the row label, column label and value, and
+    the cell's (low, high) interval ``ci`` when given.
     """
     z = _values(recovery)
     rows, cols = z.shape
@@ -161,6 +163,15 @@ def patching_heatmap(
         )
     row_text, col_text = [_label(r) for r in row_labels], [_label(c) for c in col_labels]
     custom = [[[row_text[i], col_text[j]] for j in range(cols)] for i in range(rows)]
+    ci_hover = ""
+    if ci is not None:
+        low, high = (_values(t) for t in ci)
+        _check_shape("ci", low, z.shape, "recovery")
+        _check_shape("ci", high, z.shape, "recovery")
+        for i in range(rows):
+            for j in range(cols):
+                custom[i][j] += [f"{float(low[i, j]):.3g}", f"{float(high[i, j]):.3g}"]
+        ci_hover = "<br>95% CI: [%{customdata[2]}, %{customdata[3]}]"
     colour = {"colorscale": DIVERGING, "zmid": zmid} if zmid is not None else {"colorscale": SEQUENTIAL}
     fig = go.Figure(
         go.Heatmap(
@@ -170,7 +181,7 @@ def patching_heatmap(
             customdata=custom,
             hovertemplate=(
                 f"{row_title}: %{{customdata[0]}}<br>{col_title}: %{{customdata[1]}}<br>"
-                f"{value_name}: %{{z:.4g}}<extra></extra>"
+                f"{value_name}: %{{z:.4g}}{ci_hover}<extra></extra>"
             ),
             colorbar={"title": value_name},
             hoverongaps=False,
