@@ -210,7 +210,7 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
         return None
     return plots.drift_vs_failure_panels(panels, ylabel="log-odds(true vs new) drop", title=(
         f"Drift vs failure · {failure['n_kept']} prompts right before the edit, {failure['n_records_kept']} records "
-        f"({failure['n_excluded_wrong_before']} prompts wrong before the edit excluded)"))
+        f"({failure['n_excluded_wrong_before']} wrong before the edit excluded)"))
 
 
 def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:

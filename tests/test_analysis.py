@@ -285,5 +285,5 @@ def test_drift_failure_figure_shows_kl_beside_attention_mass():
         c = result["correlations_right_before"]["all"][factor]["logodds_drop"]
         assert f"Pearson r = {c['pearson']['r']:.3f}" in text and f"Spearman ρ = {c['spearman']['r']:.3f}" in text
         assert "AUROC = " in text and "(cluster bootstrap) for failure" in text and "n = 16 cases, 6 records" in text
-    assert "16 prompts right before the edit, 6 records (8 prompts wrong before the edit excluded)" in \
+    assert "16 prompts right before the edit, 6 records (8 wrong before the edit excluded)" in \
         fig.layout.title.text
