@@ -276,3 +276,18 @@ def test_recovery_tradeoff_marks_every_variant_with_its_intervals():
     assert list(trace.error_x.arrayminus) == pytest.approx([3.0, 0.0])
     with pytest.raises(PlotError, match="at least one point"):
         recovery_tradeoff({"x": []})
+
+
+def test_heatmaps_show_intervals_in_the_hover():
+    before, after = torch.zeros(2, 3), torch.full((2, 3), 0.2)
+    low, high = torch.full((2, 3), 0.1), torch.full((2, 3), 0.3)
+    fig = drift_heatmap(before, after, drift_ci=(low, high))
+    assert "drift 95% CI low" in fig.data[0].hovertemplate
+    assert fig.data[0].customdata[1][2][3:5] == pytest.approx((0.1, 0.3))
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises((PlotError, TypeCheckError), match="drift_ci"):  # the shape hints catch it first under beartype
+        drift_heatmap(before, after, drift_ci=(low.T, high.T))
+    fig = patching_heatmap(after, [0, 1], ["a", "b", "c"], ci=(low, high))
+    assert "95% CI: [%{customdata[2]}, %{customdata[3]}]" in fig.data[0].hovertemplate
+    assert list(fig.data[0].customdata[0][1][2:]) == ["0.1", "0.3"]
