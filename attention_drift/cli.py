@@ -434,6 +434,9 @@ def register_patch(subparsers) -> None:
     p.add_argument("--contamination-positions", choices=("key", "all"), default="key",
                    help="key: edited subject's last token, new target's last token, last token; all: every token")
     p.add_argument("--batch-size", type=int, default=64, help="patched variants per forward (default: 64)")
+    p.add_argument("--random-draws", type=int, default=5,
+                   help="draws of the random-heads control: k random heads in the top-k heads' layers, patched "
+                   "like the top-k heads (0: none; default: %(default)s)")
     p.set_defaults(run=run_analysis, analysis="patch")
 
 
@@ -445,7 +448,7 @@ def run_analysis(args) -> int:
     for name in ("window", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("sweep_prompts", "contamination_prompts"):
+    for name in ("sweep_prompts", "contamination_prompts", "random_draws"):
         if getattr(args, name, 0) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     variant = variant_from_args(args)
@@ -473,7 +476,8 @@ def run_analysis(args) -> int:
         result = analysis.run_patch(
             model, records, factory, out, meta, k=args.top_k, heads=heads, window=args.window,
             sweep_prompts=args.sweep_prompts, contamination_prompts=args.contamination_prompts,
-            contamination_positions=args.contamination_positions, batch_size=args.batch_size, **common)
+            contamination_positions=args.contamination_positions, batch_size=args.batch_size,
+            random_draws=args.random_draws, **common)
     print(result["markdown"])
     print(f"\n{out}/{args.analysis}.json written" + (f"; figures: {', '.join(result['figures'])}"
                                                      if result.get("figures") else ""), file=sys.stderr)

@@ -41,7 +41,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from attention_drift import tokens
@@ -52,11 +52,14 @@ from attention_drift.sadr import selection_frequency
 from attention_drift.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
 from attention_drift.scores import Scores
 from attention_drift.stats import (  # noqa: F401  (re-exported)
+    AurocEstimate,
     BinnedCurve,
     Correlation,
     auroc,
+    auroc_ci,
     binned_curve,
     pearson,
+    proportion,
     spearman,
 )
 
@@ -65,6 +68,18 @@ GROUPS = ("distract_neighborhood", "distract_relation", "neighborhood", "relatio
 DEFAULT_GROUPS = ("distract_neighborhood", "distract_relation")
 SEVERITIES = ("logodds_drop", "p_true_drop")
 OUTCOMES = (*SEVERITIES, "fails")
+"""Outcomes of the all-prompt statistics (``"fails"``: wrong after the edit, see :class:`Outcome`)."""
+FAILURE_OUTCOMES = (*SEVERITIES, "failure")
+"""Outcomes of the statistics over prompts right before the edit (``"failure"``, see :class:`Outcome`)."""
+DEFINITIONS = {
+    "right_before": "the unedited model scores the true answer at least as high as the new target "
+                    "(lp_true >= lp_new, mean per-token log-probabilities)",
+    "failure": "a prompt right before the edit that the edited model gets wrong (lp_new > lp_true); prompts "
+               "wrong before the edit are excluded from every failure statistic (the *_right_before keys)",
+    "wrong_after": "the edited model prefers the new target (lp_new > lp_true), whatever the unedited model did; "
+                   "the all-prompt keys failure_rate, correlations, auroc, curves and headline use it as 'fails'",
+}
+"""What ``drift.json``'s failure keys mean (written into it as ``"definitions"``)."""
 HEAD_KEYS = ("subject_last_before", "subject_last_after", "delta_subject", "kl")
 """Per-head arrays of a run-file line (``line["heads"]``), each ``[prompt][layer][head]``."""
 DIGITS = 6
@@ -222,7 +237,9 @@ class PromptDrift:
 
     ``scores_before`` / ``scores_after`` are None when no true answers were given;
     ``patterns_before`` / ``patterns_after`` (float16 ``[prompt, layer, head, query, key]``,
-    keys and queries up to the longest prompt) only when :func:`measure_drift` captured them.
+    keys and queries up to the longest prompt) only when :func:`measure_drift` captured them;
+    ``true_top1_before``: whether the unedited model's top-1 next token at the prediction
+    position is the true answer's first token (None without true answers).
     """
 
     prompts: tuple[str, ...]
@@ -233,6 +250,7 @@ class PromptDrift:
     scores_after: Scores | None = None
     patterns_before: Float[Tensor, "batch layer head query key"] | None = None
     patterns_after: Float[Tensor, "batch layer head query key"] | None = None
+    true_top1_before: Bool[Tensor, " batch"] | None = None
 
     def mass(self, region: str) -> tuple[Float[Tensor, "batch layer head"], Float[Tensor, "batch layer head"]]:
         """(before, after) attention mass on ``region`` per prompt, layer and head; NaN for
@@ -279,11 +297,14 @@ class PromptDrift:
 def _state(model, batch: tokens.Batch, n: int, scored: bool, patterns: bool):
     query = batch.last_prompt_index[:n].clone()
     logits, rows, full = _forward_rows(model, batch, query, n, patterns)
-    scores = None
+    scores = top1 = None
     if scored:
         lp = tokens.target_log_probs(logits, batch)
         scores = Scores(lp[:n].detach().clone(), lp[n:].detach().clone())
-    return AttentionRows(rows, batch.prompt_lengths[:n].clone(), query), scores, full
+        picks = torch.arange(n, device=query.device)
+        first_true = batch.input_ids[picks, batch.prompt_lengths[:n]]
+        top1 = logits[picks, query].argmax(-1) == first_true
+    return AttentionRows(rows, batch.prompt_lengths[:n].clone(), query), scores, full, top1
 
 
 def measure_drift(
@@ -303,7 +324,8 @@ def measure_drift(
     One batched forward per state gives the rows and the logits of every prompt and both targets
     (prompts followed by their true answer, then by the new target; the rows are read at the
     last prompt token, which does not see the target). ``capture`` also keeps every head's full
-    attention pattern of each prompt from the same two passes (float16).
+    attention pattern of each prompt from the same two passes (float16). The unedited pass also
+    tells whether the true answer's first token is the top-1 prediction (``true_top1_before``).
     """
     prompts = list(prompts)
     if not prompts:
@@ -325,14 +347,14 @@ def measure_drift(
                                           list(targets) + [rewrite.target_new] * len(prompts))
     else:
         batch = tokens.batch_prompts(model, prompts)
-    before, scores_before, patterns_before = _state(model, batch, len(prompts), scored, capture)
+    before, scores_before, patterns_before, top1_before = _state(model, batch, len(prompts), scored, capture)
     context = edit_fn()
     if not isinstance(context, AbstractContextManager) and not hasattr(context, "__enter__"):
         raise DriftError(f"edit_fn() returned {type(context).__name__}, not a context manager")
     with context:
-        after, scores_after, patterns_after = _state(model, batch, len(prompts), scored, capture)
+        after, scores_after, patterns_after, _ = _state(model, batch, len(prompts), scored, capture)
     return PromptDrift(tuple(prompts), regions, before, after, scores_before, scores_after,
-                       patterns_before, patterns_after)
+                       patterns_before, patterns_after, top1_before)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,27 +362,41 @@ def measure_drift(
 
 
 class Outcome:
-    """``fails`` / ``flipped`` of a prompt scored before and inside an edit (its ``lp_true_before``,
-    ``lp_new_before``, ``lp_true_after``, ``lp_new_after``): the one definition of failure."""
+    """Correctness of a prompt scored before and inside an edit (its ``lp_true_before``,
+    ``lp_new_before``, ``lp_true_after``, ``lp_new_after``): the one definition of failure.
+
+    A prompt is right when the true answer scores at least as high as the new target (wrong:
+    ``lp_new > lp_true``, the paper's strict test). *Failure* (:attr:`flipped`) is defined on
+    the prompts :attr:`right_before` the edit only: a prompt the unedited model already got
+    wrong cannot be failed by the edit, so it is excluded from failure statistics rather than
+    counted (:data:`DEFINITIONS`).
+    """
+
+    @property
+    def right_before(self) -> bool:
+        """The unedited model got it right (``lp_true >= lp_new``)."""
+        return not self.lp_new_before > self.lp_true_before
 
     @property
     def fails(self) -> bool:
-        """The edited model prefers the new target (``lp_new > lp_true``, the paper's strict test)."""
+        """The edited model gets it wrong (``lp_new > lp_true``), whatever the unedited model did."""
         return self.lp_new_after > self.lp_true_after
 
     @property
     def flipped(self) -> bool:
-        """It fails, and the unedited model did not."""
-        return self.fails and not self.lp_new_before > self.lp_true_before
+        """Failure: right before the edit, wrong inside it."""
+        return self.fails and self.right_before
 
 
 @dataclass(frozen=True)
 class DriftSample(Outcome):
     """One scored prompt of a data-set run: its factors, scores before / inside the edit, and failure.
 
-    ``fails``: the edited model prefers the new target (``lp_new > lp_true``); ``flipped``: it
-    fails and the unedited model did not. Severities: ``logodds_drop`` = log-odds(true vs new)
-    before minus after; ``p_true_drop`` = P(true) before minus after.
+    ``fails``: the edited model prefers the new target (``lp_new > lp_true``); ``right_before``:
+    the unedited model did not; ``flipped`` (failure): both (:class:`Outcome`). Severities:
+    ``logodds_drop`` = log-odds(true vs new) before minus after; ``p_true_drop`` = P(true)
+    before minus after. ``true_top1_before``: the true answer's first token was the unedited
+    model's top-1 prediction (None in run files written before it was recorded).
     """
 
     case_id: int | str
@@ -372,6 +408,7 @@ class DriftSample(Outcome):
     lp_new_before: float
     lp_true_after: float
     lp_new_after: float
+    true_top1_before: bool | None = None
 
     @property
     def severity(self) -> dict[str, float]:
@@ -381,8 +418,13 @@ class DriftSample(Outcome):
         }
 
     def outcome(self, name: str) -> float:
-        """A severity of :data:`SEVERITIES`, or ``"fails"`` as 1.0 / 0.0."""
-        return float(self.fails) if name == "fails" else self.severity[name]
+        """A severity of :data:`SEVERITIES`, ``"fails"`` as 1.0 / 0.0, or ``"failure"`` as 1.0 /
+        0.0 on prompts right before the edit and NaN on the others (excluded)."""
+        if name == "fails":
+            return float(self.fails)
+        if name == "failure":
+            return float(self.flipped) if self.right_before else math.nan
+        return self.severity[name]
 
     def to_dict(self) -> dict:
         return {
@@ -390,6 +432,7 @@ class DriftSample(Outcome):
             "factors": dict(self.factors), "lp_true_before": self.lp_true_before,
             "lp_new_before": self.lp_new_before, "lp_true_after": self.lp_true_after,
             "lp_new_after": self.lp_new_after, "fails": self.fails, "flipped": self.flipped,
+            "right_before": self.right_before, "true_top1_before": self.true_top1_before,
             "severity": self.severity,
         }
 
@@ -397,7 +440,8 @@ class DriftSample(Outcome):
     def from_dict(cls, d: dict) -> "DriftSample":
         """The sample :meth:`to_dict` wrote (derived fields are recomputed)."""
         return cls(d["case_id"], d["group"], d["prompt"], d["target_true"], dict(d["factors"]),
-                   d["lp_true_before"], d["lp_new_before"], d["lp_true_after"], d["lp_new_after"])
+                   d["lp_true_before"], d["lp_new_before"], d["lp_true_after"], d["lp_new_after"],
+                   d.get("true_top1_before"))
 
 
 @dataclass(frozen=True)
@@ -603,9 +647,11 @@ def drift_record(
     drift = measure_drift(model, record.rewrite, prompts, edited, targets, capture=capture_heads is not None)
     factors = {k: v.tolist() for k, v in drift.factors().items()}
     sb, sa = drift.scores_before.cpu(), drift.scores_after.cpu()
+    top1 = drift.true_top1_before.tolist()
     samples = tuple(
         DriftSample(record.case_id, group, prompt, target, {k: v[i] for k, v in factors.items()},
-                    float(sb.lp_true[i]), float(sb.lp_new[i]), float(sa.lp_true[i]), float(sa.lp_new[i]))
+                    float(sb.lp_true[i]), float(sb.lp_new[i]), float(sa.lp_true[i]), float(sa.lp_new[i]),
+                    bool(top1[i]))
         for i, (prompt, target, group) in enumerate(zip(prompts, targets, names))
     )
     before, after = drift.mass("subject_last")
@@ -635,7 +681,8 @@ class HeadStats:
     """Per-head statistics over prompts of one per-head quantity ([layer, head] each).
 
     ``mean`` and ``quantiles`` (at ``levels``) ignore NaN prompts; ``frac_above`` is the fraction
-    of prompts whose value exceeds ``threshold``.
+    of prompts whose value exceeds ``threshold``; ``sem`` the standard error of the mean
+    (sample standard deviation / sqrt(n); NaN below 2 prompts).
     """
 
     name: str
@@ -644,6 +691,7 @@ class HeadStats:
     levels: tuple[float, ...]
     frac_above: Float[Tensor, "layer head"]
     threshold: float
+    sem: Float[Tensor, "layer head"] | None = None
 
     @classmethod
     def of(cls, name: str, values: Float[Tensor, "n layer head"], levels: tuple[float, ...],
@@ -653,7 +701,10 @@ class HeadStats:
         mean = torch.where(valid, values, 0.0).sum(0) / count
         quantiles = torch.nanquantile(values, torch.tensor(levels, dtype=values.dtype, device=values.device), dim=0)
         frac = ((values > threshold) & valid).sum(0) / count
-        return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold)
+        n = valid.sum(0)
+        var = torch.where(valid, (values - mean) ** 2, 0.0).sum(0) / (n - 1).clamp(min=1)
+        sem = (var / n.clamp(min=1)).sqrt().masked_fill(n < 2, math.nan)
+        return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold, sem.to(values.dtype))
 
     def top(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` heads with the largest mean, as (layer, head, mean)."""
@@ -662,10 +713,17 @@ class HeadStats:
     def to_dict(self) -> dict:
         return {"name": self.name, "mean": self.mean.tolist(), "levels": list(self.levels),
                 "quantiles": self.quantiles.tolist(), "threshold": self.threshold,
-                "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()]}
+                "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()],
+                "sem": None if self.sem is None else self.sem.tolist()}
 
 
-HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last")
+HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last", "max_kl")
+"""The factors the reports show: the attention-mass factors (the paper's strongest, and its
+sum) and the KL factor (the strongest on SmolLM2-135M)."""
+
+
+def _records(samples: Sequence[DriftSample]) -> int:
+    return len({repr(s.case_id) for s in samples})
 
 
 @dataclass(frozen=True)
@@ -678,13 +736,18 @@ class DriftReport:
             (``"delta_subject_last"``), to all its tokens (``"delta_subject"``) and of the row KL
             (``"kl"``), over all samples.
         correlations: ``{group or "all": {factor: {outcome: {"pearson": C, "spearman": C}}}}``
-            for the outcomes of :data:`OUTCOMES` (``"fails"`` as 0 / 1: point-biserial r).
-        auroc: ``{group or "all": {factor: AUROC of the factor predicting failure}}``.
-        curves: failure by quantile bin of each factor, over all samples.
+            for the outcomes of :data:`OUTCOMES` over all samples (``"fails"``, wrong after the
+            edit, as 0 / 1: point-biserial r).
+        auroc: ``{group or "all": {factor: AUROC of the factor predicting "fails"}}``, all samples.
+        curves: "fails" by quantile bin of each factor, over all samples.
         groups: the prompt groups measured.
         records: the number of records.
         subject_last_before, subject_last_after: mean over samples of every head's attention to
             the edited subject's last token before / inside the edit.
+        correlations_right_before, auroc_right_before, curves_right_before: the same over the
+            samples right before the edit only, with failure (:attr:`Outcome.flipped`) as the
+            outcome (:data:`FAILURE_OUTCOMES`); the AUROCs with record-clustered bootstrap 95%
+            intervals (:func:`~attention_drift.stats.auroc_ci`). These are the reported ones.
     """
 
     samples: tuple[DriftSample, ...]
@@ -696,6 +759,9 @@ class DriftReport:
     records: int = 0
     subject_last_before: Float[Tensor, "layer head"] | None = None
     subject_last_after: Float[Tensor, "layer head"] | None = None
+    correlations_right_before: dict[str, dict[str, dict[str, dict[str, Correlation]]]] = field(default_factory=dict)
+    auroc_right_before: dict[str, dict[str, AurocEstimate]] = field(default_factory=dict)
+    curves_right_before: dict[str, BinnedCurve] = field(default_factory=dict)
 
     def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
         """The ``k`` heads whose attention to the edited subject's last token grows most on
@@ -713,12 +779,51 @@ class DriftReport:
                  "frac_above": float(stats.frac_above[l, h])}
                 for l, h, d in self.top_heads(k)]
 
-    def failure_rate(self, group: str | None = None) -> float:
-        chosen = [s for s in self.samples if group is None or s.group == group]
+    def _chosen(self, group: str | None) -> list[DriftSample]:
+        return [s for s in self.samples if group in (None, "all") or s.group == group]
+
+    def wrong_after_rate(self, group: str | None = None) -> float:
+        """Fraction of all prompts (of ``group``) the edited model gets wrong, including those the
+        unedited model got wrong already (not the failure rate: see :meth:`failure`)."""
+        chosen = self._chosen(group)
         return float("nan") if not chosen else sum(s.fails for s in chosen) / len(chosen)
 
+    def failure(self, group: str | None = None) -> dict:
+        """The failure rate over the prompts (of ``group``) right before the edit, with its 95%
+        interval (:func:`~attention_drift.stats.proportion`) and how many prompts it keeps and
+        excludes: ``{"rate", "ci95", "half_width", "n_kept", "n_failed", "n_excluded_wrong_before",
+        "n_prompts", "n_records", "n_records_kept"}``."""
+        chosen = self._chosen(group)
+        kept = [s for s in chosen if s.right_before]
+        p = proportion([s.flipped for s in kept])
+        return {"rate": p["accuracy"], "ci95": p["ci95"], "half_width": p["half_width"], "n_kept": len(kept),
+                "n_failed": sum(s.flipped for s in kept), "n_excluded_wrong_before": len(chosen) - len(kept),
+                "n_prompts": len(chosen), "n_records": _records(chosen), "n_records_kept": _records(kept)}
+
+    def headline_right_before(self) -> dict:
+        """Per group and :data:`HEADLINE_FACTORS` factor, over the prompts right before the edit:
+        Pearson and Spearman correlations (95% Fisher-z intervals) with failure and with the
+        log-odds drop, the AUROC of the factor for failure (record-clustered bootstrap 95%
+        interval), and the prompts and records used."""
+        out = {}
+        for group in ("all", *self.groups):
+            kept = [s for s in self._chosen(group) if s.right_before]
+            out[group] = {}
+            for factor in HEADLINE_FACTORS:
+                c = self.correlations_right_before[group][factor]
+                out[group][factor] = {
+                    "pearson_failure": c["failure"]["pearson"].to_dict(),
+                    "spearman_failure": c["failure"]["spearman"].to_dict(),
+                    "pearson_logodds_drop": c["logodds_drop"]["pearson"].to_dict(),
+                    "spearman_logodds_drop": c["logodds_drop"]["spearman"].to_dict(),
+                    "auroc": self.auroc_right_before[group][factor].to_dict(),
+                    "n_prompts": len(kept), "n_records": _records(kept)}
+        return out
+
     def headline(self) -> dict:
-        """Per group, the correlations of the two headline factors with failure and log-odds drop."""
+        """Per group, the correlations of the headline factors with "fails" (wrong after the
+        edit, all prompts) and log-odds drop; the reported statistics are
+        :meth:`headline_right_before`."""
         out = {}
         for group in ("all", *self.groups):
             out[group] = {}
@@ -734,11 +839,24 @@ class DriftReport:
 
     def to_dict(self, top_k: int = 10) -> dict:
         """Everything as JSON-ready Python values (NaN stays float NaN): the content of
-        ``drift.json`` (``top_k`` heads in ``"top_heads"``)."""
+        ``drift.json`` (``top_k`` heads in ``"top_heads"``).
+
+        Failure keys (their meanings are also written as ``"definitions"``): ``"failure"`` (per
+        group :meth:`failure`: rate over prompts right before the edit, kept / excluded counts),
+        ``"correlations_right_before"``, ``"auroc_right_before"``, ``"curves_right_before"``,
+        ``"headline_right_before"`` (the reported statistics); ``"wrong_after_rate"`` (per group
+        :meth:`wrong_after_rate`) and, with the same numbers, ``"failure_rate"``, kept under its
+        old name for readers of older files; ``"correlations"``, ``"auroc"``, ``"curves"``,
+        ``"headline"``: the all-prompt statistics of "fails" (wrong after the edit).
+        """
+        every = ("all", *self.groups)
         return {
             "groups": list(self.groups),
             "n_samples": len(self.samples),
-            "failure_rate": {g: self.failure_rate(None if g == "all" else g) for g in ("all", *self.groups)},
+            "definitions": dict(DEFINITIONS),
+            "failure": {g: self.failure(g) for g in every},
+            "wrong_after_rate": {g: self.wrong_after_rate(g) for g in every},
+            "failure_rate": {g: self.wrong_after_rate(g) for g in every},
             "samples": [s.to_dict() for s in self.samples],
             "head_stats": {k: v.to_dict() for k, v in self.head_stats.items()},
             "correlations": {
@@ -753,7 +871,17 @@ class DriftReport:
                                        "after": rounded(self.subject_last_after).tolist()},
             "records": self.records,
             "n_samples_by_group": {g: sum(s.group == g for s in self.samples) for g in self.groups},
+            "records_by_group": {g: _records(self._chosen(g)) for g in self.groups},
             "headline": self.headline(),
+            "correlations_right_before": {
+                g: {f: {o: {m: c.to_dict() for m, c in by_m.items()} for o, by_m in by_o.items()}
+                    for f, by_o in by_f.items()}
+                for g, by_f in self.correlations_right_before.items()
+            },
+            "auroc_right_before": {g: {f: a.to_dict() for f, a in by_f.items()}
+                                   for g, by_f in self.auroc_right_before.items()},
+            "curves_right_before": {k: v.to_dict() for k, v in self.curves_right_before.items()},
+            "headline_right_before": self.headline_right_before(),
         }
 
 
@@ -768,7 +896,8 @@ def drift_report(
     """The :class:`DriftReport` of measured records (:func:`drift_record` results, or run-file
     lines read back with :meth:`RecordDrift.from_line`). ``threshold`` is the drift (attention
     mass change) above which a head counts in ``frac_above``; ``levels`` the per-head quantiles;
-    ``n_bins`` the bins of the failure curves."""
+    ``n_bins`` the bins of the failure curves. The failure statistics use the prompts right
+    before the edit only (:class:`Outcome`); the AUROC intervals resample records (fixed seed)."""
     records = [r for r in records if r is not None and r.samples]
     if not records:
         raise DriftError("no record with distract prompts containing its subject; nothing to report")
@@ -783,24 +912,33 @@ def drift_report(
         "delta_subject": HeadStats.of("delta_subject", cat("delta_subject"), levels, threshold),
         "kl": HeadStats.of("kl", cat("kl"), levels, threshold),
     }
-    correlations, aurocs = {}, {}
+    kept = [s for s in samples if s.right_before]
+    correlations, aurocs, correlations_rb, aurocs_rb = {}, {}, {}, {}
     for group in ("all", *groups):
         chosen = [s for s in samples if group == "all" or s.group == group]
-        correlations[group] = {
-            f: {o: {"pearson": pearson([s.factors[f] for s in chosen], [s.outcome(o) for s in chosen]),
-                    "spearman": spearman([s.factors[f] for s in chosen], [s.outcome(o) for s in chosen])}
-                for o in OUTCOMES}
-            for f in FACTORS
-        }
+        correlations[group] = _correlations(chosen, OUTCOMES)
         aurocs[group] = {f: auroc([s.factors[f] for s in chosen], [s.fails for s in chosen]) for f in FACTORS}
-    curves = {
-        f: binned_curve([s.factors[f] for s in samples], [s.fails for s in samples],
-                        [s.severity["logodds_drop"] for s in samples], n_bins,
-                        factor_name=f, severity_name="logodds_drop")
-        for f in FACTORS
-    }
-    return DriftReport(tuple(samples), head_stats, correlations, aurocs, curves, tuple(groups), len(records),
-                       before.nanmean(0), after.nanmean(0))
+        chosen = [s for s in chosen if s.right_before]
+        correlations_rb[group] = _correlations(chosen, FAILURE_OUTCOMES)
+        aurocs_rb[group] = {f: auroc_ci([s.factors[f] for s in chosen], [s.flipped for s in chosen],
+                                        [s.case_id for s in chosen]) for f in FACTORS}
+    return DriftReport(tuple(samples), head_stats, correlations, aurocs, _curves(samples, n_bins), tuple(groups),
+                       len(records), before.nanmean(0), after.nanmean(0), correlations_rb, aurocs_rb,
+                       _curves(kept, n_bins, failure=True))
+
+
+def _correlations(samples: Sequence[DriftSample], outcomes: Sequence[str]) -> dict:
+    return {f: {o: {"pearson": pearson([s.factors[f] for s in samples], [s.outcome(o) for s in samples]),
+                    "spearman": spearman([s.factors[f] for s in samples], [s.outcome(o) for s in samples])}
+                for o in outcomes}
+            for f in FACTORS}
+
+
+def _curves(samples: Sequence[DriftSample], n_bins: int, failure: bool = False) -> dict[str, BinnedCurve]:
+    return {f: binned_curve([s.factors[f] for s in samples], [s.flipped if failure else s.fails for s in samples],
+                            [s.severity["logodds_drop"] for s in samples], n_bins,
+                            factor_name=f, severity_name="logodds_drop")
+            for f in FACTORS}
 
 
 def dataset_drift(

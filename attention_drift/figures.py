@@ -4,9 +4,9 @@ Items (``ITEMS``) and where their numbers come from:
 
 1. ``case_study`` -- one edit and one distract prompt: predictions before, after, and after
    with every attention pattern restored, plus the prediction row of the most drifting heads
-   (:mod:`attention_drift.case_study`). The prompt is picked from the drift run: the flipped
-   distract-neighbourhood prompt (pre-edit right, post-edit wrong) with the largest log-odds
-   drop.
+   (:mod:`attention_drift.case_study`). The prompt is picked from the drift run by the stated
+   rule :data:`CASE_RULE` (:func:`pick_case`), among the prompts the model got right before
+   the edit.
 2. ``prevalence`` (RQ1) -- neighbourhood vs distract neighbourhood and relation vs distract
    relation accuracy, pre-edit and after ROME, MEMIT and PMET (evaluation runs).
 3. ``contamination`` (RQ2) -- the pre-edit model with the edited model's MLP / attention
@@ -26,8 +26,10 @@ Evaluation runs are ``attention-drift evaluate`` run files named after :func:`va
 records (balanced). Drift and patching use the first ``drift_limit`` / ``patch_limit``
 CounterFact-type records (they need distract-neighbourhood prompts). Every stage writes
 resumable run files, so an interrupted command continues where it stopped. The result is
-``OUT/figures.md`` and ``OUT/figures.json`` (every number behind every figure, and the file
-list) next to the figures (HTML that opens offline, and PNG when a browser for kaleido is there).
+``OUT/figures.md`` and ``OUT/figures.json`` (every number behind every figure, the file list,
+and per item ``"n"``: the records and prompts behind each figure) next to the figures (HTML
+that opens offline, and PNG when a browser for kaleido is there). Every figure's title gives
+its n, and its intervals are drawn (error bars, bands, or the hover of heatmaps).
 """
 
 import dataclasses
@@ -199,6 +201,21 @@ def _table(compared: dict) -> tuple[dict, str]:
     return numbers, compare_markdown(compared)
 
 
+def _sizes(numbers: dict) -> dict:
+    """The n of a :func:`_table` result's figure: records per run and prompts per run and group."""
+    return {"records": dict(numbers["records"]),
+            "prompts": {run: {g: v["n"] for g, v in row.items() if isinstance(v, dict) and "n" in v}
+                        for run, row in numbers["rows"].items()}}
+
+
+def _records_text(numbers: dict) -> str:
+    """``"100 records per run"``, or each run's count when they differ."""
+    counts = numbers["records"]
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} records per run"
+    return "records " + ", ".join(f"{run} {n}" for run, n in counts.items())
+
+
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
     from attention_drift.analysis import _save_figure
 
@@ -225,8 +242,10 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
     numbers, md = _table(summaries)
     groups = ("neighborhood", "distract_neighborhood", "relation", "distract_relation")
     bars = {label: {g: row[g] for g in groups if g in row} for label, row in numbers["rows"].items()}
-    fig = plots.metric_bars(bars, "Specificity failure: plain vs distract prompts", metrics=list(groups))
-    return {"numbers": numbers, "markdown": md, "files": _save(fig, out, "prevalence", png)}
+    fig = plots.metric_bars(bars, f"Specificity failure: plain vs distract prompts (95% CI) · {_records_text(numbers)}",
+                            metrics=list(groups))
+    return {"numbers": numbers, "markdown": md, "files": _save(fig, out, "prevalence", png),
+            "n": {"prevalence": _sizes(numbers)}}
 
 
 def _main_table(runs, out: Path, png: bool) -> dict:
@@ -239,8 +258,10 @@ def _main_table(runs, out: Path, png: bool) -> dict:
         return {}
     numbers, md = _table(summaries)
     bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
-    fig = plots.metric_bars(bars, "Editors with and without SADR (95% CI)", metrics=list(SHOWN))
-    result = {"numbers": numbers, "markdown": md, "files": _save(fig, out, "main_table", png)}
+    fig = plots.metric_bars(bars, f"Editors with and without SADR (95% CI) · {_records_text(numbers)}",
+                            metrics=list(SHOWN))
+    result = {"numbers": numbers, "markdown": md, "files": _save(fig, out, "main_table", png),
+              "n": {"main_table": _sizes(numbers)}}
     if len(set(numbers["records"].values())) > 1:  # runs of unequal size: also the table on shared records
         shared_numbers, shared_md = _table(_summaries(runs, _main(), shared=True, pairs=pairs))
         result["shared"] = {"numbers": shared_numbers, "markdown": shared_md}
@@ -250,7 +271,7 @@ def _main_table(runs, out: Path, png: bool) -> dict:
 def _ablations(runs, out: Path, png: bool) -> dict:
     from attention_drift import plots
 
-    result: dict = {"files": []}
+    result: dict = {"files": [], "n": {}}
     sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
     if len(sweep) >= 2:
         numbers, md = _table(_summaries(runs, list(sweep), shared=True, pairs=_against("rome", list(sweep))))
@@ -260,9 +281,11 @@ def _ablations(runs, out: Path, png: bool) -> dict:
         series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in names]
                   for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in names)}
         fig = plots.tradeoff_curve([max(x, 1e-3) for x in xs], series, "SADR weight γ (plain ROME drawn at 0.001)",
-                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood", log_x=True,
+                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood · "
+                                   f"{_records_text(numbers)} (shared records; CIs in figures.md)", log_x=True,
                                    ylabel="accuracy (%)")
         result["weight"] = {"weights": dict(zip(names, xs)), "numbers": numbers, "markdown": md}
+        result["n"]["ablation_weight"] = _sizes(numbers)
         result["files"] += _save(fig, out, "ablation_weight", png)
     for family, names in ABLATION_FAMILIES.items():
         present = [n for n in names if n in runs]
@@ -270,8 +293,10 @@ def _ablations(runs, out: Path, png: bool) -> dict:
             continue
         numbers, md = _table(_summaries(runs, present, shared=True, pairs=_against("rome", present)))
         bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
-        fig = plots.metric_bars(bars, f"SADR ablation: {family} (records all runs share)", metrics=list(SHOWN))
+        fig = plots.metric_bars(bars, f"SADR ablation: {family} (95% CI) · {_records_text(numbers)} (shared)",
+                                metrics=list(SHOWN))
         result[family] = {"numbers": numbers, "markdown": md}
+        result["n"][f"ablation_{family}"] = _sizes(numbers)
         result["files"] += _save(fig, out, f"ablation_{family}", png)
     return result
 
@@ -299,17 +324,35 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+CASE_RULE = (
+    "the distract-neighbourhood prompt with the largest log-odds(true vs new) drop among those the unedited model "
+    "got right (P(true) ≥ P(new)): taken first from the prompts whose true answer was the unedited model's top-1 "
+    "token and that the edit made fail, else from those the edit made fail, else from all prompts right before "
+    "the edit")
+"""How :func:`pick_case` chooses the case study (stated in ``figures.md``)."""
+CASE_TIERS = ("knew it (top-1) and failed", "right before and failed", "right before")
+
+
 def pick_case(drift_records: Path) -> dict | None:
-    """The drift-run sample for the case study: a distract-neighbourhood prompt the edit flipped
-    (pre-edit right, post-edit wrong) with the largest log-odds drop (else the largest drop)."""
+    """The drift-run sample for the case study, chosen by :data:`CASE_RULE` (failure as
+    :class:`attention_drift.drift.Outcome` defines it); None when no distract-neighbourhood
+    prompt was right before the edit. The sample dict gains ``"pick"``: ``{"rule", "tier"
+    (of :data:`CASE_TIERS`), "candidates" (prompts in that tier), "right_before", "prompts"}``."""
+    from attention_drift.drift import DriftSample
     from attention_drift.jsonl import read_run
 
     samples = [s for line in read_run(drift_records).records for s in line.get("samples", [])
                if s["group"] == "distract_neighborhood"]
-    if not samples:
-        return None
-    flipped = [s for s in samples if s["flipped"]] or samples
-    return max(flipped, key=lambda s: s["severity"]["logodds_drop"])
+    scored = [(s, DriftSample.from_dict(s)) for s in samples]
+    right = [(s, d) for s, d in scored if d.right_before]
+    tiers = ([s for s, d in right if d.flipped and d.true_top1_before], [s for s, d in right if d.flipped],
+             [s for s, _ in right])
+    for tier, candidates in zip(CASE_TIERS, tiers):
+        if candidates:
+            best = max(candidates, key=lambda s: DriftSample.from_dict(s).severity["logodds_drop"])
+            return {**best, "pick": {"rule": CASE_RULE, "tier": tier, "candidates": len(candidates),
+                                     "right_before": len(right), "prompts": len(samples)}}
+    return None
 
 
 def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
@@ -333,17 +376,24 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
         config = cfg.variant("rome").config(model)
         cs = case_study(model, record.rewrite, sample["prompt"], sample["target_true"], method="rome", config=config)
         saved.write_text(json.dumps(cs.to_json()))
-    files = _save(case_study_figure(cs), out, "case_study", png)
+    pick = sample["pick"]
+    title = (f"Case study: {record.rewrite.subject} → {cs.new_target.strip()} (rome) · 1 record, 1 prompt, "
+             f"picked by rule: {pick['tier']} (largest log-odds drop of {pick['candidates']})")
+    files = _save(case_study_figure(cs, title=title), out, "case_study", png)
     files.append(str(viz.save_html(case_study_view(cs), out / "case_study_heads.html")))
     numbers = {k: v for k, v in cs.to_json().items() if k not in ("rows_before", "rows_after")}
+    numbers["pick"] = pick
     md = "| state | top-1 | P(true) | P(new) |\n|---|---|---|---|\n" + "\n".join(
         f"| {state} | {p['top_token']!r} | {p['p_true']:.3f} | {p['p_new']:.3f} |"
         for state, p in numbers["predictions"].items())
     heads = ", ".join(f"L{h['layer']}H{h['head']} {h['before']:.3f}→{h['after']:.3f}" for h in numbers["top_heads"])
-    md = (f"Edit: {record.rewrite.edit_sentence!r} (was {record.rewrite.target_true!r}); "
+    md = (f"Chosen by rule: {pick['rule']}. Tier used: {pick['tier']} ({pick['candidates']} candidates; "
+          f"{pick['right_before']} of {pick['prompts']} distract-neighbourhood prompts of the drift run were right "
+          f"before the edit).\n\n"
+          f"Edit: {record.rewrite.edit_sentence!r} (was {record.rewrite.target_true!r}); "
           f"prompt {sample['prompt']!r}, true {sample['target_true']!r}.\n\n{md}\n\n"
           f"Attention of the prediction position to the subject's last token, top heads: {heads}")
-    return {"numbers": numbers, "markdown": md, "files": files}
+    return {"numbers": numbers, "markdown": md, "files": files, "n": {"case_study": {"records": 1, "prompts": 1}}}
 
 
 def run_figures(cfg: FiguresConfig) -> dict:
@@ -368,29 +418,66 @@ def run_figures(cfg: FiguresConfig) -> dict:
         _analysis(cfg, "drift", cfg.drift_limit, out / "drift")
         drift = _read_json(out / "drift" / "drift.json")
         result["items"]["drift"] = {
-            "numbers": {k: drift.get(k) for k in ("n_samples", "failure_rate", "top_heads", "auroc", "headline",
-                                                  "n_samples_by_group") if k in drift},
+            "numbers": {k: drift.get(k) for k in ("records", "n_samples", "n_samples_by_group", "records_by_group",
+                                                  "definitions", "failure", "wrong_after_rate", "top_heads",
+                                                  "headline_right_before", "auroc_right_before") if k in drift},
             "markdown": drift_markdown(drift) if drift else "",
-            "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png"))}
+            "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png")),
+            "n": _drift_sizes(drift)}
     if items & {"contamination", "patching"}:
         _analysis(cfg, "patch", cfg.patch_limit, out / "patch", heads_from=out / "drift" / "drift.json")
         patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
         md = patch_markdown(patch) if patch else ""
+        sizes = _patch_sizes(patch)
         if "contamination" in items:
             result["items"]["contamination"] = {
                 "numbers": {k: patch.get(k) for k in ("contamination", "sweep", "windows") if k in patch},
                 "markdown": "\n\n".join(p for p in md.split("\n\n") if p.startswith(("Contamination", "10-layer"))),
-                "files": [f for f in files if any(k in f for k in ("contamination", "layer_component", "windows"))]}
+                "files": [f for f in files if any(k in f for k in ("contamination", "layer_component", "windows"))],
+                "n": {k: v for k, v in sizes.items() if k != "patch_accuracy"}}
         if "patching" in items:
             result["items"]["patching"] = {
-                "numbers": {k: patch.get(k) for k in ("n_prompts", "pre", "post", "variants", "top_heads") if k in patch},
-                "markdown": md, "files": [f for f in files if "accuracy" in f]}
+                "numbers": {k: patch.get(k) for k in ("records", "n_prompts", "pre", "post", "variants",
+                                                      "topk_vs_random", "top_heads", "random_heads") if k in patch},
+                "markdown": md, "files": [f for f in files if "accuracy" in f],
+                "n": {k: v for k, v in sizes.items() if k == "patch_accuracy"}}
     if "case_study" in items:
         result["items"]["case_study"] = _case_study(cfg, out, png)
     (out / "figures.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "figures.md").write_text(figures_markdown(result))
     return result
+
+
+def _drift_sizes(drift: dict) -> dict:
+    """Records and prompts behind the drift figures (the failure figure: prompts right before the edit)."""
+    if not drift:
+        return {}
+    f = drift["failure"]["all"]
+    return {"drift_heatmap": {"records": drift["records"], "prompts": drift["n_samples"]},
+            "drift_vs_failure": {"records": f["n_records_kept"], "prompts": f["n_kept"],
+                                 "prompts_excluded_wrong_before": f["n_excluded_wrong_before"]}}
+
+
+def _patch_sizes(patch: dict) -> dict:
+    """Records and prompts behind each patching figure."""
+    if not patch:
+        return {}
+    out = {"patch_accuracy": {"records": patch["records"], "prompts": patch["n_prompts"]}}
+    for key, name in (("sweep", "patch_layer_component"), ("windows", "patch_windows")):
+        if key in patch:
+            out[name] = {"records": patch[key].get("n_records"), "prompts": patch[key]["n_prompts"]}
+    damage = patch.get("contamination", {}).get("damage")
+    if damage:
+        out["patch_contamination"] = {"records": damage["n_records"], "prompts": damage["n_prompts"]}
+    return out
+
+
+def _sizes_markdown(sizes: dict) -> str:
+    return "n per figure: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items()
+                                if not isinstance(v, dict)) for name, n in sizes.items()
+        if any(not isinstance(v, dict) for v in n.values()))
 
 
 def figures_markdown(result: dict) -> str:
@@ -407,6 +494,9 @@ def figures_markdown(result: dict) -> str:
         for key in ("shared", "weight", *ABLATION_FAMILIES):
             if isinstance(entry.get(key), dict) and entry[key].get("markdown"):
                 parts += [f"**{key}**", "", entry[key]["markdown"], ""]
+        sizes = _sizes_markdown(entry.get("n") or {})
+        if sizes != "n per figure: ":
+            parts += [sizes, ""]
         if entry.get("files"):
             parts += ["Files: " + ", ".join(f"`{f}`" for f in entry["files"]), ""]
     return "\n".join(parts)

@@ -16,8 +16,9 @@ sweeps.
 
 :func:`patch_record` is the analysis of one data-set record that the ``attention-drift patch``
 command and the notebooks run: restoration of named variants (:func:`summary_variants`: all
-attention patterns, the top-k drifting heads' patterns, attention / MLP outputs, the residual
-stream at the subject), a layer x component sweep and 10-layer windows of attention patterns,
+attention patterns, the top-k drifting heads' patterns and, as their control, the patterns of
+k random heads drawn layer-matched (:func:`matched_random_heads`), attention / MLP outputs, the
+residual stream at the subject), a layer x component sweep and 10-layer windows of attention patterns,
 and contamination over 6-layer windows at key positions, all from one entry into the edit
 (:class:`RecordPatch`, whose :meth:`RecordPatch.to_line` is the run-file line).
 
@@ -30,14 +31,17 @@ fails the probe raises :class:`PatchingError`. ``hook_resid_mid`` is not offered
 bridge an edit there reaches the MLP's input but not the residual stream carried past the MLP.
 """
 
+import json
 import math
 import time
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -600,6 +604,11 @@ def layer_position_grid(
 SUMMARY_VARIANTS = ("none", "attn_pattern_all", "attn_pattern_topk", "attn_out_all", "mlp_out_all",
                     "mlp_out_last", "resid_subject")
 """The named restoration variants of :func:`patch_record` (see :func:`summary_variants`)."""
+RANDOM_VARIANT = "attn_pattern_random"
+"""Prefix of the random-heads control variants of :func:`patch_record`: ``attn_pattern_random/0``,
+``attn_pattern_random/1``, ... (one per draw, see :func:`matched_random_heads`)."""
+RANDOM_DRAWS = 5
+RANDOM_SEED = 0
 SWEEP_COMPONENTS = ("attn_pattern", "attn_out", "mlp_out", "resid_pre_last")
 CONTAMINATION_COMPONENTS = ("mlp_out", "attn_out")
 KEY_POSITIONS = ("subject_last", "target_new_last", "last")
@@ -612,6 +621,46 @@ def topk_variant(heads: Sequence[tuple[int, int]]) -> Variant:
     for l, h in heads:
         by_layer.setdefault(int(l), []).append(int(h))
     return tuple(Patch("pattern", (l,), tuple(sorted(hs))) for l, hs in sorted(by_layer.items()))
+
+
+def random_variant_names(draws: int) -> list[str]:
+    """The names of ``draws`` random-heads control variants (``attn_pattern_random/<draw>``)."""
+    return [f"{RANDOM_VARIANT}/{d}" for d in range(draws)]
+
+
+def matched_random_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_heads: int,
+                         rng: np.random.Generator) -> list[tuple[int, int]]:
+    """A layer-matched random control for ``heads``: as many heads as ``heads`` has in each layer,
+    drawn uniformly without replacement among that layer's heads outside ``heads`` (so the
+    control patches the same number of heads in the same layers, and differs only in which
+    heads). When a layer has too few heads outside ``heads``, the shortfall is drawn uniformly
+    from the heads of every layer outside ``heads`` and not drawn yet. Sorted by (layer, head)."""
+    chosen = {(int(l), int(h)) for l, h in heads}
+    if len(chosen) * 2 > n_layers * n_heads:
+        raise PatchingError(f"{len(chosen)} heads leave too few others among {n_layers * n_heads} for a random "
+                            "control of the same size; use a smaller k")
+    drawn: list[tuple[int, int]] = []
+    short = 0
+    for layer in sorted({l for l, _ in chosen}):
+        want = sum(1 for l, _ in chosen if l == layer)
+        pool = [h for h in range(n_heads) if (layer, h) not in chosen]
+        take = min(want, len(pool))
+        drawn += [(layer, int(h)) for h in rng.choice(pool, size=take, replace=False)] if take else []
+        short += want - take
+    if short:
+        pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in chosen and (l, h) not in drawn]
+        drawn += [pool[int(i)] for i in rng.choice(len(pool), size=short, replace=False)]
+    return sorted(drawn)
+
+
+def _draw_controls(top: Sequence[tuple[int, int]], model, draws: int, seed: int, case_id) -> list[list[tuple[int, int]]]:
+    """``draws`` layer-matched random head sets for a record, seeded by ``seed`` and the case id
+    (the same record and seed always draw the same heads). Empty when ``top`` leaves fewer other
+    heads than it has (no control of the same size exists)."""
+    if not top or draws < 1 or 2 * len(set(top)) > model.cfg.n_layers * model.cfg.n_heads:
+        return []
+    rng = np.random.default_rng([seed, zlib.crc32(json.dumps(case_id).encode())])
+    return [matched_random_heads(top, model.cfg.n_layers, model.cfg.n_heads, rng) for _ in range(draws)]
 
 
 def summary_variants(model, top_heads: Sequence[tuple[int, int]], has_subject: bool = True) -> dict[str, Variant]:
@@ -786,6 +835,8 @@ class RecordPatch:
             record's mean drift of the last token's attention to the edited subject's last token.
         head_source: ``"record"`` (ranked on this record) or ``"given"``.
         edit_seconds: the editor's own time.
+        random_heads: per draw, the (layer, head) pairs of the random-heads control variant
+            ``attn_pattern_random/<draw>`` (:func:`matched_random_heads`).
     """
 
     case_id: int | str
@@ -798,12 +849,14 @@ class RecordPatch:
     top_heads: tuple[tuple[int, int, float], ...]
     head_source: str
     edit_seconds: float = math.nan
+    random_heads: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     def to_line(self) -> dict:
         return {"case_id": self.case_id, "kind": self.kind, "subject": self.subject, "target_new": self.target_new,
                 "cases": [c.to_json() for c in self.cases], "sweeps": [s.to_json() for s in self.sweeps],
                 "contamination": [c.to_json() for c in self.contamination], "edit_seconds": self.edit_seconds,
-                "head_source": self.head_source, "top_heads": [list(t) for t in self.top_heads]}
+                "head_source": self.head_source, "top_heads": [list(t) for t in self.top_heads],
+                "random_heads": [[list(h) for h in draw] for draw in self.random_heads]}
 
 
 NamedVariants = Mapping[str, Patch | Sequence[Patch]]
@@ -838,6 +891,8 @@ def patch_record(
     contamination_window: int = 6,
     contamination_positions: str = "key",
     batch_size: int = 64,
+    random_draws: int = RANDOM_DRAWS,
+    random_seed: int = RANDOM_SEED,
 ) -> RecordPatch | None:
     """Patching of one record between the unedited model and ``edit_fn_factory(record)`` (entered
     once): None, without editing, when it has no prompt to patch.
@@ -854,9 +909,12 @@ def patch_record(
 
     The top-k heads of ``attn_pattern_topk`` are ``heads`` (e.g. from a drift run) or, when None,
     the k heads whose last-token attention to the edited subject's last token grew most on
-    average over this record's prompts. ``variants`` adds named variants to every prompt: a
-    mapping, or a function of the head ranking (``heads``, or every head by this record's drift)
-    returning one.
+    average over this record's prompts. Their control: ``random_draws`` variants
+    ``attn_pattern_random/<draw>``, each patching the patterns of as many random heads in the
+    same layers (:func:`matched_random_heads`; drawn from a generator seeded by
+    ``random_seed`` and the record's case id, so a rerun draws the same heads). ``variants``
+    adds named variants to every prompt: a mapping, or a function of the head ranking
+    (``heads``, or every head by this record's drift) returning one.
     """
     if contamination_positions not in CONTAMINATION_POSITIONS:
         raise PatchingError(f"contamination_positions must be 'key' or 'all', not {contamination_positions!r}")
@@ -866,6 +924,8 @@ def patch_record(
                         ("batch_size", batch_size)):
         if value < 1:
             raise PatchingError(f"{name} must be >= 1, got {value}")
+    if random_draws < 0:
+        raise PatchingError(f"random_draws must be >= 0, got {random_draws}")
     if sweep_prompts < 0 or contamination_prompts < 0:
         raise PatchingError(f"sweep_prompts and contamination_prompts must be >= 0, got {sweep_prompts} and "
                             f"{contamination_prompts}")
@@ -889,13 +949,15 @@ def patch_record(
         seconds = float(getattr(result, "seconds", time.perf_counter() - start))
         edited = [record_activations(model, case, None) for case in cases]
         top, ranking, head_source = _ranking(model, cases, clean, edited, heads, k)
+        controls = _draw_controls([(l, h) for l, h, _ in top], model, random_draws, random_seed, record.case_id)
+        control_variants = {n: topk_variant(c) for n, c in zip(random_variant_names(len(controls)), controls)}
         extra = variants(ranking) if callable(variants) else dict(variants or {})
-        clash = sorted(set(extra) & set(SUMMARY_VARIANTS))
+        clash = sorted(set(extra) & (set(SUMMARY_VARIANTS) | set(control_variants)))
         if clash:
-            raise PatchingError(f"extra variants {clash} reuse names of the summary variants; rename them")
+            raise PatchingError(f"extra variants {clash} reuse names of the summary or control variants; rename them")
         for i, (case, source) in enumerate(zip(cases, clean)):
             has_subject = bool(Regions.of(model, case.rewrite, case.prompt).positions("subject_last"))
-            named = {**summary_variants(model, [(l, h) for l, h, _ in top], has_subject),
+            named = {**summary_variants(model, [(l, h) for l, h, _ in top], has_subject), **control_variants,
                      **{n: _as_variant(v) for n, v in extra.items()}}
             res = run_patched(model, source, list(named.values()), batch_size=batch_size)
             pre, post = res.source.pair(), res.base.pair()
@@ -927,4 +989,5 @@ def patch_record(
             tuple(tokens.token_strings(model, [ids[p] for p in positions])), grids, tuple(pre), tuple(post)))
     rw = record.rewrite
     return RecordPatch(record.case_id, record.kind, rw.subject, rw.target_new, tuple(patched_cases), tuple(sweeps),
-                       tuple(contamination), tuple(top), head_source, seconds)
+                       tuple(contamination), tuple(top), head_source, seconds,
+                       tuple(tuple(draw) for draw in controls))

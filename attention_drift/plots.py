@@ -21,12 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 from jaxtyping import Float
 from plotly.colors import qualitative
 from torch import Tensor
 from attention_drift.errors import AttentionDriftError
-from attention_drift.stats import pearson
+from attention_drift.stats import pearson, spearman
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu_r"
@@ -83,13 +84,15 @@ def drift_heatmap(
     title: str = "Attention drift per head",
     value: str = "delta",
     kl: Float[Tensor, "layer head"] | None = None,
+    drift_ci: tuple[Float[Tensor, "layer head"], Float[Tensor, "layer head"]] | None = None,
 ) -> go.Figure:
     """Layer x head heatmap of a per-head attention quantity before and after an edit.
 
     ``value`` picks the colour: ``"delta"`` = after - before on a diverging scale centred
     at 0 (red: more attention after the edit), ``"after"`` = the post-edit value, ``"kl"`` =
     the ``kl`` tensor (needs ``kl``). The hover of every cell shows layer, head, before,
-    after, drift (after - before) and KL when given, whatever the colour.
+    after, drift (after - before), the drift's (low, high) interval ``drift_ci`` and KL when
+    given, whatever the colour.
     """
     if value not in DRIFT_VALUES:
         raise PlotError(f"value must be one of {DRIFT_VALUES}, not {value!r}")
@@ -100,6 +103,11 @@ def drift_heatmap(
     delta = a - b
     layers, heads = b.shape
     fields = [("before", b), ("after", a), ("drift", delta)]
+    if drift_ci is not None:
+        low, high = (_values(t) for t in drift_ci)
+        _check_shape("drift_ci", low, b.shape, "before")
+        _check_shape("drift_ci", high, b.shape, "before")
+        fields += [("drift 95% CI low", low), ("drift 95% CI high", high)]
     if kl is not None:
         k = _values(kl)
         _check_shape("kl", k, b.shape, "before")
@@ -137,12 +145,14 @@ def patching_heatmap(
     row_title: str = "layer",
     col_title: str = "component",
     value_name: str = "recovery",
+    ci: tuple[Float[Tensor, "row col"], Float[Tensor, "row col"]] | None = None,
 ) -> go.Figure:
     """Heatmap of a patching result: layer x component, layer x head, or position x layer
     (contamination, with the prompt's tokens as ``row_labels``).
 
     Colours use a diverging scale centred at ``zmid`` (a sequential one when ``zmid`` is
-    None). NaN cells are left blank. Hover shows the row label, column label and value.
+    None). NaN cells are left blank. Hover shows the row label, column label and value, and
+    the cell's (low, high) interval ``ci`` when given.
     """
     z = _values(recovery)
     rows, cols = z.shape
@@ -153,6 +163,15 @@ def patching_heatmap(
         )
     row_text, col_text = [_label(r) for r in row_labels], [_label(c) for c in col_labels]
     custom = [[[row_text[i], col_text[j]] for j in range(cols)] for i in range(rows)]
+    ci_hover = ""
+    if ci is not None:
+        low, high = (_values(t) for t in ci)
+        _check_shape("ci", low, z.shape, "recovery")
+        _check_shape("ci", high, z.shape, "recovery")
+        for i in range(rows):
+            for j in range(cols):
+                custom[i][j] += [f"{float(low[i, j]):.3g}", f"{float(high[i, j]):.3g}"]
+        ci_hover = "<br>95% CI: [%{customdata[2]}, %{customdata[3]}]"
     colour = {"colorscale": DIVERGING, "zmid": zmid} if zmid is not None else {"colorscale": SEQUENTIAL}
     fig = go.Figure(
         go.Heatmap(
@@ -162,7 +181,7 @@ def patching_heatmap(
             customdata=custom,
             hovertemplate=(
                 f"{row_title}: %{{customdata[0]}}<br>{col_title}: %{{customdata[1]}}<br>"
-                f"{value_name}: %{{z:.4g}}<extra></extra>"
+                f"{value_name}: %{{z:.4g}}{ci_hover}<extra></extra>"
             ),
             colorbar={"title": value_name},
             hoverongaps=False,
@@ -219,67 +238,144 @@ def recovery_curves(
     return _style(fig, title, xlabel, ylabel)
 
 
+def _fmt_ci(low: float, high: float) -> str:
+    return "" if not (math.isfinite(low) and math.isfinite(high)) else f" [{low:.2f}, {high:.2f}]"
+
+
+CORRELATION_SYMBOLS = {"pearson": "Pearson r", "spearman": "Spearman ρ"}
+
+
+def correlation_label(c: Mapping) -> str:
+    """``"Pearson r = 0.193 [-0.05, 0.41], p = 0.11"`` of a correlation dict
+    (:meth:`attention_drift.stats.Correlation.to_dict`): every coefficient named by its kind."""
+    if c.get("method") not in CORRELATION_SYMBOLS:
+        raise PlotError(f"a correlation needs its method ('pearson' or 'spearman'), got {c.get('method')!r}")
+    r = c["r"]
+    text = f"{CORRELATION_SYMBOLS[c['method']]} = " + ("nan" if not math.isfinite(r) else f"{r:.3f}")
+    text += _fmt_ci(c.get("ci_low", math.nan), c.get("ci_high", math.nan))
+    p = c.get("p_value")
+    return text + ("" if p is None or not math.isfinite(p) else f", p = {p:.2g}")
+
+
+def auroc_label(a: Mapping) -> str:
+    """``"AUROC = 0.57 [0.45, 0.69] (cluster bootstrap)"`` of an AUROC dict
+    (:meth:`attention_drift.stats.AurocEstimate.to_dict`)."""
+    value = a["value"]
+    text = "AUROC = " + ("nan" if not math.isfinite(value) else f"{value:.3f}")
+    text += _fmt_ci(a.get("ci_low", math.nan), a.get("ci_high", math.nan))
+    return text + (f" ({a['method']})" if a.get("method") and math.isfinite(a.get("ci_low", math.nan)) else "")
+
+
 def drift_vs_failure(
     drift: Float[Tensor, " n"],
     failure: Float[Tensor, " n"],
     *,
+    failed: Sequence[bool] | Tensor | None = None,
     bins: int = 10,
-    rho: int | float | None = None,
-    p_value: int | float | None = None,
+    correlations: Sequence[Mapping] | None = None,
+    auroc: Mapping | None = None,
+    n_records: int | None = None,
+    note: str = "",
     title: str = "Attention drift vs specificity failure",
     xlabel: str = "attention drift",
     ylabel: str = "failure severity",
 ) -> go.Figure:
-    """Scatter of one point per case plus the binned mean curve, annotated with the correlation.
+    """Scatter of one point per case plus the binned mean curve, annotated with the statistics.
 
     Bins hold equal numbers of cases (cases sorted by drift, split into ``bins`` near-equal
     chunks); each bin is drawn at its mean drift and mean failure with a 95% normal error
-    bar (1.96 x standard error of the mean; 0 for a one-case bin). The annotation shows
-    ``rho`` when given (e.g. from the drift module), else the Pearson r of the points
-    (:func:`attention_drift.stats.pearson`: NaN below 4 cases), plus n and ``p_value`` when given.
+    bar (1.96 x standard error of the mean; 0 for a one-case bin). ``failed`` colours the
+    points (failed / held). The annotation names every statistic by its kind: ``correlations``
+    (dicts of :meth:`attention_drift.stats.Correlation.to_dict`, e.g. Pearson and Spearman with
+    their 95% intervals; by default both computed from the points, Fisher-z intervals), the
+    ``auroc`` dict of the factor for failure when given, and n (cases, and ``n_records``);
+    ``note`` adds a last line (e.g. which prompts are shown). One panel of
+    :func:`drift_vs_failure_panels`.
     """
-    x, y = _values(drift), _values(failure)
-    if x.shape != y.shape:
-        raise PlotError(f"drift has {x.numel()} values but failure has {y.numel()}; one pair per case")
-    n = x.numel()
-    if n < 2:
-        raise PlotError(f"need at least 2 cases to plot a relation, got {n}")
-    bad = int((~torch.isfinite(x) | ~torch.isfinite(y)).sum())
-    if bad:
-        raise PlotError(f"{bad} of {n} cases have a non-finite drift or failure value; drop them first")
-    if not 1 <= bins <= n:
-        raise PlotError(f"bins must be between 1 and the number of cases ({n}), not {bins}")
-    order = torch.argsort(x)
-    centres, means, errors, counts = [], [], [], []
-    for chunk in torch.tensor_split(order, bins):
-        ys = y[chunk]
-        centres.append(float(x[chunk].mean()))
-        means.append(float(ys.mean()))
-        errors.append(1.96 * float(ys.std()) / math.sqrt(len(chunk)) if len(chunk) > 1 else 0.0)
-        counts.append(len(chunk))
-    r = pearson(x, y).r if rho is None else rho
-    label = f"{'Pearson r' if rho is None else 'ρ'} = {r:.3f}, n = {n}"
-    if p_value is not None:
-        label += f", p = {p_value:.2g}"
-    fig = go.Figure([
-        go.Scatter(
-            x=x.tolist(), y=y.tolist(), mode="markers", name="cases",
-            marker={"size": 6, "opacity": 0.45, "color": PALETTE[0]},
-            hovertemplate=f"{xlabel}: %{{x:.4g}}<br>{ylabel}: %{{y:.4g}}<extra></extra>",
-        ),
-        go.Scatter(
-            x=centres, y=means, mode="lines+markers", name=f"binned mean ({bins} bins)",
-            line={"color": PALETTE[1], "width": 3},
+    panel = {"drift": drift, "failure": failure, "failed": failed, "bins": bins, "correlations": correlations,
+             "auroc": auroc, "n_records": n_records, "note": note, "xlabel": xlabel}
+    return drift_vs_failure_panels([panel], title=title, ylabel=ylabel)
+
+
+def _panel_stats(x: Tensor, y: Tensor, panel: Mapping, ylabel: str) -> str:
+    correlations = panel.get("correlations")
+    if correlations is None:
+        correlations = [pearson(x, y).to_dict(), spearman(x, y).to_dict()]
+    lines = [f"{correlation_label(c)} (vs {html.escape(ylabel)})" for c in correlations]
+    if panel.get("auroc") is not None:
+        lines.append(f"{auroc_label(panel['auroc'])} for failure")
+    n = f"n = {x.numel()} cases"
+    if panel.get("n_records") is not None:
+        n += f", {panel['n_records']} records"
+    lines.append(n)
+    if panel.get("note"):
+        lines.append(html.escape(panel["note"]))
+    return "<br>".join(lines)
+
+
+def drift_vs_failure_panels(
+    panels: Sequence[Mapping],
+    *,
+    title: str = "Attention drift vs specificity failure",
+    ylabel: str = "failure severity",
+) -> go.Figure:
+    """:func:`drift_vs_failure` panels side by side on one y axis (e.g. the attention-mass
+    factor beside the KL factor). Each panel is a mapping of that function's arguments:
+    ``drift``, ``failure`` (tensors), and optionally ``failed``, ``bins`` (default 10, at most n),
+    ``correlations``, ``auroc``, ``n_records``, ``note``, ``xlabel``."""
+    if not panels:
+        raise PlotError("drift_vs_failure_panels needs at least one panel")
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.06)
+    for col, panel in enumerate(panels, start=1):
+        x, y = _values(torch.as_tensor(panel["drift"])), _values(torch.as_tensor(panel["failure"]))
+        xlabel = panel.get("xlabel", "attention drift")
+        if x.shape != y.shape:
+            raise PlotError(f"drift has {x.numel()} values but failure has {y.numel()}; one pair per case")
+        n = x.numel()
+        if n < 2:
+            raise PlotError(f"need at least 2 cases to plot a relation, got {n}")
+        bad = int((~torch.isfinite(x) | ~torch.isfinite(y)).sum())
+        if bad:
+            raise PlotError(f"{bad} of {n} cases have a non-finite drift or failure value; drop them first")
+        bins = panel.get("bins", min(10, n))
+        if not 1 <= bins <= n:
+            raise PlotError(f"bins must be between 1 and the number of cases ({n}), not {bins}")
+        failed = panel.get("failed")
+        if failed is not None:
+            failed = torch.as_tensor(failed, dtype=torch.bool).cpu()
+            if failed.shape != x.shape:
+                raise PlotError(f"failed has {failed.numel()} values for {n} cases; one per case")
+        order = torch.argsort(x)
+        centres, means, errors, counts = [], [], [], []
+        for chunk in torch.tensor_split(order, bins):
+            ys = y[chunk]
+            centres.append(float(x[chunk].mean()))
+            means.append(float(ys.mean()))
+            errors.append(1.96 * float(ys.std()) / math.sqrt(len(chunk)) if len(chunk) > 1 else 0.0)
+            counts.append(len(chunk))
+        hover = f"{html.escape(xlabel)}: %{{x:.4g}}<br>{html.escape(ylabel)}: %{{y:.4g}}<extra></extra>"
+        groups = [("cases", torch.ones_like(x, dtype=torch.bool), PALETTE[0])] if failed is None else [
+            ("held (right after the edit)", ~failed, PALETTE[0]), ("failed", failed, PALETTE[1])]
+        for name, keep, colour in groups:
+            fig.add_trace(go.Scatter(
+                x=x[keep].tolist(), y=y[keep].tolist(), mode="markers", name=name, legendgroup=name,
+                showlegend=col == 1, marker={"size": 6, "opacity": 0.5, "color": colour}, hovertemplate=hover,
+            ), row=1, col=col)
+        fig.add_trace(go.Scatter(
+            x=centres, y=means, mode="lines+markers", name=f"binned mean ± 95% CI ({bins} bins)",
+            legendgroup="binned", showlegend=col == 1, line={"color": PALETTE[2], "width": 3},
             error_y={"type": "data", "array": errors, "visible": True},
             customdata=counts,
-            hovertemplate=(f"bin mean {xlabel}: %{{x:.4g}}<br>mean {ylabel}: %{{y:.4g}}"
+            hovertemplate=(f"bin mean {html.escape(xlabel)}: %{{x:.4g}}<br>mean {html.escape(ylabel)}: %{{y:.4g}}"
                            "<br>cases: %{customdata}<extra></extra>"),
-        ),
-    ])
-    fig.add_annotation(text=label, xref="paper", yref="paper", x=0.02, y=0.98,
-                       showarrow=False, xanchor="left", yanchor="top",
-                       bgcolor="rgba(255,255,255,0.8)")
-    return _style(fig, title, xlabel, ylabel)
+        ), row=1, col=col)
+        axis = "x" if col == 1 else f"x{col}"
+        fig.add_annotation(text=_panel_stats(x, y, panel, ylabel), xref=f"{axis} domain", yref="y domain",
+                           x=0.02, y=0.98, showarrow=False, xanchor="left", yanchor="top", align="left",
+                           bgcolor="rgba(255,255,255,0.8)", font={"size": 11})
+        fig.update_xaxes(title_text=xlabel, row=1, col=col)
+    fig.update_layout(height=520, width=max(700, 560 * len(panels)))
+    return _style(fig, title, fig.layout.xaxis.title.text, ylabel)
 
 
 def _interval(entry: Mapping, where: str) -> tuple[float, float, float]:

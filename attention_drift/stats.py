@@ -6,7 +6,12 @@ curves and proportion intervals (scipy underneath).
   ``tanh(atanh(r) -+ z_q se)`` with ``se = sqrt(1 / (n - 3))`` (Pearson) or the
   Fieller-Hartley-Pearson ``sqrt(1.06 / (n - 3))`` (Spearman, average ranks for ties);
 * :func:`auroc`: the Mann-Whitney U statistic over (positive, negative) pairs from average ranks
-  (``scipy.stats.rankdata``), ties counted one half;
+  (``scipy.stats.rankdata``), ties counted one half; :func:`auroc_ci` adds a confidence interval,
+  by a (cluster) bootstrap or DeLong's variance;
+* :func:`bootstrap_interval`, :func:`bootstrap_mean`, :func:`bootstrap_ratio`: percentile
+  intervals of a record-clustered bootstrap. Prompts of one record share its edit, so they are
+  not independent draws: resampling whole records (clusters) keeps that dependence in the
+  interval, where resampling prompts would make it too narrow;
 * :func:`binned_curve`: failure rate and mean severity per quantile bin of a factor;
 * :func:`proportion`: a proportion with its normal-approximation 95% interval.
 
@@ -14,6 +19,7 @@ Pairs with a NaN are dropped first. Fewer than 4 pairs, or a constant variable, 
 (not an exception): a report over a handful of prompts still builds.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +101,16 @@ def spearman(x: ArrayLike, y: ArrayLike, confidence: float = 0.95) -> Correlatio
     return _correlation("spearman", *_clean_pairs(x, y), confidence)
 
 
+def _auroc_parts(scores: ArrayLike, labels: ArrayLike, clusters: ArrayLike | None):
+    """(scores, positive mask, cluster codes) of the finite pairs."""
+    s, y = _array(scores), _array(labels)
+    if s.shape != y.shape:
+        raise StatsError(f"AUROC needs one label per score: got {s.size} scores and {y.size} labels")
+    codes = _codes(clusters, s.size)
+    keep = np.isfinite(s) & np.isfinite(y)
+    return s[keep], y[keep] > 0, codes[keep]
+
+
 def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     """Area under the ROC curve of ``scores`` predicting boolean ``labels``: the Mann-Whitney U
     statistic over (positive x negative) pairs, ties counted one half; NaN scores dropped; NaN
@@ -169,3 +185,188 @@ def proportion(successes: ArrayLike) -> dict:
     p = float(hits.mean())
     half = 1.96 * math.sqrt(p * (1 - p) / n)
     return {"accuracy": p, "ci95": [max(0.0, p - half), min(1.0, p + half)], "half_width": half, "n": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals: cluster bootstrap and DeLong
+
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic with its confidence interval.
+
+    Args:
+        name: what was estimated (``"mean"``, ``"ratio"``, ``"auroc"``).
+        value: the estimate on the data as given (NaN when undefined).
+        ci_low, ci_high: the interval at ``confidence`` (NaN when it cannot be formed).
+        n: finite items used; n_clusters: distinct clusters among them (records).
+        method: ``"cluster bootstrap"`` (clusters resampled), ``"bootstrap"`` (items resampled)
+            or ``"delong"``.
+        confidence: the interval's level.
+        n_boot: bootstrap resamples (0 for DeLong).
+    """
+
+    name: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    n_clusters: int
+    method: str
+    confidence: float = 0.95
+    n_boot: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AurocEstimate(Estimate):
+    """An AUROC with its interval (:func:`auroc_ci`); ``n_pos`` / ``n_neg``: items per class."""
+
+    n_pos: int = 0
+    n_neg: int = 0
+
+
+def _codes(clusters: ArrayLike | None, n: int) -> np.ndarray:
+    if clusters is None:
+        return np.arange(n)
+    ids = clusters.tolist() if isinstance(clusters, (np.ndarray, Tensor)) else list(clusters)
+    if len(ids) != n:
+        raise StatsError(f"give one cluster id per item: got {len(ids)} ids for {n} items")
+    first: dict = {}
+    return np.array([first.setdefault(repr(c), len(first)) for c in ids], dtype=np.int64).reshape(n)
+
+
+def bootstrap_interval(statistic, n: int, clusters: ArrayLike | None = None, *, confidence: float = 0.95,
+                       n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                       chunk: int = 256) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` under the bootstrap.
+
+    ``statistic(weights)`` takes a ``[b, n]`` array (how many times each of the ``n`` items is
+    drawn in each of ``b`` resamples) and returns ``b`` values. With ``clusters`` (one id per
+    item, e.g. the record of each prompt) whole clusters are drawn with replacement, as many as
+    there are clusters, and every item weighs as often as its cluster is drawn; without, items
+    are drawn. NaN resamples (e.g. one class missing) are dropped; NaN when none is left or
+    there is a single cluster. ``seed`` fixes the draws (the same data give the same interval).
+    """
+    codes = _codes(clusters, n)
+    k = int(codes.max()) + 1 if n else 0
+    if k < 2 or n_boot < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.integers(0, k, size=(b, k))
+        counts = np.zeros((b, k))
+        np.add.at(counts, (np.arange(b)[:, None], draws), 1.0)
+        values.append(np.asarray(statistic(counts[:, codes]), dtype=np.float64))
+    values = np.concatenate(values)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = 50 * (1 - confidence)
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _method(clusters) -> str:
+    return "bootstrap" if clusters is None else "cluster bootstrap"
+
+
+def bootstrap_ratio(numerator: ArrayLike, denominator: ArrayLike, clusters: ArrayLike | None = None, *,
+                    name: str = "ratio", confidence: float = 0.95, n_boot: int = BOOTSTRAP_SAMPLES,
+                    seed: int = BOOTSTRAP_SEED) -> Estimate:
+    """``mean(numerator) / mean(denominator)`` (a pooled fraction, e.g. the share of the edit's
+    log-odds change a patch reproduces) with a (cluster) bootstrap interval; pairs with a NaN
+    are dropped; NaN when the denominator's mean is 0."""
+    a, b = _array(numerator), _array(denominator)
+    if a.shape != b.shape:
+        raise StatsError(f"a ratio needs paired values: got {a.size} numerators and {b.size} denominators")
+    keep = np.isfinite(a) & np.isfinite(b)
+    codes = _codes(clusters, a.size)[keep]
+    a, b = a[keep], b[keep]
+    value = float(a.mean() / b.mean()) if a.size and b.mean() != 0 else math.nan
+
+    def statistic(w):
+        den = w @ b
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den != 0, (w @ a) / np.where(den != 0, den, 1.0), np.nan)
+
+    low, high = bootstrap_interval(statistic, a.size, codes, confidence=confidence, n_boot=n_boot, seed=seed)
+    return Estimate(name, value, low, high, int(a.size), int(np.unique(codes).size), _method(clusters), confidence,
+                    n_boot)
+
+
+def bootstrap_mean(values: ArrayLike, clusters: ArrayLike | None = None, *, confidence: float = 0.95,
+                   n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Estimate:
+    """The mean of ``values`` (NaN dropped) with a (cluster) bootstrap interval."""
+    x = _array(values)
+    return bootstrap_ratio(x, np.ones_like(x), clusters, name="mean", confidence=confidence, n_boot=n_boot, seed=seed)
+
+
+def _weighted_auroc(s: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC per row of ``weights`` [b, n]: the Mann-Whitney statistic with every item counted
+    as often as its weight (ties one half)."""
+    order = np.argsort(s, kind="stable")
+    s, positive, weights = s[order], positive[order], weights[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    pos = np.add.reduceat(weights * positive, starts, axis=1)
+    neg = np.add.reduceat(weights * ~positive, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    total = pos.sum(1) * neg.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, (pos * (below + 0.5 * neg)).sum(1) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def _delong(s: np.ndarray, positive: np.ndarray, confidence: float) -> tuple[float, float]:
+    """DeLong's interval: AUROC -+ z se, se from the structural components (placements) of the
+    positives and negatives (Sun & Xu's rank form), clipped to [0, 1]."""
+    x, y = s[positive], s[~positive]
+    m, n = x.size, y.size
+    if m < 2 or n < 2:
+        return math.nan, math.nan
+    ranks = scipy.stats.rankdata(np.r_[x, y])
+    v10 = (ranks[:m] - scipy.stats.rankdata(x)) / n
+    v01 = 1.0 - (ranks[m:] - scipy.stats.rankdata(y)) / m
+    se = math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    auc = float(v10.mean())
+    zq = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    return max(0.0, auc - zq * se), min(1.0, auc + zq * se)
+
+
+AUROC_METHODS = ("bootstrap", "delong")
+
+
+def auroc_ci(scores: ArrayLike, labels: ArrayLike, clusters: ArrayLike | None = None, *,
+             method: str = "bootstrap", confidence: float = 0.95, n_boot: int = BOOTSTRAP_SAMPLES,
+             seed: int = BOOTSTRAP_SEED) -> AurocEstimate:
+    """:func:`auroc` with a confidence interval.
+
+    ``method="bootstrap"``: percentile interval of :func:`bootstrap_interval`, resampling
+    ``clusters`` (e.g. each prompt's record, whose prompts share one edit) when given, else
+    items. ``"delong"``: DeLong's normal interval, for independent items only (no
+    ``clusters``). Pairs with a NaN are dropped; value and interval are NaN when a class is
+    empty.
+    """
+    if method not in AUROC_METHODS:
+        raise StatsError(f"method must be one of {AUROC_METHODS}, not {method!r}")
+    if method == "delong" and clusters is not None:
+        raise StatsError("DeLong's interval assumes independent items; use method='bootstrap' with clusters")
+    s, positive, codes = _auroc_parts(scores, labels, clusters)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    value = float(_weighted_auroc(s, positive, np.ones((1, s.size)))[0]) if s.size else math.nan
+    if method == "delong":
+        low, high = _delong(s, positive, confidence) if math.isfinite(value) else (math.nan, math.nan)
+        how, boots = "delong", 0
+    else:
+        low, high = (bootstrap_interval(lambda w: _weighted_auroc(s, positive, w), s.size, codes,
+                                        confidence=confidence, n_boot=n_boot, seed=seed)
+                     if math.isfinite(value) else (math.nan, math.nan))
+        how, boots = _method(clusters), n_boot
+    return AurocEstimate("auroc", value, low, high, int(s.size), int(np.unique(codes).size), how, confidence,
+                         boots, n_pos, n_neg)

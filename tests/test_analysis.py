@@ -2,6 +2,9 @@
 
 import contextlib
 import json
+import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from attention_drift.data import load_example
 from attention_drift.patching import Patch, topk_variant
 
 from handmade_edit import push_subject  # noqa: E402
+from synthetic_drift import synthetic_run  # noqa: E402
 
 RECORDS = load_example()
 CF = [r for r in RECORDS if r.kind == "counterfact"]   # neighbourhood prompts (distract neighbourhood)
@@ -62,14 +66,16 @@ def test_drift_without_edit_is_zero_and_a_changed_setting_is_refused(tiny_llama,
                            {"model": "other"}, figures=False)
 
 
-def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path):
+def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     edits = Counter(tiny_gpt2)
     result = analysis.run_patch(tiny_gpt2, CF[:2], edits, tmp_path, {"model": "tiny"}, k=3, figures=False,
                                 sweep_prompts=1, contamination_prompts=1)
     n = sum(len(r.neighborhood) for r in CF[:2])
     assert result["n_prompts"] == n and len(edits.calls) == 2
     v = result["variants"]
-    assert set(v) == set(analysis.SUMMARY_VARIANTS)
+    assert set(v) == set(analysis.SUMMARY_VARIANTS) | {analysis.RANDOM_VARIANT}
+    names = list(v)
+    assert names.index(analysis.RANDOM_VARIANT) == names.index("attn_pattern_topk") + 1  # reported beside top-k
     # the edit changes MLP weights only: restoring every MLP output is the unedited run
     assert v["mlp_out_all"]["recovery_pooled"] == pytest.approx(1.0, abs=1e-4)
     assert v["mlp_out_all"]["accuracy"] == result["pre"]["accuracy"]
@@ -82,6 +88,28 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path):
                 "recovery_median"} <= set(stats)
     lines = [json.loads(x) for x in (tmp_path / "patch_records.jsonl").read_text().splitlines()[1:]]
     assert all(len(line["top_heads"]) == 3 for line in lines)
+    # the random-heads control: the mean over its draws, each draw k heads in the top-k heads' layers
+    control = v[analysis.RANDOM_VARIANT]
+    assert control["draws"] == analysis.RANDOM_DRAWS and control["n"] == n and control["n_records"] == 2
+    assert control["accuracy"] == pytest.approx(np.mean(control["per_draw"]["accuracy"]))
+    assert control["recovery_pooled"] == pytest.approx(np.mean(control["per_draw"]["recovery_pooled"]))
+    for line in lines:
+        assert len(line["random_heads"]) == analysis.RANDOM_DRAWS
+        assert all(sorted(l for l, _ in d) == sorted(l for l, _, _ in line["top_heads"]) for d in line["random_heads"])
+    cases = [c for line in lines for c in line["cases"]]
+    logodds = lambda pair: pair[0] - pair[1]  # noqa: E731
+    diff = [logodds(c["variants"]["attn_pattern_topk"]) -
+            np.mean([logodds(c["variants"][f"attn_pattern_random/{d}"]) for d in range(analysis.RANDOM_DRAWS)])
+            for c in cases]
+    t = result["topk_vs_random"]
+    assert t["logodds_diff"]["value"] == pytest.approx(np.mean(diff)) and t["n_prompts"] == n and t["n_records"] == 2
+    assert t["logodds_diff"]["method"] == "cluster bootstrap" and t["logodds_diff"]["n_clusters"] == 2
+    gap = [logodds(c["pre"]) - logodds(c["post"]) for c in cases]
+    assert t["recovery_diff"]["value"] == pytest.approx(np.mean(diff) / np.mean(gap))
+    assert "Top-k drifting heads vs k random heads in the same layers" in result["markdown"]
+    assert "(b, control) attention patterns, k random heads in the same layers (mean of 5 draws)" in result["markdown"]
+    pooled = v["attn_pattern_topk"]
+    assert pooled["recovery_pooled_ci95"][0] <= pooled["recovery_pooled"] <= pooled["recovery_pooled_ci95"][1]
     # sweep: the last layer's residual stream at the last token is the clean output
     sweep = result["sweep"]
     rec = torch.tensor(sweep["recovery_pooled"])
@@ -91,12 +119,47 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path):
     assert len(result["windows"]["recovery_pooled"]) == tiny_gpt2.cfg.n_layers
     c = result["contamination"]
     assert set(c["components"]) == set(analysis.CONTAMINATION_COMPONENTS)
+    # contamination as log-odds damage: share of the edit's log-odds drop, pooled over prompts
+    damage = c["damage"]
+    entries = [e for line in lines for e in line["contamination"]]
+    assert damage["n_prompts"] == len(entries) == 2 and damage["n_records"] == 2
+    edit_drop = np.array([logodds(e["pre"]) - logodds(e["post"]) for e in entries])
+    assert damage["edit_logodds_drop"]["value"] == pytest.approx(edit_drop.mean())
+    for component in analysis.CONTAMINATION_COMPONENTS:
+        by = damage["components"][component]["by_position"]
+        assert set(by) == set(analysis.KEY_POSITIONS)
+        j = entries[0]["labels"].index("subject_last")
+        drop = np.array([logodds(e["pre"]) - (np.array(e["components"][component]["lp_true"][j])
+                                              - np.array(e["components"][component]["lp_new"][j])) for e in entries])
+        assert by["subject_last"]["share"] == pytest.approx((drop.mean(0) / edit_drop.mean()).tolist())
+        assert by["subject_last"]["logodds_drop"] == pytest.approx(drop.mean(0).tolist())
+        assert len(by["subject_last"]["share_ci95"]) == tiny_gpt2.cfg.n_layers
+    assert damage["p_true_before"] == pytest.approx(np.mean([math.exp(e["pre"][0]) for e in entries]))
+    assert "Contamination as log-odds damage (2 prompts, 2 records" in result["markdown"]
+    assert "Why log-odds and not the paper's P(true) drop" in result["markdown"]
     # substituting the edited MLP outputs over a window holding layer 0 at the subject reproduces damage
     assert c["components"]["mlp_out"]["max_drop"]["drop"] >= 0
     # resume: nothing is edited again
     analysis.run_patch(tiny_gpt2, CF[:2], edits, tmp_path, {"model": "tiny"}, k=3, figures=False,
                        sweep_prompts=1, contamination_prompts=1)
     assert len(edits.calls) == 2
+    # every figure says its n (prompts and records) and draws its 95% CIs
+    drawn = {}
+    monkeypatch.setattr(analysis, "_save_figure", lambda fig, path, png: drawn.update({path.name: fig}) or [])
+    analysis._patch_figures(result, tmp_path, png=False)
+    assert set(drawn) == {"patch_accuracy", "patch_layer_component", "patch_windows", "patch_contamination"}
+    for fig in drawn.values():
+        assert "prompts" in fig.layout.title.text and "2 records" in fig.layout.title.text
+    bars = {t.name: t for t in drawn["patch_accuracy"].data}
+    control = bars["(b, control) attention patterns, k random heads in the same layers (mean of 5 draws)"]
+    assert list(control.x) == ["DNS accuracy", "log-odds gap recovered"]
+    assert control.y[1] == pytest.approx(100 * v[analysis.RANDOM_VARIANT]["recovery_pooled"])
+    assert control.error_y.array[1] == pytest.approx(
+        100 * (v[analysis.RANDOM_VARIANT]["recovery_pooled_ci95"][1] - v[analysis.RANDOM_VARIANT]["recovery_pooled"]))
+    assert "95% CI" in drawn["patch_layer_component"].data[0].hovertemplate
+    contamination = drawn["patch_contamination"]
+    assert "log-odds" in contamination.layout.yaxis.title.text and "P(true)" not in contamination.layout.title.text
+    assert sum(t.fill == "toself" for t in contamination.data) == len(analysis.CONTAMINATION_COMPONENTS) * 3
 
 
 def test_patch_skips_records_without_neighbourhood_prompts(tiny_llama, tmp_path):
@@ -132,12 +195,17 @@ def test_drift_and_patch_commands(tiny_folder, tmp_path, capsys, monkeypatch):
     argv = ["drift", "--model", tiny_folder, "--limit", "2", "--balanced", "--no-progress", "--top-k", "4",
             "--edit-cache", str(cache)]
     assert cli.main([*argv, "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "## attention drift" in text and "Pearson" in text
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "## attention drift" in text and "Pearson" in text and "Spearman" in text
     data = json.loads((out / "drift.json").read_text())
     assert len(data["top_heads"]) == 4 and data["meta"]["edit"]["method"] == "rome"
-    for name in ("drift_heatmap.html", "drift_vs_failure.html", "explorer.html", "drift_patterns.jsonl"):
+    for name in ("drift_heatmap.html", "explorer.html", "drift_patterns.jsonl"):
         assert (out / name).is_file()
+    # the drift-vs-failure figure needs 2 prompts the unedited (random, tiny) model got right
+    assert (out / "drift_vs_failure.html").is_file() == (data["failure"]["all"]["n_kept"] >= 2)
+    if data["failure"]["all"]["n_kept"] < 2:
+        assert "no drift_vs_failure figure" in captured.err
     assert len(list(cache.rglob("*.pt"))) == 2  # one stored edit per record
     assert cli.main([*argv, "--out", str(tmp_path / "again")]) == 0  # replayed from the cache
     again = json.loads((tmp_path / "again" / "drift.json").read_text())
@@ -148,6 +216,7 @@ def test_drift_and_patch_commands(tiny_folder, tmp_path, capsys, monkeypatch):
                      "--heads-from", str(out / "drift.json"), "--top-k", "2", "--no-figures"]) == 0
     text = capsys.readouterr().out
     assert "(a) attention patterns, all layers" in text and "pre-edit" in text
+    assert "k random heads in the same layers" in text
     result = json.loads((patch / "patch.json").read_text())
     line = json.loads((patch / "patch_records.jsonl").read_text().splitlines()[1])
     assert [t[:2] for t in line["top_heads"]] == [[t["layer"], t["head"]] for t in data["top_heads"][:2]]
@@ -168,14 +237,53 @@ def test_bad_options_are_one_clear_line(tmp_path, capsys, args, needle):
 
 
 
-def test_drift_markdown_leaves_out_groups_without_prompts():
-    corr = {"r": 0.5, "ci_low": 0.1, "ci_high": 0.8, "p_value": 0.01, "n": 12}
-    empty = {**corr, "r": float("nan"), "n": 0}
-    headline = {"all": {"max_drift_subject_last": {"pearson_fails": corr, "spearman_fails": corr,
-                                                    "pearson_logodds_drop": corr, "auroc": 0.7}},
-                "distract_relation": {"max_drift_subject_last": {"pearson_fails": empty, "spearman_fails": empty,
-                                                                  "pearson_logodds_drop": empty, "auroc": float("nan")}}}
-    result = {"records": 2, "n_samples": 12, "n_samples_by_group": {"distract_neighborhood": 12, "distract_relation": 0},
-              "failure_rate": {"all": 0.5}, "top_heads": [], "headline": headline}
+def _synthetic_lines(prompts_per_record=(4,), n_records=6):
+    """Synthetic drift-run lines whose every third prompt the unedited model got wrong already."""
+    lines, _ = synthetic_run(n_records=n_records, prompts_per_record=prompts_per_record, seed=2, n_layers=4,
+                             n_heads=3, drifting=((2, 1), (3, 0)), pattern_heads=1)
+    i = 0
+    for line in lines[1:]:
+        for s in line["samples"]:
+            if i % 3 == 0:
+                s["lp_true_before"], s["lp_new_before"] = s["lp_new_before"], s["lp_true_before"]
+            i += 1
+    return lines[1:]
+
+
+def test_drift_markdown_reports_failure_on_prompts_right_before():
+    result = analysis.drift_from_lines(_synthetic_lines())
+    f = result["failure"]["all"]
+    assert (f["n_prompts"], f["n_kept"], f["n_excluded_wrong_before"]) == (24, 16, 8)
     text = analysis.drift_markdown(result)
-    assert "| all | max_drift_subject_last | 0.500" in text and "| distract_relation |" not in text
+    assert "kept 16 of 24 prompts (8 excluded), from 6 of 6 records" in text
+    assert f"all {f['rate']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}] ({f['n_failed']} / 16)" in text
+    assert "Pearson r vs failure | Spearman ρ vs failure | AUROC for failure" in text
+    h = result["headline_right_before"]["all"]["max_kl"]
+    row = next(line for line in text.splitlines() if line.startswith("| all | max_kl |"))
+    assert f"{h['auroc']['value']:.3f} [{h['auroc']['ci_low']:.2f}, {h['auroc']['ci_high']:.2f}]" in row
+    assert f"{h['spearman_logodds_drop']['r']:.3f}" in row and row.endswith(f"| {h['n_prompts']} / 6 |")
+    assert h["n_prompts"] == 16
+
+
+def test_drift_markdown_leaves_out_groups_without_prompts():
+    result = analysis.drift_from_lines(_synthetic_lines(prompts_per_record=(1,)))
+    text = analysis.drift_markdown(result)
+    assert "| all | max_drift_subject_last |" in text and "| distract_relation |" not in text
+    assert "distract_relation nan" not in text
+
+
+def test_drift_failure_figure_shows_kl_beside_attention_mass():
+    result = analysis.drift_from_lines(_synthetic_lines())
+    fig = analysis.drift_failure_figure(result)
+    assert [a.xref for a in fig.layout.annotations] == ["x domain", "x2 domain"]
+    assert fig.layout.xaxis.title.text.startswith("max_drift_subject_last")
+    assert fig.layout.xaxis2.title.text.startswith("max_kl")
+    kept = [s for s in result["samples"] if s["right_before"]]
+    held, failed = fig.data[0], fig.data[1]
+    assert len(held.x) + len(failed.x) == len(kept) and len(failed.x) == sum(s["flipped"] for s in kept)
+    for text, factor in zip((a.text for a in fig.layout.annotations), analysis.FIGURE_FACTORS):
+        c = result["correlations_right_before"]["all"][factor]["logodds_drop"]
+        assert f"Pearson r = {c['pearson']['r']:.3f}" in text and f"Spearman ρ = {c['spearman']['r']:.3f}" in text
+        assert "AUROC = " in text and "(cluster bootstrap) for failure" in text and "n = 16 cases, 6 records" in text
+    assert "16 prompts right before the edit, 6 records (8 wrong before the edit excluded)" in \
+        fig.layout.title.text

@@ -10,7 +10,9 @@ from attention_drift.data import distract_prompt, load_example
 from attention_drift import analysis
 from attention_drift.drift import (
     FACTORS,
+    HEADLINE_FACTORS,
     DriftError,
+    DriftSample,
     HeadCapture,
     HeadDrift,
     RecordDrift,
@@ -22,7 +24,9 @@ from attention_drift.drift import (
     measure_drift,
     pearson,
     row_kl,
+    spearman,
 )
+from attention_drift.stats import auroc_ci
 from attention_drift.regions import RegionError, Regions
 from attention_drift.models import mlp_out_weight
 
@@ -87,6 +91,80 @@ def test_scores_come_from_the_same_pass_as_the_rows(model):
             assert lp.item() == pytest.approx(alone.item(), abs=1e-5)
         rows = collect_attention_rows(model, [prompt]).rows[0]
         torch.testing.assert_close(drift.before.rows[i, ..., : rows.shape[-1]], rows, atol=1e-6, rtol=0)
+
+
+def test_true_top1_before_is_the_unedited_argmax(model):
+    prompts, _ = _distract(EIFFEL)
+    with torch.no_grad():
+        tops = [int(model(torch.tensor([tokens.encode(model, p)]))[0, -1].argmax()) for p in prompts]
+    # the unedited model's own top-1 word as the true answer of half the prompts
+    targets = [model.tokenizer.decode([t]).strip() if i % 2 == 0 else "Paris" for i, t in enumerate(tops)]
+    drift = measure_drift(model, EIFFEL.rewrite, prompts, lambda: push_subject(model, EIFFEL.rewrite), targets)
+    expected = [tokens.continuation_ids(model, p, t)[1][0] == top for p, t, top in zip(prompts, targets, tops)]
+    assert drift.true_top1_before.tolist() == expected
+    if type(model.original_model).__name__ == "GPT2LMHeadModel":
+        assert expected[0], "GPT-2's top-1 word of the prompt is its true answer here"
+
+
+def _sample(case_id, lp_before, lp_after, drift, group="distract_neighborhood"):
+    """A prompt with (lp_true, lp_new) before / after the edit and every factor equal to ``drift``."""
+    return DriftSample(case_id, group, f"p{case_id}-{drift}", "x", {f: drift for f in FACTORS}, *lp_before, *lp_after)
+
+
+def _report(samples):
+    """The report of hand-made samples, grouped into records by case_id (per-head values zero)."""
+    records = []
+    for case_id in dict.fromkeys(s.case_id for s in samples):
+        mine = tuple(s for s in samples if s.case_id == case_id)
+        zeros = torch.zeros(len(mine), 2, 2, dtype=torch.float64)
+        records.append(RecordDrift(case_id, "counterfact", "S", "new", mine, zeros, zeros, zeros, zeros))
+    return drift_report(records)
+
+
+def test_failure_is_counted_on_prompts_right_before_the_edit():
+    right, wrong, tie = (-1.0, -3.0), (-3.0, -1.0), (-2.0, -2.0)
+    samples = [_sample(0, right, wrong, 0.9), _sample(0, right, right, 0.1), _sample(1, wrong, wrong, 0.8),
+               _sample(1, tie, wrong, 0.7), _sample(2, wrong, right, 0.2), _sample(2, right, wrong, 0.6),
+               _sample(3, right, right, 0.3), _sample(3, right, (-2.5, -2.0), 0.5)]
+    assert [s.right_before for s in samples] == [True, True, False, True, False, True, True, True]
+    assert [s.flipped for s in samples] == [True, False, False, True, False, True, False, True]
+    assert samples[2].fails and not samples[2].flipped and math.isnan(samples[2].outcome("failure"))
+    report = _report(samples)
+    failure = report.failure()
+    assert (failure["n_kept"], failure["n_failed"], failure["n_excluded_wrong_before"]) == (6, 4, 2)
+    assert failure["rate"] == pytest.approx(4 / 6) and failure["n_prompts"] == 8
+    assert (failure["n_records"], failure["n_records_kept"]) == (4, 4)
+    half = 1.96 * math.sqrt(4 / 6 * 2 / 6 / 6)
+    assert failure["ci95"] == pytest.approx([4 / 6 - half, min(1.0, 4 / 6 + half)])
+    assert report.wrong_after_rate() == pytest.approx(5 / 8), "the old count includes the prompt wrong before"
+    kept = [s for s in samples if s.right_before]
+    factor = [s.factors["max_kl"] for s in kept]
+    flipped = [float(s.flipped) for s in kept]
+    c = report.correlations_right_before["all"]["max_kl"]
+    assert c["failure"]["pearson"].r == pytest.approx(pearson(factor, flipped).r)
+    assert c["failure"]["spearman"].r == pytest.approx(spearman(factor, flipped).r) and c["failure"]["pearson"].n == 6
+    assert c["logodds_drop"]["pearson"].n == 6
+    a = report.auroc_right_before["all"]["max_kl"]
+    assert a == auroc_ci(factor, flipped, [s.case_id for s in kept]) and a.method == "cluster bootstrap"
+    assert a.value == pytest.approx(auroc(factor, flipped)) and (a.n_pos, a.n_neg, a.n_clusters) == (4, 2, 4)
+    assert sum(report.curves_right_before["max_kl"].count) == 6
+    # the all-prompt statistics keep their meaning ("fails": wrong after the edit, every prompt)
+    assert report.correlations["all"]["max_kl"]["fails"]["pearson"].n == 8
+    assert report.auroc["all"]["max_kl"] == pytest.approx(auroc([s.factors["max_kl"] for s in samples],
+                                                                [s.fails for s in samples]))
+    headline = report.headline_right_before()["all"]
+    assert tuple(headline) == HEADLINE_FACTORS and "max_kl" in HEADLINE_FACTORS
+    assert headline["max_kl"]["n_prompts"] == 6 and headline["max_kl"]["n_records"] == 4
+    assert headline["max_kl"]["auroc"]["ci_low"] <= headline["max_kl"]["auroc"]["value"]
+    assert headline["max_kl"]["pearson_failure"]["method"] == "pearson"
+    assert headline["max_kl"]["spearman_failure"]["method"] == "spearman"
+    blob = json.loads(json.dumps(report.to_dict()))
+    assert blob["failure"]["all"]["n_excluded_wrong_before"] == 2
+    assert blob["failure_rate"] == blob["wrong_after_rate"] and blob["wrong_after_rate"]["all"] == pytest.approx(5 / 8)
+    assert {"right_before", "failure", "wrong_after"} <= set(blob["definitions"])
+    assert blob["records_by_group"] == {"distract_neighborhood": 4, "distract_relation": 0}
+    assert blob["samples"][2]["right_before"] is False and blob["samples"][0]["true_top1_before"] is None
+    assert DriftSample.from_dict(blob["samples"][0]) == samples[0]
 
 
 def test_kl_formula():
@@ -202,7 +280,7 @@ def test_dataset_drift_report(tiny_llama):
     assert report.auroc["all"]["max_kl"] == pytest.approx(auroc([s.factors["max_kl"] for s in report.samples], fails))
     assert report.correlations["all"]["max_kl"]["fails"]["pearson"].n == n_prompts
     assert report.top_heads(3) == report.head_stats["delta_subject_last"].top(3)
-    assert 0 <= report.failure_rate() <= 1
+    assert 0 <= report.wrong_after_rate() <= 1
     blob = json.loads(json.dumps(report.to_dict()))
     assert blob["n_samples"] == n_prompts and "distract_relation" in blob["correlations"]
 

@@ -12,6 +12,8 @@ from attention_drift.figures import (
     _main_table,
     evaluation_runs,
     figures_markdown,
+    CASE_RULE,
+    CASE_TIERS,
     pick_case,
     variants,
 )
@@ -76,7 +78,13 @@ def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch
     assert variant.sadr.weight == 1.0 and second["reuse_pre"] == tmp_path / "runs" / "none.jsonl"
 
 
-def test_main_table_numbers_come_from_the_runs(tmp_path):
+def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
+    from attention_drift import figures
+
+    titles = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text)
+                        or save(fig, out, name, png))
     groups = {"efficacy": [True], "distract_neighborhood": [True, False, False, False]}
     runs = {"rome": _write_run(tmp_path / "rome.jsonl", "rome", groups, seconds=2.0),
             "rome-sadr": _write_run(tmp_path / "rome-sadr.jsonl", "rome", {**groups, "distract_neighborhood":
@@ -93,6 +101,10 @@ def test_main_table_numbers_come_from_the_runs(tmp_path):
     assert paired["n_records"] == 2 and paired["diff"] == pytest.approx(0.25)
     assert result["shared"]["numbers"]["records"]["rome"] == 2  # restricted to the records both runs have
     assert (tmp_path / "main_table.html").is_file()
+    assert titles == ["Editors with and without SADR (95% CI) · records pre-edit 4, rome 4, rome-sadr 2"]
+    n = result["n"]["main_table"]
+    assert n["records"] == {"pre-edit": 4, "rome": 4, "rome-sadr": 2}
+    assert n["prompts"]["rome"] == {"efficacy": 4, "distract_neighborhood": 16}
 
 
 def test_weight_sweep_is_ordered_by_weight_on_shared_records(tmp_path):
@@ -107,23 +119,48 @@ def test_weight_sweep_is_ordered_by_weight_on_shared_records(tmp_path):
     assert any(f.endswith("ablation_weight.html") for f in result["files"])
 
 
-def test_pick_case_prefers_the_biggest_flip(tmp_path):
-    def sample(prompt, flipped, drop, group="distract_neighborhood"):
-        return {"group": group, "prompt": prompt, "target_true": "x", "flipped": flipped,
-                "severity": {"logodds_drop": drop}}
+def _sample(prompt, before, after, top1=None, group="distract_neighborhood"):
+    """A drift-run sample with (lp_true, lp_new) before and after the edit."""
+    return {"case_id": 0, "group": group, "prompt": prompt, "target_true": "x", "factors": {},
+            "lp_true_before": before[0], "lp_new_before": before[1], "lp_true_after": after[0],
+            "lp_new_after": after[1], "true_top1_before": top1}
 
-    with RunFile(tmp_path / "d.jsonl", {"format": "x"}) as run:
-        run.write({"case_id": 0, "method": "rome", "samples": [sample("a", False, 9.0), sample("b", True, 2.0)]})
-        run.write({"case_id": 1, "method": "rome", "samples": [sample("c", True, 3.0),
-                                                                 sample("d", True, 8.0, "distract_relation")]})
-    assert pick_case(tmp_path / "d.jsonl")["prompt"] == "c"
+
+def _pick(tmp_path, samples):
+    path = tmp_path / "d.jsonl"
+    path.unlink(missing_ok=True)
+    with RunFile(path, {"format": "x"}) as run:
+        run.write({"case_id": 0, "method": "rome", "samples": samples})
+    return pick_case(path)
+
+
+def test_pick_case_follows_the_stated_rule(tmp_path):
+    right, wrong = (-1.0, -3.0), (-3.0, -1.0)
+    wrong_before_big_drop = _sample("w", wrong, (-9.0, 0.0), top1=False)   # drop 10, but wrong before: never
+    failed = _sample("f", right, (-2.0, -1.0), top1=False)                 # drop 3
+    failed_more = _sample("F", right, (-3.0, -1.0), top1=False)            # drop 4
+    knew_failed = _sample("k", right, (-1.5, -1.0), top1=True)             # drop 2.5, top-1 before
+    held = _sample("h", right, (-1.0, -5.0), top1=True)                    # drop -2, still right
+    relation = _sample("r", right, (-9.0, 0.0), top1=True, group="distract_relation")
+    every = [wrong_before_big_drop, failed, failed_more, knew_failed, held, relation]
+    pick = _pick(tmp_path, every)
+    assert pick["prompt"] == "k" and pick["pick"]["tier"] == CASE_TIERS[0] and pick["pick"]["rule"] == CASE_RULE
+    assert (pick["pick"]["candidates"], pick["pick"]["right_before"], pick["pick"]["prompts"]) == (1, 4, 5)
+    pick = _pick(tmp_path, [wrong_before_big_drop, failed, failed_more, held])
+    assert pick["prompt"] == "F" and pick["pick"]["tier"] == CASE_TIERS[1] and pick["pick"]["candidates"] == 2
+    pick = _pick(tmp_path, [wrong_before_big_drop, held, _sample("h2", right, (-1.0, -2.5))])
+    assert pick["prompt"] == "h2" and pick["pick"]["tier"] == CASE_TIERS[2]
+    assert _pick(tmp_path, [wrong_before_big_drop, relation]) is None
+    assert "right" in CASE_RULE and "largest log-odds" in CASE_RULE
 
 
 def test_markdown_lists_items_in_paper_order():
     result = {"config": {}, "items": {"main_table": {"markdown": "T", "files": ["f.html"]},
-                                      "case_study": {"markdown": "C", "files": []}}}
+                                      "case_study": {"markdown": "C", "files": [],
+                                                     "n": {"case_study": {"records": 1, "prompts": 1}}}}}
     text = figures_markdown(result)
     assert text.index("## 1. case study") < text.index("## 6. main table") and "`f.html`" in text
+    assert "n per figure: case_study: records 1, prompts 1" in text
     assert len(ITEMS) == 7
 
 
@@ -145,3 +182,44 @@ def test_figures_command_end_to_end_on_the_real_model(tmp_path, capsys):
     before = (out / "figures.json").read_text()
     assert cli.main(argv) == 0  # resumes: nothing recomputed, same numbers
     assert json.loads((out / "figures.json").read_text())["items"] == json.loads(before)["items"]
+
+
+def test_drift_figure_sizes_count_the_prompts_right_before():
+    from attention_drift.analysis import drift_from_lines
+    from attention_drift.figures import _drift_sizes
+    from synthetic_drift import synthetic_run
+
+    lines, _ = synthetic_run(n_records=3, prompts_per_record=(3, 2), n_layers=4, n_heads=3,
+                             drifting=((2, 1),), pattern_heads=1)
+    lines[1]["samples"][0]["lp_new_before"] = 0.0  # wrong before the edit
+    drift = drift_from_lines(lines[1:])
+    sizes = _drift_sizes(drift)
+    assert sizes["drift_heatmap"] == {"records": 3, "prompts": 8}
+    assert sizes["drift_vs_failure"] == {"records": 3, "prompts": 7, "prompts_excluded_wrong_before": 1}
+
+
+def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
+    """figures.json's drift item: the failure numbers over prompts right before the edit, and n per figure."""
+    from attention_drift import figures
+    from attention_drift.analysis import drift_from_lines
+    from synthetic_drift import synthetic_run
+
+    lines, _ = synthetic_run(n_records=3, prompts_per_record=(3, 2), n_layers=4, n_heads=3,
+                             drifting=((2, 1),), pattern_heads=1)
+    lines[2]["samples"][1]["lp_new_before"] = 0.0
+
+    def analysis(cfg, kind, limit, folder, heads_from=None):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "drift.json").write_text(json.dumps(drift_from_lines(lines[1:])))
+
+    monkeypatch.setattr(figures, "_analysis", analysis)
+    monkeypatch.setattr("attention_drift.analysis._png_ok", lambda: False)
+    result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)))
+    item = result["items"]["drift"]
+    assert item["numbers"]["failure"]["all"]["n_excluded_wrong_before"] == 1
+    assert {"headline_right_before", "auroc_right_before", "definitions", "wrong_after_rate"} <= set(item["numbers"])
+    assert item["n"]["drift_vs_failure"] == {"records": 3, "prompts": 7, "prompts_excluded_wrong_before": 1}
+    text = (tmp_path / "figures.md").read_text()
+    assert "kept 7 of 8 prompts (1 excluded)" in text
+    assert "n per figure: drift_heatmap: records 3, prompts 8; drift_vs_failure: records 3, prompts 7" in text
+    assert json.loads((tmp_path / "figures.json").read_text())["items"]["drift"]["n"] == item["n"]

@@ -14,11 +14,14 @@ from attention_drift.patching import (
     Patch,
     PatchCase,
     PatchingError,
+    RANDOM_DRAWS,
     aggregate,
     key_positions,
+    random_variant_names,
     layer_component_grid,
     layer_head_grid,
     layer_position_grid,
+    matched_random_heads,
     patch_edit,
     patch_record,
     record_activations,
@@ -293,7 +296,8 @@ def test_patch_record_matches_the_primitives(model):
     top = [(l, h) for l, h, _ in result.top_heads]
     assert len(top) == 2 and result.head_source == "record"
     named = summary_variants(model, top)
-    assert list(result.cases[0].variants) == list(named) == list(SUMMARY_VARIANTS)
+    assert list(result.cases[0].variants) == list(named) + random_variant_names(RANDOM_DRAWS)
+    assert list(named) == list(SUMMARY_VARIANTS)
     clean = record_activations(model, cases[1], None)
     with push_subject(model, EIFFEL.rewrite):
         alone = run_patched(model, clean, list(named.values()))
@@ -340,7 +344,7 @@ def test_patch_record_matches_the_primitives(model):
     torch.testing.assert_close(damage, expected)
     line = json.loads(json.dumps(result.to_line()))
     assert set(line) == {"case_id", "kind", "subject", "target_new", "cases", "sweeps", "contamination",
-                         "edit_seconds", "head_source", "top_heads"}
+                         "edit_seconds", "head_source", "top_heads", "random_heads"}
 
 
 def test_patch_record_extra_variants_given_heads_and_own_cases(tiny_llama):
@@ -381,6 +385,58 @@ def test_patch_record_bad_input_fails_before_editing(tiny_llama):
     assert patch_record(tiny_llama, OBAMA, edits) is None  # no neighbourhood prompts
     assert edits.entered == []
     assert topk_variant([]) == () and "attn_pattern_topk" not in summary_variants(tiny_llama, [])
+
+
+def test_matched_random_heads_keep_the_layers_and_avoid_the_top_heads():
+    import numpy as np
+
+    top = [(3, 1), (3, 4), (5, 0)]
+    rng = np.random.default_rng(0)
+    draws = [matched_random_heads(top, 6, 5, rng) for _ in range(400)]
+    for draw in draws:
+        assert [l for l, _ in draw] == [3, 3, 5] and not set(draw) & set(top) and len(set(draw)) == 3
+    assert {h for d in draws for l, h in d if l == 3} == {0, 2, 3}  # uniform over the layer's other heads
+    assert {h for d in draws for l, h in d if l == 5} == {1, 2, 3, 4}
+    assert matched_random_heads(top, 6, 5, np.random.default_rng(7)) == \
+        matched_random_heads(top, 6, 5, np.random.default_rng(7))
+    # a layer whose heads are nearly all top heads: the shortfall comes from the other layers
+    full = [(1, 0), (1, 1), (1, 2)]
+    for _ in range(20):
+        draw = matched_random_heads(full, 2, 4, rng)
+        assert (1, 3) in draw and len(draw) == 3 and not set(draw) & set(full)
+        assert sum(l == 0 for l, _ in draw) == 2
+    with pytest.raises(PatchingError, match="too few"):
+        matched_random_heads([(0, 0), (0, 1), (1, 0)], 2, 2, rng)
+
+
+def test_patch_record_random_heads_control(tiny_llama):
+    edits = Edits(tiny_llama)
+    options = dict(sweep_prompts=0, contamination_prompts=0)
+    result = patch_record(tiny_llama, EIFFEL, edits, k=2, random_draws=3, **options)
+    top = sorted((l, h) for l, h, _ in result.top_heads)
+    assert len(result.random_heads) == 3
+    for draw in result.random_heads:
+        assert sorted(l for l, _ in draw) == sorted(l for l, _ in top) and not set(draw) & set(top)
+    again = patch_record(tiny_llama, EIFFEL, edits, k=2, random_draws=3, **options)
+    assert again.random_heads == result.random_heads, "the draws are seeded by random_seed and the case id"
+    seeds = [patch_record(tiny_llama, EIFFEL, edits, k=1, random_draws=6, random_seed=seed, **options).random_heads
+             for seed in (0, 5)]
+    assert seeds[0] != seeds[1] and len({d for draws in seeds for d in draws}) == 3  # the layer's 3 other heads
+    # each control variant patches exactly its drawn heads: the same as giving them as the top heads
+    draw = list(result.random_heads[1])
+    given = patch_record(tiny_llama, EIFFEL, edits, k=2, heads=draw, random_draws=0, **options)
+    for case, alone in zip(result.cases, given.cases):
+        assert case.variants["attn_pattern_random/1"] == pytest.approx(alone.variants["attn_pattern_topk"], abs=1e-6)
+        assert not any(n.startswith("attn_pattern_random") for n in alone.variants)
+    line = json.loads(json.dumps(result.to_line()))
+    assert line["random_heads"] == [[list(h) for h in d] for d in result.random_heads]
+    with pytest.raises(PatchingError, match="random_draws"):
+        patch_record(tiny_llama, EIFFEL, edits, random_draws=-1, **options)
+    with pytest.raises(PatchingError, match="reuse names"):
+        patch_record(tiny_llama, EIFFEL, edits, k=1, variants={"attn_pattern_random/0": ()}, **options)
+    # every head a top head: no control of the same size exists, none is run
+    crowded = patch_record(tiny_llama, EIFFEL, edits, k=8, **options)
+    assert crowded.random_heads == () and "attn_pattern_random/0" not in crowded.cases[0].variants
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from attention_drift.plots import (
     bars_from_summaries,
     drift_heatmap,
     drift_vs_failure,
+    drift_vs_failure_panels,
     metric_bars,
     patching_heatmap,
     png_export_problem,
@@ -20,6 +21,8 @@ from attention_drift.plots import (
     save,
     tradeoff_curve,
 )
+
+from attention_drift.stats import pearson, spearman
 
 PNG_PROBLEM = png_export_problem()
 
@@ -120,10 +123,40 @@ def test_drift_vs_failure_bins_and_correlation():
     assert list(curve.y) == pytest.approx([5.0, 15.0])
     sem = 1.96 * float(torch.tensor([1.0, 3, 5, 7, 9]).std()) / math.sqrt(5)
     assert list(curve.error_y.array) == pytest.approx([sem, sem])
-    assert "Pearson r = 1.000, n = 10" in fig.layout.annotations[0].text
-    fig = drift_vs_failure(drift, failure, bins=3, rho=0.49, p_value=1e-6)
-    assert "ρ = 0.490" in fig.layout.annotations[0].text and "p = 1e-06" in fig.layout.annotations[0].text
-    assert list(fig.data[1].customdata) == [4, 3, 3]
+    text = fig.layout.annotations[0].text
+    assert "Pearson r = 1.000" in text and "Spearman ρ = 1.000" in text and "n = 10 cases" in text
+    wavy = failure + torch.tensor([0.0, 9, -9, 4, -4, 1, -1, 0, 3, -3])
+    p, s = pearson(drift, wavy), spearman(drift, wavy)
+    text = drift_vs_failure(drift, wavy, bins=2).layout.annotations[0].text
+    assert f"Pearson r = {p.r:.3f} [{p.ci_low:.2f}, {p.ci_high:.2f}], p = {p.p_value:.2g}" in text
+    assert f"Spearman ρ = {s.r:.3f} [{s.ci_low:.2f}, {s.ci_high:.2f}]" in text
+    given = {"method": "spearman", "r": 0.49, "ci_low": 0.2, "ci_high": 0.7, "p_value": 1e-6, "n": 10}
+    auc = {"value": 0.61, "ci_low": 0.52, "ci_high": 0.7, "method": "cluster bootstrap"}
+    fig = drift_vs_failure(drift, failure, bins=3, correlations=[given], auroc=auc, n_records=4,
+                           failed=[True] * 3 + [False] * 7, ylabel="log-odds drop", note="prompts right before")
+    text = fig.layout.annotations[0].text
+    assert "Spearman ρ = 0.490 [0.20, 0.70], p = 1e-06 (vs log-odds drop)" in text and "Pearson" not in text
+    assert "AUROC = 0.610 [0.52, 0.70] (cluster bootstrap) for failure" in text
+    assert "n = 10 cases, 4 records" in text and "prompts right before" in text
+    held, failed, curve = fig.data
+    assert (len(held.x), len(failed.x)) == (7, 3) and failed.name == "failed"
+    assert list(curve.customdata) == [4, 3, 3]
+
+
+def test_drift_vs_failure_panels_side_by_side():
+    x = torch.linspace(0, 1, 8)
+    panels = [{"drift": x, "failure": x, "xlabel": "max drift"}, {"drift": x, "failure": -x, "xlabel": "max KL"}]
+    fig = drift_vs_failure_panels(panels, ylabel="log-odds drop")
+    assert [a.xref for a in fig.layout.annotations] == ["x domain", "x2 domain"]
+    assert "Pearson r = -1.000" in fig.layout.annotations[1].text
+    assert fig.layout.xaxis.title.text == "max drift" and fig.layout.xaxis2.title.text == "max KL"
+    assert sum(t.showlegend is not False for t in fig.data) == 2  # one legend entry per trace kind
+    with pytest.raises(PlotError, match="at least one panel"):
+        drift_vs_failure_panels([])
+    with pytest.raises(PlotError, match="method"):
+        drift_vs_failure(x, x, bins=2, correlations=[{"r": 0.1}])
+    with pytest.raises(PlotError, match="failed has 3"):
+        drift_vs_failure(x, x, bins=2, failed=[True] * 3)
 
 
 def test_drift_vs_failure_rejects_bad_input():
@@ -243,3 +276,18 @@ def test_recovery_tradeoff_marks_every_variant_with_its_intervals():
     assert list(trace.error_x.arrayminus) == pytest.approx([3.0, 0.0])
     with pytest.raises(PlotError, match="at least one point"):
         recovery_tradeoff({"x": []})
+
+
+def test_heatmaps_show_intervals_in_the_hover():
+    before, after = torch.zeros(2, 3), torch.full((2, 3), 0.2)
+    low, high = torch.full((2, 3), 0.1), torch.full((2, 3), 0.3)
+    fig = drift_heatmap(before, after, drift_ci=(low, high))
+    assert "drift 95% CI low" in fig.data[0].hovertemplate
+    assert fig.data[0].customdata[1][2][3:5] == pytest.approx((0.1, 0.3))
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises((PlotError, TypeCheckError), match="drift_ci"):  # the shape hints catch it first under beartype
+        drift_heatmap(before, after, drift_ci=(low.T, high.T))
+    fig = patching_heatmap(after, [0, 1], ["a", "b", "c"], ci=(low, high))
+    assert "95% CI: [%{customdata[2]}, %{customdata[3]}]" in fig.data[0].hovertemplate
+    assert list(fig.data[0].customdata[0][1][2:]) == ["0.1", "0.3"]

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from attention_drift.stats import StatsError, auroc, binned_curve, pearson, proportion, spearman
+from attention_drift.stats import (
+    StatsError,
+    auroc,
+    auroc_ci,
+    binned_curve,
+    bootstrap_interval,
+    bootstrap_mean,
+    bootstrap_ratio,
+    pearson,
+    proportion,
+    spearman,
+)
 
 
 def _t_tail(t: float, df: int) -> float:
@@ -106,3 +117,76 @@ def test_proportion():
     assert proportion(np.array([1.0, 0.0]))["accuracy"] == 0.5
     none = proportion([])
     assert none["n"] == 0 and math.isnan(none["accuracy"])
+
+
+def test_auroc_ci_point_estimate_and_methods_agree_on_independent_data():
+    rng = np.random.default_rng(3)
+    labels = rng.random(400) < 0.4
+    scores = rng.normal(size=400) + 0.8 * labels
+    boot, delong = auroc_ci(scores, labels), auroc_ci(scores, labels, method="delong")
+    assert boot.value == pytest.approx(auroc(scores, labels), abs=1e-12) == delong.value
+    assert boot.method == "bootstrap" and delong.method == "delong" and boot.n_boot == 2000
+    assert (boot.n, boot.n_pos, boot.n_neg, boot.n_clusters) == (400, int(labels.sum()), int((~labels).sum()), 400)
+    assert boot.ci_low < boot.value < boot.ci_high
+    # the percentile bootstrap and DeLong's normal interval estimate the same spread
+    assert boot.ci_low == pytest.approx(delong.ci_low, abs=0.015)
+    assert boot.ci_high == pytest.approx(delong.ci_high, abs=0.015)
+    assert auroc_ci(scores, labels) == boot, "a fixed seed gives the same interval"
+    assert auroc_ci(scores, labels, seed=1) != boot
+    assert set(boot.to_dict()) >= {"value", "ci_low", "ci_high", "n", "n_clusters", "method", "n_pos", "n_neg"}
+
+
+def test_delong_variance_matches_its_definition():
+    x, y = np.array([0.9, 0.7, 0.6, 0.4]), np.array([0.5, 0.3, 0.6, 0.1, 0.2])
+    psi = (x[:, None] > y[None]) + 0.5 * (x[:, None] == y[None])
+    v10, v01 = psi.mean(1), psi.mean(0)
+    se = math.sqrt(v10.var(ddof=1) / 4 + v01.var(ddof=1) / 5)
+    c = auroc_ci(np.r_[x, y], [1] * 4 + [0] * 5, method="delong")
+    assert c.value == pytest.approx(psi.mean())
+    assert c.ci_low == pytest.approx(psi.mean() - 1.959964 * se, abs=1e-5)
+    assert c.ci_high == pytest.approx(min(1.0, psi.mean() + 1.959964 * se), abs=1e-5)
+
+
+def test_cluster_bootstrap_resamples_whole_records():
+    rng = np.random.default_rng(4)
+    labels = rng.random(60) < 0.5
+    scores = rng.normal(size=60) + labels
+    alone = auroc_ci(scores, labels)
+    # every item copied 4 times into its own cluster: drawing clusters is drawing the items
+    copies = auroc_ci(np.tile(scores, 4), np.tile(labels, 4), np.tile(np.arange(60), 4))
+    assert (copies.ci_low, copies.ci_high, copies.value) == pytest.approx((alone.ci_low, alone.ci_high, alone.value))
+    assert copies.method == "cluster bootstrap" and copies.n == 240 and copies.n_clusters == 60
+    # ignoring the clusters treats the copies as new evidence: a falsely narrow interval
+    naive = auroc_ci(np.tile(scores, 4), np.tile(labels, 4))
+    assert naive.ci_high - naive.ci_low < 0.7 * (copies.ci_high - copies.ci_low)
+
+
+def test_auroc_ci_degenerate_and_bad_input():
+    one_class = auroc_ci([0.1, 0.2, 0.3], [1, 1, 1])
+    assert math.isnan(one_class.value) and math.isnan(one_class.ci_low) and one_class.n_neg == 0
+    nan_dropped = auroc_ci([0.1, float("nan"), 0.3, 0.5], [0, 1, 1, 0], ["a", "a", "b", "c"])
+    assert nan_dropped.n == 3 and nan_dropped.n_clusters == 3
+    single_cluster = auroc_ci([0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1], ["r"] * 4)
+    assert single_cluster.value == pytest.approx(0.75) and math.isnan(single_cluster.ci_low)
+    with pytest.raises(StatsError, match="independent"):
+        auroc_ci([0.1, 0.2], [0, 1], [0, 1], method="delong")
+    with pytest.raises(StatsError, match="method"):
+        auroc_ci([0.1, 0.2], [0, 1], method="exact")
+    with pytest.raises(StatsError, match="cluster id"):
+        auroc_ci([0.1, 0.2, 0.3], [0, 1, 0], [0, 1])
+
+
+def test_bootstrap_mean_and_ratio():
+    m = bootstrap_mean([1.0, 2.0, float("nan"), 4.0], ["a", "a", "b", "b"])
+    assert m.value == pytest.approx(7 / 3) and m.n == 3 and m.n_clusters == 2 and m.name == "mean"
+    # two clusters: every resample is {a, a}, {a, b} or {b, b}: means 1.5, 7/3, 4
+    assert 1.5 <= m.ci_low <= m.ci_high <= 4.0
+    r = bootstrap_ratio([1.0, 3.0, 2.0], [2.0, 2.0, 4.0], [0, 1, 2])
+    assert r.value == pytest.approx(6 / 8) and r.method == "cluster bootstrap"
+    # the weighted ratio of every resample lies between the smallest and largest item ratio
+    assert 0.5 <= r.ci_low <= r.value <= r.ci_high <= 1.5
+    assert math.isnan(bootstrap_ratio([1.0, -1.0], [1.0, -1.0]).value)  # zero mean denominator
+    with pytest.raises(StatsError, match="paired"):
+        bootstrap_ratio([1.0], [1.0, 2.0])
+    low, high = bootstrap_interval(lambda w: w @ np.arange(5.0) / w.sum(1), 5, n_boot=500)
+    assert 0 <= low < 2 < high <= 4
