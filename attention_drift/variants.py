@@ -246,18 +246,12 @@ def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]
     return table
 
 
-SIX_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota", "Albert Einstein", "Microsoft", "Brazil")
-
 PLUS_CANDIDATES: dict[str, SADRSpec] = {
-    "kl1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="kl"),
-    "t1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0),
-    "t3": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=3.0),
-    "t1-s6": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, subjects=SIX_SUBJECTS),
+    "t1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="target"),
     "c1": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast"),
-    "c1-s6": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast", subjects=SIX_SUBJECTS),
 }
-"""Every SADR+ candidate tried on the tuning half (``benchmarks/tune_sadr.py``), by tag: the
-figures' trade-off plot shows them all. ``weight=0.0``: no attention term."""
+"""Every SADR+ candidate run on the tuning half (``benchmarks/tune_sadr.py``), by tag; the
+trade-off figure shows them all. ``weight=0.0``: no attention term. ``c1`` became ``plus``."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:

@@ -5,8 +5,9 @@ the published SADR for reference) on the first ``--records`` CounterFact-type re
 ``--data dev-tune`` (distract neighbourhood, paraphrase and neighbourhood come from those) into
 resumable run files ``OUT/<variant>.jsonl``, pre-edit scores computed once (``OUT/none.jsonl``),
 then prints one line per variant: efficacy, paraphrase, neighbourhood and distract neighbourhood
-(pooled %), the fraction of plain ROME's distract-neighbourhood loss it recovers, and seconds
-per edit.
+(pooled %), against plain ROME on shared records (paired) the fraction of its distract-neighbourhood
+loss recovered with a record-clustered bootstrap CI and the paraphrase difference, and seconds per
+edit. ``--figure``: the trade-off plot of all of them and of the report half's runs.
 
     python benchmarks/tune_sadr.py [--records 16] [--variants rome,rome-plus-o1,...] [--threads 1]
 """
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/plus/tune")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true", help="print the table of the run files already there")
+    p.add_argument("--figure", default=None, help="also write the trade-off figure (e.g. figures/sadr_tradeoff.html)")
+    p.add_argument("--report", default="benchmarks/results/plus", help="the report half's run files (for --figure)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,12 +46,12 @@ def main(argv=None) -> int:
     from attention_drift.runs import ModelHandle, RecordSelection, evaluate_run, run_meta
     from attention_drift.runtime import configure_threads
 
-    table = paper_variants()
-    names = args.variants.split(",") if args.variants else [n for n in table if n in ("rome", "rome-sadr")
+    variants = paper_variants()
+    names = args.variants.split(",") if args.variants else [n for n in variants if n in ("rome", "rome-sadr")
                                                              or n.startswith("rome-plus")]
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {', '.join(table)}")
+        p.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
     selection = RecordSelection("dev-tune", kinds=tuple(args.kinds.split(",")), limit=args.records)
     records = selection.load()
     out = Path(args.out)
@@ -56,11 +59,11 @@ def main(argv=None) -> int:
     if not args.report_only:
         configure_threads(args.threads)
         handle = ModelHandle("smollm2-135m")
-        none = table["none"]
+        none = variants["none"]
         evaluate_run(handle, records, none, out / "none.jsonl", run_meta(handle.name, none, selection, None),
                      progress=False)
         for name in names:
-            variant = table[name]
+            variant = variants[name]
             evaluate_run(handle, records, variant, out / f"{name}.jsonl",
                          run_meta(handle.name, variant, selection, None), reuse_pre=out / "none.jsonl",
                          progress=False)
@@ -72,21 +75,46 @@ def main(argv=None) -> int:
         run = read_run(path)
         run.records[:] = [line for line in run.records if json.dumps(line["case_id"]) in ids]
         runs[path.stem] = run
-    base = runs.get("rome")
-    dns_pre = pooled(base, "pre", "distract_neighborhood") if base else None
-    dns_rome = pooled(base, "post", "distract_neighborhood") if base else None
-    print(f"{'variant':28s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in GROUPS) + "  recovered  s/edit")
+    print(table(runs))
+    if args.figure:
+        figure(runs, Path(args.report), Path(args.figure))
+    return 0
+
+
+def table(runs) -> str:
+    """Pooled accuracies per run, and against plain ROME on shared records (paired): the share of
+    its distract-neighbourhood loss recovered [95% CI] and the paraphrase difference."""
+    from attention_drift.report import tradeoff
+
+    points = {p["variant"]: p for p in tradeoff(runs, "rome")} if "rome" in runs else {}
+    lines = [f"{'variant':26s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in GROUPS)
+             + "  recovered [95% CI]   PS diff  s/edit"]
     for name, run in runs.items():
         phase = "pre" if name == "none" else "post"
-        values = [pooled(run, phase, g) for g in GROUPS]
-        dns = values[-1]
-        rec = ((dns - dns_rome) / (dns_pre - dns_rome) if None not in (dns, dns_rome, dns_pre)
-               and dns_pre != dns_rome else None)
+        cells = " ".join(f"{v:8.1f}" if v is not None else f"{'-':>8s}" for v in (pooled(run, phase, g) for g in GROUPS))
+        p = points.get(name)
+        rec = "" if p is None else f"{100 * p['recovered']:5.0f}% " + (
+            f"[{100 * p['recovered_ci95'][0]:4.0f},{100 * p['recovered_ci95'][1]:4.0f}]" if p["recovered_ci95"] else "")
+        para = "" if p is None else f"{100 * p['cost_diff']:+6.1f}"
         secs = [line["edit_seconds"] for line in run.records if line.get("edit_seconds")]
-        print(f"{name:28s} {len(run.records):3d} " + " ".join(f"{v:8.1f}" if v is not None else f"{'-':>8s}"
-                                                             for v in values)
-              + (f"  {100 * rec:8.0f}%" if rec is not None else f"  {'-':>9s}")
-              + (f"  {sum(secs) / len(secs):6.1f}" if secs else ""))
+        lines.append(f"{name:26s} {len(run.records):3d} {cells}  {rec:19s} {para:>7s}"
+                     + (f"  {sum(secs) / len(secs):6.1f}" if secs else ""))
+    return "\n".join(lines)
+
+
+def figure(tuning, report_dir: Path, path: Path) -> None:
+    """The trade-off of every variant tried (tuning half) and of the report half's runs."""
+    from attention_drift import plots
+    from attention_drift.jsonl import read_run
+    from attention_drift.report import tradeoff
+
+    points = {"tuning half (ROME)": tradeoff(tuning, "rome")}
+    reported = {p.stem: read_run(p) for p in sorted(report_dir.glob("*.jsonl"))}
+    for base in ("rome", "memit", "pmet"):
+        if base in reported:
+            family = {n: r for n, r in reported.items() if n == base or n.startswith(f"{base}-")}
+            points[f"report half ({base.upper()})"] = tradeoff(family, base)
+    plots.save(plots.recovery_tradeoff({k: v for k, v in points.items() if v}), path)
     return 0
 
 
