@@ -9,7 +9,8 @@ from attention_drift.data import Rewrite
 from attention_drift.editing import Objective, ROMEConfig, StatsConfig, apply_edit
 from attention_drift.editing import optimize
 from attention_drift.editing.config import EditError
-from attention_drift.editing.optimize import LayerRunner, optimize_values, rewriting_batch, unembed_rows
+from attention_drift.editing.optimize import (LayerRunner, optimize_values, plan_packs, rewriting_batch,
+                                              token_and_key_costs, unembed_rows)
 from attention_drift.hooks import act_name
 from attention_drift.models import tiny_model
 from attention_drift.sadr import SADRConfig
@@ -157,19 +158,24 @@ def _distract_batch(model):
     return rewriting_batch(model, EIFFEL, templates, extra_prompts=distract_prompts(EIFFEL))
 
 
-def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_lengths():
-    """Rewriting rows (short suffixes) and SADR's distract rows (long ones) run as one packed
-    sequence of their real suffix tokens; with a delta added at each row's subject, every
-    suffix position's logits and final residual, and the attention patterns mapped back by
-    ``full_pattern``, are those of a full forward with the same delta."""
+@pytest.mark.parametrize("groups", [1, 2, None, 99], ids=["one-pack", "two-packs", "by-cost", "row-each"])
+def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_lengths(groups):
+    """Rewriting rows (short suffixes) and SADR's distract rows (long ones) run packed (one
+    sequence, several packs, or each row alone); with a delta added at each row's subject,
+    every suffix position's logits and final residual, and the attention patterns mapped
+    back by ``full_pattern``, are those of a full forward with the same delta."""
     model = tiny_model("llama", n_layers=3)
     batch, _, subj = _distract_batch(model)
     lengths = batch.attention_mask.sum(1)
     suffix = lengths - subj
     assert suffix.max() >= 3 * suffix.min()
-    runner = LayerRunner(model, batch, 1, changes_from=subj)
+    runner = LayerRunner(model, batch, 1, changes_from=subj, groups=groups)
     assert runner.layout == "packed"
-    rows = torch.arange(len(batch))
+    b = len(batch)
+    expected_groups = {1: 1, 2: 2, 99: b}.get(groups)
+    if expected_groups is not None:
+        assert runner.groups == expected_groups
+    rows = torch.arange(b)
     delta = torch.randn(model.cfg.d_model)
     mlp, pattern, final_name = act_name("mlp_raw", 1), act_name("pattern", 2), act_name("resid_post", 2)
 
@@ -187,19 +193,26 @@ def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_
         full_logits = model(batch.input_ids, attention_mask=batch.attention_mask)
     with torch.no_grad(), model.hooks(fwd_hooks=[(mlp, inject(runner.index(rows, subj))), (pattern, save("packed"))]):
         final, _ = runner.run()
-    assert final.shape == (1, int(suffix.sum()), model.cfg.d_model)  # no padding to the longest suffix
-    assert seen["packed"].shape[:3] == (1, model.cfg.n_heads, int(suffix.sum()))
+    G, n_max = final.shape[:2]
+    assert G == runner.groups and final.shape[2] == model.cfg.d_model
+    assert torch.isfinite(final).all()  # padding slots of short packs too
+    if groups == 1:
+        assert n_max == int(suffix.sum())  # one sequence, no padding
+    if groups == 99:
+        assert n_max == int(suffix.max())  # each row alone, padded to the longest suffix
+    assert seen["packed"].shape[:3] == (G, model.cfg.n_heads, n_max)
     real_rows, real_pos = [], []
-    for r in range(len(batch)):
+    for r in range(b):
         real_rows += [r] * int(suffix[r])
         real_pos += range(int(subj[r]), int(lengths[r]))
     real_rows, real_pos = torch.tensor(real_rows), torch.tensor(real_pos)
     at = runner.index(real_rows, real_pos)
+    assert len(set(zip(at[0].tolist(), at[1].tolist()))) == len(real_rows)  # one slot per token
     torch.testing.assert_close(final[at], seen["final"][real_rows, real_pos], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(unembed_rows(model, final[at]), full_logits[real_rows, real_pos], atol=1e-5, rtol=1e-5)
     mapped = runner.full_pattern(seen["packed"])
     assert mapped.shape == seen["full"].shape
-    for r in range(len(batch)):
+    for r in range(b):
         s, n = int(subj[r]), int(lengths[r])
         torch.testing.assert_close(mapped[r, :, s:n], seen["full"][r, :, s:n], atol=1e-6, rtol=1e-5)
         assert mapped[r, :, :s].abs().sum() == 0 and mapped[r, :, n:].abs().sum() == 0
@@ -207,36 +220,103 @@ def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_
         runner.index(torch.tensor([0]), torch.tensor([0]))  # before the subject
 
 
+def _fixed_groups(monkeypatch, groups, layouts):
+    """Makes every LayerRunner use ``groups`` packs ("full": full rows) and records its layout."""
+    init = LayerRunner.__init__
+
+    def forced(self, *args, **kwargs):
+        if groups == "full":
+            init(self, *args, **{**kwargs, "changes_from": None})
+        else:
+            init(self, *args, **kwargs, groups=groups)
+        layouts.append((self.layout, self.groups))
+
+    monkeypatch.setattr(LayerRunner, "__init__", forced)
+
+
 @pytest.mark.parametrize("sadr", [SADRConfig(weight=1.0, distract=True, steps=5),
                                   SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="both", steps=5)],
                          ids=["attention", "output"])
 def test_distract_sadr_edit_is_the_same_packed_as_on_full_rows(sadr, monkeypatch):
     """The packed layout is only faster: a ROME+SADR edit with distract rows (attention term,
-    or the output term reading ``acts[OUTPUT]``) gives the deltas and traces of full rows."""
+    or the output term reading ``acts[OUTPUT]``) gives the deltas and traces of full rows,
+    whatever the number of packs (one sequence, two packs, chosen by cost, each row alone)."""
     model = tiny_model("llama", n_layers=3)
-    layouts = []
-    init = LayerRunner.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        layouts.append(self.layout)
-
-    monkeypatch.setattr(LayerRunner, "__init__", spy)
-    results = {}
-    for layout in ("packed", "full"):
-        if layout == "full":
-            monkeypatch.setattr(LayerRunner, "_packing_supported", staticmethod(lambda model, start: False))
-        result = apply_edit(model, EIFFEL, "rome", _rome(context_templates=((4, 2), (8, 2))), sadr=sadr,
-                            progress=False)
+    results, layouts = {}, []
+    for groups in ("full", 1, 2, None, 99):
+        with monkeypatch.context() as patch:
+            _fixed_groups(patch, groups, layouts)
+            result = apply_edit(model, EIFFEL, "rome", _rome(context_templates=((4, 2), (8, 2))), sadr=sadr,
+                                progress=False)
         result.restore()
-        results[layout] = result
-    assert layouts == ["packed", "full"]
-    packed, full = results["packed"], results["full"]
+        results[groups] = result
+    assert [layout for layout, _ in layouts] == ["full"] + ["packed"] * 4
+    assert [g for _, g in layouts][1:3] == [1, 2] and layouts[-1][1] == layouts[0][1]  # 99: one pack per row
+    full = results["full"]
     name = "blocks.1.mlp.out.weight"
-    assert packed.deltas[name].abs().sum() > 0
-    torch.testing.assert_close(packed.deltas[name], full.deltas[name], atol=1e-5, rtol=1e-5)
-    (tp,), (tf,) = packed.traces, full.traces
-    assert tp.steps_run == tf.steps_run == 5 and tp.records["sadr"]["distract_rows"] > 0
-    assert tp.loss == pytest.approx(tf.loss, rel=1e-5, abs=1e-6)
-    assert tp.extra["sadr"] == pytest.approx(tf.extra["sadr"], rel=1e-3, abs=1e-6)
-    assert max(tp.extra["sadr"]) > 0
+    assert full.deltas[name].abs().sum() > 0
+    (tf,) = full.traces
+    assert tf.records["sadr"]["distract_rows"] > 0 and max(tf.extra["sadr"]) > 0
+    for groups in (1, 2, None, 99):
+        packed = results[groups]
+        torch.testing.assert_close(packed.deltas[name], full.deltas[name], atol=1e-5, rtol=1e-5)
+        (tp,) = packed.traces
+        assert tp.steps_run == tf.steps_run == 5
+        assert tp.loss == pytest.approx(tf.loss, rel=1e-5, abs=1e-6)
+        assert tp.extra["sadr"] == pytest.approx(tf.extra["sadr"], rel=1e-3, abs=1e-6)
+
+
+# Suffix / prefix lengths of SmolLM2-135M's published ROME+SADR batch (21 rewriting rows, the
+# essence row last) and of its distract batch (three distract rows after them).
+_PUBLISHED = ([5] * 21 + [3], [3, 9, 9, 9, 9, 9, 8, 9, 9, 9, 9, 14, 13, 14, 14, 14, 14, 13, 14, 13, 14, 2])
+_DISTRACT = (_PUBLISHED[0] + [12, 13, 11], _PUBLISHED[1] + [3, 3, 3])
+
+
+def _plan_cost(packs, suffix, prefix, token_cost, key_cost):
+    n = max(sum(suffix[r] for r in pack) for pack in packs)
+    p = max(sum(prefix[r] for r in pack) for pack in packs)
+    return len(packs) * n * (token_cost + key_cost * (p + n))
+
+
+def test_plan_packs_forced_counts_and_rows_without_suffix():
+    suffix, prefix = [5, 0, 5, 3], [10, 4, 9, 2]
+    assert plan_packs(suffix, prefix, 1.0, 0.5, groups=1) == [[0, 2, 3]]  # row 1 runs nothing
+    assert plan_packs(suffix, prefix, 1.0, 0.5, groups=9) == [[0], [2], [3]]
+    assert plan_packs(suffix, prefix, 1.0, 0.5, groups=2) in ([[0], [2, 3]], [[0, 3], [2]])
+    assert plan_packs([0, 0], [3, 4], 1.0, 0.5) == []
+
+
+def test_plan_packs_trades_padding_against_attention_to_other_rows():
+    suffix, prefix = _DISTRACT
+    assert plan_packs(suffix, prefix, 1.0, 0.0) == [list(range(len(suffix)))]  # free attention: no padding
+    rows_alone = plan_packs(*_PUBLISHED, 1.0, 1.0)  # equal suffixes, costly attention
+    assert rows_alone == [[r] for r in range(len(_PUBLISHED[0]))]
+
+
+@pytest.mark.parametrize("batch", [_PUBLISHED, _DISTRACT], ids=["published", "distract"])
+def test_plan_packs_is_never_costlier_than_one_sequence_or_one_row_each(batch):
+    """With the SmolLM2-135M cost model: the published batch runs no costlier than each row
+    alone or one sequence, and the distract batch runs in packs clearly cheaper than both one
+    sequence and padding every row to the distract rows' length."""
+    suffix, prefix = batch
+    costs = (3538944.0, 9 * (128.0 + optimize.SCORE_ELEMENTWISE))  # SmolLM2-135M
+    chosen = plan_packs(suffix, prefix, *costs)
+    one = _plan_cost([list(range(len(suffix)))], suffix, prefix, *costs)
+    each = _plan_cost([[r] for r in range(len(suffix))], suffix, prefix, *costs)
+    cost = _plan_cost(chosen, suffix, prefix, *costs)
+    assert sorted(r for pack in chosen for r in pack) == list(range(len(suffix)))
+    assert cost <= min(one, each)
+    if batch is _DISTRACT:
+        assert cost < 0.9 * min(one, each) and 1 < len(chosen) < len(suffix)
+
+
+def test_token_and_key_costs_of_a_gated_grouped_query_model(tiny_llama):
+    token, key = token_and_key_costs(tiny_llama)  # 64 wide, 4 query heads and 2 KV heads of 16, gated MLP 128
+    assert token == 2 * 64 * 64 + 2 * 64 * 2 * 16 + 3 * 64 * 128
+    assert key == 4 * (2 * 16 + optimize.SCORE_ELEMENTWISE)
+
+
+def test_runner_rejects_a_non_positive_pack_count(tiny_llama):
+    batch, _, subj = rewriting_batch(tiny_llama, EIFFEL, ["{}"])
+    with pytest.raises(EditError, match="groups must be a positive"):
+        LayerRunner(tiny_llama, batch, 1, changes_from=subj, groups=0)

@@ -24,9 +24,10 @@ and computes logits only at the target positions and at the essence row's subjec
 logits at every position. On rotary-attention models the steps also skip every position
 before the subject's last token, which the deltas cannot reach: those enter attention as
 keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), and the
-suffixes of all rows run packed into one sequence, so a step costs the sum of the suffix
-lengths, not the whole rows nor every row padded to the longest suffix (the distract rows'
-are several times the rewriting rows'). Extra terms that read attention patterns get them
+suffixes run packed: rows grouped into packs of similar token counts (:func:`plan_packs`), each
+pack one sequence, so a step costs about the sum of the suffix lengths, not the whole rows nor
+every row padded to the longest suffix (the distract rows' are several times the rewriting
+rows'), and a token scores only its pack's cached keys. Extra terms that read attention patterns get them
 laid out as in a full forward.
 
 Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at layers >=
@@ -275,6 +276,66 @@ class _PrefixCache:
         return torch.cat([k, key], -2), torch.cat([v, value], -2)
 
 
+SCORE_ELEMENTWISE = 64
+
+
+def token_and_key_costs(model) -> tuple[float, float]:
+    """(cost of one token through a block's linear maps, cost of one query-key pair) in
+    multiply-adds, the cost model of :func:`plan_packs`.
+
+    A token costs the multiply-adds of its projections (queries, keys, values, output) and
+    its MLP (three matrices when gated, else two). A query-key pair costs per head
+    ``2 d_head`` multiply-adds (score and weighted value) plus the elementwise work on its
+    score (mask, softmax, the pattern hook, and their backward), which on CPU weighs like
+    :data:`SCORE_ELEMENTWISE` multiply-adds. Fitted on SmolLM2-135M (1 thread, ROME+SADR
+    steps through blocks 5-29, forward and backward, 13 pack layouts of the published and
+    the distract batches, residuals under 8 ms): 3.8 ms per token and 1.9 us per query-key
+    pair, a ratio of 5.0e-4 = 9 heads * (128 + 70) / 3.54M multiply-adds.
+    """
+    cfg = model.cfg
+    d, heads, d_head = cfg.d_model, cfg.n_heads, cfg.d_head
+    kv_heads = getattr(cfg, "n_key_value_heads", None) or heads
+    mlp = (3 if getattr(cfg, "gated_mlp", False) else 2) * d * (cfg.d_mlp or 4 * d)
+    token = 2 * d * heads * d_head + 2 * d * kv_heads * d_head + mlp
+    return float(token), float(heads * (2 * d_head + SCORE_ELEMENTWISE))
+
+
+def plan_packs(suffix: Sequence[int], prefix: Sequence[int], token_cost: float, key_cost: float,
+               groups: int | None = None) -> list[list[int]]:
+    """Rows grouped into packs for :class:`LayerRunner`'s packed layout (rows with no suffix
+    tokens left out): lists of row indices, each list one pack, in ascending order.
+
+    A pack runs its rows' ``suffix`` tokens as one sequence attending to its rows' ``prefix``
+    cached keys; packs are padded to the longest one, so ``G`` packs cost about
+    ``G * Nmax * (token_cost + key_cost * (Pmax + Nmax))`` (``Nmax``, ``Pmax``: the most
+    suffix tokens and cached keys of a pack). For each ``G`` (or the given ``groups``, at most
+    the number of rows), rows in descending suffix length go one by one to the pack whose own
+    cost stays lowest (balanced packs); the cheapest ``G`` wins. ``G = 1``: one sequence, no
+    padding but every token scores every row's keys; ``G`` = rows: each row alone, padded to the
+    longest suffix.
+    """
+    order = sorted((r for r in range(len(suffix)) if suffix[r] > 0), key=lambda r: (-suffix[r], -prefix[r], r))
+    if not order:
+        return []
+
+    def pack_cost(n: int, p: int) -> float:
+        return n * (token_cost + key_cost * (p + n))
+
+    best: tuple[float, list[list[int]]] | None = None
+    for g in ([min(groups, len(order))] if groups is not None else range(1, len(order) + 1)):
+        packs: list[list[int]] = [[] for _ in range(g)]
+        n, p = [0] * g, [0] * g
+        for r in order:
+            i = min(range(g), key=lambda i: (pack_cost(n[i] + suffix[r], p[i] + prefix[r]), i))
+            packs[i].append(r)
+            n[i] += suffix[r]
+            p[i] += prefix[r]
+        cost = g * max(n) * (token_cost + key_cost * (max(p) + max(n)))
+        if best is None or cost < best[0]:
+            best = (cost, sorted(sorted(pack) for pack in packs if pack))
+    return best[1]
+
+
 class LayerRunner:
     """Re-runs the bridge's blocks ``start..`` on the residual entering block ``start``.
 
@@ -287,21 +348,26 @@ class LayerRunner:
     ``changes_from[row]``, when given, is the first position of each row that a change at
     block ``start`` can reach (the deltas go in at the subject's last token; causal attention
     keeps every earlier position as it was). Then, on rotary-attention bridges (Llama,
-    SmolLM2, Gemma...), blocks run on those *suffix* positions only, packed: the real suffix
-    tokens of all rows form one sequence of ``N`` tokens (batch 1, no padding to the longest
-    suffix), each attending to its own row's earlier positions, which enter attention as
-    keys / values cached from the reference pass (all rows' ``P`` of them in one key
-    sequence), and to its own row's earlier suffix tokens; the mask is gathered from HF's
-    per-layer masks, so sliding windows hold. Activations are then ``[1, N, ...]``
+    SmolLM2, Gemma...), blocks run on those *suffix* positions only, packed: the rows are
+    split into ``G`` packs (:func:`plan_packs`, from a cost model, or ``groups`` when given),
+    each running the real suffix tokens of its rows as one sequence (batch ``G``, padded to the
+    longest pack). A token attends to its own row's earlier positions, which enter attention as
+    keys / values cached from the reference pass (its pack's rows' ones, padded to ``Pmax``
+    over packs), and to its own row's earlier suffix tokens; the mask is gathered from HF's
+    per-layer masks, so sliding windows hold. Activations are then ``[G, Nmax, ...]``
     (:meth:`index` maps (row, position) pairs to them) and attention patterns
-    ``[1, head, N, P + N]`` (:meth:`full_pattern` maps them back to ``[row, head, T, T]``).
-    A check at construction compares the packed run with the reference (in bfloat16 /
-    float16, to a few rounding units per position); on a mismatch (or another attention
-    type) the runner falls back to full rows. ``layout`` says which: ``"packed"`` or ``"full"``.
+    ``[G, head, Nmax, Pmax + Nmax]`` (:meth:`full_pattern` maps them back to ``[row, head, T, T]``).
+    ``G = 1`` is one sequence of all suffixes; ``G`` = rows is every row alone, padded to
+    the longest suffix. A check at construction compares the packed run with the reference
+    (in bfloat16 / float16, to a few rounding units per position); on a mismatch (or another
+    attention type) the runner falls back to full rows. ``layout`` says which: ``"packed"``
+    or ``"full"``; ``groups`` is ``G`` (full rows: the batch size).
     """
 
     def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = (),
-                 changes_from: Tensor | None = None):
+                 changes_from: Tensor | None = None, groups: int | None = None):
+        if groups is not None and groups < 1:
+            raise EditError(f"groups must be a positive number of packs or None (chosen by cost), got {groups}")
         self.model, self.start, self.total = model, start, n_layers(model)
         calls: dict[int, tuple[tuple, dict]] = {}
         saved: dict[str, Tensor] = {}
@@ -346,13 +412,13 @@ class LayerRunner:
             if "use_cache" in kwargs:
                 kwargs["use_cache"] = False
             self.calls[layer] = (args[1:] if args else (), kwargs)
-        self.layout = "full"
+        self.layout, self.groups = "full", len(batch.input_ids)
         if want_packed:
-            self._build_packed(batch, changes_from.to(self.resid.device), saved)
+            self._build_packed(batch, changes_from.to(self.resid.device), saved, groups)
         if self.layout == "packed":
             with torch.no_grad():
                 final, _ = self.run()
-                final = final[0].float()
+                final = final[self._tok_pack, self._tok_slot].float()
                 reference = saved[final_name][self._rows, self._pos].float()
                 if self.resid.dtype in (torch.float32, torch.float64):
                     ok = torch.allclose(final, reference, atol=1e-4, rtol=1e-3)
@@ -360,7 +426,7 @@ class LayerRunner:
                     error = (final - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-6)
                     ok = bool(error.max() <= 8 * torch.finfo(self.resid.dtype).eps)
             if not ok:
-                self.layout = "full"
+                self.layout, self.groups = "full", len(batch.input_ids)
 
     @property
     def logits(self) -> Tensor:
@@ -379,22 +445,49 @@ class LayerRunner:
                 and all(act_name(kind, l) in model.hook_dict for l in range(start, n_layers(model))
                         for kind in ("rot_k", "v")))
 
-    def _build_packed(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor]) -> None:
+    def _build_packed(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor],
+                      groups: int | None) -> None:
         """Sets up the packed layout (``layout = "packed"``), or leaves ``layout`` at ``"full"``
         when a block's arguments are not the kind it knows how to pack."""
         b, T = batch.input_ids.shape
         device = self.resid.device
         real = batch.attention_mask.to(device).bool()
         before = torch.arange(T, device=device)[None] < changes_from.long()[:, None]
-        rows, pos = (real & ~before).nonzero(as_tuple=True)  # the packed tokens, row by row
-        key_rows, key_pos = (real & before).nonzero(as_tuple=True)  # the cached keys
-        n, p = len(rows), len(key_rows)
-        flat = torch.full((b, T), -1, dtype=torch.long, device=device)
-        flat[rows, pos] = torch.arange(n, device=device)
-        key = torch.full((b, T), -1, dtype=torch.long, device=device)
-        key[key_rows, key_pos] = torch.arange(p, device=device)
-        key[rows, pos] = p + torch.arange(n, device=device)
-        other_row = torch.cat([rows[:, None] != key_rows[None], rows[:, None] != rows[None]], 1)
+        is_query, is_cached = real & ~before, real & before
+        if not bool(is_query.any()):
+            return
+        packs = plan_packs(is_query.sum(1).tolist(), is_cached.sum(1).tolist(),
+                           *token_and_key_costs(self.model), groups=groups)
+        pack_of = torch.full((b,), -1, dtype=torch.long, device=device)
+        slot = torch.full((b, T), -1, dtype=torch.long, device=device)  # query slot in its pack
+        cached_slot = torch.full((b, T), -1, dtype=torch.long, device=device)
+        n_max = p_max = 0
+        for g, pack in enumerate(packs):
+            n = p = 0
+            for r in pack:
+                pack_of[r] = g
+                for mask, where, offset in ((is_query, slot, n), (is_cached, cached_slot, p)):
+                    at = mask[r].nonzero()[:, 0]
+                    where[r, at] = offset + torch.arange(len(at), device=device)
+                n, p = n + int(is_query[r].sum()), p + int(is_cached[r].sum())
+            n_max, p_max = max(n_max, n), max(p_max, p)
+        G, K = len(packs), p_max + n_max
+        rows, pos = is_query.nonzero(as_tuple=True)
+        tok_pack, tok_slot = pack_of[rows], slot[rows, pos]
+        key_rows, key_pos = is_cached.nonzero(as_tuple=True)
+        key_pack, key_slot = pack_of[key_rows], cached_slot[key_rows, key_pos]
+        q_row = torch.full((G, n_max), -1, dtype=torch.long, device=device)
+        q_pos = torch.zeros((G, n_max), dtype=torch.long, device=device)
+        q_row[tok_pack, tok_slot], q_pos[tok_pack, tok_slot] = rows, pos
+        k_row = torch.full((G, K), -1, dtype=torch.long, device=device)
+        k_pos = torch.zeros((G, K), dtype=torch.long, device=device)
+        k_row[key_pack, key_slot], k_pos[key_pack, key_slot] = key_rows, key_pos
+        k_row[:, p_max:], k_pos[:, p_max:] = q_row, q_pos
+        q_any = q_row.clamp(min=0)
+        own_row = (k_row[:, None, :] == q_row[:, :, None]) & (q_row >= 0)[:, :, None]
+        # a padding query attends to itself alone: its values stay finite and no real query sees it
+        pad_self = (q_row < 0)[:, :, None] & (torch.arange(K, device=device)[None] == p_max
+                                                + torch.arange(n_max, device=device)[:, None])[None]
         packed_calls = {}
         for layer, (args, kwargs) in self.calls.items():
             mask = kwargs.get("attention_mask")
@@ -404,48 +497,60 @@ class LayerRunner:
             cos, sin = kwargs["position_embeddings"]
             if cos.dim() != 3:
                 return
-            per_query = mask.expand(b, -1, -1, -1)[rows, :, pos]  # [query, mask head, T]
-            packed_mask = per_query[..., torch.cat([key_pos, pos])]
-            packed_mask = packed_mask.masked_fill(other_row[:, None], torch.finfo(mask.dtype).min)
-            gather = lambda t: t.expand(b, *t.shape[1:])[rows, pos][None]  # noqa: E731
+            per_key = mask.expand(b, -1, -1, -1)[q_any[:, :, None], :, q_pos[:, :, None], k_pos[:, None, :]]
+            per_key = einops.rearrange(per_key, "g q k h -> g h q k")
+            outside = torch.full_like(per_key, torch.finfo(mask.dtype).min).masked_fill(pad_self[:, None], 0)
+            packed_mask = torch.where(own_row[:, None], per_key, outside)
+            gather = lambda t: t.expand(b, *t.shape[1:])[q_any, q_pos]  # noqa: E731
             attn = self.model.blocks[layer].attn
             k = saved[act_name("rot_k", layer)]  # hooks show [batch, pos, kv head, d_head]
             v = saved[act_name("v", layer)].reshape(*k.shape[:3], -1)
-            k, v = (einops.rearrange(t[key_rows, key_pos], "key head d -> 1 head key d") for t in (k, v))
+            cached = []
+            for t in (k, v):
+                c = t.new_zeros((G, p_max, *t.shape[2:]))
+                c[key_pack, key_slot] = t[key_rows, key_pos]
+                cached.append(einops.rearrange(c, "g key head d -> g head key d"))
             # HF 5 hands its own cache to attention as ``cache``, which the bridge does not read;
             # ``layer_past`` reaches the bridge's attention through the decoder layer's **kwargs.
-            new = {**kwargs, "attention_mask": einops.rearrange(packed_mask, "q h k -> 1 h q k"),
+            new = {**kwargs, "attention_mask": packed_mask,
                    "position_embeddings": (gather(cos), gather(sin)),
-                   "layer_past": _PrefixCache({int(getattr(attn, "_layer_idx", layer)): (k, v)})}
+                   "layer_past": _PrefixCache({int(getattr(attn, "_layer_idx", layer)): tuple(cached)})}
             if kwargs.get("position_ids") is not None:
                 new["position_ids"] = gather(kwargs["position_ids"])
             packed_calls[layer] = new
-        self.packed_calls, self.packed_resid = packed_calls, self.resid[rows, pos][None]
-        self._rows, self._pos, self._flat, self._key = rows, pos, flat, key
-        self.layout = "packed"
+        packed_resid = self.resid.new_zeros((G, n_max, self.resid.shape[-1]))
+        packed_resid[tok_pack, tok_slot] = self.resid[rows, pos]
+        self.packed_calls, self.packed_resid = packed_calls, packed_resid
+        self._rows, self._pos, self._tok_pack, self._tok_slot = rows, pos, tok_pack, tok_slot
+        self._pack_of, self._slot = pack_of, slot
+        self._key = torch.where(is_cached, cached_slot, torch.where(is_query, p_max + slot, -1))
+        self.layout, self.groups = "packed", G
 
     def index(self, rows: Int[Tensor, " n"], positions: Int[Tensor, " n"]) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
         """(row index, position index) of (row, absolute position) pairs in the runner's
         activations (read them as ``act[row_index, position_index]``): the pairs themselves
-        with full rows, ``(0, packed position)`` in the packed layout."""
+        with full rows, ``(pack, slot in the pack)`` in the packed layout."""
         if self.layout == "full":
             return rows, positions
-        flat = self._flat[rows.to(self._flat.device), positions.to(self._flat.device)]
-        if bool((flat < 0).any()):
-            bad = [(int(r), int(q)) for r, q, f in zip(rows, positions, flat) if f < 0]
+        rows, positions = rows.to(self._slot.device), positions.to(self._slot.device)
+        slot = self._slot[rows, positions]
+        if bool((slot < 0).any()):
+            bad = [(int(r), int(q)) for r, q, f in zip(rows, positions, slot) if f < 0]
             raise EditError(f"(row, position) pairs {bad} are not run by the packed layer runner: only real "
                             "tokens from each row's changes_from position on are")
-        return torch.zeros_like(flat), flat
+        return self._pack_of[rows], slot
 
     def full_pattern(self, pattern: Tensor) -> Tensor:
         """An attention pattern of the runner's layout as ``[row, head, T, T]``: a packed
-        ``[1, head, N, P + N]`` one gets zeros at queries before each row's suffix and at padding."""
+        ``[G, head, Nmax, Pmax + Nmax]`` one gets zeros at queries before each row's suffix and
+        at padding."""
         if self.layout == "full":
             return pattern
-        query, key = self._flat, self._key
-        out = pattern[0][:, query.clamp(min=0)[:, :, None], key.clamp(min=0)[:, None, :]]
+        query, key = self._slot, self._key
+        out = pattern[self._pack_of.clamp(min=0)[:, None, None], :, query.clamp(min=0)[:, :, None],
+                      key.clamp(min=0)[:, None, :]]
         seen = (query >= 0)[:, :, None] & (key >= 0)[:, None, :]
-        return einops.rearrange(out, "head row q k -> row head q k") * seen[:, None]
+        return einops.rearrange(out, "row q k head -> row head q k") * seen[:, None]
 
     def run(self, upto: int | None = None, keep: Sequence[int] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """(residual after block ``upto`` (default: the last), {layer: residual after it} for ``keep``)."""
