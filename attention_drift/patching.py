@@ -9,10 +9,11 @@ Both are one mechanism: a *source* run (:func:`record_activations`, caching exac
 set of variants patches) and a *base* run of the other model state (:func:`run_patched`), in which
 the prompt is repeated once per variant in a batch and one hook function per hook name writes the
 source values into the rows / heads / positions that request them, so many variants share a
-forward pass. :func:`patch_edit` runs one direction of that protocol for any cases and variants
-around an editor given as a context manager factory; the grid builders (:func:`layer_head_grid`,
-:func:`layer_component_grid`, :func:`window_grid`, :func:`layer_position_grid`) produce the usual
-sweeps.
+forward pass; each variant runs only from the first layer where it changes something, and the
+vocabulary is read only where the scores need it. :func:`patch_edit` runs one direction of that
+protocol for any cases and variants around an editor given as a context manager factory; the
+grid builders (:func:`layer_head_grid`, :func:`layer_component_grid`, :func:`window_grid`,
+:func:`layer_position_grid`) produce the usual sweeps.
 
 :func:`patch_record` is the analysis of one data-set record that the ``attention-drift patch``
 command and the notebooks run: restoration of named variants (:func:`summary_variants`: all
@@ -49,8 +50,9 @@ from torch import Tensor
 from attention_drift import tokens
 from attention_drift.data import Record, Rewrite, distract_prompt
 from attention_drift.drift import EditFactory, ranked_heads, rounded
+from attention_drift.editing.optimize import LayerRunner, unembed_rows
 from attention_drift.errors import AttentionDriftError
-from attention_drift.hooks import act_name
+from attention_drift.hooks import act_name, layer_of
 from attention_drift.models import model_device
 from attention_drift.regions import REGIONS, Regions
 from attention_drift.scores import Scores
@@ -197,6 +199,11 @@ class Activations:
     cache: dict[str, Tensor]
     scores: Scores
 
+    def score(self, logits: Float[Tensor, "row pos vocab"]) -> Scores:
+        """The scores of full-forward logits of :attr:`batch` (e.g. :func:`run_variant`'s), as
+        :attr:`scores` are: one entry."""
+        return _scores(logits, self.batch, self.target_ids)
+
 
 def _layout(model, case: PatchCase) -> tuple[tokens.Batch, tuple[int, int] | None]:
     prompt_ids, true_ids = tokens.continuation_ids(model, case.prompt, case.true_target)
@@ -209,23 +216,49 @@ def _layout(model, case: PatchCase) -> tuple[tokens.Batch, tuple[int, int] | Non
     return tokens.batch_with_targets(model, [case.prompt] * 2, [case.true_target, case.new_target]), None
 
 
-def _scores(logits: Tensor, batch: tokens.Batch, target_ids: tuple[int, int] | None, rows: int) -> Scores:
+def _scores(logits: Tensor, batch: tokens.Batch, target_ids: tuple[int, int] | None) -> Scores:
+    """Scores of one case from the full logits of its batch (one row, or the two-row layout)."""
     if target_ids is not None:
-        last = batch.last_prompt_index.repeat(logits.shape[0] // len(batch))
-        lp = logits[torch.arange(logits.shape[0], device=logits.device), last].float().log_softmax(-1)
+        lp = logits[torch.arange(len(batch), device=logits.device), batch.last_prompt_index].float().log_softmax(-1)
         return Scores(lp[:, target_ids[0]].clone(), lp[:, target_ids[1]].clone())
-    big = tokens.Batch(*(t.repeat(logits.shape[0] // len(batch), *([1] * (t.dim() - 1)))
-                         for t in (batch.input_ids, batch.attention_mask, batch.prompt_lengths,
-                                   batch.target_lengths)))
-    lp = tokens.target_log_probs(logits, big).view(-1, rows)
-    return Scores(lp[:, 0].clone(), lp[:, 1].clone())
+    lp = tokens.target_log_probs(logits, batch)
+    return Scores(lp[:1].clone(), lp[1:].clone())
 
 
-def _forward(model, batch: tokens.Batch, repeat: int = 1, fwd_hooks=()) -> Tensor:
-    ids = batch.input_ids.repeat(repeat, 1)
-    mask = batch.attention_mask.repeat(repeat, 1)
-    with torch.no_grad():
-        return model.run_with_hooks(ids, attention_mask=mask, fwd_hooks=list(fwd_hooks))
+_MIN_UNEMBED_ROWS = 4
+
+
+def _log_probs(model, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+    """Next-token log-probabilities of residual vectors leaving the last block. Fewer than
+    :data:`_MIN_UNEMBED_ROWS` rows are padded up to it: CPU BLAS multiplies so few rows with
+    another kernel, whose rounding differs from a full forward pass's (by up to 1e-5 in
+    SmolLM2's logits), and the scores are to be those of a full forward pass."""
+    n = hidden.shape[0]
+    if n < _MIN_UNEMBED_ROWS:
+        hidden = torch.cat([hidden, hidden[-1:].expand(_MIN_UNEMBED_ROWS - n, -1)])
+    return unembed_rows(model, hidden)[:n].float().log_softmax(-1)
+
+
+def _read_scores(model, final: Float[Tensor, "row pos d_model"], batch: tokens.Batch,
+                 target_ids: tuple[int, int] | None) -> Scores:
+    """:func:`_scores` of copies of ``batch`` (copy-major) from the residual leaving the last
+    block: the final norm and unembedding are applied at the read positions only (the last
+    prompt token, or each target token's predicting position), not at every position."""
+    rows, width = batch.input_ids.shape
+    copies = final.shape[0] // rows
+    hidden = final.view(copies, rows, *final.shape[1:])
+    if target_ids is not None:
+        lp = _log_probs(model, hidden[:, 0, int(batch.last_prompt_index[0])])
+        return Scores(lp[:, target_ids[0]].clone(), lp[:, target_ids[1]].clone())
+    row, pos = zip(*[(r, p) for r in range(rows)
+                     for p in range(int(batch.prompt_lengths[r]) - 1, int(batch.lengths[r]) - 1)])
+    row_t, pos_t = torch.tensor(row, device=final.device), torch.tensor(pos, device=final.device)
+    lp = _log_probs(model, hidden[:, row_t, pos_t].flatten(0, 1)).view(copies, len(row), -1)
+    read = lp.gather(-1, batch.input_ids[row_t, pos_t + 1].expand(copies, -1)[..., None])[..., 0]
+    token_lp = torch.zeros(copies, rows, width - 1, device=final.device)
+    token_lp[:, row_t, pos_t] = read  # laid out and summed as tokens.target_log_probs does
+    per_row = token_lp.sum(-1) / batch.target_lengths.clamp(min=1)
+    return Scores(per_row[:, 0].clone(), per_row[:, 1].clone())
 
 
 def hook_names(variants: Sequence[Patch | Sequence[Patch]]) -> list[str]:
@@ -247,7 +280,7 @@ def record_activations(
         logits, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=lambda n: n in names)
     return Activations(case, batch, target_ids, {n: cache[n] for n in names},
-                       _scores(logits, batch, target_ids, len(batch)))
+                       _scores(logits, batch, target_ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,22 +423,38 @@ def _masks(model, case: PatchCase, batch: tokens.Batch, variants: Sequence[Varia
     return masks
 
 
-def _patch_hooks(source: Activations, masks: dict[str, Tensor], start: int, chunk: int) -> list:
-    """One hook per patched hook name writing the source values where rows start..start+chunk ask."""
+def _patch_hooks(source: Activations, masks: dict[str, Tensor]) -> list:
+    """One hook per patched hook name writing the source values where each variant's mask asks
+    (``masks[name]`` is ``[variant, ...]``, the variants of one batch in order). A batch may hold
+    only its first variants (those running at that layer, see :func:`run_patched`): each hook
+    uses the masks of as many variants as its activation has copies of the source rows."""
     rows, hooks = len(source.batch), []
     for name, mask in masks.items():
-        sel = mask[start:start + chunk]
-        if not sel.any():
+        if not mask.any():
             continue
-        clean = source.cache[name]
-        sel = sel.repeat_interleave(rows, 0)[..., None]
-        clean = clean.repeat(chunk, *([1] * (clean.dim() - 1)))
+        sel = mask.repeat_interleave(rows, 0)[..., None]
+        clean = source.cache[name].repeat(len(mask), *([1] * (source.cache[name].dim() - 1)))
 
         def write(act, hook, sel=sel, clean=clean):
-            return torch.where(sel, clean.to(act.dtype), act)
+            n = act.shape[0]
+            return torch.where(sel[:n], clean[:n].to(act.dtype), act)
 
         hooks.append((name, write))
     return hooks
+
+
+def _first_changed_layers(masks: dict[str, Tensor], source: Mapping[str, Tensor], base: Mapping[str, Tensor],
+                          n_variants: int, n_layers: int) -> list[int]:
+    """Per variant, the lowest layer at which it writes a value that the unpatched run does not
+    already hold there (``n_layers`` when it writes none: it is the unpatched run). Below that
+    layer the variant's forward pass is the unpatched one."""
+    first = torch.full((n_variants,), n_layers, dtype=torch.long, device="cpu")
+    for name, mask in masks.items():
+        differs = (source[name] != base[name].to(source[name].dtype)).any(0)
+        differs = differs.flatten(mask.dim() - 1).any(-1)  # reduced to the mask's per-variant shape
+        changes = (mask & differs).flatten(1).any(1).cpu()
+        first = torch.where(changes, first.clamp(max=layer_of(name)), first)
+    return first.tolist()
 
 
 def _check(model, variants: Sequence[Variant]) -> None:
@@ -430,6 +479,19 @@ def run_patched(
     its hooks / heads / positions with the source's values; ``batch_size`` variants share a pass.
 
     A variant is a Patch or a tuple of Patches (applied together); ``()`` patches nothing.
+
+    Speed, with the scores of a full hooked forward pass per variant (bit for bit on CPU in the
+    tests): one unpatched pass of the model's current state records the residual entering every
+    block, the arguments HF passes to each
+    (:class:`~attention_drift.editing.optimize.LayerRunner`) and the values at the patched hooks.
+    Each variant starts at the first layer where it writes a value the unpatched pass does not
+    already hold there; below it, its forward pass is the unpatched one (a variant writing no
+    new value, e.g. restoring attention below the edited layer, *is* the unpatched run and gets
+    its scores). The variants are batched in the order of their start layers; a batch runs from
+    its lowest one, each variant joining it (as a copy of the unpatched residual) at its own, so
+    no variant runs a layer below its start. The final norm and unembedding are applied at the
+    read positions only, not to the whole vocabulary at every position
+    (``benchmarks/bench_patching.py`` times a sweep against a full forward pass per variant).
     """
     grid = variants if isinstance(variants, Grid) else None
     variants = list(grid.variants if grid is not None else (_as_variant(v) for v in variants))
@@ -439,17 +501,28 @@ def run_patched(
     missing = sorted(set(hook_names(variants)) - set(source.cache))
     if missing:
         raise PatchingError(f"the source activations lack hooks {missing[:4]}; record them with the same variants")
-    batch, rows = source.batch, len(source.batch)
+    batch, n_layers = source.batch, model.cfg.n_layers
     masks = _masks(model, source.case, batch, variants)
-    base = _scores(_forward(model, batch), batch, source.target_ids, rows)
-    lp_true, lp_new = [], []
-    for start in range(0, len(variants), batch_size):
-        chunk = min(batch_size, len(variants) - start)
-        logits = _forward(model, batch, chunk, _patch_hooks(source, masks, start, chunk))
-        scores = _scores(logits, batch, source.target_ids, rows)
-        lp_true.append(scores.lp_true)
-        lp_new.append(scores.lp_new)
-    patched = Scores(torch.cat(lp_true), torch.cat(lp_new))
+    entering = [act_name("resid_pre", layer) for layer in range(n_layers)]
+    leaving = act_name("resid_post", n_layers - 1)
+    with torch.no_grad():
+        runner = LayerRunner(model, batch, 0, [*entering, leaving, *masks])
+        base = _read_scores(model, runner.saved[leaving], batch, source.target_ids)
+        starts = _first_changed_layers(masks, source.cache, runner.saved, len(variants), n_layers)
+        lp_true, lp_new = base.lp_true.repeat(len(variants)), base.lp_new.repeat(len(variants))
+        order = sorted((v for v in range(len(variants)) if starts[v] < n_layers), key=starts.__getitem__)
+        for chunk in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+            first = [starts[v] for v in chunk]
+            hidden = None
+            with model.hooks(fwd_hooks=_patch_hooks(source, {n: m[chunk] for n, m in masks.items()})):
+                for layer in range(first[0], n_layers):
+                    if layer in first:  # these variants join as copies of the unpatched residual
+                        joining = runner.saved[entering[layer]].repeat(first.count(layer), 1, 1)
+                        hidden = joining if hidden is None else torch.cat([hidden, joining])
+                    hidden = runner.block(layer, hidden)
+            scores = _read_scores(model, hidden, batch, source.target_ids)
+            lp_true[chunk], lp_new[chunk] = scores.lp_true, scores.lp_new
+    patched = Scores(lp_true, lp_new)
     return PatchResult(source.case, tuple(variants), patched, base, source.scores, grid)
 
 
@@ -464,7 +537,7 @@ def run_variant(
     variant = _as_variant(variant)
     _check(model, [variant])
     masks = _masks(model, source.case, source.batch, [variant])
-    hooks = _patch_hooks(source, masks, 0, 1)
+    hooks = _patch_hooks(source, masks)
     batch = source.batch
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         if names_filter is None:

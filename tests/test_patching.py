@@ -129,6 +129,61 @@ def test_batched_sweep_equals_per_variant_runs(model):
     assert gridded.values("delta_logodds")[0].abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("true,new", [(None, None), ("United States of America", "Canada")])
+def test_run_patched_equals_a_full_forward_pass_per_variant(model, true, new):
+    """run_patched's shortcuts (start at the first changed layer, join batches there, unembed the
+    read positions only) give the scores of a plain hooked forward pass per variant, in both the
+    one-row and the two-row (multi-token targets) layouts."""
+    case = _case()
+    if true is not None:
+        case = PatchCase(case.prompt, true, new, case.rewrite)
+    last = model.cfg.n_layers - 1
+    variants = [(), (Patch("pattern", 0),), (Patch("pattern", last, heads=1),), (Patch("z", 0, heads=(0, 3)),),
+                (Patch("resid_pre", last, positions=-1),), (Patch("resid_post", 0, positions="subject_last"),),
+                (Patch("mlp_out", 0), Patch("pattern", last, heads=2)), (Patch("attn_out", (0, last)),),
+                (Patch("mlp_post", 0, positions=(2, 3)),)]
+    clean = record_activations(model, case, variants)
+    assert (clean.target_ids is None) == (true is not None)
+    with push_subject(model, EIFFEL.rewrite):
+        result = run_patched(model, clean, variants, batch_size=3)
+        plain = [clean.score(run_variant(model, clean, v)[0]) for v in variants]
+        unpatched = clean.score(run_variant(model, clean, ())[0])
+    torch.testing.assert_close(result.patched.lp_true, torch.cat([s.lp_true for s in plain]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.patched.lp_new, torch.cat([s.lp_new for s in plain]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(result.base.lp_true, unpatched.lp_true, atol=1e-6, rtol=0)
+    assert float((result.patched.lp_true - result.base.lp_true).abs().max()) > 1e-3  # the patches do something
+
+
+def test_run_patched_runs_each_variant_from_its_first_changed_layer(tiny_llama):
+    """Below the layer where a variant first writes a value the unpatched run lacks, nothing is
+    run for it: a variant restoring layer 0's attention (before the edited MLP) or nothing runs
+    no block; variants join their batch at their own layer."""
+    model = tiny_llama
+    case = _case()
+    variants = [(Patch("mlp_out", 1),), (), (Patch("pattern", 0),), (Patch("resid_post", 0, positions=-1),)]
+    clean = record_activations(model, case, variants)
+    rows: dict[int, list[int]] = {layer: [] for layer in range(model.cfg.n_layers)}
+
+    def count(layer):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rows[layer].append(hidden.shape[0])
+        return hook
+
+    assert supports_pattern_patching(model)  # probed (two forward passes) before counting
+    with push_subject(model, EIFFEL.rewrite):  # edits layer 0's MLP
+        handles = [model.blocks[l].register_forward_pre_hook(count(l), with_kwargs=True) for l in rows]
+        try:
+            result = run_patched(model, clean, variants, batch_size=64)
+        finally:
+            for handle in handles:
+                handle.remove()
+    # the unpatched reference pass (1 row per block), then one batch: resid_post 0 from layer 0, mlp_out 1 joining at 1
+    assert rows == {0: [1, 1], 1: [1, 2]}
+    assert result.patched.pair(1) == result.base.pair() and result.patched.pair(2) == result.base.pair()
+    assert result.patched.pair(0) != result.base.pair()
+
+
 def test_contamination_reverses_roles(model):
     case = _case()
     edit = lambda: push_subject(model, EIFFEL.rewrite)  # noqa: E731

@@ -560,16 +560,41 @@ class LayerRunner:
         for layer in range(self.start, upto + 1):
             if packed:
                 out = self.model.blocks[layer](hidden, **self.packed_calls[layer])
+                hidden = out[0] if isinstance(out, tuple) else out
             else:
-                args, kwargs = self.calls[layer]
-                if "hidden_states" in kwargs:
-                    out = self.model.blocks[layer](*args, **{**kwargs, "hidden_states": hidden})
-                else:
-                    out = self.model.blocks[layer](hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
+                hidden = self.block(layer, hidden)
             if layer in keep:
                 kept[layer] = hidden
         return hidden, kept
+
+    def block(self, layer: int, hidden: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """Block ``layer`` (at or after ``start``) run on ``hidden`` with the reference pass's
+        arguments, full rows. ``hidden`` may hold ``n`` copies of the reference rows (copy-major,
+        as ``Tensor.repeat`` lays them out: row ``i * rows + r`` is a copy of row ``r``); every
+        argument with the reference batch's size is then repeated to match."""
+        args, kwargs = self.calls[layer]
+        rows = self.resid.shape[0]
+        copies = hidden.shape[0] // rows
+        if copies * rows != hidden.shape[0]:
+            raise EditError(f"a block input of {hidden.shape[0]} rows is not copies of the {rows} reference rows")
+        if copies > 1:
+            args = _repeat_rows(args, rows, copies)
+            kwargs = {k: _repeat_rows(v, rows, copies) for k, v in kwargs.items()}
+        if "hidden_states" in kwargs:
+            out = self.model.blocks[layer](*args, **{**kwargs, "hidden_states": hidden})
+        else:
+            out = self.model.blocks[layer](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _repeat_rows(value, rows: int, copies: int):
+    """A block argument with every tensor of ``rows`` rows (a mask, position ids, rotary
+    tables; 2+ dimensions) repeated ``copies`` times along the batch; others as they are."""
+    if isinstance(value, Tensor) and value.dim() >= 2 and value.shape[0] == rows:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_repeat_rows(v, rows, copies) for v in value)
+    return value
 
 
 def unembed_rows(model, hidden: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
