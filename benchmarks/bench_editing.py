@@ -8,7 +8,9 @@ Prints, on the default offline model (CPU), over the first ``--records`` example
 beforehand (as for every edit after the first; a warm-up edit runs first):
 
 * ROME (20 steps) and ROME+SADR (weight 0.01, 80 steps): seconds per edit and per step, the
-  official code's figures and the ratios (official / ours: > 1 means we are faster);
+  official code's figures and the ratios (official / ours: > 1 means we are faster); then the
+  published SADR with distract rows (``distract=True``, the batch holds three more, longer rows)
+  and SADR+ (``--sadr-variant plus``), with the distract-row / published ratio;
 * with ``--all-methods``, MEMIT and PMET too; with ``--stats``, the throughput of sampling
   the statistics corpus and of accumulating ``k k^T``;
 * with ``--step-costs``: one value-optimisation step (forward + backward) done four ways on the
@@ -55,18 +57,22 @@ def main() -> None:
     from attention_drift.editing import MEMITConfig, PMETConfig, ROMEConfig, apply_edit
     from attention_drift.models import load_model
     from attention_drift.sadr import SADRConfig
+    from attention_drift.variants import sadr_variant
 
     model = load_model("smollm2-135m")
     print(f"torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}")
     records = sorted(load_example(), key=lambda r: r.kind != "counterfact")[: args.records]
     rome = ROMEConfig.for_model(model)
-    runs = [("ROME", "rome", rome, None), ("ROME+SADR", "rome", rome, SADRConfig(weight=0.01, steps=80))]
+    runs = [("ROME", "rome", rome, None), ("ROME+SADR", "rome", rome, SADRConfig(weight=0.01, steps=80)),
+            ("+distract", "rome", rome, SADRConfig(weight=0.01, steps=80, distract=True)),
+            ("ROME+SADR+", "rome", rome, sadr_variant("plus", "rome").resolve(model, "rome", rome.layer))]
     if args.all_methods:
         runs += [(c.method.upper(), c.method, c, None) for c in (MEMITConfig.for_model(model), PMETConfig.for_model(model))]
     if args.stats:
         stats_throughput(model, dataclasses.replace(rome.stats, n_samples=32))
     print(f"{'':10s} {'ours s/edit':>11s} {'s/step':>7s} {'steps':>5s} | {'official s/edit':>15s} {'s/step':>7s} "
           f"| {'ratio/edit':>10s} {'ratio/step':>10s}")
+    seconds = {}
     for label, method, cfg, sadr in runs:
         warm_sadr = dataclasses.replace(sadr, steps=1) if sadr is not None else None
         apply_edit(model, records[0].rewrite, method, dataclasses.replace(cfg, steps=1), sadr=warm_sadr,
@@ -86,6 +92,10 @@ def main() -> None:
             line += (f" | {ref['s_per_edit']:15.2f} {ref['s_per_step']:7.3f} | {ref['s_per_edit'] / edit_s:9.2f}x "
                      f"{ref['s_per_step'] / step_s:9.2f}x")
         print(line, flush=True)
+        seconds[label] = edit_s
+    print(f"distract-row SADR edit / published SADR edit (same weight and steps): "
+          f"{seconds['+distract'] / seconds['ROME+SADR']:.2f}x; SADR+ edit / ROME edit: "
+          f"{seconds['ROME+SADR+'] / seconds['ROME']:.2f}x")
     if args.step_costs:
         step_costs(model, records[0].rewrite, rome, args.step_repeats)
 
