@@ -507,7 +507,8 @@ def recovery_tradeoff(
 ) -> go.Figure:
     """One marker per variant: x = its paraphrase accuracy minus the plain editor's (points),
     y = the share of the plain editor's distract-neighbourhood loss it wins back (%), both with
-    95% CIs; one series per key of ``points`` (e.g. the tuning and the report half). Points are
+    95% CIs, labelled with the variant and its number of records; one series per key of
+    ``points`` (e.g. the tuning and the report half). Points are
     :func:`attention_drift.report.tradeoff` entries."""
     if not points or not any(points.values()):
         raise PlotError("recovery_tradeoff needs at least one point: {series: [report.tradeoff entries]}")
@@ -522,7 +523,8 @@ def recovery_tradeoff(
         y_up, y_down = bars("recovered_ci95", "recovered")
         fig.add_trace(go.Scatter(
             x=[100 * e["cost_diff"] for e in entries], y=[100 * e["recovered"] for e in entries],
-            mode="markers+text", name=series, text=[e["variant"] for e in entries], textposition="top center",
+            mode="markers+text", name=series, text=[f"{e['variant']} ({e['n_records']})" for e in entries],
+            textposition="top center",
             marker={"color": PALETTE[i % len(PALETTE)], "size": 10},
             error_x={"type": "data", "array": x_up, "arrayminus": x_down, "visible": True, "thickness": 1},
             error_y={"type": "data", "array": y_up, "arrayminus": y_down, "visible": True, "thickness": 1},

@@ -109,12 +109,17 @@ def figure(tuning, report_dir: Path, path: Path) -> None:
     from attention_drift.report import tradeoff
 
     points = {"tuning half (ROME)": tradeoff(tuning, "rome")}
+    grid = {p.stem: read_run(p) for p in sorted(Path("benchmarks/results/grid").glob("rome*.jsonl"))}
+    if "rome" in grid:  # the earlier SADR sweep (first 100 dev records, older statistics)
+        points["earlier SADR sweep (dev, ROME)"] = tradeoff(grid, "rome")
     reported = {p.stem: read_run(p) for p in sorted(report_dir.glob("*.jsonl"))}
     for base in ("rome", "memit", "pmet"):
         if base in reported:
             family = {n: r for n, r in reported.items() if n == base or n.startswith(f"{base}-")}
             points[f"report half ({base.upper()})"] = tradeoff(family, base)
-    plots.save(plots.recovery_tradeoff({k: v for k, v in points.items() if v}), path)
+    fig = plots.recovery_tradeoff({k: v for k, v in points.items() if v})
+    for suffix in (".html", ".png"):
+        plots.save(fig, path.with_suffix(suffix))
     return 0
 
 
