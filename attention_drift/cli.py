@@ -89,7 +89,8 @@ def add_record_arguments(p) -> None:
     """``--data``, ``--kinds``, ``--limit``, ``--balanced``."""
     p.add_argument("--data", default=None,
                    help="CounterFact-style JSON file, URL, 'counterfact' (download), 'dev' (the development "
-                   "split shipped with the package), or its fixed halves 'dev-tune' / 'dev-report'; default: the 8-record example shipped with the package")
+                   "split shipped with the package), or its fixed halves 'dev-tune' / 'dev-report'; default: the "
+                   "8-record example shipped with the package")
     p.add_argument("--kinds", default=None, help="comma-separated record kinds to keep: counterfact,wikidata")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) records")
     p.add_argument("--balanced", action="store_true", help="with --limit N: N/2 records of each kind")

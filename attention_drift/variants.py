@@ -60,7 +60,7 @@ class SADRSpec:
         distract_only: restrict only distract-style rows (our extension).
         output_weight, output: the output-locality term on the distract rows, its factor and
             kind (our extension; :class:`~attention_drift.sadr.SADRConfig`); needs ``distract``.
-        subjects: the distract rows' other subjects; None: the default list.
+        distract_subjects: the distract rows' other subjects; None: the default list.
     """
 
     weight: float | None = None
@@ -72,11 +72,11 @@ class SADRSpec:
     distract_only: bool = False
     output_weight: float = 0.0
     output: str = "target"
-    subjects: tuple[str, ...] | None = None
+    distract_subjects: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if isinstance(self.subjects, list):
-            object.__setattr__(self, "subjects", tuple(self.subjects))
+        if isinstance(self.distract_subjects, list):
+            object.__setattr__(self, "distract_subjects", tuple(self.distract_subjects))
         if self.output_weight < 0:
             raise VariantError(f"SADR output weight must be >= 0, got {self.output_weight}")
         if self.output_weight and not (self.distract or self.distract_only):
@@ -104,8 +104,8 @@ class SADRSpec:
         overrides = {"layers": layers, "selection": self.selection, "divergence": self.divergence,
                      "distract": self.distract, "distract_only": self.distract_only,
                      "output_weight": self.output_weight, "output": self.output}
-        if self.subjects is not None:
-            overrides["distract_subjects"] = self.subjects
+        if self.distract_subjects is not None:
+            overrides["distract_subjects"] = self.distract_subjects
         overrides.update({k: v for k, v in (("weight", self.weight), ("steps", self.steps)) if v is not None})
         try:
             return SADRConfig.for_model(model, method, **overrides)
@@ -116,8 +116,8 @@ class SADRSpec:
         out = dataclasses.asdict(self)
         if isinstance(self.layers, tuple):
             out["layers"] = list(self.layers)
-        if self.subjects is not None:
-            out["subjects"] = list(self.subjects)
+        if self.distract_subjects is not None:
+            out["distract_subjects"] = list(self.distract_subjects)
         return out
 
 
