@@ -23,12 +23,6 @@ from attention_drift.variants import paper_variants
 GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood")
 
 
-def pooled(run, phase: str, group: str) -> float | None:
-    flags = [c for line in run.records if phase in line and group in line[phase]["groups"]
-             for _, _, c in line[phase]["groups"][group]["scores"]]
-    return 100 * sum(flags) / len(flags) if flags else None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=16)
@@ -84,21 +78,23 @@ def main(argv=None) -> int:
 def table(runs) -> str:
     """Pooled accuracies per run, and against plain ROME on shared records (paired): the share of
     its distract-neighbourhood loss recovered [95% CI] and the paraphrase difference."""
-    from attention_drift.report import tradeoff
+    from attention_drift.report import summary, tradeoff
 
     points = {p["variant"]: p for p in tradeoff(runs, "rome")} if "rome" in runs else {}
     lines = [f"{'variant':26s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in GROUPS)
              + "  recovered [95% CI]   PS diff  s/edit"]
     for name, run in runs.items():
         phase = "pre" if name == "none" else "post"
-        cells = " ".join(f"{v:8.1f}" if v is not None else f"{'-':>8s}" for v in (pooled(run, phase, g) for g in GROUPS))
+        result = summary(run)
+        values = [(result["groups"].get(g, {}).get(phase) or {}).get("accuracy") for g in GROUPS]
+        cells = " ".join(f"{100 * v:8.1f}" if v is not None else f"{'-':>8s}" for v in values)
         p = points.get(name)
         rec = "" if p is None else f"{100 * p['recovered']:5.0f}% " + (
             f"[{100 * p['recovered_ci95'][0]:4.0f},{100 * p['recovered_ci95'][1]:4.0f}]" if p["recovered_ci95"] else "")
         para = "" if p is None else f"{100 * p['cost_diff']:+6.1f}"
-        secs = [line["edit_seconds"] for line in run.records if line.get("edit_seconds")]
+        secs = result["meta"]["seconds_per_edit"]
         lines.append(f"{name:26s} {len(run.records):3d} {cells}  {rec:19s} {para:>7s}"
-                     + (f"  {sum(secs) / len(secs):6.1f}" if secs else ""))
+                     + (f"  {secs:6.1f}" if secs is not None else ""))
     return "\n".join(lines)
 
 
