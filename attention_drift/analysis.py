@@ -35,6 +35,7 @@ Run-file lines are :meth:`attention_drift.drift.RecordDrift.to_line` and
 prompts: ``{"case_id", "kind", "samples" or "cases": [], "skipped": "no prompts", "method"}``).
 """
 
+import functools
 import json
 import math
 import sys
@@ -76,12 +77,20 @@ CAPTURE_TOP_K = 6
 most drifting ones (6 keeps a 100-record page near 3-4 MB)."""
 
 
-def _progress(items, desc: str, enabled: bool):
+def _progress(items, desc: str, enabled: bool, total: int | None = None):
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="record", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit="record", file=sys.stderr, dynamic_ncols=True, total=total)
+
+
+def _measured(records: Sequence[Record], fn, model, edit_fn_factory, workers, desc: str, progress: bool):
+    """``(record, fn(model, edit_fn_factory, record))`` per record: in this process, or on the Ray
+    ``workers`` (:class:`attention_drift.sweep.Workers`; then in the order records finish)."""
+    if workers is None:
+        return ((r, fn(model, edit_fn_factory, r)) for r in _progress(records, desc, progress))
+    return _progress(workers.map(records, fn), f"{desc} ({workers.workers} workers)", progress, total=len(records))
 
 
 def _save_figure(fig, path: Path, png: bool) -> list[str]:
@@ -248,10 +257,23 @@ def _prompt_patterns(model, record: Record, capture: HeadCapture) -> dict[int, d
     return out
 
 
-def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, out_dir, meta: dict, *,
+def _drift_lines(model, edit_fn_factory: EditFactory, record: Record, *, groups: Sequence[str], capture_heads,
+                 method: str) -> tuple[dict, dict | None]:
+    """A record's drift run line and its explorer patterns line (None without prompts)."""
+    from attention_drift import explorer
+
+    result = drift_record(model, record, edit_fn_factory, groups, capture_heads=capture_heads)
+    if result is None:
+        return {"case_id": record.case_id, "kind": record.kind, "samples": [], "skipped": "no prompts",
+                "method": method}, None
+    patterns = explorer.patterns_line(record.case_id, _prompt_patterns(model, record, result.capture), method)
+    return {**result.to_line(), "method": method}, patterns
+
+
+def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | None, out_dir, meta: dict, *,
               groups: Sequence[str] = DRIFT_GROUPS, top_k: int = 10, method: str = "edit",
               progress: bool = False, figures: bool = True,
-              capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K) -> dict:
+              capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K, workers=None) -> dict:
     """Measure drift record by record (:func:`~attention_drift.drift.drift_record`, resumable in
     ``out_dir/drift_records.jsonl``), then write ``drift.json``, the figures and the drift
     explorer (``explorer.html``); returns the ``drift.json`` content plus ``"markdown"`` (and
@@ -261,6 +283,10 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
     :data:`CAPTURE_TOP_K` most drifting heads) picks the heads whose full attention patterns
     before / inside the edit are kept, from the measurement's own forward passes, in
     ``out_dir/drift_patterns.jsonl`` for the explorer's per-head panels.
+
+    ``workers`` (:class:`attention_drift.sweep.Workers`): measure the records on Ray actors that
+    load the model themselves (``model`` and ``edit_fn_factory`` are then not used; None is
+    fine); the lines are the same as in-process ones, written here in the order records finish.
     """
     from attention_drift import explorer
 
@@ -273,16 +299,11 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
             RunFile(out / explorer.PATTERNS_FILE, {**meta, "format": explorer.PATTERNS_FORMAT,
                                                    "capture_heads": capture_meta}) as patterns:
         todo = [r for r in records if not run.done(r.case_id, method)]
-        for record in _progress(todo, "drift", progress):
-            result = drift_record(model, record, edit_fn_factory, groups, capture_heads=capture_heads)
-            if result is None:
-                run.write({"case_id": record.case_id, "kind": record.kind, "samples": [], "skipped": "no prompts",
-                           "method": method})
-                continue
-            if not patterns.done(record.case_id, method):
-                patterns.write(explorer.patterns_line(record.case_id, _prompt_patterns(model, record, result.capture),
-                                                      method))
-            run.write({**result.to_line(), "method": method})
+        fn = functools.partial(_drift_lines, groups=tuple(groups), capture_heads=capture_heads, method=method)
+        for record, (line, pattern_line) in _measured(todo, fn, model, edit_fn_factory, workers, "drift", progress):
+            if pattern_line is not None and not patterns.done(record.case_id, method):
+                patterns.write(pattern_line)
+            run.write(line)
     result = drift_from_lines(_lines_of(run_path, records), groups, top_k=top_k)
     result["meta"] = meta
     (out / "drift.json").write_text(json.dumps(result, indent=1))
@@ -427,7 +448,7 @@ def patch_from_lines(lines: Sequence[dict]) -> dict:
     """
     lines = [line for line in lines if line.get("cases")]
     if not lines:
-        raise PatchingError("no record with distract-neighbourhood prompts; nothing to report")
+        raise PatchingError("no record with distract-neighbourhood or distract-relation prompts; nothing to report")
     cases = [c for line in lines for c in line["cases"]]
     clusters = [line["case_id"] for line in lines for _ in line["cases"]]
     pre = np.array([c["pre"] for c in cases])
@@ -440,7 +461,12 @@ def patch_from_lines(lines: Sequence[dict]) -> dict:
             variants[name] = _variant_stats(patched, pre[keep], post[keep], [clusters[i] for i in keep])
         if name == "attn_pattern_topk":
             variants.update(_random_control(cases, clusters, pre, post))
-    out = {"records": len(lines), "n_prompts": len(cases), "pre": _variant_stats(pre, pre, post, clusters),
+    groups = [c.get("group", "distract_neighborhood") for c in cases]
+    out = {"records": len(lines), "n_prompts": len(cases),
+           "n_prompts_by_group": {g: groups.count(g) for g in sorted(set(groups))},
+           "records_by_group": {g: len({json.dumps(line["case_id"]) for line in lines for c in line["cases"]
+                                        if c.get("group", "distract_neighborhood") == g}) for g in sorted(set(groups))},
+           "pre": _variant_stats(pre, pre, post, clusters),
            "post": _variant_stats(post, pre, post, clusters), "variants": variants,
            "top_heads": {json.dumps(line["case_id"]): line.get("top_heads", []) for line in lines}}
     if "attn_pattern_random" in variants:
@@ -540,14 +566,16 @@ def _est(e: dict, spec: str = ".3f") -> str:
 
 
 def patch_markdown(result: dict, title: str = "") -> str:
-    """The patching section: per restoration variant the accuracy (95% CI), mean P(true) and
+    """The patching section: per restoration variant the accuracy on the distract prompts (95% CI), mean P(true) and
     log-odds, and the pooled recovery of the log-odds gap (record-clustered 95% CI); the top-k
     heads against the random-heads control; the best attention window; the contamination as
     log-odds damage (and why not P(true))."""
     records = result["records"]
     rows = [f"## patching (restoration){' · ' + title if title else ''}", "",
-            f"{records} records, {result['n_prompts']} distract-neighbourhood prompts", "",
-            "| variant | DNS accuracy ± ci | mean P(true) | mean log-odds | recovery (pooled) [95% CI] | "
+            f"{records} records, {result['n_prompts']} distract prompts ("
+            + ", ".join(f"{n} {g.replace('_', '-')}" for g, n in result.get(
+                "n_prompts_by_group", {"distract_neighborhood": result["n_prompts"]}).items()) + ")", "",
+            "| variant | accuracy ± ci | mean P(true) | mean log-odds | recovery (pooled) [95% CI] | "
             "recovery (median) |", "|---|---:|---:|---:|---:|---:|"]
 
     def row(label, s):
@@ -672,15 +700,23 @@ def load_top_heads(path, k: int) -> list[tuple[int, int]]:
     return heads
 
 
-def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory, out_dir, meta: dict, *,
+def _patch_line(model, edit_fn_factory: EditFactory, record: Record, *, method: str, **options) -> dict:
+    """A record's patching run line (:func:`~attention_drift.patching.patch_record` with ``options``)."""
+    result = patch_record(model, record, edit_fn_factory, **options)
+    line = ({"case_id": record.case_id, "kind": record.kind, "cases": [], "skipped": "no prompts"}
+            if result is None else result.to_line())
+    return {**line, "method": method}
+
+
+def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory | None, out_dir, meta: dict, *,
               k: int = 10, heads: Sequence[tuple[int, int]] | None = None, window: int = 10,
               sweep_prompts: int = 1, contamination_prompts: int = 1, contamination_window: int = 6,
               contamination_positions: str = "key", batch_size: int = 64, method: str = "edit",
-              progress: bool = False, figures: bool = True, random_draws: int = RANDOM_DRAWS) -> dict:
+              progress: bool = False, figures: bool = True, random_draws: int = RANDOM_DRAWS, workers=None) -> dict:
     """Patch record by record (:func:`~attention_drift.patching.patch_record`, resumable in
     ``out_dir/patch_records.jsonl``), then write ``patch.json`` and the figures; returns the
     ``patch.json`` content plus ``"markdown"`` (and ``"figures"``). ``random_draws``: draws of
-    the random-heads control of the top-k heads patch (0: none)."""
+    the random-heads control of the top-k heads patch (0: none). ``workers``: as in :func:`run_drift`."""
     if k < 1:
         raise PatchingError(f"k must be >= 1, got {k}")
     out = Path(out_dir)
@@ -692,15 +728,13 @@ def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory, ou
             "random_draws": random_draws}
     with RunFile(run_path, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, method)]
-        for record in _progress(todo, "patch", progress):
-            result = patch_record(model, record, edit_fn_factory, k=k, heads=heads, window=window,
-                                  sweep_prompts=sweep_prompts, contamination_prompts=contamination_prompts,
-                                  contamination_window=contamination_window,
-                                  contamination_positions=contamination_positions, batch_size=batch_size,
-                                  random_draws=random_draws)
-            line = ({"case_id": record.case_id, "kind": record.kind, "cases": [], "skipped": "no prompts"}
-                    if result is None else result.to_line())
-            run.write({**line, "method": method})
+        fn = functools.partial(_patch_line, method=method, k=k, heads=heads, window=window,
+                               sweep_prompts=sweep_prompts, contamination_prompts=contamination_prompts,
+                               contamination_window=contamination_window,
+                               contamination_positions=contamination_positions, batch_size=batch_size,
+                               random_draws=random_draws)
+        for _, line in _measured(todo, fn, model, edit_fn_factory, workers, "patch", progress):
+            run.write(line)
     result = patch_from_lines(_lines_of(run_path, records))
     if "contamination" in result:
         result["contamination"]["window"] = contamination_window

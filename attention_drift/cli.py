@@ -9,7 +9,8 @@ Commands::
     attention-drift summarize FILE.jsonl [--json] [--per-record]
     attention-drift compare FILE.jsonl ... [--json] [--all-records]
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
-    attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR] ...
+    attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR]
+                                [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
     attention-drift explore DIR [--comparison DIR]
     attention-drift figures [--model NAME] [--data PATH|dev] [--out figures] [--runs DIR] ...
     attention-drift models
@@ -85,8 +86,31 @@ def add_model_arguments(p, *, model: bool = True) -> None:
                    help="torch threads (default: $OMP_NUM_THREADS, else the cores free to this process)")
 
 
+def add_workers_arguments(p) -> None:
+    """``--workers``, ``--address``: the records of a per-record analysis on Ray actors."""
+    p.add_argument("--workers", type=int, default=1,
+                   help="1: measure the records in this process; N > 1: on N Ray actors that each keep the model "
+                   "loaded (a local Ray unless --address) (default: %(default)s)")
+    p.add_argument("--address", default=None,
+                   help="join this Ray cluster (e.g. auto, or HOST:6379) for the workers instead of a local Ray")
+
+
+def workers_from_args(args, variant):
+    """The :class:`~attention_drift.sweep.Workers` that ``--workers`` / ``--address`` ask for, or
+    None to measure in this process."""
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers == 1 and not args.address:
+        return None
+    from attention_drift.sweep import Workers
+
+    return Workers(args.model, variant, workers=args.workers, address=args.address, device=args.device,
+                   dtype=args.dtype, threads=args.threads or 1, edit_cache=getattr(args, "edit_cache", None),
+                   progress=not args.no_progress)
+
+
 def add_record_arguments(p) -> None:
-    """``--data``, ``--kinds``, ``--limit``, ``--balanced``."""
+    """``--data``, ``--kinds``, ``--limit``, ``--balanced``, ``--with-distract``."""
     p.add_argument("--data", default=None,
                    help="CounterFact-style JSON file, URL, 'counterfact' (download), 'dev' (the development "
                    "split shipped with the package), or its fixed halves 'dev-tune' / 'dev-report'; default: the "
@@ -94,6 +118,8 @@ def add_record_arguments(p) -> None:
     p.add_argument("--kinds", default=None, help="comma-separated record kinds to keep: counterfact,wikidata")
     p.add_argument("--limit", type=int, default=None, help="only the first N (selected) records")
     p.add_argument("--balanced", action="store_true", help="with --limit N: N/2 records of each kind")
+    p.add_argument("--with-distract", action="store_true",
+                   help="only records that have distract prompts (neighbourhood or relation prompts), before --limit")
 
 
 def add_variant_arguments(p, *, allow_none: bool = True) -> None:
@@ -183,7 +209,8 @@ def selection_from_args(args):
     kinds = None
     if args.kinds is not None:
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    return RecordSelection(args.data, kinds, args.limit, args.balanced, _shard(getattr(args, "shard", None)))
+    return RecordSelection(args.data, kinds, args.limit, args.balanced, _shard(getattr(args, "shard", None)),
+                           with_distract=args.with_distract)
 
 
 def _handle(args):
@@ -406,6 +433,7 @@ def _analysis_arguments(p, name: str) -> None:
                    "configuration, replayed by later drift/patch runs (skips re-optimising)")
     p.add_argument("--no-figures", action="store_true", help="write the JSON only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_workers_arguments(p)
 
 
 def register_drift(subparsers) -> None:
@@ -462,15 +490,19 @@ def run_analysis(args) -> int:
 
     heads = analysis.load_top_heads(args.heads_from, args.top_k) if getattr(args, "heads_from", None) else None
     records = selection.load()
-    model = _handle(args).get()
-    cache = None
-    if args.edit_cache:
-        from attention_drift.editing.cache import EditCache
+    workers = workers_from_args(args, variant)
+    model = factory = None
+    if workers is None:
+        model = _handle(args).get()
+        cache = None
+        if args.edit_cache:
+            from attention_drift.editing.cache import EditCache
 
-        cache = EditCache(model, args.edit_cache, progress=not args.no_progress)
-    factory = variant.editor(model, cache=cache, progress=not args.no_progress)
+            cache = EditCache(model, args.edit_cache, progress=not args.no_progress)
+        factory = variant.editor(model, cache=cache, progress=not args.no_progress)
     meta = {"model": args.model, "data": selection.label, "edit": variant.meta()}
-    common = {"method": variant.name, "progress": not args.no_progress, "figures": not args.no_figures}
+    common = {"method": variant.name, "progress": not args.no_progress, "figures": not args.no_figures,
+              "workers": workers}
     if args.analysis == "drift":
         result = analysis.run_drift(model, records, factory, out, meta, top_k=args.top_k, **common)
     else:
@@ -527,9 +559,10 @@ def register_figures(subparsers) -> None:
     p.add_argument("--out", default="figures", help="output folder (default: %(default)s)")
     p.add_argument("--limit", type=int, default=4,
                    help="records (balanced) for the evaluation runs computed here (default: %(default)s)")
-    p.add_argument("--drift-limit", type=int, default=10, help="CounterFact records for drift (default: 10)")
-    p.add_argument("--patch-limit", type=int, default=4, help="CounterFact records for patching (default: 4)")
-    p.add_argument("--runs", default=None, help="folder with existing evaluation run files <variant>.jsonl")
+    p.add_argument("--drift-limit", type=int, default=10, help="records with distract prompts, balanced between kinds, for drift (default: 10)")
+    p.add_argument("--patch-limit", type=int, default=4, help="records with distract prompts, balanced between kinds, for patching (default: 4)")
+    p.add_argument("--runs", default=None, help="folder with existing evaluation run files <variant>.jsonl (several: "
+                   "comma-separated, the first that has a variant's file gives it)")
     p.add_argument("--items", default=None, help="comma-separated subset of the items above")
     p.add_argument("--variants", default=None,
                    help="comma-separated evaluation variants of attention_drift.variants.paper_variants "
@@ -537,6 +570,7 @@ def register_figures(subparsers) -> None:
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_workers_arguments(p)
     p.set_defaults(run=run_figures)
 
 
@@ -546,7 +580,7 @@ def run_figures(args) -> int:
     options = {"model": args.model, "data": args.data, "out": args.out, "limit": args.limit,
                "drift_limit": args.drift_limit, "patch_limit": args.patch_limit, "runs": args.runs,
                "stats_samples": args.stats_samples, "device": args.device, "dtype": args.dtype,
-               "progress": not args.no_progress}
+               "progress": not args.no_progress, "workers": args.workers, "address": args.address}
     if args.items:
         options["items"] = tuple(args.items.split(","))
     if args.variants:

@@ -390,7 +390,9 @@ class ExplorerRun:
     def head_metrics(self, threshold: float = 0.05) -> dict[str, Float[np.ndarray, "layer head"]]:
         """:data:`METRICS` per head over the run's prompts, as ``drift_report``'s head statistics
         (NaN prompts left out; NaN where a head has no valid prompt); the correlation is
-        :func:`attention_drift.stats.pearson` of the head's drift with failure (0 / 1)."""
+        :func:`attention_drift.stats.pearson` of the head's drift with failure (0 / 1) over the
+        prompts the unedited model got right (failure as :class:`~attention_drift.drift.Outcome`
+        and the drift report define it)."""
         drift = self.drift
         valid = ~np.isnan(drift)
         count = valid.sum(0)
@@ -400,10 +402,11 @@ class ExplorerRun:
         kl = self.kl.astype(np.float64)
         kl_valid = ~np.isnan(kl)
         mean_kl = np.where(kl_valid, kl, 0.0).sum(0) / np.maximum(kl_valid.sum(0), 1)
-        fails = np.array([r.fails for r in self.prompts], dtype=np.float64)
+        right = np.array([r.right_before for r in self.prompts], dtype=bool)
+        flipped = np.array([r.flipped for r in self.prompts], dtype=np.float64)[right]
         corr = np.full(drift.shape[1:], np.nan)
         for l, h in np.ndindex(*drift.shape[1:]):
-            corr[l, h] = pearson(drift[:, l, h], fails).r
+            corr[l, h] = pearson(drift[right, l, h], flipped).r
         none = count == 0
         return {"mean_drift": np.where(none, np.nan, mean), "frac_above": np.where(none, np.nan, frac),
                 "kl": np.where(kl_valid.sum(0) == 0, np.nan, mean_kl), "corr_fails": corr}
@@ -415,9 +418,15 @@ class ExplorerRun:
         return [tuple(int(x) for x in divmod(int(i), self.n_heads)) for i in order]
 
     def failure_rate(self) -> dict[str, float]:
-        out = {"all": float(np.mean([r.fails for r in self.prompts]))}
+        """Failure (right before the edit, wrong inside it) as a share of the prompts the unedited
+        model got right, overall and per group (NaN where none was right)."""
+        def rate(rows) -> float:
+            right = [r for r in rows if r.right_before]
+            return float(np.mean([r.flipped for r in right])) if right else math.nan
+
+        out = {"all": rate(self.prompts)}
         for group in sorted({r.group for r in self.prompts}):
-            out[group] = float(np.mean([r.fails for r in self.prompts if r.group == group]))
+            out[group] = rate([r for r in self.prompts if r.group == group])
         return out
 
 

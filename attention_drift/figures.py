@@ -24,7 +24,8 @@ Evaluation runs are ``attention-drift evaluate`` run files named after :func:`va
 (``<variant>.jsonl``): taken from ``runs`` when that folder has them (e.g. a GPU grid made with
 ``benchmarks/eval_grid.py``), otherwise computed into ``OUT/runs`` on the first ``limit``
 records (balanced). Drift and patching use the first ``drift_limit`` / ``patch_limit``
-CounterFact-type records (they need distract-neighbourhood prompts). Every stage writes
+records that have distract prompts, balanced between the kinds (distract-neighbourhood prompts
+come from CounterFact-type records, distract-relation prompts from WikiData-type ones). Every stage writes
 resumable run files, so an interrupted command continues where it stopped. The result is
 ``OUT/figures.md`` and ``OUT/figures.json`` (every number behind every figure, the file list,
 and per item ``"n"``: the records and prompts behind each figure) next to the figures (HTML
@@ -72,14 +73,18 @@ class FiguresConfig:
         data: CounterFact-style JSON file, or ``"dev"`` (None: the packaged 8-record example).
         out: output folder (figures, ``figures.md``, ``figures.json``, run files).
         limit: records (balanced between the two kinds) for evaluation runs computed here.
-        drift_limit: CounterFact-type records of the drift analysis (items 1 and 4).
-        patch_limit: CounterFact-type records of the patching analysis (items 3 and 5).
-        runs: folder of existing evaluation run files ``<variant>.jsonl`` to use as they are.
+        drift_limit: records with distract prompts (balanced) of the drift analysis (items 1 and 4).
+        patch_limit: records with distract prompts (balanced) of the patching analysis (items 3 and 5).
+        runs: folder of existing evaluation run files ``<variant>.jsonl`` to use as they are
+            (several, comma-separated: the first that has a variant's file gives it).
         items: which of :data:`ITEMS` to make.
         variants: evaluation variants to use (names of :func:`variants`; default: all but ``none``).
         stats_samples: covariance statistics sample count (None: the model preset's).
         device, dtype: where and in which dtype the model runs.
         progress: progress bars on stderr.
+        workers: 1: everything in this process; N > 1: evaluation runs, drift and patching on N
+            Ray actors (:func:`attention_drift.sweep.run_sweep`, :class:`attention_drift.sweep.Workers`).
+        address: a Ray cluster to join for them (None: a local Ray).
     """
 
     model: str = "smollm2-135m"
@@ -95,6 +100,8 @@ class FiguresConfig:
     device: str = "cpu"
     dtype: str = "float32"
     progress: bool = True
+    workers: int = 1
+    address: str | None = None
 
     def __post_init__(self):
         bad = [i for i in self.items if i not in ITEMS]
@@ -106,17 +113,27 @@ class FiguresConfig:
         bad = [v for v in self.variants if v not in table]
         if bad:
             raise FiguresError(f"unknown variants {bad}; choose from {', '.join(table)}")
-        for name in ("limit", "drift_limit", "patch_limit"):
+        for name in ("limit", "drift_limit", "patch_limit", "workers"):
             if getattr(self, name) < 1:
                 raise FiguresError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.runs is not None and not Path(self.runs).is_dir():
-            raise FiguresError(f"--runs {self.runs!r} is not a folder of run files")
+        missing = [f for f in self.run_folders if not Path(f).is_dir()]
+        if missing:
+            raise FiguresError(f"--runs {missing[0]!r} is not a folder of run files")
 
     def variant(self, name: str):
         """The named variant with this configuration's statistics sample count."""
         from attention_drift.variants import with_stats_samples
 
         return with_stats_samples(variants()[name], self.stats_samples)
+
+    @property
+    def on_ray(self) -> bool:
+        return self.workers > 1 or self.address is not None
+
+    @property
+    def run_folders(self) -> list[str]:
+        """The ``runs`` folders (comma-separated), in the order they are searched."""
+        return [f for f in (self.runs or "").split(",") if f]
 
     def handle(self):
         from attention_drift.runs import ModelHandle
@@ -130,7 +147,7 @@ _handles: dict = {}
 
 
 def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]:
-    """``{variant: run file}``: from ``cfg.runs`` where it has the file, else evaluated here
+    """``{variant: run file}``: from the first ``cfg.runs`` folder that has it, else evaluated here
     (:func:`attention_drift.runs.evaluate_run`, pre-edit scores shared through ``none``)."""
     from attention_drift import runs
     from attention_drift.evaluate import FluencyConfig
@@ -139,9 +156,9 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
     found: dict[str, Path] = {}
     todo = []
     for name in names:
-        given = Path(cfg.runs) / f"{name}.jsonl" if cfg.runs else None
-        if given is not None and given.is_file():
-            found[name] = given
+        given = [Path(f) / f"{name}.jsonl" for f in cfg.run_folders if (Path(f) / f"{name}.jsonl").is_file()]
+        if given:
+            found[name] = given[0]
         else:
             todo.append(name)
     if todo:
@@ -149,6 +166,14 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         records = selection.load()
         fluency = FluencyConfig()
         pre = out / "none.jsonl"
+        if cfg.on_ray:
+            from attention_drift.sweep import SweepConfig, run_sweep
+
+            chosen = ["none", *[n for n in todo if n != "none"]]
+            run_sweep(SweepConfig(cfg.model, tuple(cfg.variant(n) for n in chosen), out, selection,
+                                  workers=cfg.workers, address=cfg.address, device=cfg.device, dtype=cfg.dtype,
+                                  fluency=fluency, progress=cfg.progress))
+            return {**found, **{n: out / f"{n}.jsonl" for n in todo}}
         for name in ["none", *[n for n in todo if n != "none"]]:
             variant = cfg.variant(name)
             path = out / f"{name}.jsonl"
@@ -268,13 +293,27 @@ def _main_table(runs, out: Path, png: bool) -> dict:
     return result
 
 
-def _ablations(runs, out: Path, png: bool) -> dict:
+ABLATION_MIN_RECORDS = 30
+"""Shared records an ablation needs to be drawn; a smaller one is listed as not drawn, not shown small."""
+
+
+def _too_small(numbers: dict, name: str, result: dict, min_records: int) -> bool:
+    n = min(numbers["records"].values())
+    if n >= min_records:
+        return False
+    result["not_drawn"][name] = {"records": n, "needed": min_records}
+    return True
+
+
+def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECORDS) -> dict:
     from attention_drift import plots
 
-    result: dict = {"files": [], "n": {}}
+    result: dict = {"files": [], "n": {}, "not_drawn": {}}
     sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
+    numbers = md = None
     if len(sweep) >= 2:
         numbers, md = _table(_summaries(runs, list(sweep), shared=True, pairs=_against("rome", list(sweep))))
+    if numbers is not None and not _too_small(numbers, "weight", result, min_records):
         rows = numbers["rows"]
         names = [n for n in rows if n != "pre-edit"]
         xs = [sweep[n] for n in names]
@@ -292,32 +331,45 @@ def _ablations(runs, out: Path, png: bool) -> dict:
         if not set(present) - {"rome", "rome-sadr"}:
             continue
         numbers, md = _table(_summaries(runs, present, shared=True, pairs=_against("rome", present)))
+        if _too_small(numbers, family, result, min_records):
+            continue
         bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
         fig = plots.metric_bars(bars, f"SADR ablation: {family} (95% CI) · {_records_text(numbers)} (shared)",
                                 metrics=list(SHOWN))
         result[family] = {"numbers": numbers, "markdown": md}
         result["n"][f"ablation_{family}"] = _sizes(numbers)
         result["files"] += _save(fig, out, f"ablation_{family}", png)
+    if result["not_drawn"]:
+        result["markdown"] = "Not drawn (fewer shared records than an ablation needs): " + "; ".join(
+            f"{name} ({v['records']} records, needs {v['needed']})" for name, v in result["not_drawn"].items())
     return result
 
 
-def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path, heads_from: Path | None = None) -> None:
+def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path) -> None:
     """ROME drift or patching (:func:`attention_drift.analysis.run_drift` / ``run_patch``) on the
-    first ``limit`` CounterFact-type records, resumable in ``folder``."""
+    first ``limit`` records that have distract prompts, half of each kind (so both distract
+    neighbourhood and distract relation are measured), resumable in ``folder``. Patching
+    restores each record's own top-10 drifting heads (so it does not wait for the drift run)."""
     from attention_drift import analysis
     from attention_drift.runs import RecordSelection
 
-    selection = RecordSelection(cfg.data, kinds=("counterfact",), limit=limit)
+    selection = RecordSelection(cfg.data, limit=limit, balanced=True, with_distract=True)
     variant = cfg.variant("rome")
-    model = cfg.handle().get()
     meta = {"model": cfg.model, "data": selection.label, "edit": variant.meta()}
     common = {"method": variant.name, "progress": cfg.progress, "figures": True}
-    editor = variant.editor(model, progress=cfg.progress)
+    model = editor = None
+    if cfg.on_ray:
+        from attention_drift.sweep import Workers
+
+        common["workers"] = Workers(cfg.model, variant, workers=cfg.workers, address=cfg.address, device=cfg.device,
+                                    dtype=cfg.dtype, progress=cfg.progress)
+    else:
+        model = cfg.handle().get()
+        editor = variant.editor(model, progress=cfg.progress)
     if kind == "drift":
         analysis.run_drift(model, selection.load(), editor, folder, meta, **common)
         return
-    heads = analysis.load_top_heads(heads_from, 10) if heads_from is not None and heads_from.exists() else None
-    analysis.run_patch(model, selection.load(), editor, folder, meta, k=10, heads=heads, **common)
+    analysis.run_patch(model, selection.load(), editor, folder, meta, k=10, **common)
 
 
 def _read_json(path: Path) -> dict:
@@ -425,7 +477,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
             "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png")),
             "n": _drift_sizes(drift)}
     if items & {"contamination", "patching"}:
-        _analysis(cfg, "patch", cfg.patch_limit, out / "patch", heads_from=out / "drift" / "drift.json")
+        _analysis(cfg, "patch", cfg.patch_limit, out / "patch")
         patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
         md = patch_markdown(patch) if patch else ""

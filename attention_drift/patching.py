@@ -139,17 +139,20 @@ class PatchCase:
         true_target: the answer the unedited model should keep.
         new_target: the edit's new target (the wrong answer here).
         rewrite: the edit, needed only to resolve region-name positions.
+        group: the evaluation group the prompt comes from (reported per group).
     """
 
     prompt: str
     true_target: str
     new_target: str
     rewrite: Rewrite | None = None
+    group: str = "distract_neighborhood"
 
     @classmethod
-    def distract(cls, rewrite: Rewrite, prompt: str, true_target: str) -> "PatchCase":
+    def distract(cls, rewrite: Rewrite, prompt: str, true_target: str,
+                 group: str = "distract_neighborhood") -> "PatchCase":
         """The distract variant of ``prompt``: the edit sentence before it, new target as the wrong answer."""
-        return cls(distract_prompt(rewrite, prompt), true_target, rewrite.target_new, rewrite)
+        return cls(distract_prompt(rewrite, prompt), true_target, rewrite.target_new, rewrite, group)
 
     @classmethod
     def from_record(cls, record: Record, groups: Sequence[str] = ("neighborhood", "relation")) -> list["PatchCase"]:
@@ -160,7 +163,8 @@ class PatchCase:
         cases = []
         for group in groups:
             prompts = getattr(record, group)
-            cases += [cls.distract(record.rewrite, p, t) for p, t in zip(prompts.prompts, prompts.targets)]
+            cases += [cls.distract(record.rewrite, p, t, f"distract_{group}")
+                      for p, t in zip(prompts.prompts, prompts.targets)]
         return cases
 
 
@@ -812,7 +816,8 @@ def _logodds(pair: Pair) -> float:
 @dataclass(frozen=True)
 class CasePatch:
     """One prompt restored: scores before the edit (``pre``), inside it (``post``) and inside it
-    with each named variant patched (``variants``), each an ``(lp_true, lp_new)`` pair."""
+    with each named variant patched (``variants``), each an ``(lp_true, lp_new)`` pair; ``group``:
+    the evaluation group of the prompt (``distract_neighborhood`` or ``distract_relation``)."""
 
     prompt: str
     target_true: str
@@ -820,6 +825,7 @@ class CasePatch:
     pre: Pair
     post: Pair
     variants: dict[str, Pair]
+    group: str = "distract_neighborhood"
 
     def recovery(self, name: str) -> float:
         """Fraction of the pre- to post-edit log-odds gap variant ``name`` closes (NaN without a gap)."""
@@ -827,8 +833,8 @@ class CasePatch:
         return (_logodds(self.variants[name]) - _logodds(self.post)) / gap if gap else math.nan
 
     def to_json(self) -> dict:
-        return {"prompt": self.prompt, "target_true": self.target_true, "target_new": self.target_new,
-                "pre": list(self.pre), "post": list(self.post),
+        return {"prompt": self.prompt, "group": self.group, "target_true": self.target_true,
+                "target_new": self.target_new, "pre": list(self.pre), "post": list(self.post),
                 "variants": {k: list(v) for k, v in self.variants.items()}}
 
 
@@ -957,6 +963,7 @@ def patch_record(
     k: int = 10,
     heads: Sequence[tuple[int, int]] | None = None,
     variants: ExtraVariants | None = None,
+    groups: Sequence[str] = ("neighborhood", "relation"),
     cases: Sequence[PatchCase] | None = None,
     window: int = 10,
     sweep_prompts: int = 1,
@@ -970,7 +977,8 @@ def patch_record(
     """Patching of one record between the unedited model and ``edit_fn_factory(record)`` (entered
     once): None, without editing, when it has no prompt to patch.
 
-    The prompts are the record's distract-neighbourhood prompts (or ``cases``). Every prompt is
+    The prompts are the distract versions of the record's ``groups`` prompts (neighbourhood and
+    relation: its distract-neighbourhood and distract-relation prompts), or ``cases``. Every prompt is
     run once per model state caching every patchable hook (:func:`record_activations`). Inside
     the edit, each prompt gets the named restoration variants (:func:`summary_variants`, then
     ``variants``) and the first ``sweep_prompts`` also the layer x component sweep
@@ -1002,7 +1010,7 @@ def patch_record(
     if sweep_prompts < 0 or contamination_prompts < 0:
         raise PatchingError(f"sweep_prompts and contamination_prompts must be >= 0, got {sweep_prompts} and "
                             f"{contamination_prompts}")
-    cases = PatchCase.from_record(record, ("neighborhood",)) if cases is None else list(cases)
+    cases = PatchCase.from_record(record, groups) if cases is None else list(cases)
     if not cases:
         return None
     if any(c.rewrite is None for c in cases):
@@ -1035,7 +1043,7 @@ def patch_record(
             res = run_patched(model, source, list(named.values()), batch_size=batch_size)
             pre, post = res.source.pair(), res.base.pair()
             patched_cases.append(CasePatch(case.prompt, case.true_target, case.new_target, tuple(pre), tuple(post),
-                                           {n: tuple(res.patched.pair(j)) for j, n in enumerate(named)}))
+                                           {n: tuple(res.patched.pair(j)) for j, n in enumerate(named)}, case.group))
             if i < sweep_prompts:
                 lc = run_patched(model, source, sweep, batch_size=batch_size)
                 wr = run_patched(model, source, window_grid_, batch_size=batch_size)

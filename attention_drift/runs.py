@@ -51,6 +51,8 @@ class RecordSelection:
         limit: the first N (selected) records.
         balanced: with ``limit``: N/2 records of each kind.
         shard: ``(i, k)``: only the records of shard i of k (by case_id).
+        with_distract: keep only records that have distract prompts (neighbourhood or relation
+            prompts), before ``limit``: the drift and patching analyses measure nothing else.
     """
 
     data: str | None = None
@@ -58,6 +60,7 @@ class RecordSelection:
     limit: int | None = None
     balanced: bool = False
     shard: tuple[int, int] | None = None
+    with_distract: bool = False
 
     def __post_init__(self):
         from attention_drift.data import KINDS
@@ -91,6 +94,8 @@ class RecordSelection:
             records = data.load_dev(kinds=self.kinds, half=DEV_DATA[self.data])
         else:
             records = data.load_counterfact(self.data, kinds=self.kinds)
+        if self.with_distract:
+            records = [r for r in records if r.neighborhood.prompts or r.relation.prompts]
         if self.balanced:
             records = data.balanced_subset(records, self.limit)
         elif self.limit is not None:
@@ -197,8 +202,10 @@ def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_siz
             post = evaluate_record(model, record, **options)
         if sadr is not None:
             trace = result.sadr_records[0]
-            line["sadr"] = {"loss": trace["loss"][-1], "steps": result.traces[0].steps_run,
-                            "selected_heads": int(trace["mask"][-1].sum()) if trace["mask"] else 0}
+            line["sadr"] = {"loss": trace["loss"][-1] if trace else None, "steps": result.traces[0].steps_run,
+                            "selected_heads": int(trace["mask"][-1].sum()) if trace.get("mask") else 0}
+            if sadr.verify:
+                line["sadr"]["fallback"] = result.fallback
         line["post"] = post.to_json()
         line["edit_seconds"] = float(result.seconds)
     line["eval_seconds"] = time.perf_counter() - start

@@ -86,6 +86,22 @@ class SADRConfig:
             target + kl.
         distract_subjects: the other subjects of the distract prompts (a fixed list, never
             evaluation data).
+        clamp_scale: the editor's ``clamp_norm_factor`` (the radius of the value delta's ball)
+            is multiplied by this: room for the edit to reach its target where the preset's
+            ball stops it short, while the output term keeps the added room off other subjects.
+            1: the editor's own (published). Our extension.
+        guard_weight: factor of an efficacy guard on the rewriting prompts (the edit request's
+            own prompt in its context templates, no evaluation data): ``relu(guard_margin -
+            (log p(new) - log p(true)))`` of the first target tokens at the position predicting
+            the target, averaged over the rows, so that an output term cannot buy locality
+            with the edit itself. 0: off (published). Our extension.
+        guard_margin: the log-odds (nats) by which the new target must beat the old one there.
+        verify: after the edit, check that each request's new target beats its old one on the
+            request's own prompt (scored as efficacy is: the geometric-mean token probability
+            of each continuation); where it does not, the edit is made again without the SADR
+            term, then, if that fails too, with the editor's clamp doubled
+            (``EditResult.fallback`` says which edit was kept). Reads nothing but the request.
+            Our extension; off in the published variant.
     """
 
     weight: float | None = None
@@ -98,6 +114,10 @@ class SADRConfig:
     output_weight: float = 0.0
     output: str = "target"
     distract_subjects: tuple[str, ...] = DISTRACT_SUBJECTS
+    clamp_scale: float = 1.0
+    guard_weight: float = 0.0
+    guard_margin: float = 1.0
+    verify: bool = False
 
     @classmethod
     def for_model(cls, model, method: str = "rome", **overrides) -> "SADRConfig":
@@ -148,6 +168,11 @@ class SADRConfig:
             object.__setattr__(self, "distract_subjects",
                                (self.distract_subjects,) if isinstance(self.distract_subjects, str)
                                else tuple(self.distract_subjects))
+        if self.guard_weight < 0 or self.guard_margin < 0:
+            raise SADRError(f"SADR guard_weight and guard_margin must be >= 0, not {self.guard_weight} and "
+                            f"{self.guard_margin}")
+        if not self.clamp_scale > 0:
+            raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
             raise SADRError("SADR distract prompts need at least one subject in distract_subjects")
 
@@ -248,7 +273,9 @@ class SADRLoss:
         return distract_prompts(request, self.config.distract_subjects) if self.config.distract else []
 
     def output_rows(self, info) -> Tensor:
-        return info.extra_rows if self.config.output_weight else info.extra_rows[:0]
+        """The rewriting rows (for the guard), then the distract rows (for the output term)."""
+        rewriting = torch.arange(info.n_rewriting if self.config.guard_weight else 0)
+        return torch.cat([rewriting, info.extra_rows if self.config.output_weight else info.extra_rows[:0]])
 
     def layers(self, info) -> tuple[int, ...]:
         if self.config.layers is None:
@@ -265,7 +292,7 @@ class SADRLoss:
     def attends(self) -> bool:
         """Whether attention rows are read: not when only the output term is on (weight 0 and an
         output weight); a weight of 0 alone still records the rows (drift without restriction)."""
-        return self.config.weight != 0 or not self.config.output_weight
+        return self.config.weight != 0 or not (self.config.output_weight or self.config.guard_weight)
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
         first = step == 0 or not self.record
@@ -275,7 +302,7 @@ class SADRLoss:
         loss = torch.zeros(())
         if self.attends:
             loss = loss + self._attention_term(first, acts, info)
-        if self.config.output_weight:
+        if self.config.output_weight or self.config.guard_weight:
             loss = loss + self._output_term(first, acts, info)
         self.record["loss"].append(loss.item())
         return loss
@@ -296,22 +323,29 @@ class SADRLoss:
         return loss
 
     def _output_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
-        now = acts[OUTPUT]
+        """The output term on the distract rows plus the efficacy guard on the rewriting rows."""
+        n_guard = info.n_rewriting if self.config.guard_weight else 0
+        guarded, now = acts[OUTPUT][:n_guard], acts[OUTPUT][n_guard:]
         if first or self._before_output is None:
             self._before_output = now.detach().clone()
-            self.record["output_loss"] = []
+            self.record["output_loss"], self.record["guard_loss"] = [], []
         before = self._before_output
-        term = torch.zeros((), device=now.device)
-        if self.config.output in ("kl", "both"):
-            term = term + (before.exp() * (before - now)).sum(-1).mean()
         new, true = info.target_ids
-        if self.config.output in ("target", "both"):
-            term = term + torch.relu(now[:, new] - before[:, new]).mean()
-        if self.config.output == "contrast":
-            gain = (now[:, new] - now[:, true]) - (before[:, new] - before[:, true])
-            term = term + torch.relu(gain).mean()
+        term = torch.zeros((), device=now.device)
+        if self.config.output_weight:
+            if self.config.output in ("kl", "both"):
+                term = term + (before.exp() * (before - now)).sum(-1).mean()
+            if self.config.output in ("target", "both"):
+                term = term + torch.relu(now[:, new] - before[:, new]).mean()
+            if self.config.output == "contrast":
+                gain = (now[:, new] - now[:, true]) - (before[:, new] - before[:, true])
+                term = term + torch.relu(gain).mean()
         self.record["output_loss"].append(term.item())
-        return self.config.output_weight * term
+        guard = torch.zeros((), device=now.device)
+        if n_guard:
+            guard = torch.relu(self.config.guard_margin - (guarded[:, new] - guarded[:, true])).mean()
+        self.record["guard_loss"].append(guard.item())
+        return self.config.output_weight * term + self.config.guard_weight * guard
 
 
 def _at(rows: Float[Tensor, "prompt layer head key"], position: Int[Tensor, " prompt"]) -> Float[Tensor, "prompt layer head"]:

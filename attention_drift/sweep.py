@@ -347,7 +347,8 @@ def _check_reachable(address: str) -> None:
                          "'ray start --head', or leave --address out for a local Ray") from None
 
 
-def _gpus(config: SweepConfig, ray) -> float:
+def _gpus(config, ray) -> float:
+    """The GPU share per worker of a :class:`SweepConfig` or :class:`Workers`."""
     available = ray.cluster_resources().get("GPU", 0.0)
     if not config.device.startswith("cuda"):
         return 0.0
@@ -358,6 +359,24 @@ def _gpus(config: SweepConfig, ray) -> float:
         raise SweepError(f"{config.workers} workers x {share} GPU need {share * config.workers:g} GPUs, the Ray "
                          f"cluster has {available:g}; lower --workers or --gpus-per-worker")
     return share
+
+
+def _get(ray, ref, what: str):
+    """``ray.get(ref)``, a library error of the task raised as a :class:`SweepError` naming ``what``
+    (a dead worker's error passes unchanged)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, AttentionDriftError):
+            raise SweepError(f"{what}: {cause}") from cause
+        raise
+
+
+def _gave_up(what: str, attempts: int, err: Exception, done: str) -> SweepError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return SweepError(f"{what} failed {attempts} time(s): its worker died each time (last: {reason}); {done} so far "
+                      "are written, re-run to resume")
 
 
 def _died_errors(ray) -> tuple:
@@ -434,24 +453,17 @@ def _drive(ray, config: SweepConfig, plan: _Plan, files: dict, written: dict, wo
                 continue
             actor, task = inflight.pop(done[0])
             try:
-                result = ray.get(done[0])
+                result = _get(ray, done[0], task.describe())
             except died as err:
                 ray.kill(actor)
                 task.attempts += 1
                 if task.attempts > config.max_retries:
-                    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                    raise SweepError(f"{task.describe()} failed {task.attempts} time(s): its worker died each time "
-                                     f"(last: {reason}); the lines done so far are written, re-run to resume") from None
+                    raise _gave_up(task.describe(), task.attempts, err, "the lines done") from None
                 idle.append(spawn())
                 retried += 1
                 plan.again(task)
                 bar.set_postfix(retried=retried)
                 continue
-            except ray.exceptions.RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, AttentionDriftError):
-                    raise SweepError(f"{task.describe()}: {cause}") from cause
-                raise
             idle.append(actor)
             if task.prepare:
                 _check_keys(config, result)
@@ -472,3 +484,120 @@ def _drive(ray, config: SweepConfig, plan: _Plan, files: dict, written: dict, wo
         for actor in idle:
             ray.kill(actor)
     return retried, True
+
+
+# =============================================================================================
+# per-record analyses (drift, patching) on the same workers
+
+
+class AnalysisWorker(SweepWorker):
+    """A :class:`SweepWorker` that also runs a per-record measurement ``fn(model, edit_fn_factory,
+    record)`` under a variant's editor (built once per variant and edit cache)."""
+
+    def measure(self, fn: Callable, record, variant: Variant, edit_cache: str | None = None):
+        key = (variant, edit_cache)
+        editors = self.__dict__.setdefault("_editors", {})
+        if key not in editors:
+            model = self.handle.get()
+            cache = None
+            if edit_cache is not None:
+                from attention_drift.editing.cache import EditCache
+
+                cache = EditCache(model, edit_cache, progress=False)
+            editors[key] = variant.editor(model, cache=cache, progress=False)
+        return fn(self.handle.get(), editors[key], record)
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Ray workers for a per-record analysis (``attention-drift drift / patch / figures --workers N``).
+
+    Each worker is an actor that loads ``model`` once and keeps it (with the variant's editor and
+    statistics) across records; the statistics are computed once, by the first worker, before
+    the records fan out. Results come back to the caller, the only writer of the run files. A
+    record whose worker dies is tried again on a new worker (at most ``max_retries`` times).
+
+    Args:
+        model: model name or path every worker can load.
+        variant: the editing variant the records are measured under.
+        workers: actors (a local Ray with that many CPUs is started unless ``address`` is given
+            or Ray is initialised already).
+        address: a Ray cluster to join; None: local.
+        device, dtype, gpus_per_worker, threads: as :class:`SweepConfig`.
+        edit_cache: an edit-cache folder the workers replay stored edits from (shared disk).
+        max_retries: tries again per record after its worker died.
+        progress: the statistics' progress bar.
+    """
+
+    model: str
+    variant: Variant
+    workers: int = 2
+    address: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    gpus_per_worker: float | None = None
+    threads: int = 1
+    edit_cache: str | None = None
+    max_retries: int = 2
+    progress: bool = False
+
+    def __post_init__(self):
+        if self.workers < 1 or self.threads < 1:
+            raise SweepError(f"--workers and --threads must be >= 1, got {self.workers} and {self.threads}")
+        if self.max_retries < 0:
+            raise SweepError(f"--max-retries must be >= 0, got {self.max_retries}")
+        if not self.variant.edits:
+            raise SweepError("an analysis on workers needs an editing variant (--method rome, memit or pmet)")
+
+    def map(self, records: Sequence, fn: Callable, *, worker_class: type = AnalysisWorker) -> Iterator[tuple[Any, Any]]:
+        """``(record, fn(model, edit_fn_factory, record))`` for every record, in the order they
+        finish. ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one)."""
+        records = list(records)
+        if not records:
+            return
+        with ray_session(self.workers, self.address) as ray:
+            yield from self._drive(ray, records, fn, worker_class)
+
+    def _drive(self, ray, records: list, fn: Callable, worker_class: type) -> Iterator[tuple[Any, Any]]:
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        remote = ray.remote(worker_class).options(num_cpus=1, num_gpus=_gpus(self, ray), max_restarts=0,
+                                                  max_task_retries=0)
+
+        def spawn():
+            return remote.remote(self.model, self.device, self.dtype, self.threads, env)
+
+        died = _died_errors(ray)
+        first = spawn()
+        idle = deque([first])
+        try:
+            ray.get(first.prepare.remote([self.variant], self.progress))
+        except died as err:
+            raise SweepError(f"the worker computing the statistics died ({err}); re-run to resume") from None
+        idle.extend(spawn() for _ in range(min(self.workers, len(records)) - 1))
+        queue = deque((record, 0) for record in records)
+        inflight: dict = {}
+        try:
+            while queue or inflight:
+                while idle and queue:
+                    record, attempts = queue.popleft()
+                    actor = idle.popleft()
+                    ref = actor.measure.remote(fn, record, self.variant, self.edit_cache)
+                    inflight[ref] = (actor, record, attempts)
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                actor, record, attempts = inflight.pop(done[0])
+                try:
+                    result = _get(ray, done[0], f"record {record.case_id!r}")
+                except died as err:
+                    ray.kill(actor)
+                    if attempts + 1 > self.max_retries:
+                        raise _gave_up(f"record {record.case_id!r}", attempts + 1, err, "the records done") from None
+                    idle.append(spawn())
+                    queue.appendleft((record, attempts + 1))
+                    continue
+                idle.append(actor)
+                yield record, result
+        finally:
+            for actor, _, _ in inflight.values():
+                ray.kill(actor)
+            for actor in idle:
+                ray.kill(actor)

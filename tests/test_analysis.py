@@ -162,11 +162,25 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     assert sum(t.fill == "toself" for t in contamination.data) == len(analysis.CONTAMINATION_COMPONENTS) * 3
 
 
-def test_patch_skips_records_without_neighbourhood_prompts(tiny_llama, tmp_path):
+def test_patch_skips_records_without_distract_prompts(tiny_llama, tmp_path):
+    import dataclasses
+
+    from attention_drift.data import PromptGroup
+
+    bare = dataclasses.replace(WD[0], relation=PromptGroup((), ()))
     edits = Counter(tiny_llama)
     with pytest.raises(ValueError, match="no record"):
-        analysis.run_patch(tiny_llama, WD[:1], edits, tmp_path, {"model": "tiny"}, figures=False)
+        analysis.run_patch(tiny_llama, [bare], edits, tmp_path, {"model": "tiny"}, figures=False)
     assert edits.calls == []
+
+
+def test_patch_covers_distract_relation_prompts(tiny_llama, tmp_path):
+    result = analysis.run_patch(tiny_llama, [CF[0], WD[0]], Counter(tiny_llama), tmp_path, {"model": "tiny"},
+                                figures=False, sweep_prompts=0, contamination_prompts=0, random_draws=0)
+    assert result["n_prompts_by_group"] == {"distract_neighborhood": len(CF[0].neighborhood.prompts),
+                                            "distract_relation": len(WD[0].relation.prompts)}
+    assert result["records_by_group"] == {"distract_neighborhood": 1, "distract_relation": 1}
+    assert "distract-relation" in result["markdown"]
 
 
 def test_given_heads_are_the_ones_patched(tiny_llama, tmp_path):

@@ -80,8 +80,10 @@ def test_metrics_match_the_drift_report(synthetic):
     assert 0 < fails.sum() < fails.size
     drift = np.concatenate([np.array(l["heads"]["subject_last_after"]) - np.array(l["heads"]["subject_last_before"])
                             for l in lines[1:]])
-    assert metrics["corr_fails"][17, 3] == pytest.approx(np.corrcoef(drift[:, 17, 3], fails)[0, 1], abs=1e-6)
-    assert run.failure_rate()["all"] == pytest.approx(fails.mean())
+    right = np.array([s["lp_true_before"] >= s["lp_new_before"] for line in lines[1:] for s in line["samples"]])
+    flipped = fails[right]
+    assert metrics["corr_fails"][17, 3] == pytest.approx(np.corrcoef(drift[right, 17, 3], flipped)[0, 1], abs=1e-6)
+    assert run.failure_rate()["all"] == pytest.approx(flipped.mean())
 
 
 def test_from_run_reads_a_folder_with_its_patterns_file(tmp_path, synthetic):

@@ -60,6 +60,13 @@ def test_given_runs_are_used_without_evaluating(tmp_path, monkeypatch):
     monkeypatch.setattr("attention_drift.runs.evaluate_run", lambda *a, **k: pytest.fail(f"evaluated {a}"))
     cfg = FiguresConfig(runs=str(tmp_path), out=str(tmp_path / "out"), variants=("rome", "rome-sadr"))
     assert evaluation_runs(cfg, ["rome", "rome-sadr"]) == {n: tmp_path / f"{n}.jsonl" for n in ("rome", "rome-sadr")}
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("rome", "rome-sadr-plus"):
+        _write_run(other / f"{name}.jsonl", "rome", {"efficacy": [True]})
+    cfg = FiguresConfig(runs=f"{tmp_path},{other}", out=str(tmp_path / "out"), variants=("rome", "rome-sadr-plus"))
+    assert evaluation_runs(cfg, ["rome", "rome-sadr-plus"]) == {  # the first folder with the file gives it
+        "rome": tmp_path / "rome.jsonl", "rome-sadr-plus": other / "rome-sadr-plus.jsonl"}
 
 
 def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch):
@@ -111,7 +118,9 @@ def test_weight_sweep_is_ordered_by_weight_on_shared_records(tmp_path):
     runs = {name: _write_run(tmp_path / f"{name}.jsonl", "rome",
                              {"efficacy": [True], "paraphrase": [i < 2], "distract_neighborhood": [i > 0]})
             for i, name in enumerate(("rome", "rome-sadr", "rome-sadr-w1"))}
-    result = _ablations(runs, tmp_path, png=False)
+    assert _ablations(runs, tmp_path, png=False)["not_drawn"] == {"weight": {"records": 4, "needed": 30}}
+    assert not list(tmp_path.glob("ablation_*"))  # too few records: listed, not drawn small
+    result = _ablations(runs, tmp_path, png=False, min_records=4)
     assert result["weight"]["weights"] == {"rome": 0.0, "rome-sadr": 0.01, "rome-sadr-w1": 1.0}
     rows = result["weight"]["numbers"]["rows"]
     assert [rows[n]["distract_neighborhood"]["accuracy"] for n in ("rome", "rome-sadr", "rome-sadr-w1")] == [0, 1, 1]
@@ -166,9 +175,9 @@ def test_markdown_lists_items_in_paper_order():
 
 @pytest.mark.slow
 def test_figures_command_end_to_end_on_the_real_model(tmp_path, capsys):
-    """Every item from one small real run (1 record each, cheap statistics)."""
+    """Every item from one small real run (drift: one record of each kind; else 1 record; cheap statistics)."""
     out = tmp_path / "figs"
-    argv = ["figures", "--out", str(out), "--limit", "1", "--drift-limit", "1", "--patch-limit", "1",
+    argv = ["figures", "--out", str(out), "--limit", "1", "--drift-limit", "2", "--patch-limit", "1",
             "--variants", "rome", "--stats-samples", "20", "--no-progress"]
     assert cli.main(argv) == 0
     result = json.loads((out / "figures.json").read_text())

@@ -437,8 +437,11 @@ def test_patch_record_bad_input_fails_before_editing(tiny_llama):
                              ({"cases": [PatchCase("The Louvre is in", "Paris", "Rome")]}, "needs its rewrite")]:
         with pytest.raises(PatchingError, match=message):
             patch_record(tiny_llama, EIFFEL, edits, **options)
-    assert patch_record(tiny_llama, OBAMA, edits) is None  # no neighbourhood prompts
+    assert patch_record(tiny_llama, OBAMA, edits, groups=("neighborhood",)) is None  # no neighbourhood prompts
     assert edits.entered == []
+    relation = patch_record(tiny_llama, OBAMA, edits, sweep_prompts=0, contamination_prompts=0, random_draws=0)
+    assert {c.group for c in relation.cases} == {"distract_relation"}
+    assert len(relation.cases) == len(OBAMA.relation.prompts)
     assert topk_variant([]) == () and "attn_pattern_topk" not in summary_variants(tiny_llama, [])
 
 

@@ -242,6 +242,8 @@ def test_sadr_lowers_subject_attention_in_a_distract_prompt_on_smollm2(smollm2):
     ({"output_weight": -1.0, "distract": True}, "output_weight"),
     ({"output_weight": 1.0, "distract": True, "output": "nll"}, "output"),
     ({"distract": True, "distract_subjects": ()}, "subject"),
+    ({"guard_weight": -1.0}, "guard_weight"),
+    ({"clamp_scale": 0.0}, "clamp_scale"),
 ])
 def test_bad_output_term_config_is_a_clear_error(kwargs, match):
     with pytest.raises(SADRError, match=match):
@@ -263,6 +265,67 @@ def test_output_term_is_zero_before_the_edit_and_has_gradient_after(output, stat
         plain_delta = plain.traces[0].delta["blocks.1.mlp.hook_out"]
     # ... and its gradient reached the optimised vector
     assert not torch.allclose(trace.delta["blocks.1.mlp.hook_out"], plain_delta)
+
+
+def test_guard_pushes_the_new_target_past_the_old_one_on_the_rewriting_prompt(stats):
+    """The efficacy guard is positive while the old target still wins on the rewriting rows, has
+    a gradient, and an edit with it (and a contrast term pulling the other way) ends with a
+    larger log-odds(new vs old) on the request's prompt than the same edit without it."""
+    from attention_drift.evaluate import continuation_log_probs
+
+    model = tiny_model("llama", n_layers=3)
+    cfg = dataclasses.replace(_config("rome", stats), steps=8)
+
+    def logodds():
+        new, true = (continuation_log_probs(model, [EIFFEL.prompt], [t])[0].item()
+                     for t in (EIFFEL.target_new, EIFFEL.target_true))
+        return new - true
+
+    base = SADRConfig(weight=0.0, distract=True, output_weight=50.0, output="contrast", steps=8)
+    with edit(model, EIFFEL, "rome", cfg, sadr=base):
+        unguarded = logodds()
+    guarded_cfg = dataclasses.replace(base, guard_weight=50.0, guard_margin=5.0)
+    with edit(model, EIFFEL, "rome", cfg, sadr=guarded_cfg) as result:
+        guarded = logodds()
+        record = result.sadr_records[0]
+    assert record["guard_loss"][0] > 0.0
+    assert result.traces[0].extra["sadr"][0] == pytest.approx(50.0 * record["guard_loss"][0] + 50.0 * 0.0)
+    assert guarded > unguarded
+
+
+def test_verify_keeps_the_sadr_edit_where_it_holds_and_falls_back_where_it_does_not(stats, monkeypatch, tmp_path):
+    """With ``verify``, an edit whose request does not hold is redone without the SADR term (the
+    plain edit, bitwise), then with the clamp doubled; without ``verify`` nothing is checked."""
+    from attention_drift.editing import api
+
+    model = tiny_model("llama", n_layers=3)
+    cfg = _config("rome", stats)
+    sadr = SADRConfig(weight=0.0, distract=True, output_weight=50.0, output="contrast", steps=STEPS)
+    verdicts: list[bool] = []
+
+    def holds(model, requests):
+        return verdicts.pop(0)
+
+    monkeypatch.setattr(api, "_requests_hold", holds)
+    with edit(model, EIFFEL, "rome", cfg) as plain:
+        plain_delta = next(iter(plain.deltas.values())).clone()
+    with edit(model, EIFFEL, "rome", cfg, sadr=sadr) as unchecked:
+        sadr_delta = next(iter(unchecked.deltas.values())).clone()
+    assert unchecked.fallback is None and not torch.equal(sadr_delta, plain_delta)
+
+    verified = dataclasses.replace(sadr, verify=True)
+    verdicts[:] = [True]
+    with edit(model, EIFFEL, "rome", cfg, sadr=verified) as kept:
+        assert kept.fallback is None and torch.equal(next(iter(kept.deltas.values())), sadr_delta)
+    verdicts[:] = [False, True]
+    with edit(model, EIFFEL, "rome", cfg, sadr=verified) as fell:
+        assert fell.fallback == "plain" and torch.equal(next(iter(fell.deltas.values())), plain_delta)
+        assert fell.sadr_records == [{}] and fell.config.clamp_norm_factor == cfg.clamp_norm_factor
+    verdicts[:] = [False, False]
+    with edit(model, EIFFEL, "rome", cfg, sadr=verified) as wider:
+        assert wider.fallback == "plain-clamp2" and wider.config.clamp_norm_factor == 2 * cfg.clamp_norm_factor
+    assert verdicts == []  # checked before each fallback, never after the last one
+    assert api.EditResult.load(wider.save(tmp_path / "edit.pt"), model).fallback == "plain-clamp2"
 
 
 def test_output_target_term_keeps_the_new_target_from_gaining_on_distract_prompts(stats):

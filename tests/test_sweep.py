@@ -178,6 +178,77 @@ def test_the_deadline_stops_the_sweep(tiny_folder, local_ray, tmp_path):
     assert not (tmp_path / "none.jsonl").exists()
 
 
+# --- drift and patching on workers ---------------------------------------------------------
+
+def _untimed(path):
+    return {json.dumps(x["case_id"]): {k: v for k, v in x.items() if not k.endswith("seconds")} for x in _lines(path)}
+
+
+def test_drift_and_patch_on_workers_equal_in_process(tiny_folder, local_ray, tmp_path):
+    """The records of a drift and a patching run measured on 2 Ray workers give the lines (and
+    explorer patterns) they give in this process, but for the timings."""
+    from attention_drift import analysis
+    from attention_drift.sweep import Workers
+
+    variant = VARIANTS["rome"]
+    records = RecordSelection(limit=4).load()  # two of each kind: distract neighbourhood and relation
+    workers = Workers(tiny_folder, variant, workers=2)
+    options = {"figures": False, "method": "rome"}
+    analysis.run_drift(None, records, None, tmp_path / "ray-drift", {"model": "tiny"}, workers=workers, **options)
+    patch = {"sweep_prompts": 1, "contamination_prompts": 1, "random_draws": 2, **options}
+    analysis.run_patch(None, records, None, tmp_path / "ray-patch", {"model": "tiny"}, workers=workers, **patch)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker
+    try:
+        model = ModelHandle(tiny_folder).get()
+        editor = variant.editor(model, progress=False)
+        analysis.run_drift(model, records, editor, tmp_path / "drift", {"model": "tiny"}, **options)
+        analysis.run_patch(model, records, editor, tmp_path / "patch", {"model": "tiny"}, **patch)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("drift/drift_records.jsonl", "drift/drift_patterns.jsonl", "patch/patch_records.jsonl"):
+        on_ray, here = _untimed(tmp_path / f"ray-{name}"), _untimed(tmp_path / name)
+        assert len(here) == 4 if "records" in name else len(here) >= 2
+        assert on_ray == here, name
+    groups = {c["group"] for x in _lines(tmp_path / "patch" / "patch_records.jsonl") for c in x["cases"]}
+    assert groups == {"distract_neighborhood", "distract_relation"}
+
+
+def test_an_analysis_worker_that_dies_has_its_record_retried(tiny_folder, local_ray, tmp_path):
+    from attention_drift import analysis
+    from attention_drift.sweep import AnalysisWorker, Workers
+
+    flag = tmp_path / "crashed"
+
+    class CrashOnce(AnalysisWorker):
+        def measure(self, fn, record, variant, edit_cache=None):
+            if record.case_id == 1 and not flag.exists():
+                flag.write_text(str(os.getpid()))
+                os._exit(1)
+            return super().measure(fn, record, variant, edit_cache)
+
+    class Retrying(Workers):
+        def map(self, records, fn, *, worker_class=CrashOnce):
+            return super().map(records, fn, worker_class=worker_class)
+
+    records = RecordSelection(limit=3).load()
+    analysis.run_drift(None, records, None, tmp_path, {"model": "tiny"}, figures=False, method="rome",
+                       workers=Retrying(tiny_folder, VARIANTS["rome"], workers=2))
+    assert flag.exists()
+    assert sorted(x["case_id"] for x in _lines(tmp_path / "drift_records.jsonl")) == [0, 1, 2]
+
+
+def test_cli_drift_on_workers(tiny_folder, local_ray, tmp_path, capsys):
+    args = ["drift", "--model", tiny_folder, "--limit", "2", "--workers", "2", "--out", str(tmp_path),
+            "--no-figures", "--no-progress"]
+    assert cli.main(args) == 0
+    assert sorted(x["case_id"] for x in _lines(tmp_path / "drift_records.jsonl")) == [0, 1]
+    assert "drift" in capsys.readouterr().out
+    assert cli.main([*args[:-4], "--workers", "0", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "--workers must be >= 1" in capsys.readouterr().err
+
+
 class _Done:
     def __init__(self, done=()):
         self.ids = set(done)

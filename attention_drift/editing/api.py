@@ -59,6 +59,8 @@ class EditResult:
         seconds: wall time of the edit (preparation included; for a loaded result, of the
             edit that produced it).
         sadr: the SADR configuration used (weight and steps resolved), or None.
+        fallback: with ``sadr.verify``, which of :data:`FALLBACKS` was kept because the edit with
+            SADR did not make a request's new target win on its prompt; None: the SADR edit.
         restored: whether the original weights are in the model now.
         key: :func:`~attention_drift.editing.identity.edit_key` of the configuration; None
             when extra loss terms took part (they are not part of a key).
@@ -74,6 +76,7 @@ class EditResult:
     sadr: SADRConfig | None = None
     restored: bool = False
     key: str | None = None
+    fallback: str | None = None
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _updates: list[tuple[str, Tensor]] = field(default_factory=list, repr=False)
@@ -148,6 +151,7 @@ class EditResult:
             "requests": [dataclasses.asdict(r) for r in self.requests],
             "layers": list(self.layers),
             "seconds": self.seconds,
+            "fallback": self.fallback,
             "originals": weights_fingerprint(self._originals),
             "updates": [(name, upd.detach().cpu().clone()) for name, upd in self._updates],
             "traces": [_portable(dataclasses.asdict(t), f"trace {i}") for i, t in enumerate(self.traces)],
@@ -195,7 +199,8 @@ class EditResult:
         traces = [_trace(t) for t in data["traces"]]
         return cls(
             data["method"], tuple(Rewrite(**r) for r in data["requests"]), config, layers, deltas, traces,
-            data["seconds"], sadr=sadr, restored=True, key=data["key"], _params=params, _originals=originals,
+            data["seconds"], sadr=sadr, restored=True, key=data["key"], fallback=data.get("fallback"),
+            _params=params, _originals=originals,
             _updates=updates, _model=identity,
         )
 
@@ -302,19 +307,53 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
             params[name].add_(upd)
         updates.append((name, upd))
 
-    try:
-        with step_progress(progress):
-            traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
-    except BaseException:
+    def restore() -> None:
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(originals[name])
+
+    fallback = None
+    try:
+        with step_progress(progress):
+            traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
+            if sadr is not None and sadr.verify:
+                for stage, stage_config, stage_losses in _fallbacks(config, extra_losses):
+                    if _requests_hold(model, reqs):
+                        break
+                    restore()
+                    updates.clear()
+                    traces = editor.execute(model, reqs, stage_config, prepared, apply, stage_losses)
+                    config, fallback = stage_config, stage
+    except BaseException:
+        restore()
         raise
     deltas = {name: (p.detach() - originals[name]) for name, p in params.items()}
     return EditResult(
-        editor.name, reqs, config, layers, deltas, list(traces), time.perf_counter() - start,
-        sadr=sadr, key=key, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
+        editor.name, reqs, config, layers, deltas, list(traces), time.perf_counter() - start, sadr=sadr, key=key,
+        fallback=fallback, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
     )
+
+
+FALLBACKS = ("plain", "plain-clamp2")
+"""What a SADR edit with ``verify`` falls back to, in order, while a request's new target does not
+win on its prompt: the editor without the SADR term, then also with its clamp doubled."""
+
+
+def _fallbacks(config, extra_losses: Sequence[ExtraLoss]) -> list[tuple[str, object, tuple]]:
+    plain = tuple(t for t in extra_losses if not isinstance(t, SADRLoss))
+    wider = dataclasses.replace(config, clamp_norm_factor=2 * config.clamp_norm_factor)
+    return [("plain", config, plain), ("plain-clamp2", wider, plain)]
+
+
+def _requests_hold(model, requests: Sequence[Rewrite]) -> bool:
+    """Whether every request's new target beats its old one on its own prompt, scored as
+    efficacy is (:func:`attention_drift.evaluate.score_pairs`)."""
+    from attention_drift.evaluate import score_pairs
+
+    with torch.no_grad():
+        scores = score_pairs(model, [r.prompt for r in requests], [r.target_new for r in requests],
+                             [r.target_true for r in requests])
+    return bool((scores.log_p_right > scores.log_p_wrong).all())
 
 
 def _parameters(model, layers: Sequence[int]) -> dict[str, torch.nn.Parameter]:

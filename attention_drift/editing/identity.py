@@ -67,15 +67,23 @@ def describe_edit(model, method: str = "rome", config=None, sadr=None) -> dict:
     return describe_resolved(model, editor.name, config, sadr)
 
 
+LATER_FIELDS = {"clamp_scale": 1.0, "guard_weight": 0.0, "guard_margin": 1.0, "verify": False}
+"""SADR config fields added after keys were in use, with the value that leaves an edit as it was:
+left out of the description at that value, so earlier keys (and run files) stay valid."""
+
+
 def describe_resolved(model, method: str, config, sadr) -> dict:
     """:func:`describe_edit` of a method, config and SADR config that
     :func:`~attention_drift.editing.registry.resolve_edit` returned (no resolving again)."""
+    sadr_plain = plain(sadr, "sadr")
+    if sadr_plain is not None:
+        sadr_plain = {k: v for k, v in sadr_plain.items() if LATER_FIELDS.get(k, object()) != v}
     return {
         "format": FORMAT_VERSION,
         "model": model_identity(model),
         "method": method,
         "config": plain(config),
-        "sadr": plain(sadr, "sadr"),
+        "sadr": sadr_plain,
     }
 
 

@@ -148,8 +148,8 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
     """``(editor, config, sadr)`` exactly as an edit of ``model`` would use them.
 
     ``config=None`` is the editor's preset for ``model``; a SADR config gets its unset
-    weight and steps from the published protocol (:meth:`SADRConfig.resolved`), and its
-    steps replace the config's. Raises a :class:`ConfigError` (or an ``EditError``) for a
+    weight and steps from the published protocol (:meth:`SADRConfig.resolved`), its
+    steps replace the config's and its ``clamp_scale`` multiplies the config's clamp. Raises a :class:`ConfigError` (or an ``EditError``) for a
     method, config or SADR config that does not fit; nothing is computed.
     """
     editor = get_editor(method)
@@ -174,6 +174,8 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         sadr = sadr.resolved(model, editor.name)
         if sadr.steps is not None:
             config = replace(config, steps=sadr.steps)
+        if sadr.clamp_scale != 1.0:
+            config = replace(config, clamp_norm_factor=config.clamp_norm_factor * sadr.clamp_scale)
     return editor, config, sadr
 
 

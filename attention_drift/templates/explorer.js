@@ -348,9 +348,9 @@
     const summary = el("div", { class: "ad-summary" });
     for (const run of runs) {
       const m = run.meta || {};
-      const rates = Object.entries(run.failure || {}).map(([g, v]) => `${g.replace("distract_", "distract ")} ${(100 * v).toFixed(1)}%`).join(", ");
+      const rates = Object.entries(run.failure || {}).map(([g, v]) => `${g.replace("distract_", "distract ")} ${fin(v) ? (100 * v).toFixed(1) + "%" : "–"}`).join(", ");
       summary.append(el("p", {}, el("b", { text: run.label }),
-        ` · ${m.model || "model ?"} · ${run.records.length} records, ${run.n} distract prompts · failure rate ${rates}`));
+        ` · ${m.model || "model ?"} · ${run.records.length} records, ${run.n} distract prompts · failure rate (of the prompts right before the edit) ${rates}`));
     }
     root.append(summary);
     const main = el("div", { class: "ad-main" });
