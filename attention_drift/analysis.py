@@ -94,7 +94,13 @@ def _measured(records: Sequence[Record], fn, model, edit_fn_factory, workers, de
 
 
 def _save_figure(fig, path: Path, png: bool) -> list[str]:
+    """Write ``fig`` as HTML (and PNG), with the paper's value for this figure
+    (:data:`attention_drift.paper.REPORTED`, by file stem) below it where the paper gives one."""
     from attention_drift import plots
+    from attention_drift.paper import REPORTED
+
+    if path.name in REPORTED:
+        plots.add_reference(fig, REPORTED[path.name])
 
     written = plots.save(fig, path.with_suffix(".html"))
     if png:

@@ -61,6 +61,15 @@ def _style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
     return fig
 
 
+def add_reference(fig: go.Figure, text: str) -> go.Figure:
+    """A grey line under the plot (e.g. the paper's value for the same analysis)."""
+    bottom = (fig.layout.margin.b or 80) + 40
+    fig.update_layout(margin={"b": bottom})
+    fig.add_annotation(text=html.escape(text), xref="paper", yref="paper", x=0.0, y=0.0, yshift=-bottom + 8,
+                       xanchor="left", yanchor="bottom", showarrow=False, font={"size": 11, "color": "#666"})
+    return fig
+
+
 def _label(text: object) -> str:
     """A tick/legend label that shows ``<bos>``-like tokens and spaces as written."""
     return html.escape(str(text)).replace(" ", "&nbsp;") or "&nbsp;"

@@ -494,9 +494,13 @@ class AnalysisWorker(SweepWorker):
     """A :class:`SweepWorker` that also runs a per-record measurement ``fn(model, edit_fn_factory,
     record)`` under a variant's editor (built once per variant and edit cache)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._editors: dict[tuple, Callable] = {}
+
     def measure(self, fn: Callable, record, variant: Variant, edit_cache: str | None = None):
         key = (variant, edit_cache)
-        editors = self.__dict__.setdefault("_editors", {})
+        editors = self._editors
         if key not in editors:
             model = self.handle.get()
             cache = None
@@ -567,16 +571,15 @@ class Workers:
             return remote.remote(self.model, self.device, self.dtype, self.threads, env)
 
         died = _died_errors(ray)
-        first = spawn()
-        idle = deque([first])
-        try:
-            ray.get(first.prepare.remote([self.variant], self.progress))
-        except died as err:
-            raise SweepError(f"the worker computing the statistics died ({err}); re-run to resume") from None
-        idle.extend(spawn() for _ in range(min(self.workers, len(records)) - 1))
+        idle = deque([spawn()])
         queue = deque((record, 0) for record in records)
         inflight: dict = {}
         try:
+            try:
+                _get(ray, idle[0].prepare.remote([self.variant], self.progress), "the statistics step")
+            except died as err:
+                raise SweepError(f"the worker computing the statistics died ({err}); re-run to resume") from None
+            idle.extend(spawn() for _ in range(min(self.workers, len(records)) - 1))
             while queue or inflight:
                 while idle and queue:
                     record, attempts = queue.popleft()

@@ -301,3 +301,18 @@ def test_drift_failure_figure_shows_kl_beside_attention_mass():
         assert "AUROC = " in text and "(cluster bootstrap) for failure" in text and "n = 16 cases, 6 records" in text
     assert "16 prompts right before the edit, 6 records (8 wrong before the edit excluded)" in \
         fig.layout.title.text
+
+
+def test_saved_figures_carry_the_papers_value_where_it_gives_one(tmp_path):
+    import html
+
+    import plotly.graph_objects as go
+
+    from attention_drift.paper import REPORTED
+
+    referenced, plain = go.Figure(), go.Figure()
+    analysis._save_figure(referenced, tmp_path / "drift_vs_failure", png=False)
+    analysis._save_figure(plain, tmp_path / "drift_heatmap", png=False)
+    assert [a.text for a in referenced.layout.annotations] == [html.escape(REPORTED["drift_vs_failure"])]
+    assert "0.49-0.62" in (tmp_path / "drift_vs_failure.html").read_text()
+    assert not plain.layout.annotations
