@@ -513,12 +513,16 @@ def recovery_tradeoff(
     title: str = "SADR variants: distract loss recovered vs paraphrase cost",
     *,
     cost_label: str = "paraphrase",
+    labelled: Sequence[str] | None = None,
+    y_range: tuple[float, float] | None = (-60, 170),
 ) -> go.Figure:
     """One marker per variant: x = its paraphrase accuracy minus the plain editor's (points),
     y = the share of the plain editor's distract-neighbourhood loss it wins back (%), both with
     95% CIs, labelled with the variant and its number of records; one series per key of
     ``points`` (e.g. the tuning and the report half). Points are
-    :func:`attention_drift.report.tradeoff` entries."""
+    :func:`attention_drift.report.tradeoff` entries. ``labelled``: the series whose markers carry
+    their label as text (None: all; the others show it on hover); ``y_range``: the y axis shown
+    (longer intervals run off it; None: fit everything)."""
     if not points or not any(points.values()):
         raise PlotError("recovery_tradeoff needs at least one point: {series: [report.tradeoff entries]}")
     fig = go.Figure()
@@ -532,7 +536,7 @@ def recovery_tradeoff(
         y_up, y_down = bars("recovered_ci95", "recovered")
         fig.add_trace(go.Scatter(
             x=[100 * e["cost_diff"] for e in entries], y=[100 * e["recovered"] for e in entries],
-            mode="markers+text", name=series, text=[f"{e['variant']} ({e['n_records']})" for e in entries],
+            mode="markers+text" if labelled is None or series in labelled else "markers", name=series, text=[f"{e['variant']} ({e['n_records']})" for e in entries],
             textposition="top center",
             marker={"color": PALETTE[i % len(PALETTE)], "size": 10},
             error_x={"type": "data", "array": x_up, "arrayminus": x_down, "visible": True, "thickness": 1},
@@ -543,6 +547,8 @@ def recovery_tradeoff(
         ))
     fig.add_hline(y=60, line_dash="dot", line_color="grey", annotation_text="60% recovered")
     fig.add_vline(x=-3, line_dash="dot", line_color="grey", annotation_text=f"{cost_label} -3")
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
     return _style(fig, title, f"{cost_label} accuracy minus the plain editor's (points)",
                   "distract-neighbourhood loss recovered (%)")
 

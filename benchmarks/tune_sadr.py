@@ -113,7 +113,11 @@ def figure(tuning, report_dir: Path, path: Path) -> None:
         if base in reported:
             family = {n: r for n, r in reported.items() if n == base or n.startswith(f"{base}-")}
             points[f"report half ({base.upper()})"] = tradeoff(family, base)
-    fig = plots.recovery_tradeoff({k: v for k, v in points.items() if v})
+    shown = {k: v for k, v in points.items() if v}
+    fig = plots.recovery_tradeoff(shown, "SADR variants: distract loss recovered vs paraphrase cost (95% CIs; hover "
+                                  "for the tuning-half and earlier points)",
+                                  labelled=[k for k in shown if k.startswith("report half")])
+    fig.update_layout(width=1300, height=750)
     for suffix in (".html", ".png"):
         plots.save(fig, path.with_suffix(suffix))
     return 0
