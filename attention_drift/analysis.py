@@ -399,9 +399,10 @@ CONTAMINATION_METRIC = (
     "causes in the unedited model, as a share of the full edit's drop (pooled over prompts: mean substituted "
     "drop / mean edit drop; 1 = the whole edit's damage), with record-clustered bootstrap 95% CIs")
 CONTAMINATION_WHY = (
-    "The paper's P(true) drop does not apply here: on a small model P(true) of the true answer is tiny and need "
-    "not fall after the edit (the edit moves probability onto the new target, not off the true answer), while "
-    "the log-odds of the true answer against the new target fall on every edit that causes failure.")
+    "A prompt fails when the new target overtakes the true answer, so the measure is the log-odds of the two; on a "
+    "small model P(true) is small to begin with, and an edit or a substitution can raise P(new) past it without "
+    "lowering P(true) much, so a P(true) drop (the paper's measure, kept in patch.json) understates the damage and "
+    "is not comparable to the paper's GPT-J percentages.")
 
 
 def _contamination_damage(contamination: list[dict], clusters: list) -> dict:
