@@ -651,11 +651,13 @@ def _patch_figures(result: dict, out: Path, png: bool) -> list[str]:
         value = s.get("recovery_pooled")
         return {"accuracy": value, "ci95": None if ci[0] is None or value is None else ci}
 
-    bars = {"pre-edit": {"DNS accuracy": result["pre"], "log-odds gap recovered": recovery(result["pre"])}}
+    accuracy = "accuracy on the distract prompts"
+    bars = {"pre-edit": {accuracy: result["pre"], "log-odds gap recovered": recovery(result["pre"])}}
     for name, s in result["variants"].items():
         label = VARIANT_LABELS.get(name, name) + (f" (mean of {s['draws']} draws)" if name == RANDOM_VARIANT else "")
-        bars[label] = {"DNS accuracy": s, "log-odds gap recovered": recovery(s)}
+        bars[label] = {accuracy: s, "log-odds gap recovered": recovery(s)}
     fig = plots.metric_bars(bars, f"Restoring pre-edit activations · {n} (95% CIs)", ylabel="%")
+    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0}, height=760)
     written += _save_figure(fig, out / "patch_accuracy", png)
     if "sweep" in result:
         s = result["sweep"]

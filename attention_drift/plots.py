@@ -61,12 +61,16 @@ def _style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
     return fig
 
 
-def add_reference(fig: go.Figure, text: str) -> go.Figure:
-    """A grey line under the plot (e.g. the paper's value for the same analysis)."""
-    bottom = (fig.layout.margin.b or 80) + 40
-    fig.update_layout(margin={"b": bottom})
-    fig.add_annotation(text=html.escape(text), xref="paper", yref="paper", x=0.0, y=0.0, yshift=-bottom + 8,
-                       xanchor="left", yanchor="bottom", showarrow=False, font={"size": 11, "color": "#666"})
+def add_reference(fig: go.Figure, text: str, width: int = 110) -> go.Figure:
+    """A grey line under the title (e.g. the paper's value for the same analysis), wrapped at
+    ``width`` characters."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width)
+    top = (fig.layout.margin.t or 100) + 18 * len(lines)
+    title = fig.layout.title.text or ""
+    fig.update_layout(margin={"t": top}, title_text=title + "<br><span style='font-size:11px;color:#666'>"
+                      + "<br>".join(html.escape(line) for line in lines) + "</span>")
     return fig
 
 
@@ -382,7 +386,8 @@ def drift_vs_failure_panels(
         fig.add_annotation(text=_panel_stats(x, y, panel, ylabel), xref=f"{axis} domain", yref="y domain",
                            x=0.02, y=0.98, showarrow=False, xanchor="left", yanchor="top", align="left",
                            bgcolor="rgba(255,255,255,0.8)", font={"size": 11})
-        fig.update_xaxes(title_text=xlabel, row=1, col=col)
+        fig.update_xaxes(title_text=html.escape(xlabel).replace(": ", ":<br>", 1), title_font={"size": 12},
+                         row=1, col=col)
     fig.update_layout(height=520, width=max(700, 560 * len(panels)))
     return _style(fig, title, fig.layout.xaxis.title.text, ylabel)
 
