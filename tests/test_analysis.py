@@ -152,7 +152,7 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
         assert "prompts" in fig.layout.title.text and "2 records" in fig.layout.title.text
     bars = {t.name: t for t in drawn["patch_accuracy"].data}
     control = bars["(b, control) attention patterns, k random heads in the same layers (mean of 5 draws)"]
-    assert list(control.x) == ["DNS accuracy", "log-odds gap recovered"]
+    assert list(control.x) == ["accuracy on the distract prompts", "log-odds gap recovered"]
     assert control.y[1] == pytest.approx(100 * v[analysis.RANDOM_VARIANT]["recovery_pooled"])
     assert control.error_y.array[1] == pytest.approx(
         100 * (v[analysis.RANDOM_VARIANT]["recovery_pooled_ci95"][1] - v[analysis.RANDOM_VARIANT]["recovery_pooled"]))
