@@ -93,6 +93,11 @@ def _measured(records: Sequence[Record], fn, model, edit_fn_factory, workers, de
     return _progress(workers.map(records, fn), f"{desc} ({workers.workers} workers)", progress, total=len(records))
 
 
+def _n_records(case_ids) -> int:
+    """How many distinct records ``case_ids`` (one per prompt) name."""
+    return len({json.dumps(c) for c in case_ids})
+
+
 def _save_figure(fig, path: Path, png: bool) -> list[str]:
     """Write ``fig`` as HTML (and PNG), with the paper's value for this figure
     (:data:`attention_drift.paper.REPORTED`, by file stem) below it where the paper gives one."""
@@ -220,7 +225,7 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
             "failure": torch.tensor([s["severity"]["logodds_drop"] for s in kept]),
             "failed": [s["flipped"] for s in kept], "bins": min(8, len(kept)),
             "correlations": [c["pearson"], c["spearman"]], "auroc": result["auroc_right_before"]["all"][factor],
-            "n_records": len({json.dumps(s["case_id"]) for s in kept}), "xlabel": f"{factor}: {label}"})
+            "n_records": _n_records(s["case_id"] for s in kept), "xlabel": f"{factor}: {label}"})
     if not panels:
         return None
     return plots.drift_vs_failure_panels(panels, ylabel="log-odds(true vs new) drop", title=(
@@ -415,9 +420,9 @@ def _contamination_damage(contamination: list[dict], clusters: list) -> dict:
     p_post = np.exp([c["post"][0] for c in contamination])
     edit_drop = lo_pre - lo_post
     components = {}
+    labels = sorted({lab for c in contamination for lab in c["labels"] if lab}, key=KEY_POSITIONS.index)
     for component in CONTAMINATION_COMPONENTS:
         by_label: dict[str, dict] = {}
-        labels = sorted({lab for c in contamination for lab in c["labels"] if lab}, key=KEY_POSITIONS.index)
         for label in labels:
             rows = [(i, c["labels"].index(label)) for i, c in enumerate(contamination) if label in c["labels"]]
             keep = [i for i, _ in rows]
@@ -437,7 +442,7 @@ def _contamination_damage(contamination: list[dict], clusters: list) -> dict:
             "label": best[0], "layer": best[1], "share": best[2], "ci95": by_label[best[0]]["share_ci95"][best[1]],
             "logodds_drop": by_label[best[0]]["logodds_drop"][best[1]]}}
     return {"metric": CONTAMINATION_METRIC, "why_not_p_true": CONTAMINATION_WHY,
-            "n_prompts": len(contamination), "n_records": len({json.dumps(c) for c in clusters}),
+            "n_prompts": len(contamination), "n_records": _n_records(clusters),
             "edit_logodds_drop": bootstrap_mean(edit_drop, clusters).to_dict(),
             "p_true_before": float(p_pre.mean()), "p_true_after": float(p_post.mean()),
             "p_true_change": bootstrap_mean(p_post - p_pre, clusters).to_dict(),
@@ -460,27 +465,29 @@ def patch_from_lines(lines: Sequence[dict]) -> dict:
     clusters = [line["case_id"] for line in lines for _ in line["cases"]]
     pre = np.array([c["pre"] for c in cases])
     post = np.array([c["post"] for c in cases])
+    control, draws = _control_draws(cases)
     variants = {}
     for name in SUMMARY_VARIANTS:
         keep = [i for i, c in enumerate(cases) if name in c["variants"]]
         if keep:
             patched = np.array([cases[i]["variants"][name] for i in keep])
             variants[name] = _variant_stats(patched, pre[keep], post[keep], [clusters[i] for i in keep])
-        if name == "attn_pattern_topk":
-            variants.update(_random_control(cases, clusters, pre, post))
+        if name == "attn_pattern_topk" and control:
+            variants[RANDOM_VARIANT] = _control_stats(draws, pre[control], post[control],
+                                                      [clusters[i] for i in control])
     groups = [c.get("group", "distract_neighborhood") for c in cases]
     out = {"records": len(lines), "n_prompts": len(cases),
            "n_prompts_by_group": {g: groups.count(g) for g in sorted(set(groups))},
-           "records_by_group": {g: len({json.dumps(line["case_id"]) for line in lines for c in line["cases"]
-                                        if c.get("group", "distract_neighborhood") == g}) for g in sorted(set(groups))},
+           "records_by_group": {g: _n_records(c for c, cg in zip(clusters, groups) if cg == g)
+                                for g in sorted(set(groups))},
            "pre": _variant_stats(pre, pre, post, clusters),
            "post": _variant_stats(post, pre, post, clusters), "variants": variants,
            "top_heads": {json.dumps(line["case_id"]): line.get("top_heads", []) for line in lines}}
-    if "attn_pattern_random" in variants:
-        keep, draws = _control_draws(cases)
-        topk = np.array([cases[i]["variants"]["attn_pattern_topk"] for i in keep])
-        out["topk_vs_random"] = {**_topk_vs_random(topk, draws, pre[keep], post[keep], [clusters[i] for i in keep]),
-                                 "n_prompts": len(keep), "n_records": len({json.dumps(clusters[i]) for i in keep})}
+    if RANDOM_VARIANT in variants:
+        topk = np.array([cases[i]["variants"]["attn_pattern_topk"] for i in control])
+        ids = [clusters[i] for i in control]
+        out["topk_vs_random"] = {**_topk_vs_random(topk, draws, pre[control], post[control], ids),
+                                 "n_prompts": len(control), "n_records": _n_records(ids)}
         out["random_heads"] = {json.dumps(line["case_id"]): line.get("random_heads", []) for line in lines}
     sweeps = [s for line in lines for s in line["sweeps"]]
     sweep_ids = [line["case_id"] for line in lines for _ in line["sweeps"]]
@@ -490,7 +497,7 @@ def patch_from_lines(lines: Sequence[dict]) -> dict:
         lc_n = np.array([s["layer_component"]["lp_new"] for s in sweeps])
         w_t = np.array([s["windows"]["lp_true"] for s in sweeps])
         w_n = np.array([s["windows"]["lp_new"] for s in sweeps])
-        n_records = len({json.dumps(c) for c in sweep_ids})
+        n_records = _n_records(sweep_ids)
         out["sweep"] = {
             "n_prompts": len(sweeps), "n_records": n_records, "components": sweeps[0]["layer_component"]["components"],
             "recovery_pooled": _pooled_recovery(lc_t, lc_n, s_pre, s_post).tolist(),
@@ -549,13 +556,6 @@ def _control_draws(cases: list[dict]) -> tuple[list[int], np.ndarray]:
     return keep, np.array([[cases[i]["variants"][n] for n in names] for i in keep])
 
 
-def _random_control(cases: list[dict], clusters: list, pre: np.ndarray, post: np.ndarray) -> dict:
-    keep, draws = _control_draws(cases)
-    if not keep:
-        return {}
-    return {RANDOM_VARIANT: _control_stats(draws, pre[keep], post[keep], [clusters[i] for i in keep])}
-
-
 VARIANT_LABELS = {
     "none": "post-edit (no patch)",
     "attn_pattern_all": "(a) attention patterns, all layers",
@@ -566,6 +566,12 @@ VARIANT_LABELS = {
     "mlp_out_last": "MLP outputs, all layers, last token",
     "resid_subject": "(d) residual stream at the edited subject's last token, all layers",
 }
+
+
+def _variant_label(name: str, stats: dict) -> str:
+    """A restoration variant's label in tables and figures (the control with its number of draws)."""
+    label = VARIANT_LABELS.get(name, name)
+    return f"{label} (mean of {stats['draws']} draws)" if name == RANDOM_VARIANT else label
 
 
 def _est(e: dict, spec: str = ".3f") -> str:
@@ -595,8 +601,7 @@ def patch_markdown(result: dict, title: str = "") -> str:
 
     rows.append(row("pre-edit", result["pre"]))
     for name, s in result["variants"].items():
-        label = VARIANT_LABELS.get(name, name)
-        rows.append(row(f"{label} (mean of {s['draws']} draws)" if name == RANDOM_VARIANT else label, s))
+        rows.append(row(_variant_label(name, s), s))
     if "topk_vs_random" in result:
         t = result["topk_vs_random"]
         rows += ["", f"Top-k drifting heads vs k random heads in the same layers (paired over {t['n_prompts']} prompts, "
@@ -654,8 +659,7 @@ def _patch_figures(result: dict, out: Path, png: bool) -> list[str]:
     accuracy = "accuracy on the distract prompts"
     bars = {"pre-edit": {accuracy: result["pre"], "log-odds gap recovered": recovery(result["pre"])}}
     for name, s in result["variants"].items():
-        label = VARIANT_LABELS.get(name, name) + (f" (mean of {s['draws']} draws)" if name == RANDOM_VARIANT else "")
-        bars[label] = {accuracy: s, "log-odds gap recovered": recovery(s)}
+        bars[_variant_label(name, s)] = {accuracy: s, "log-odds gap recovered": recovery(s)}
     fig = plots.metric_bars(bars, f"Restoring pre-edit activations · {n} (95% CIs)", ylabel="%")
     fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0}, height=760)
     written += _save_figure(fig, out / "patch_accuracy", png)

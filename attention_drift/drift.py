@@ -726,6 +726,11 @@ def _records(samples: Sequence[DriftSample]) -> int:
     return len({repr(s.case_id) for s in samples})
 
 
+def _pearson_spearman(correlations: dict, outcome: str) -> dict:
+    """``{"pearson_<outcome>": ..., "spearman_<outcome>": ...}`` of one factor's correlations with ``outcome``."""
+    return {f"{m}_{outcome}": correlations[outcome][m].to_dict() for m in ("pearson", "spearman")}
+
+
 @dataclass(frozen=True)
 class DriftReport:
     """Drift of every head over a data set and its link to specificity failure.
@@ -811,13 +816,9 @@ class DriftReport:
             out[group] = {}
             for factor in HEADLINE_FACTORS:
                 c = self.correlations_right_before[group][factor]
-                out[group][factor] = {
-                    "pearson_failure": c["failure"]["pearson"].to_dict(),
-                    "spearman_failure": c["failure"]["spearman"].to_dict(),
-                    "pearson_logodds_drop": c["logodds_drop"]["pearson"].to_dict(),
-                    "spearman_logodds_drop": c["logodds_drop"]["spearman"].to_dict(),
-                    "auroc": self.auroc_right_before[group][factor].to_dict(),
-                    "n_prompts": len(kept), "n_records": _records(kept)}
+                out[group][factor] = {**_pearson_spearman(c, "failure"), **_pearson_spearman(c, "logodds_drop"),
+                                      "auroc": self.auroc_right_before[group][factor].to_dict(),
+                                      "n_prompts": len(kept), "n_records": _records(kept)}
         return out
 
     def headline(self) -> dict:
@@ -829,12 +830,8 @@ class DriftReport:
             out[group] = {}
             for factor in HEADLINE_FACTORS:
                 c = self.correlations[group][factor]
-                out[group][factor] = {
-                    "pearson_fails": c["fails"]["pearson"].to_dict(),
-                    "spearman_fails": c["fails"]["spearman"].to_dict(),
-                    "pearson_logodds_drop": c["logodds_drop"]["pearson"].to_dict(),
-                    "spearman_logodds_drop": c["logodds_drop"]["spearman"].to_dict(),
-                    "auroc": self.auroc[group][factor]}
+                out[group][factor] = {**_pearson_spearman(c, "fails"), **_pearson_spearman(c, "logodds_drop"),
+                                      "auroc": self.auroc[group][factor]}
         return out
 
     def to_dict(self, top_k: int = 10) -> dict:

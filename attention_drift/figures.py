@@ -166,15 +166,15 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         records = selection.load()
         fluency = FluencyConfig()
         pre = out / "none.jsonl"
+        chosen = ["none", *[n for n in todo if n != "none"]]
         if cfg.on_ray:
             from attention_drift.sweep import SweepConfig, run_sweep
 
-            chosen = ["none", *[n for n in todo if n != "none"]]
             run_sweep(SweepConfig(cfg.model, tuple(cfg.variant(n) for n in chosen), out, selection,
                                   workers=cfg.workers, address=cfg.address, device=cfg.device, dtype=cfg.dtype,
                                   fluency=fluency, progress=cfg.progress))
             return {**found, **{n: out / f"{n}.jsonl" for n in todo}}
-        for name in ["none", *[n for n in todo if n != "none"]]:
+        for name in chosen:
             variant = cfg.variant(name)
             path = out / f"{name}.jsonl"
             runs.evaluate_run(cfg.handle(), records, variant, path, runs.run_meta(cfg.model, variant, selection, fluency),
@@ -395,13 +395,12 @@ def pick_case(drift_records: Path) -> dict | None:
 
     samples = [s for line in read_run(drift_records).records for s in line.get("samples", [])
                if s["group"] == "distract_neighborhood"]
-    scored = [(s, DriftSample.from_dict(s)) for s in samples]
-    right = [(s, d) for s, d in scored if d.right_before]
-    tiers = ([s for s, d in right if d.flipped and d.true_top1_before], [s for s, d in right if d.flipped],
-             [s for s, _ in right])
+    right = [(s, d) for s, d in ((s, DriftSample.from_dict(s)) for s in samples) if d.right_before]
+    tiers = ([(s, d) for s, d in right if d.flipped and d.true_top1_before], [(s, d) for s, d in right if d.flipped],
+             right)
     for tier, candidates in zip(CASE_TIERS, tiers):
         if candidates:
-            best = max(candidates, key=lambda s: DriftSample.from_dict(s).severity["logodds_drop"])
+            best, _ = max(candidates, key=lambda sd: sd[1].severity["logodds_drop"])
             return {**best, "pick": {"rule": CASE_RULE, "tier": tier, "candidates": len(candidates),
                                      "right_before": len(right), "prompts": len(samples)}}
     return None
@@ -526,10 +525,10 @@ def _patch_sizes(patch: dict) -> dict:
 
 
 def _sizes_markdown(sizes: dict) -> str:
-    return "n per figure: " + "; ".join(
-        f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items()
-                                if not isinstance(v, dict)) for name, n in sizes.items()
-        if any(not isinstance(v, dict) for v in n.values()))
+    """``"n per figure: ..."`` of the sizes with plain counts; "" when there are none."""
+    parts = [f"{name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in n.items() if not isinstance(v, dict))
+             for name, n in sizes.items() if any(not isinstance(v, dict) for v in n.values())]
+    return "n per figure: " + "; ".join(parts) if parts else ""
 
 
 def figures_markdown(result: dict) -> str:
@@ -547,7 +546,7 @@ def figures_markdown(result: dict) -> str:
             if isinstance(entry.get(key), dict) and entry[key].get("markdown"):
                 parts += [f"**{key}**", "", entry[key]["markdown"], ""]
         sizes = _sizes_markdown(entry.get("n") or {})
-        if sizes != "n per figure: ":
+        if sizes:
             parts += [sizes, ""]
         if entry.get("files"):
             parts += ["Files: " + ", ".join(f"`{f}`" for f in entry["files"]), ""]

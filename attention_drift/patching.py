@@ -705,6 +705,12 @@ def random_variant_names(draws: int) -> list[str]:
     return [f"{RANDOM_VARIANT}/{d}" for d in range(draws)]
 
 
+def _control_fits(n_chosen: int, n_layers: int, n_heads: int) -> bool:
+    """Whether ``n_chosen`` heads leave at least as many other heads, so that a random control of
+    the same size exists."""
+    return 2 * n_chosen <= n_layers * n_heads
+
+
 def matched_random_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_heads: int,
                          rng: np.random.Generator) -> list[tuple[int, int]]:
     """A layer-matched random control for ``heads``: as many heads as ``heads`` has in each layer,
@@ -713,7 +719,7 @@ def matched_random_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_head
     heads). When a layer has too few heads outside ``heads``, the shortfall is drawn uniformly
     from the heads of every layer outside ``heads`` and not drawn yet. Sorted by (layer, head)."""
     chosen = {(int(l), int(h)) for l, h in heads}
-    if len(chosen) * 2 > n_layers * n_heads:
+    if not _control_fits(len(chosen), n_layers, n_heads):
         raise PatchingError(f"{len(chosen)} heads leave too few others among {n_layers * n_heads} for a random "
                             "control of the same size; use a smaller k")
     drawn: list[tuple[int, int]] = []
@@ -734,7 +740,7 @@ def _draw_controls(top: Sequence[tuple[int, int]], model, draws: int, seed: int,
     """``draws`` layer-matched random head sets for a record, seeded by ``seed`` and the case id
     (the same record and seed always draw the same heads). Empty when ``top`` leaves fewer other
     heads than it has (no control of the same size exists)."""
-    if not top or draws < 1 or 2 * len(set(top)) > model.cfg.n_layers * model.cfg.n_heads:
+    if not top or draws < 1 or not _control_fits(len(set(top)), model.cfg.n_layers, model.cfg.n_heads):
         return []
     rng = np.random.default_rng([seed, zlib.crc32(json.dumps(case_id).encode())])
     return [matched_random_heads(top, model.cfg.n_layers, model.cfg.n_heads, rng) for _ in range(draws)]

@@ -9,7 +9,6 @@ written to ``ATTENTION_DRIFT_EXPLORER_PNG`` (e.g. ``figures/explorer.png``).
 
 import base64
 import json
-import math
 import os
 import re
 import shutil
