@@ -220,6 +220,28 @@ def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_
         runner.index(torch.tensor([0]), torch.tensor([0]))  # before the subject
 
 
+def test_packed_runner_stops_each_row_at_its_end():
+    """Positions from ``ends`` on are not run (nothing reads them, and causal attention keeps
+    them from reaching earlier ones): fewer tokens, and every position run equals the full
+    forward."""
+    model = tiny_model("llama", n_layers=3)
+    batch, _, subj = _distract_batch(model)
+    lengths = batch.attention_mask.sum(1)
+    ends = torch.maximum(lengths - 2, subj + 1)
+    whole = LayerRunner(model, batch, 1, changes_from=subj)
+    cut = LayerRunner(model, batch, 1, changes_from=subj, ends=ends)
+    assert cut.layout == "packed" and len(cut._rows) == int((ends - subj).sum()) < len(whole._rows)
+    with torch.no_grad():
+        final, _ = cut.run()
+        reference, _ = whole.run()
+    for r in range(len(batch)):
+        run = torch.arange(int(subj[r]), int(ends[r]))
+        rows = torch.full_like(run, r)
+        torch.testing.assert_close(final[cut.index(rows, run)], reference[whole.index(rows, run)], atol=1e-5, rtol=1e-5)
+    with pytest.raises(EditError, match="not run by the packed layer runner"):
+        cut.index(torch.tensor([0]), lengths[:1] - 1)
+
+
 def _fixed_groups(monkeypatch, groups, layouts):
     """Makes every LayerRunner use ``groups`` packs ("full": full rows) and records its layout."""
     init = LayerRunner.__init__

@@ -25,7 +25,8 @@ logits at every position. On rotary-attention models the steps also skip every p
 before the subject's last token, which the deltas cannot reach: those enter attention as
 keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), and the
 suffixes run packed: rows grouped into packs of similar token counts (:func:`plan_packs`), each
-pack one sequence, so a step costs about the sum of the suffix lengths, not the whole rows nor
+pack one sequence, so a step costs about the sum of the suffix lengths (each ending at the last position a
+loss reads), not the whole rows nor
 every row padded to the longest suffix (the distract rows' are several times the rewriting
 rows'), and a token scores only its pack's cached keys. Extra terms that read attention patterns get them
 laid out as in a full forward.
@@ -101,7 +102,9 @@ class StepInfo:
     that terms asked for through ``extra_prompts`` (no loss of the editor's own on them). ``last_prompt_index`` is the
     position predicting the first target token (the essence row: its last token);
     ``subject_last_index`` the subject's last token, where the deltas are added.
-    Activations of blocks ``>= start_layer`` are live, those below are constants.
+    Activations of blocks ``>= start_layer`` are live, those below are constants. Live ones
+    may be zeros where nothing of the editor's reads (see :class:`LayerRunner`): before the
+    subject's last token, at a rewriting row's last token, after the essence row's subject.
     ``target_ids``: the first token of the new and of the true target after the prompt.
     """
 
@@ -347,10 +350,12 @@ class LayerRunner:
 
     ``changes_from[row]``, when given, is the first position of each row that a change at
     block ``start`` can reach (the deltas go in at the subject's last token; causal attention
-    keeps every earlier position as it was). Then, on rotary-attention bridges (Llama,
+    keeps every earlier position as it was); ``ends[row]`` (optional) is one past the last
+    position of the row that anything reads (causal attention: later positions cannot change
+    it). Then, on rotary-attention bridges (Llama,
     SmolLM2, Gemma...), blocks run on those *suffix* positions only, packed: the rows are
     split into ``G`` packs (:func:`plan_packs`, from a cost model, or ``groups`` when given),
-    each running the real suffix tokens of its rows as one sequence (batch ``G``, padded to the
+    each running the real suffix tokens of its rows (``changes_from`` to ``ends``) as one sequence (batch ``G``, padded to the
     longest pack). A token attends to its own row's earlier positions, which enter attention as
     keys / values cached from the reference pass (its pack's rows' ones, padded to ``Pmax``
     over packs), and to its own row's earlier suffix tokens; the mask is gathered from HF's
@@ -365,7 +370,7 @@ class LayerRunner:
     """
 
     def __init__(self, model, batch: Batch, start: int, reference_names: Sequence[str] = (),
-                 changes_from: Tensor | None = None, groups: int | None = None):
+                 changes_from: Tensor | None = None, groups: int | None = None, ends: Tensor | None = None):
         if groups is not None and groups < 1:
             raise EditError(f"groups must be a positive number of packs or None (chosen by cost), got {groups}")
         self.model, self.start, self.total = model, start, n_layers(model)
@@ -414,7 +419,8 @@ class LayerRunner:
             self.calls[layer] = (args[1:] if args else (), kwargs)
         self.layout, self.groups = "full", len(batch.input_ids)
         if want_packed:
-            self._build_packed(batch, changes_from.to(self.resid.device), saved, groups)
+            self._build_packed(batch, changes_from.to(self.resid.device), saved, groups,
+                               None if ends is None else ends.to(self.resid.device))
         if self.layout == "packed":
             with torch.no_grad():
                 final, _ = self.run()
@@ -446,14 +452,17 @@ class LayerRunner:
                         for kind in ("rot_k", "v")))
 
     def _build_packed(self, batch: Batch, changes_from: Tensor, saved: dict[str, Tensor],
-                      groups: int | None) -> None:
+                      groups: int | None, ends: Tensor | None) -> None:
         """Sets up the packed layout (``layout = "packed"``), or leaves ``layout`` at ``"full"``
         when a block's arguments are not the kind it knows how to pack."""
         b, T = batch.input_ids.shape
         device = self.resid.device
         real = batch.attention_mask.to(device).bool()
-        before = torch.arange(T, device=device)[None] < changes_from.long()[:, None]
+        position = torch.arange(T, device=device)[None]
+        before = position < changes_from.long()[:, None]
         is_query, is_cached = real & ~before, real & before
+        if ends is not None:
+            is_query &= position < ends.long()[:, None]
         if not bool(is_query.any()):
             return
         packs = plan_packs(is_query.sum(1).tolist(), is_cached.sum(1).tolist(),
@@ -666,8 +675,11 @@ def optimize_values(
     out_rows = [r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()]
     out_rows_t = torch.tensor(sorted(set(out_rows)), dtype=torch.long)
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
+    # Read positions: the rewriting rows' target-predicting ones (not their last token), the
+    # essence row's subject token, the extra rows' last prompt token.
+    ends = torch.cat([batch.lengths[:n_rw] - 1, subj[n_rw:n_rw + 1] + 1, batch.lengths[n_rw + 1:]])
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
-                         changes_from=subj if suffix_ok else None)
+                         changes_from=subj if suffix_ok else None, ends=ends)
     init = {s: runner.saved[s][0, subj[0]].to(torch.float32, copy=True) for s in sites}
     reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
     constants = {n: runner.saved[n].float() for n in const_names}
@@ -716,14 +728,15 @@ def optimize_values(
             acts.clear()
             acts.update(constants)
             final, kept = runner.run(keep=(loss_layer,) if loss_layer < total - 1 else ())
+            # one unembedding for every row read (its weights are read once per call)
+            read = torch.cat([kept.get(loss_layer, final)[target_at], final[essence_at], final[output_at]])
+            log_probs, kl_lp, output_lp = unembed_rows(model, read).float().log_softmax(-1).split(
+                [len(target_t), 1, len(out_rows_t)])
             if len(out_rows_t):
-                acts[OUTPUT] = unembed_rows(model, final[output_at]).float().log_softmax(-1)
-            lens = kept.get(loss_layer, final)
-            log_probs = unembed_rows(model, lens[target_at]).float().log_softmax(-1)
+                acts[OUTPUT] = output_lp
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
             nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
             nll = nll_each.mean()
-            kl_lp = unembed_rows(model, final[essence_at]).float().log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
             kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
