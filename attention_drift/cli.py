@@ -618,9 +618,7 @@ def run_models(args) -> int:
 
 def register_demo(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the guided demo on an offline model (no internet needed)")
-    p.add_argument("--model", default=None, help="model name or path (default: the default offline model)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: $OMP_NUM_THREADS, else the cores free to this process)")
+    add_model_arguments(p)
     p.add_argument("--no-edit", action="store_true", help="skip the editing part")
     p.set_defaults(run=run_demo)
 
@@ -630,7 +628,7 @@ def run_demo(args) -> int:
     from attention_drift.runtime import configure_threads
 
     configure_threads(args.threads)
-    return demo(args.model or DEFAULT_MODEL, edit_demo=not args.no_edit)
+    return demo(args.model, edit_demo=not args.no_edit, device=args.device, dtype=args.dtype)
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -99,11 +99,13 @@ def show_metrics(model, records) -> None:
              "0 by construction, since efficacy is 0 while the model holds the true fact)")
 
 
-def run_demo(model_name: str = DEFAULT_MODEL, *, edit_demo: bool = True) -> int:
+def run_demo(model_name: str = DEFAULT_MODEL, *, edit_demo: bool = True, device: str = "cpu",
+             dtype: str = "float32") -> int:
     records = load_example()
     start = time.perf_counter()
-    model = load_model(model_name)
-    _say(f"# attention_drift demo — {model_name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads "
+    model = load_model(model_name, device=device, dtype=dtype)
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _say(f"# attention_drift demo — {model_name} ({weights}): {model.cfg.n_layers} layers x {model.cfg.n_heads} heads "
          f"(loaded in {time.perf_counter() - start:.1f} s, {torch.get_num_threads()} thread(s))\n")
     _say("## Facts the unedited model knows\n")
     show_facts(model, records)

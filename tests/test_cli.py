@@ -292,3 +292,9 @@ def test_fluency_in_run_file_and_summary(tiny_folder, tmp_path, capsys):
     assert fluency == {"pre": {"ngram_entropy": pytest.approx(sum(entropies) / 2), "n": 2}}
     assert cli.main(["summarize", str(out)]) == 0
     assert f"| fluency (FL, n-gram entropy x100) | 2 | {100 * sum(entropies) / 2:.1f} |" in capsys.readouterr().out
+
+
+def test_demo_loads_the_model_in_the_dtype_asked(tiny_folder, capsys):
+    assert cli.main(["demo", "--model", tiny_folder, "--no-edit", "--dtype", "bfloat16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(bfloat16)" in out and "Facts the unedited model knows" in out
