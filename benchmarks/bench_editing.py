@@ -17,7 +17,8 @@ beforehand (as for every edit after the first; a warm-up edit runs first):
   same ROME batch: (a) as the official code: full forward and full-vocabulary logits at every
   position; (b) all blocks re-run but logits only at the target positions; (c) blocks from the
   edit layer on, on the cached residual, logits only at the target positions; (d) ours: as (c)
-  but only the positions from the subject's last token on (earlier keys / values cached).
+  but only the positions from the subject's last token (earlier keys / values cached) to the
+  last one a loss reads (not a row's last target token, nor the essence row after its subject).
 
 Timings on a machine shared with other jobs vary; compare numbers from one run.
 """
@@ -129,7 +130,7 @@ def stats_throughput(model, stats) -> None:
 
 def step_costs(model, request, cfg, repeats: int) -> None:
     """Time one forward+backward of the value optimisation, four ways."""
-    from attention_drift.editing.optimize import LayerRunner, rewriting_batch, unembed_rows
+    from attention_drift.editing.optimize import LayerRunner, read_ends, rewriting_batch, unembed_rows
     from attention_drift.editing.templates import context_templates
 
     flat = [t for g in context_templates(model, cfg.context_templates, cfg.template_seed) for t in g]
@@ -141,6 +142,7 @@ def step_costs(model, request, cfg, repeats: int) -> None:
                                                         int(batch.lengths[i]) - 1)]
     ti, tp = torch.tensor([t[0] for t in targets]), torch.tensor([t[1] for t in targets])
     tid = batch.input_ids[ti, tp + 1]
+    ends = read_ends(batch, n_rw, subj)
 
     def inject(act, hook):
         act = act.clone()
@@ -152,8 +154,8 @@ def step_costs(model, request, cfg, repeats: int) -> None:
         lp = logits.log_softmax(-1)
         return -lp[ti, tp, tid].mean() + lp[n_rw:, :].sum() * 0
 
-    def run_from(start, changes_from=None):
-        runner = LayerRunner(model, batch, start, changes_from=changes_from)
+    def run_from(start, changes_from=None, ends=None):
+        runner = LayerRunner(model, batch, start, changes_from=changes_from, ends=ends)
         target_at, subject_at = runner.index(ti, tp), runner.index(rows, subj)
 
         def hook(act, hook):
@@ -173,7 +175,7 @@ def step_costs(model, request, cfg, repeats: int) -> None:
 
     ways = {"(a) full forward, full logits": plain_step, "(b) all blocks, target logits": run_from(0),
             f"(c) blocks {layer}.., target logits": run_from(layer),
-            f"(d) blocks {layer}.., positions from the subject on (packed), target logits": run_from(layer, subj)}
+            f"(d) blocks {layer}.., positions read (packed), target logits": run_from(layer, subj, ends)}
     times = {name: float("inf") for name in ways}
     for fn in ways.values():
         fn().backward()  # warm-up

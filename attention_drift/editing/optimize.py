@@ -254,6 +254,14 @@ def rewriting_batch(
     return _concat(rewriting, essence, int(pad)), len(prompts), torch.tensor(positions)
 
 
+def read_ends(batch: Batch, n_rewriting: int, subject_last: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
+    """One past the last position of each row of a :func:`rewriting_batch` that the value loss
+    reads: a rewriting row's last target-predicting position (not its last token), the essence
+    row's subject token (the KL term), an extra row's last prompt token."""
+    return torch.cat([batch.lengths[:n_rewriting] - 1, subject_last[n_rewriting:n_rewriting + 1] + 1,
+                      batch.lengths[n_rewriting + 1:]])
+
+
 class _FinalResidual(Exception):
     """Ends a reference pass at the final norm, carrying the residual that enters it."""
 
@@ -675,11 +683,8 @@ def optimize_values(
     out_rows = [r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()]
     out_rows_t = torch.tensor(sorted(set(out_rows)), dtype=torch.long)
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
-    # Read positions: the rewriting rows' target-predicting ones (not their last token), the
-    # essence row's subject token, the extra rows' last prompt token.
-    ends = torch.cat([batch.lengths[:n_rw] - 1, subj[n_rw:n_rw + 1] + 1, batch.lengths[n_rw + 1:]])
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
-                         changes_from=subj if suffix_ok else None, ends=ends)
+                         changes_from=subj if suffix_ok else None, ends=read_ends(batch, n_rw, subj))
     init = {s: runner.saved[s][0, subj[0]].to(torch.float32, copy=True) for s in sites}
     reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
     constants = {n: runner.saved[n].float() for n in const_names}
