@@ -6,8 +6,8 @@ Two kinds of interval, always labelled:
   pooled, ``1.96 * sqrt(p (1 - p) / n)`` with n prompts (ignores that prompts of one record
   are correlated; kept to compare with the paper);
 * ``ci95_bootstrap`` -- a record-clustered bootstrap: records are resampled with replacement
-  (:data:`N_BOOTSTRAP` times, fixed seed) and the pooled accuracy recomputed; the 2.5 / 97.5
-  percentiles.
+  (:data:`N_BOOTSTRAP` times, fixed seed; :func:`attention_drift.stats.bootstrap_values`) and the
+  pooled accuracy recomputed; the 2.5 / 97.5 percentiles.
 
 Two runs on the same data are compared on the records they share, paired
 (:func:`paired_difference`): the difference of pooled accuracies with a record-clustered
@@ -21,14 +21,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from attention_drift import stats
 from attention_drift.evaluate import GROUPS, RecordScores, aggregate, avg_s, fluency_stats
 from attention_drift.jsonl import Run
 
 COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
                   "distract_relation")
 """The groups of the paper's main table, in its column order."""
-N_BOOTSTRAP = 2000
-SEED = 0
+N_BOOTSTRAP = stats.BOOTSTRAP_SAMPLES
 
 
 # --- per-record counts ----------------------------------------------------------------------
@@ -48,18 +48,24 @@ def _counts(lines: Sequence[dict], phase: str, group: str) -> tuple[np.ndarray, 
     return np.array([sum(f) for f in flags], dtype=float), np.array([len(f) for f in flags], dtype=float)
 
 
-def _resample(n_records: int) -> np.ndarray:
-    return np.random.default_rng(SEED).integers(n_records, size=(N_BOOTSTRAP, n_records))
+def _ratio_values(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``sum(numerator) / sum(denominator)`` over records resampled with replacement (one array
+    entry per record), where the resampled denominator is positive."""
+    def statistic(weights):
+        den = weights @ denominator
+        return np.where(den > 0, (weights @ numerator) / np.where(den > 0, den, 1.0), np.nan)
+
+    return stats.bootstrap_values(statistic, len(denominator), n_boot=N_BOOTSTRAP)
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    return None if values.size == 0 else list(stats.percentile_interval(values))
 
 
 def bootstrap_ci(correct: np.ndarray, n: np.ndarray) -> tuple[float, float] | None:
     """Record-clustered bootstrap 95% interval of the pooled accuracy ``sum(correct) / sum(n)``."""
-    if len(n) < 2:
-        return None
-    idx = _resample(len(n))
-    acc = correct[idx].sum(1) / n[idx].sum(1)
-    lo, hi = np.percentile(acc, [2.5, 97.5])
-    return float(lo), float(hi)
+    interval = _interval(_ratio_values(correct, n))
+    return None if interval is None else tuple(interval)
 
 
 # --- one run --------------------------------------------------------------------------------
@@ -76,8 +82,8 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
     groups: dict[str, dict] = {}
     avg: dict[str, float | None] = {}
     for phase, (lines, scores) in phases.items():
-        stats = aggregate(scores, per_record=per_record)
-        for name, s in stats.items():
+        group_stats = aggregate(scores, per_record=per_record)
+        for name, s in group_stats.items():
             entry = s.to_json()
             ci = bootstrap_ci(*_counts(lines, phase, name))
             entry["ci95_bootstrap"] = None if ci is None else list(ci)
@@ -85,7 +91,7 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
         fl = fluency_stats(scores, per_record=per_record)
         if fl is not None:
             groups.setdefault("fluency", {})[phase] = fl.to_json()
-        avg[phase] = avg_s(stats)
+        avg[phase] = avg_s(group_stats)
     seconds = [line["edit_seconds"] for line in run.records if line.get("edit_seconds") is not None]
     meta = {
         "model": run.meta.get("model"), "method": run.meta.get("method"), "variant": run.meta.get("variant"),
@@ -200,21 +206,16 @@ def paired_difference(a: Run, b: Run, group: str) -> dict | None:
     out = {"diff": diff, "ci95": None, "p_value": None, "n_records": len(rows), "n_prompts": int(n.sum()),
            "mcnemar_p": mcnemar_p([x for r in rows for x in r[1]], [y for r in rows for y in r[2]]),
            "recovered": None}
-    idx = _resample(len(rows)) if len(rows) > 1 else None
-    if idx is not None:
-        boot = (cb[idx].sum(1) - ca[idx].sum(1)) / n[idx].sum(1)
-        out["ci95"] = [float(x) for x in np.percentile(boot, [2.5, 97.5])]
+    boot = _ratio_values(cb - ca, n)
+    if boot.size:
+        out["ci95"] = _interval(boot)
         extreme = float(np.mean(np.abs(boot - diff) >= abs(diff))) if diff != 0 else 1.0
         out["p_value"] = max(extreme, 1 / N_BOOTSTRAP)
     if all(r[0] is not None for r in rows):
         cp = np.array([sum(r[0]) for r in rows], dtype=float)
         if cp.sum() - ca.sum() >= 1:
-            out["recovered"] = {"fraction": float((cb.sum() - ca.sum()) / (cp.sum() - ca.sum())), "ci95": None}
-            if idx is not None:
-                loss = cp[idx].sum(1) - ca[idx].sum(1)
-                won = (cb[idx].sum(1) - ca[idx].sum(1))[loss > 0] / loss[loss > 0]
-                if len(won):
-                    out["recovered"]["ci95"] = [float(x) for x in np.percentile(won, [2.5, 97.5])]
+            out["recovered"] = {"fraction": float((cb.sum() - ca.sum()) / (cp.sum() - ca.sum())),
+                                "ci95": _interval(_ratio_values(cb - ca, cp - ca))}
     return out
 
 

@@ -241,22 +241,22 @@ def _codes(clusters: ArrayLike | None, n: int) -> np.ndarray:
     return np.array([first.setdefault(repr(c), len(first)) for c in ids], dtype=np.int64).reshape(n)
 
 
-def bootstrap_interval(statistic, n: int, clusters: ArrayLike | None = None, *, confidence: float = 0.95,
-                       n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
-                       chunk: int = 256) -> tuple[float, float]:
-    """Percentile interval of ``statistic`` under the bootstrap.
+def bootstrap_values(statistic, n: int, clusters: ArrayLike | None = None, *, n_boot: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED, chunk: int = 256) -> np.ndarray:
+    """The finite values of ``statistic`` over ``n_boot`` bootstrap resamples (empty when there is
+    a single cluster).
 
     ``statistic(weights)`` takes a ``[b, n]`` array (how many times each of the ``n`` items is
     drawn in each of ``b`` resamples) and returns ``b`` values. With ``clusters`` (one id per
     item, e.g. the record of each prompt) whole clusters are drawn with replacement, as many as
     there are clusters, and every item weighs as often as its cluster is drawn; without, items
-    are drawn. NaN resamples (e.g. one class missing) are dropped; NaN when none is left or
-    there is a single cluster. ``seed`` fixes the draws (the same data give the same interval).
+    are drawn. NaN resamples (e.g. one class missing) are dropped. ``seed`` fixes the draws (the
+    same data give the same values; ``chunk``, resamples drawn at a time, does not change them).
     """
     codes = _codes(clusters, n)
     k = int(codes.max()) + 1 if n else 0
     if k < 2 or n_boot < 1:
-        return math.nan, math.nan
+        return np.zeros(0)
     rng = np.random.default_rng(seed)
     values = []
     for start in range(0, n_boot, chunk):
@@ -266,12 +266,25 @@ def bootstrap_interval(statistic, n: int, clusters: ArrayLike | None = None, *, 
         np.add.at(counts, (np.arange(b)[:, None], draws), 1.0)
         values.append(np.asarray(statistic(counts[:, codes]), dtype=np.float64))
     values = np.concatenate(values)
-    values = values[np.isfinite(values)]
+    return values[np.isfinite(values)]
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` percentile interval of bootstrap values; NaN when there are none."""
     if values.size == 0:
         return math.nan, math.nan
     tail = 50 * (1 - confidence)
     low, high = np.percentile(values, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def bootstrap_interval(statistic, n: int, clusters: ArrayLike | None = None, *, confidence: float = 0.95,
+                       n_boot: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                       chunk: int = 256) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` under the bootstrap (:func:`bootstrap_values`); NaN
+    when no resample gives a finite value or there is a single cluster."""
+    return percentile_interval(bootstrap_values(statistic, n, clusters, n_boot=n_boot, seed=seed, chunk=chunk),
+                               confidence)
 
 
 def _method(clusters) -> str:

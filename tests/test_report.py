@@ -91,3 +91,25 @@ def test_tradeoff_points_are_recovery_and_paraphrase_cost_against_the_baseline()
     assert point["cost_ci95"][0] <= -0.25 <= point["cost_ci95"][1]
     with pytest.raises(KeyError, match="baseline"):
         report.tradeoff(runs, "memit")
+
+
+def test_record_bootstrap_is_the_one_of_stats():
+    """Summaries and paired differences resample records through ``stats`` (one bootstrap in the
+    package): the summary's interval is ``stats.bootstrap_ratio`` of the per-record counts, the
+    paired one that of the per-record differences."""
+    import numpy as np
+
+    from attention_drift import stats
+
+    a = _run(_line(i, [True] * 3, [i % 2 == 0, i % 3 == 0, True]) for i in range(12))
+    b = _run(_line(i, [True] * 3, [True, i % 4 == 0, True]) for i in range(12))
+    correct_a = np.array([sum([i % 2 == 0, i % 3 == 0, True]) for i in range(12)], dtype=float)
+    correct_b = np.array([sum([True, i % 4 == 0, True]) for i in range(12)], dtype=float)
+    prompts = np.full(12, 3.0)
+    post = report.summary(a)["groups"]["distract_neighborhood"]["post"]
+    expected = stats.bootstrap_ratio(correct_a, prompts)
+    assert post["ci95_bootstrap"] == pytest.approx([expected.ci_low, expected.ci_high])
+    d = report.paired_difference(a, b, "distract_neighborhood")
+    paired = stats.bootstrap_ratio(correct_b - correct_a, prompts)
+    assert d["ci95"] == pytest.approx([paired.ci_low, paired.ci_high])
+    assert d["ci95"][0] < d["diff"] < d["ci95"][1]
