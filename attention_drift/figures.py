@@ -320,7 +320,7 @@ def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECOR
         series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in names]
                   for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in names)}
         fig = plots.tradeoff_curve([max(x, 1e-3) for x in xs], series, "SADR weight γ (plain ROME drawn at 0.001)",
-                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood · "
+                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood\n"
                                    f"{_records_text(numbers)} (shared records; CIs in figures.md)", log_x=True,
                                    ylabel="accuracy (%)")
         result["weight"] = {"weights": dict(zip(names, xs)), "numbers": numbers, "markdown": md}
@@ -335,7 +335,7 @@ def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECOR
             continue
         bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
         fig = plots.metric_bars(bars, f"SADR ablation: {family} (95% CI) · {_records_text(numbers)} (shared)",
-                                metrics=list(SHOWN))
+                                metrics=[g for g in SHOWN if any(g in row for row in bars.values())])
         result[family] = {"numbers": numbers, "markdown": md}
         result["n"][f"ablation_{family}"] = _sizes(numbers)
         result["files"] += _save(fig, out, f"ablation_{family}", png)

@@ -52,7 +52,7 @@ def _values(x: Tensor) -> Tensor:
 def _style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": html.escape(title), "x": 0.02, "xanchor": "left"},
+        title={"text": "<br>".join(html.escape(line) for line in title.split("\n")), "x": 0.02, "xanchor": "left"},
         xaxis_title=xlabel,
         yaxis_title=ylabel,
         font={"size": 13},

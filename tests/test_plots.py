@@ -217,6 +217,8 @@ def test_tradeoff_curve():
     assert [t.name for t in fig.data] == ["efficacy", "DNS"]
     assert list(fig.data[1].y) == [0.3, 0.4, 0.5]
     assert fig.layout.xaxis.title.text == "γ"
+    two_lines = tradeoff_curve([0.1, 1.0], {"e": [1, 1]}, "γ", "a <b>\n30 records")
+    assert two_lines.layout.title.text == "a &lt;b&gt;<br>30 records"  # a line break, the text still escaped
     with pytest.raises(PlotError, match="positive"):
         tradeoff_curve([0.0, 0.1], {"e": [1, 1]}, "γ", "t", log_x=True)
     with pytest.raises(PlotError, match="has 1 values"):
