@@ -25,10 +25,10 @@ logits at every position. On rotary-attention models the steps also skip every p
 before the subject's last token, which the deltas cannot reach: those enter attention as
 keys / values cached from the reference pass (:class:`LayerRunner`, ``changes_from``), and the
 suffixes run packed: rows grouped into packs of similar token counts (:func:`plan_packs`), each
-pack one sequence, so a step costs about the sum of the suffix lengths (each ending at the last position a
-loss reads), not the whole rows nor
-every row padded to the longest suffix (the distract rows' are several times the rewriting
-rows'), and a token scores only its pack's cached keys. Extra terms that read attention patterns get them
+pack one sequence, so a step costs about the sum of the suffix lengths (each ending at the last
+position a loss reads), not the whole rows nor every row padded to the longest suffix (the
+distract rows' are several times the rewriting rows'), and a token scores only its pack's cached
+keys. Extra terms that read attention patterns get them
 laid out as in a full forward.
 
 Extra loss terms (:class:`ExtraLoss`, e.g. SADR) declare hook names; those at layers >=
@@ -360,11 +360,10 @@ class LayerRunner:
     block ``start`` can reach (the deltas go in at the subject's last token; causal attention
     keeps every earlier position as it was); ``ends[row]`` (optional) is one past the last
     position of the row that anything reads (causal attention: later positions cannot change
-    it). Then, on rotary-attention bridges (Llama,
-    SmolLM2, Gemma...), blocks run on those *suffix* positions only, packed: the rows are
-    split into ``G`` packs (:func:`plan_packs`, from a cost model, or ``groups`` when given),
-    each running the real suffix tokens of its rows (``changes_from`` to ``ends``) as one sequence (batch ``G``, padded to the
-    longest pack). A token attends to its own row's earlier positions, which enter attention as
+    it). Then, on rotary-attention bridges (Llama, SmolLM2, Gemma...), blocks run on those
+    *suffix* positions only (``changes_from`` to ``ends``), packed: the rows are split into
+    ``G`` packs (:func:`plan_packs`, from a cost model, or ``groups`` when given), each running
+    the real suffix tokens of its rows as one sequence (batch ``G``, padded to the longest pack). A token attends to its own row's earlier positions, which enter attention as
     keys / values cached from the reference pass (its pack's rows' ones, padded to ``Pmax``
     over packs), and to its own row's earlier suffix tokens; the mask is gathered from HF's
     per-layer masks, so sliding windows hold. Activations are then ``[G, Nmax, ...]``
