@@ -363,8 +363,9 @@ class LayerRunner:
     it). Then, on rotary-attention bridges (Llama, SmolLM2, Gemma...), blocks run on those
     *suffix* positions only (``changes_from`` to ``ends``), packed: the rows are split into
     ``G`` packs (:func:`plan_packs`, from a cost model, or ``groups`` when given), each running
-    the real suffix tokens of its rows as one sequence (batch ``G``, padded to the longest pack). A token attends to its own row's earlier positions, which enter attention as
-    keys / values cached from the reference pass (its pack's rows' ones, padded to ``Pmax``
+    the real suffix tokens of its rows as one sequence (batch ``G``, padded to the longest pack).
+    A token attends to its own row's earlier positions, which enter attention as keys / values
+    cached from the reference pass (its pack's rows' ones, padded to ``Pmax``
     over packs), and to its own row's earlier suffix tokens; the mask is gathered from HF's
     per-layer masks, so sliding windows hold. Activations are then ``[G, Nmax, ...]``
     (:meth:`index` maps (row, position) pairs to them) and attention patterns
