@@ -1,10 +1,13 @@
 """attention_drift: what a knowledge edit does to a model's attention, and how to stop it.
 
-Data flows load -> edit -> cache -> analyse -> report / plot:
-:func:`load_model`, :func:`load_counterfact` / :func:`load_dev` / :func:`load_example`,
-:func:`edit`, :func:`evaluate_record`, :mod:`~attention_drift.drift`,
-:mod:`~attention_drift.patching`, :mod:`~attention_drift.report`, :mod:`~attention_drift.plots`,
-:mod:`~attention_drift.viz`.
+Data flows load -> edit -> measure -> report -> view, one subpackage a layer (ARCHITECTURE.md):
+
+* :mod:`attention_drift.core`: models, tokens, hook names, records, run files, the layer runner;
+* :mod:`attention_drift.editing`: the editors (ROME, MEMIT, PMET), SADR, the edit cache;
+* :mod:`attention_drift.measure`: evaluation metrics, attention drift, causal patching, case study;
+* :mod:`attention_drift.reports`: evaluation / drift / patch reports, statistics;
+* :mod:`attention_drift.views`: plotly figures, circuitsvis views, the explorer page;
+* :mod:`attention_drift.runs`: variants, run files, sweeps, where work is placed, the figures.
 
 The names below are imported on first use, so ``import attention_drift`` (and the command
 line's ``--help``) does not wait for torch.
@@ -13,27 +16,33 @@ line's ``--help``) does not wait for torch.
 import importlib
 
 _EXPORTS = {
-    "Record": "data", "Rewrite": "data", "balanced_subset": "data", "distract_prompt": "data",
-    "load_counterfact": "data", "load_dev": "data", "load_example": "data",
+    "Record": "core.data", "Rewrite": "core.data", "balanced_subset": "core.data", "distract_prompt": "core.data",
+    "load_counterfact": "core.data", "load_dev": "core.data", "load_example": "core.data",
     "EDITORS": "editing", "EditResult": "editing", "MEMITConfig": "editing", "PMETConfig": "editing",
     "ROMEConfig": "editing", "apply_edit": "editing", "edit": "editing",
-    "aggregate": "evaluate", "evaluate_record": "evaluate",
-    "DEFAULT_MODEL": "models", "OFFLINE_MODELS": "models", "load_model": "models", "tiny_model": "models",
-    "SADRConfig": "sadr",
-    "AttentionDriftError": "errors",
-    "Variant": "variants", "SADRSpec": "variants",
+    "aggregate": "measure.evaluate", "evaluate_record": "measure.evaluate",
+    "DEFAULT_MODEL": "core.models", "OFFLINE_MODELS": "core.models", "load_model": "core.models",
+    "tiny_model": "core.models",
+    "SADRConfig": "editing.sadr",
+    "AttentionDriftError": "core.errors",
+    "Variant": "runs.variants", "SADRSpec": "runs.variants",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-_MODULES = {"analysis", "case_study", "data", "drift", "editing", "evaluate", "explorer", "figures", "hooks", "models",
-            "patching", "plots", "report", "runs", "sadr", "stats", "sweep", "variants", "viz"}
+_MODULES = {  # short names for notebooks: ``ad.drift``, ``ad.plots`` ...
+    "data": "core.data", "hooks": "core.hooks", "models": "core.models", "editing": "editing",
+    "sadr": "editing.sadr", "evaluate": "measure.evaluate", "drift": "measure.drift",
+    "patching": "measure.patching", "case_study": "measure.case_study", "report": "reports.evaluation",
+    "stats": "reports.stats", "plots": "views.plots", "viz": "views.viz", "explorer": "views.explorer",
+    "runs": "runs", "analysis": "runs.analysis", "figures": "runs.figures", "sweep": "runs.sweep",
+    "variants": "runs.variants",
+}
 
 
 def __getattr__(name: str):
     if name in _MODULES:
-        return importlib.import_module(f"attention_drift.{name}")
+        return importlib.import_module(f"attention_drift.{_MODULES[name]}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'attention_drift' has no attribute {name!r}")
     value = getattr(importlib.import_module(f"attention_drift.{_EXPORTS[name]}"), name)
@@ -42,4 +51,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | _MODULES)
+    return sorted(set(globals()) | set(_EXPORTS) | set(_MODULES))

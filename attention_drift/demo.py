@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import distract_prompt, load_example
-from attention_drift.evaluate import aggregate, avg_s, evaluate_record
-from attention_drift.models import DEFAULT_MODEL, load_model
+from attention_drift.core import tokens
+from attention_drift.core.data import distract_prompt, load_example
+from attention_drift.measure.evaluate import aggregate, avg_s, evaluate_record
+from attention_drift.core.models import DEFAULT_MODEL, load_model
 
 
 def _say(text: str = "") -> None:
@@ -46,7 +46,7 @@ def show_facts(model, records) -> None:
 def show_edit(model, record) -> None:
     """ROME on one record: a few distract prompts before / after, and the top drifting heads on
     the prompt the edit hurt most."""
-    from attention_drift.drift import measure_drift
+    from attention_drift.measure.drift import measure_drift
     from attention_drift.editing import edit
 
     rw = record.rewrite

@@ -32,12 +32,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from attention_drift.data import load_example
+    from attention_drift.core.data import load_example
     from attention_drift.editing import ROMEConfig, apply_edit
     from attention_drift.editing.corpus import corpus_sequences, shipped_corpus
     from attention_drift.editing.stats import key_second_moments
     from attention_drift.editing.templates import context_templates
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
 
     print(f"cache {cache} ({'empty' if not os.listdir(cache) else 'not empty'}); torch threads {args.threads}; "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -54,11 +54,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from attention_drift.data import load_example
+    from attention_drift.core.data import load_example
     from attention_drift.editing import MEMITConfig, PMETConfig, ROMEConfig, apply_edit
-    from attention_drift.models import load_model
-    from attention_drift.sadr import SADRConfig
-    from attention_drift.variants import sadr_variant
+    from attention_drift.core.models import load_model
+    from attention_drift.editing.sadr import SADRConfig
+    from attention_drift.runs.variants import sadr_variant
 
     model = load_model("smollm2-135m")
     print(f"torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}")
@@ -130,7 +130,8 @@ def stats_throughput(model, stats) -> None:
 
 def step_costs(model, request, cfg, repeats: int) -> None:
     """Time one forward+backward of the value optimisation, four ways."""
-    from attention_drift.editing.optimize import LayerRunner, read_ends, rewriting_batch, unembed_rows
+    from attention_drift.core.runner import LayerRunner, unembed_rows
+    from attention_drift.editing.optimize import read_ends, rewriting_batch
     from attention_drift.editing.templates import context_templates
 
     flat = [t for g in context_templates(model, cfg.context_templates, cfg.template_seed) for t in g]

@@ -26,10 +26,10 @@ import time
 
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import load_example
-from attention_drift.models import load_model
-from attention_drift.patching import PatchCase, layer_head_grid, record_activations, run_patched, run_variant
+from attention_drift.core import tokens
+from attention_drift.core.data import load_example
+from attention_drift.core.models import load_model
+from attention_drift.measure.patching import PatchCase, layer_head_grid, record_activations, run_patched, run_variant
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

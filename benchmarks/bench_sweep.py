@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from attention_drift.runs import RecordSelection
-    from attention_drift.sweep import SweepConfig, ray_session, run_sweep
-    from attention_drift.variants import paper_variants
+    from attention_drift.runs.evaluation import RecordSelection
+    from attention_drift.runs.sweep import SweepConfig, ray_session, run_sweep
+    from attention_drift.runs.variants import paper_variants
 
     table = paper_variants()
     variants = tuple(table[name] for name in args.variants.split(","))
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 def _model_name(name: str) -> str:
     if name != "tiny":
         return name
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("llama").model_name
 
@@ -75,7 +75,7 @@ def _model_name(name: str) -> str:
 def _prepare_statistics(model_name: str, variants, device: str) -> None:
     """Fill the statistics cache once, so no timed sweep computes it."""
     from attention_drift.editing.stats import key_second_moments
-    from attention_drift.runs import ModelHandle
+    from attention_drift.runs.evaluation import ModelHandle
 
     editing = [v for v in variants if v.edits]
     if not editing:

@@ -7,7 +7,7 @@ prompts (micro-average).
 
 import torch
 
-from attention_drift import tokens
+from attention_drift.core import tokens
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Evaluate several editing variants side by side: ``attention-drift sweep`` plus a summary per variant.
 
 The issue tables (ROME / MEMIT / PMET with and without SADR, SADR weight sweep, hinge vs
-all-heads) are this script's output. The work is one sweep (:mod:`attention_drift.sweep`:
+all-heads) are this script's output. The work is one sweep (:mod:`attention_drift.runs.sweep`:
 records x variants as Ray tasks, statistics computed once, pre-edit scores shared) into the
 resumable run files ``OUT/<variant>.jsonl``; when ``--deadline`` passes the sweep is stopped
 (what it wrote stays valid, re-running continues) and every summary is printed, also into
@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from attention_drift.variants import paper_variants, with_stats_samples
+from attention_drift.runs.variants import paper_variants, with_stats_samples
 
 VARIANTS = paper_variants()
 
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 
-    from attention_drift.evaluate import FluencyConfig
-    from attention_drift.jsonl import read_run
-    from attention_drift.report import markdown, summary
-    from attention_drift.runs import RecordSelection
-    from attention_drift.sweep import SweepConfig, run_sweep
+    from attention_drift.measure.evaluate import FluencyConfig
+    from attention_drift.core.jsonl import read_run
+    from attention_drift.reports.evaluation import markdown, summary
+    from attention_drift.runs.evaluation import RecordSelection
+    from attention_drift.runs.sweep import SweepConfig, run_sweep
 
     config = SweepConfig(
         args.model, tuple(with_stats_samples(VARIANTS[n], args.stats_samples) for n in names), Path(args.out),

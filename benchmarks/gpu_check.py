@@ -14,13 +14,13 @@ import time
 
 import torch
 
-from attention_drift.case_study import case_study
-from attention_drift.data import load_dev, load_example
-from attention_drift.drift import drift_record, record_prompts
-from attention_drift.evaluate import evaluate_record
-from attention_drift.models import load_model
-from attention_drift.patching import patch_record
-from attention_drift.variants import SADRSpec, Variant, editor_names
+from attention_drift.measure.case_study import case_study
+from attention_drift.core.data import load_dev, load_example
+from attention_drift.measure.drift import drift_record, record_prompts
+from attention_drift.measure.evaluate import evaluate_record
+from attention_drift.core.models import load_model
+from attention_drift.measure.patching import patch_record
+from attention_drift.runs.variants import SADRSpec, Variant, editor_names
 
 
 def _peak(device: torch.device) -> str:

@@ -35,7 +35,7 @@ def main() -> None:
 
     from attention_drift.editing import StatsConfig
     from attention_drift.editing.corpus import SAMPLE_CHUNK, SHIPPED_DIR, sample_chunk, shipped_corpus, write_corpus_file
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
 
     stats = StatsConfig()
     stats = dataclasses.replace(stats, **{k: v for k, v in (("n_samples", args.n_samples), ("seed", args.seed),

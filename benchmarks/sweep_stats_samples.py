@@ -32,10 +32,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from attention_drift.data import balanced_subset, load_counterfact, load_example
+    from attention_drift.core.data import balanced_subset, load_counterfact, load_example
     from attention_drift.editing import CONFIG_TYPES, StatsConfig, edit
     from attention_drift.editing.stats import key_second_moments
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
 
     model = load_model(args.model)
     records = load_example() if args.data is None else load_counterfact(args.data)

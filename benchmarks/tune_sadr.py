@@ -1,6 +1,6 @@
 """Tune SADR variants on the development split's *tuning* half, never on the report half.
 
-Runs the candidate variants of :func:`attention_drift.variants.sadr_candidates` (and plain ROME /
+Runs the candidate variants of :func:`attention_drift.runs.variants.sadr_candidates` (and plain ROME /
 the published SADR for reference) on the first ``--records`` CounterFact-type records of
 ``--data dev-tune`` (distract neighbourhood, paraphrase and neighbourhood come from those) into
 resumable run files ``OUT/<variant>.jsonl``, pre-edit scores computed once (``OUT/none.jsonl``),
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from attention_drift.variants import paper_variants
+from attention_drift.runs.variants import paper_variants
 
 GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood")
 
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from attention_drift.jsonl import read_run
-    from attention_drift.runs import ModelHandle, RecordSelection, evaluate_run, run_meta
-    from attention_drift.runtime import configure_threads
+    from attention_drift.core.jsonl import read_run
+    from attention_drift.runs.evaluation import ModelHandle, RecordSelection, evaluate_run, run_meta
+    from attention_drift.core.runtime import configure_threads
 
     variants = paper_variants()
     names = args.variants.split(",") if args.variants else [n for n in variants if n in ("rome", "rome-sadr")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
 def table(runs) -> str:
     """Pooled accuracies per run, and against plain ROME on shared records (paired): the share of
     its distract-neighbourhood loss recovered [95% CI] and the paraphrase difference."""
-    from attention_drift.report import summary, tradeoff
+    from attention_drift.reports.evaluation import summary, tradeoff
 
     points = {p["variant"]: p for p in tradeoff(runs, "rome")} if "rome" in runs else {}
     lines = [f"{'variant':26s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in GROUPS)
@@ -100,9 +100,9 @@ def table(runs) -> str:
 
 def figure(tuning, report_dir: Path, path: Path) -> None:
     """The trade-off of every variant tried (tuning half) and of the report half's runs."""
-    from attention_drift import plots
-    from attention_drift.jsonl import read_run
-    from attention_drift.report import tradeoff
+    from attention_drift.views import plots
+    from attention_drift.core.jsonl import read_run
+    from attention_drift.reports.evaluation import tradeoff
 
     points = {"tuning half (ROME)": tradeoff(tuning, "rome")}
     grid = {p.stem: read_run(p) for p in sorted(Path("benchmarks/results/grid").glob("rome*.jsonl"))}

@@ -22,7 +22,7 @@ def seed_everything():
 @pytest.fixture
 def tiny_llama():
     """A 2-layer random Llama-style bridge (RoPE, GQA: 4 query heads, 2 KV heads)."""
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("llama")
 
@@ -30,14 +30,14 @@ def tiny_llama():
 @pytest.fixture
 def tiny_gpt2():
     """A 2-layer random GPT-2-style bridge (LayerNorm, Conv1D MLP)."""
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("gpt2")
 
 
 @pytest.fixture(scope="session")
 def _smollm2_session():
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -4,9 +4,9 @@ import contextlib
 
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
-from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
+from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
 
 
 @contextlib.contextmanager

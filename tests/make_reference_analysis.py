@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from handmade_edit import push_subject  # noqa: E402
 
-from attention_drift.data import load_example  # noqa: E402
+from attention_drift.core.data import load_example  # noqa: E402
 
 FIXTURES = HERE / "fixtures"
 TINY_PATH = FIXTURES / "reference_analysis.json"
@@ -54,7 +54,7 @@ def _strip(line: dict) -> dict:
 
 
 def tiny_reference(arch: str) -> dict:
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
     from reference_api import case_study_json, drift_line, drift_summary, patch_line, patch_summary
 
     model = tiny_model(arch)
@@ -79,7 +79,7 @@ def tiny_reference(arch: str) -> dict:
 @contextlib.contextmanager
 def rank_one_edit(model, layer: int, u: torch.Tensor, v: torch.Tensor):
     """Add ``outer(u, v)`` to ``layer``'s MLP output weight (its own layout), restored on exit."""
-    from attention_drift.models import mlp_out_weight
+    from attention_drift.core.models import mlp_out_weight
 
     weight = mlp_out_weight(model, layer)
     saved = weight.detach().clone()
@@ -105,7 +105,7 @@ def smollm2_edit_factors(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def smollm2_reference() -> dict:
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
     from reference_api import drift_line, patch_line
 
     model = load_model("smollm2-135m")

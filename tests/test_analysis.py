@@ -1,4 +1,4 @@
-"""The drift and patch analyses (attention_drift.analysis) and their commands, on tiny models."""
+"""The drift and patch analyses (attention_drift.runs.analysis) and their commands, on tiny models."""
 
 import contextlib
 import json
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from attention_drift import analysis, cli
-from attention_drift.data import load_example
-from attention_drift.patching import Patch, topk_variant
+from attention_drift.runs import analysis
+
+from attention_drift import cli
+from attention_drift.core.data import load_example
+from attention_drift.measure.patching import Patch, topk_variant
 
 from handmade_edit import push_subject  # noqa: E402
 from synthetic_drift import synthetic_run  # noqa: E402
@@ -165,7 +167,7 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
 def test_patch_skips_records_without_distract_prompts(tiny_llama, tmp_path):
     import dataclasses
 
-    from attention_drift.data import PromptGroup
+    from attention_drift.core.data import PromptGroup
 
     bare = dataclasses.replace(WD[0], relation=PromptGroup((), ()))
     edits = Counter(tiny_llama)
@@ -197,7 +199,7 @@ def test_given_heads_are_the_ones_patched(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_folder():
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("llama").model_name
 
@@ -308,7 +310,7 @@ def test_saved_figures_carry_the_papers_value_where_it_gives_one(tmp_path):
 
     import plotly.graph_objects as go
 
-    from attention_drift.paper import REPORTED
+    from attention_drift.reports.paper import REPORTED
 
     referenced, plain = go.Figure(), go.Figure()
     analysis._save_figure(referenced, tmp_path / "drift_vs_failure", png=False)

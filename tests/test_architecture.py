@@ -89,10 +89,10 @@ def test_cli_help_does_not_import_torch():
 
 
 def test_hook_names_are_only_built_by_the_helper():
-    """Every ``blocks.L.<hook>`` string is made by :func:`attention_drift.hooks.act_name`."""
+    """Every ``blocks.L.<hook>`` string is made by :func:`attention_drift.core.hooks.act_name`."""
     offenders = []
     for name, path in _modules().items():
-        if name == "attention_drift.hooks":
+        if name == "attention_drift.core.hooks":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.JoinedStr):

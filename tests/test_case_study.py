@@ -8,18 +8,17 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from attention_drift import tokens
-from attention_drift.case_study import (
+from attention_drift.core import tokens
+from attention_drift.measure.case_study import (
     CaseStudy,
     CaseStudyError,
     HeadChange,
     case_study,
-    case_study_figure,
-    case_study_view,
 )
-from attention_drift.data import Rewrite, distract_prompt
+from attention_drift.views.case_study import case_study_figure, case_study_view
+from attention_drift.core.data import Rewrite, distract_prompt
 from attention_drift.editing import ROMEConfig, StatsConfig
-from attention_drift.viz import AttentionView
+from attention_drift.views.viz import AttentionView
 
 from handmade_edit import push_subject  # noqa: E402
 

@@ -9,7 +9,7 @@ from attention_drift import cli
 @pytest.fixture(scope="module")
 def tiny_folder():
     """A saved tiny Llama folder (load_model records the folder it was loaded from)."""
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("llama").model_name
 
@@ -65,7 +65,7 @@ def test_evaluate_none_then_summarize_json(tiny_folder, tmp_path, capsys):
 
 
 def cli_groups():
-    from attention_drift.evaluate import GROUPS
+    from attention_drift.measure.evaluate import GROUPS
 
     return list(GROUPS) + ["fluency"]
 
@@ -151,7 +151,7 @@ def test_shards_merge_into_the_unsharded_run(tiny_folder, tmp_path):
 
 
 def test_split_then_merge_keeps_every_record_once(tiny_folder, tmp_path):
-    from attention_drift.jsonl import merge_runs, read_run, shard_of, split_run
+    from attention_drift.core.jsonl import merge_runs, read_run, shard_of, split_run
 
     run = tmp_path / "run.jsonl"
     assert _evaluate(tiny_folder, run, "--limit", "6") == 0
@@ -195,14 +195,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(self):
         raise RuntimeError("shape mismatch deep inside torch")
 
-    monkeypatch.setattr("attention_drift.runs.RecordSelection.load", broken)
+    monkeypatch.setattr("attention_drift.runs.evaluation.RecordSelection.load", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.main(["evaluate", "--out", str(tmp_path / "x.jsonl")])
 
 
 def test_unwritable_out_fails_before_loading_anything(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("attention_drift.runs.ModelHandle.get", lambda self: pytest.fail("loaded a model"))
-    monkeypatch.setattr("attention_drift.runs.RecordSelection.load", lambda self: pytest.fail("loaded records"))
+    monkeypatch.setattr("attention_drift.runs.evaluation.ModelHandle.get", lambda self: pytest.fail("loaded a model"))
+    monkeypatch.setattr("attention_drift.runs.evaluation.RecordSelection.load", lambda self: pytest.fail("loaded records"))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert cli.main(["evaluate", "--out", str(blocker / "x.jsonl")]) == 1
@@ -272,7 +272,7 @@ def test_models_lists_offline_models(capsys):
 
 
 def test_default_out_is_file_name_safe(tiny_folder):
-    from attention_drift.runs import default_out
+    from attention_drift.runs.evaluation import default_out
 
     assert str(default_out("smollm2-135m", "rome")) == "runs/smollm2-135m-rome.jsonl"
     assert default_out(tiny_folder, "none").name.startswith("attention_drift_tiny_llama_")

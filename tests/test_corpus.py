@@ -81,7 +81,7 @@ def test_shipped_corpus_must_match_weights_tokenizer_seed_length_and_sampler(tin
     assert corpus_mod.shipped_corpus(tiny_llama, dataclasses.replace(SMALL, seed=1)) is None
     assert corpus_mod.shipped_corpus(tiny_llama, dataclasses.replace(SMALL, seq_len=7)) is None
     assert corpus_mod.shipped_corpus(tiny_llama, StatsConfig(corpus="wikitext", seq_len=6)) is None
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     other_weights = tiny_model("llama", seed=1)
     other_weights.model_name = tiny_llama.model_name

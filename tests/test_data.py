@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attention_drift.data import (
+from attention_drift.core.data import (
     COUNTERFACT_URL,
     DataError,
     PromptGroup,
@@ -276,8 +276,8 @@ def test_records_are_immutable():
 
 
 def test_dev_halves_are_fixed_balanced_and_disjoint():
-    from attention_drift.data import load_dev
-    from attention_drift.runs import RecordSelection
+    from attention_drift.core.data import load_dev
+    from attention_drift.runs.evaluation import RecordSelection
 
     every = load_dev()
     tune, report = load_dev(half="tune"), load_dev(half="report")

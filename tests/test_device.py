@@ -18,11 +18,11 @@ import json
 import pytest
 import torch
 
-from attention_drift.case_study import case_study
-from attention_drift.data import distract_prompt, load_example
-from attention_drift.drift import collect_attention_rows, dataset_drift, drift_record
-from attention_drift.models import mlp_out_weight, model_device
-from attention_drift.patching import _PATTERN_SUPPORT, patch_record
+from attention_drift.measure.case_study import case_study
+from attention_drift.core.data import distract_prompt, load_example
+from attention_drift.measure.drift import collect_attention_rows, dataset_drift, drift_record
+from attention_drift.core.models import mlp_out_weight, model_device
+from attention_drift.measure.patching import _PATTERN_SUPPORT, patch_record
 
 from handmade_edit import push_subject  # noqa: E402
 

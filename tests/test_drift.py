@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import distract_prompt, load_example
-from attention_drift import analysis
-from attention_drift.drift import (
+from attention_drift.core import tokens
+from attention_drift.core.data import distract_prompt, load_example
+from attention_drift.runs import analysis
+from attention_drift.measure.drift import (
     FACTORS,
     HEADLINE_FACTORS,
     DriftError,
@@ -26,9 +26,9 @@ from attention_drift.drift import (
     row_kl,
     spearman,
 )
-from attention_drift.stats import auroc_ci
-from attention_drift.regions import RegionError, Regions
-from attention_drift.models import mlp_out_weight
+from attention_drift.reports.stats import auroc_ci
+from attention_drift.core.regions import RegionError, Regions
+from attention_drift.core.models import mlp_out_weight
 
 from handmade_edit import push_subject  # noqa: E402
 
@@ -419,9 +419,9 @@ def test_smollm2_rome_edit_drifts_attention_onto_the_subject(smollm2):
 
 def test_drift_of_a_sadr_edit_records_what_sadr_selected(tiny_llama):
     """The line of a SADR edit says, per head, how often SADR selected it (the explorer's dots)."""
-    from attention_drift.data import load_example
+    from attention_drift.core.data import load_example
     from attention_drift.editing import edit
-    from attention_drift.sadr import SADRConfig
+    from attention_drift.editing.sadr import SADRConfig
 
     record = next(r for r in load_example() if r.kind == "counterfact")
     sadr = SADRConfig(weight=1.0, steps=4, selection="all")

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
 from attention_drift.editing import (
     ConfigError,
     EditCache,
@@ -20,9 +20,10 @@ from attention_drift.editing import (
     edit,
     edit_key,
 )
-from attention_drift.editing.optimize import LayerRunner, rewriting_batch, unembed_rows
+from attention_drift.core.runner import LayerRunner, unembed_rows
+from attention_drift.editing.optimize import rewriting_batch
 from attention_drift.editing.stats import key_second_moments
-from attention_drift.sadr import SADRConfig, SADRError
+from attention_drift.editing.sadr import SADRConfig, SADRError
 
 EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 JORDAN = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")
@@ -53,7 +54,7 @@ def _same(model, weights):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_layer_runner_matches_full_forward(arch):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch, n_layers=3)
     batch, _, _ = rewriting_batch(model, EIFFEL, ["{}", "Paris is big. {}"])
@@ -75,7 +76,7 @@ def test_suffix_runner_matches_the_full_rows_with_a_change_at_the_subject(arch):
     """Running only the positions from the subject's last token on (earlier ones as cached keys /
     values) gives the full run's residuals and attention patterns there, also with a delta added
     at the subject (what the optimisation does); GPT-2's attention falls back to full rows."""
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch, n_layers=3)
     batch, _, subj = rewriting_batch(model, EIFFEL, ["{}", "Paris is big. {}", "A very long prefix here. {}"])
@@ -126,7 +127,7 @@ def _subject_acts(model, request, layer):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rome_maps_subject_key_to_optimised_value(arch, corpus):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch, n_layers=3)
     cfg = _fast(ROMEConfig(layer=1, stats=corpus))
@@ -217,7 +218,7 @@ def test_bad_input_fails_before_any_weight_is_touched(case, tiny_llama, monkeypa
 
 
 def test_bad_configs_and_methods(tiny_llama):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     with pytest.raises(ConfigError, match="ROMEConfig\\(layer="):
         ROMEConfig.for_model(tiny_model("llama", n_layers=3))  # no preset for this shape
@@ -253,7 +254,7 @@ class AttentionToSubject:
 
 
 def test_extra_loss_sees_live_patterns_and_reaches_the_delta(corpus):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model("llama", n_layers=3)
     cfg = _fast(ROMEConfig(layer=1, stats=corpus))
@@ -304,7 +305,7 @@ def _config(method, corpus, **overrides):
 
 @pytest.mark.parametrize("arch, method", [("llama", "rome"), ("llama", "memit"), ("llama", "pmet"), ("gpt2", "rome")])
 def test_restore_and_apply_again_are_bitwise_every_time(arch, method, corpus):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch, n_layers=3)
     original = _weights(model)
@@ -339,7 +340,7 @@ def test_apply_refuses_weights_another_edit_changed(corpus, tiny_llama):
 
 
 def test_saved_edit_loads_and_replays_bitwise(corpus, tmp_path, tiny_llama):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     sadr = SADRConfig(weight=1.0, selection="all", steps=4)
     result = apply_edit(tiny_llama, [EIFFEL, JORDAN], "memit", _config("memit", corpus), sadr=sadr, progress=False)
@@ -400,7 +401,7 @@ def _tiny_preset(monkeypatch, corpus, **rome):
 
 
 def test_cache_replays_a_stored_edit_bitwise_and_a_changed_preset_misses(corpus, tmp_path, monkeypatch):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model("llama", n_layers=3)
     _tiny_preset(monkeypatch, corpus)
@@ -430,8 +431,8 @@ def test_cache_replays_a_stored_edit_bitwise_and_a_changed_preset_misses(corpus,
 
 
 def test_cache_keys_requests_and_sadr_protocol(corpus, tmp_path, monkeypatch, tiny_llama):
-    from attention_drift import sadr as sadr_module
-    from attention_drift.data import load_example
+    from attention_drift.editing import sadr as sadr_module
+    from attention_drift.core.data import load_example
 
     cache = EditCache(tiny_llama, tmp_path)
     cfg = _config("rome", corpus)
@@ -480,13 +481,13 @@ class ToyConfig:
 
 
 def _toy_prepare(model, config, *, progress=True):
-    from attention_drift.hooks import mlp_weight_name
+    from attention_drift.core.hooks import mlp_weight_name
 
     return {"weight_name": mlp_weight_name(config.layer + config.outside)}
 
 
 def _toy_execute(model, requests, config, prepared, apply, extra_losses):
-    from attention_drift.models import mlp_out_weight
+    from attention_drift.core.models import mlp_out_weight
 
     for _ in requests:
         apply(prepared["weight_name"], config.factor * mlp_out_weight(model, config.layer).detach())

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from attention_drift import evaluate as E
-from attention_drift import tokens
-from attention_drift.data import Commonsense, PromptGroup, Record, Rewrite, load_example
+from attention_drift.measure import evaluate as E
+from attention_drift.core import tokens
+from attention_drift.core.data import Commonsense, PromptGroup, Record, Rewrite, load_example
 
 REWRITE = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 
@@ -230,7 +230,7 @@ def test_repetition_lowers_ngram_entropy():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generation_model_shares_current_weights(arch):
-    from attention_drift.models import mlp_out_weight, tiny_model
+    from attention_drift.core.models import mlp_out_weight, tiny_model
 
     model = tiny_model(arch)
     batch = tokens.batch_prompts(model, ["The Louvre is in Paris", "Toyota is"])

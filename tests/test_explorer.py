@@ -1,4 +1,4 @@
-"""The drift explorer (attention_drift.explorer): its data, its files, and the page in a real browser.
+"""The drift explorer (attention_drift.views.explorer): its data, its files, and the page in a real browser.
 
 The browser tests open the page in headless Chromium (Debian's ``chromium`` package, driven by
 ``playwright`` through ``executable_path``; playwright never downloads a browser here) with every
@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attention_drift.drift import drift_record
+from attention_drift.measure.drift import drift_record
 import torch
 
-from attention_drift import analysis, explorer, viz
-from attention_drift.data import load_example
-from attention_drift.drift import Regions, record_prompts
-from attention_drift.explorer import ExplorerData, ExplorerError, ExplorerRun, PromptPatterns
-from attention_drift.jsonl import RunFile
+from attention_drift.runs import analysis
+
+from attention_drift.views import explorer, viz
+from attention_drift.core.data import load_example
+from attention_drift.measure.drift import Regions, record_prompts
+from attention_drift.views.explorer import ExplorerData, ExplorerError, ExplorerRun, PromptPatterns
+from attention_drift.core.jsonl import RunFile
 
 from handmade_edit import push_subject  # noqa: E402
 from synthetic_drift import synthetic_run, write_run  # noqa: E402

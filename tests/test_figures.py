@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from attention_drift import cli
-from attention_drift.figures import (
+from attention_drift.runs.figures import (
     ITEMS,
     FiguresConfig,
     FiguresError,
@@ -17,7 +17,7 @@ from attention_drift.figures import (
     pick_case,
     variants,
 )
-from attention_drift.jsonl import RunFile
+from attention_drift.core.jsonl import RunFile
 
 
 def _scores(right: list[bool]) -> dict:
@@ -57,7 +57,7 @@ def test_cli_bad_item_is_one_clear_line(capsys):
 def test_given_runs_are_used_without_evaluating(tmp_path, monkeypatch):
     for name in ("rome", "rome-sadr"):
         _write_run(tmp_path / f"{name}.jsonl", "rome", {"efficacy": [True]})
-    monkeypatch.setattr("attention_drift.runs.evaluate_run", lambda *a, **k: pytest.fail(f"evaluated {a}"))
+    monkeypatch.setattr("attention_drift.runs.evaluation.evaluate_run", lambda *a, **k: pytest.fail(f"evaluated {a}"))
     cfg = FiguresConfig(runs=str(tmp_path), out=str(tmp_path / "out"), variants=("rome", "rome-sadr"))
     assert evaluation_runs(cfg, ["rome", "rome-sadr"]) == {n: tmp_path / f"{n}.jsonl" for n in ("rome", "rome-sadr")}
     other = tmp_path / "other"
@@ -75,7 +75,7 @@ def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch
     def record(handle, records, variant, out, meta, **options):
         calls.append((variant, out, options, len(records)))
 
-    monkeypatch.setattr("attention_drift.runs.evaluate_run", record)
+    monkeypatch.setattr("attention_drift.runs.evaluation.evaluate_run", record)
     cfg = FiguresConfig(out=str(tmp_path), limit=3, stats_samples=50)
     runs = evaluation_runs(cfg, ["rome-sadr-w1"])
     assert runs == {"rome-sadr-w1": tmp_path / "runs" / "rome-sadr-w1.jsonl"}
@@ -86,7 +86,7 @@ def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch
 
 
 def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
-    from attention_drift import figures
+    from attention_drift.runs import figures
 
     titles = []
     save = figures._save
@@ -194,8 +194,8 @@ def test_figures_command_end_to_end_on_the_real_model(tmp_path, capsys):
 
 
 def test_drift_figure_sizes_count_the_prompts_right_before():
-    from attention_drift.analysis import drift_from_lines
-    from attention_drift.figures import _drift_sizes
+    from attention_drift.runs.analysis import drift_from_lines
+    from attention_drift.runs.figures import _drift_sizes
     from synthetic_drift import synthetic_run
 
     lines, _ = synthetic_run(n_records=3, prompts_per_record=(3, 2), n_layers=4, n_heads=3,
@@ -209,8 +209,8 @@ def test_drift_figure_sizes_count_the_prompts_right_before():
 
 def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
     """figures.json's drift item: the failure numbers over prompts right before the edit, and n per figure."""
-    from attention_drift import figures
-    from attention_drift.analysis import drift_from_lines
+    from attention_drift.runs import figures
+    from attention_drift.runs.analysis import drift_from_lines
     from synthetic_drift import synthetic_run
 
     lines, _ = synthetic_run(n_records=3, prompts_per_record=(3, 2), n_layers=4, n_heads=3,
@@ -222,7 +222,7 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
         (folder / "drift.json").write_text(json.dumps(drift_from_lines(lines[1:])))
 
     monkeypatch.setattr(figures, "_analysis", analysis)
-    monkeypatch.setattr("attention_drift.analysis._png_ok", lambda: False)
+    monkeypatch.setattr("attention_drift.runs.analysis._png_ok", lambda: False)
     result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)))
     item = result["items"]["drift"]
     assert item["numbers"]["failure"]["all"]["n_excluded_wrong_before"] == 1

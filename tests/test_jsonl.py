@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from attention_drift.jsonl import RunFile, RunFileError, read_run
+from attention_drift.core.jsonl import RunFile, RunFileError, read_run
 
 META = {"model": "a", "method": "none", "created": "t0"}
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from attention_drift import models, tokens
-from attention_drift.models import ModelLoadError
+from attention_drift.core import models, tokens
+from attention_drift.core.models import ModelLoadError
 
 
 def test_tiny_models_expose_legacy_hook_names(tiny_llama, tiny_gpt2):

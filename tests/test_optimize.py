@@ -4,16 +4,17 @@ progress bar over the steps, float32 maths on a bfloat16 model."""
 import pytest
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
 from attention_drift.editing import Objective, ROMEConfig, StatsConfig, apply_edit
 from attention_drift.editing import optimize
 from attention_drift.editing.config import EditError
-from attention_drift.editing.optimize import (LayerRunner, optimize_values, plan_packs, rewriting_batch,
-                                              token_and_key_costs, unembed_rows)
-from attention_drift.hooks import act_name
-from attention_drift.models import tiny_model
-from attention_drift.sadr import SADRConfig
+from attention_drift.core import runner
+from attention_drift.core.runner import LayerRunner, RunnerError, plan_packs, token_and_key_costs, unembed_rows
+from attention_drift.editing.optimize import optimize_values, rewriting_batch
+from attention_drift.core.hooks import act_name
+from attention_drift.core.models import tiny_model
+from attention_drift.editing.sadr import SADRConfig
 
 EIFFEL = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 
@@ -52,7 +53,7 @@ def test_rome_delta_is_the_same_as_with_full_reference_logits(arch, monkeypatch)
     model = tiny_model(arch, n_layers=3)
     fast = apply_edit(model, EIFFEL, "rome", _rome(), progress=False)
     fast.restore()
-    monkeypatch.setattr(optimize, "_stop_before_final_norm", lambda module, args, kwargs: None)
+    monkeypatch.setattr(runner, "_stop_before_final_norm", lambda module, args, kwargs: None)
     full = apply_edit(model, EIFFEL, "rome", _rome(), progress=False)
     full.restore()
     name = "blocks.1.mlp.out.weight"
@@ -152,7 +153,7 @@ def test_output_rows_are_the_full_forwards_next_token_log_probs(arch):
 
 
 def _distract_batch(model):
-    from attention_drift.sadr import distract_prompts
+    from attention_drift.editing.sadr import distract_prompts
 
     templates = ["{}", "Paris is big. {}", "A very long prefix before the prompt. {}"]
     return rewriting_batch(model, EIFFEL, templates, extra_prompts=distract_prompts(EIFFEL))
@@ -216,7 +217,7 @@ def test_packed_runner_equals_the_full_forward_on_rows_of_very_different_suffix_
         s, n = int(subj[r]), int(lengths[r])
         torch.testing.assert_close(mapped[r, :, s:n], seen["full"][r, :, s:n], atol=1e-6, rtol=1e-5)
         assert mapped[r, :, :s].abs().sum() == 0 and mapped[r, :, n:].abs().sum() == 0
-    with pytest.raises(EditError, match="not run by the packed layer runner"):
+    with pytest.raises(RunnerError, match="not run by the packed layer runner"):
         runner.index(torch.tensor([0]), torch.tensor([0]))  # before the subject
 
 
@@ -238,7 +239,7 @@ def test_packed_runner_stops_each_row_at_its_end():
         run = torch.arange(int(subj[r]), int(ends[r]))
         rows = torch.full_like(run, r)
         torch.testing.assert_close(final[cut.index(rows, run)], reference[whole.index(rows, run)], atol=1e-5, rtol=1e-5)
-    with pytest.raises(EditError, match="not run by the packed layer runner"):
+    with pytest.raises(RunnerError, match="not run by the packed layer runner"):
         cut.index(torch.tensor([0]), lengths[:1] - 1)
 
 
@@ -321,7 +322,7 @@ def test_plan_packs_is_never_costlier_than_one_sequence_or_one_row_each(batch):
     alone or one sequence, and the distract batch runs in packs clearly cheaper than both one
     sequence and padding every row to the distract rows' length."""
     suffix, prefix = batch
-    costs = (3538944.0, 9 * (128.0 + optimize.SCORE_ELEMENTWISE))  # SmolLM2-135M
+    costs = (3538944.0, 9 * (128.0 + runner.SCORE_ELEMENTWISE))  # SmolLM2-135M
     chosen = plan_packs(suffix, prefix, *costs)
     one = _plan_cost([list(range(len(suffix)))], suffix, prefix, *costs)
     each = _plan_cost([[r] for r in range(len(suffix))], suffix, prefix, *costs)
@@ -335,10 +336,10 @@ def test_plan_packs_is_never_costlier_than_one_sequence_or_one_row_each(batch):
 def test_token_and_key_costs_of_a_gated_grouped_query_model(tiny_llama):
     token, key = token_and_key_costs(tiny_llama)  # 64 wide, 4 query heads and 2 KV heads of 16, gated MLP 128
     assert token == 2 * 64 * 64 + 2 * 64 * 2 * 16 + 3 * 64 * 128
-    assert key == 4 * (2 * 16 + optimize.SCORE_ELEMENTWISE)
+    assert key == 4 * (2 * 16 + runner.SCORE_ELEMENTWISE)
 
 
 def test_runner_rejects_a_non_positive_pack_count(tiny_llama):
     batch, _, subj = rewriting_batch(tiny_llama, EIFFEL, ["{}"])
-    with pytest.raises(EditError, match="groups must be a positive"):
+    with pytest.raises(RunnerError, match="groups must be a positive"):
         LayerRunner(tiny_llama, batch, 1, changes_from=subj, groups=0)

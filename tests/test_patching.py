@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite, load_example
-from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
-from attention_drift.patching import (
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite, load_example
+from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.measure.patching import (
     CONTAMINATION_COMPONENTS,
     SUMMARY_VARIANTS,
     SWEEP_COMPONENTS,
@@ -276,7 +276,7 @@ def test_bad_specs_raise_before_the_edit(tiny_llama):
 
 def test_region_positions(tiny_gpt2):
     case = _case(OBAMA, "relation")
-    from attention_drift.drift import Regions
+    from attention_drift.measure.drift import Regions
 
     regions = Regions.of(tiny_gpt2, OBAMA.rewrite, case.prompt)
     clean = record_activations(tiny_gpt2, case, [Patch("resid_pre", 1)])
@@ -295,7 +295,7 @@ def tiny_gpt_neo(tmp_path):
     """A random 2-layer GPT-Neo: TransformerLens 4.3 lets HF compute its attention."""
     from transformers import AutoModelForCausalLM, GPTNeoConfig
 
-    from attention_drift.models import _tiny_tokenizer, load_model
+    from attention_drift.core.models import _tiny_tokenizer, load_model
 
     tokenizer = _tiny_tokenizer()
     config = GPTNeoConfig(

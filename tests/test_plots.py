@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from attention_drift import plots
-from attention_drift.plots import (
+from attention_drift.views import plots
+from attention_drift.views.plots import (
     PlotError,
     PngExportError,
     bars_from_summaries,
@@ -22,7 +22,7 @@ from attention_drift.plots import (
     tradeoff_curve,
 )
 
-from attention_drift.stats import pearson, spearman
+from attention_drift.reports.stats import pearson, spearman
 
 PNG_PROBLEM = png_export_problem()
 
@@ -265,7 +265,7 @@ def test_save_html_and_png_without_suffix(tmp_path):
 
 
 def test_recovery_tradeoff_marks_every_variant_with_its_intervals():
-    from attention_drift.plots import recovery_tradeoff
+    from attention_drift.views.plots import recovery_tradeoff
 
     points = {"tuning half": [{"variant": "a", "n_records": 12, "recovered": 0.5, "recovered_ci95": [0.3, 0.7],
                                "cost_diff": -0.02, "cost_ci95": [-0.05, 0.0], "efficacy": 1.0},

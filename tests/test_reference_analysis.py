@@ -71,7 +71,7 @@ def arch(request):
 
 @pytest.fixture
 def tiny(arch):
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model(arch)
 

@@ -46,7 +46,7 @@ TINY_LAYERS = 3
 
 
 def _requests():
-    from attention_drift.data import Rewrite
+    from attention_drift.core.data import Rewrite
 
     eiffel = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
     jordan = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")
@@ -61,7 +61,7 @@ def tiny_case(name: str):
     than any tolerance; it has exact unit tests in ``test_sadr.py``. The weight is large
     because the tiny random model's attention hardly moves."""
     from attention_drift.editing import MEMITConfig, PMETConfig, ROMEConfig, StatsConfig
-    from attention_drift.sadr import SADRConfig
+    from attention_drift.editing.sadr import SADRConfig
 
     stats = StatsConfig(corpus="model", n_samples=32, seq_len=24, batch_size=32, seed=0)
     eiffel, jordan = _requests()
@@ -114,7 +114,7 @@ def result_summary(result) -> dict:
 def run_tiny(arch: str, name: str) -> dict:
     """Edit a fresh seeded tiny model (statistics cached under ``$ATTENTION_DRIFT_CACHE``)."""
     from attention_drift.editing import apply_edit
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch, n_layers=TINY_LAYERS)
     method, config, requests, sadr = tiny_case(name)
@@ -139,7 +139,7 @@ def smollm2_case():
 def target_prob(model, prompt: str, target: str) -> float:
     import torch
 
-    from attention_drift import tokens
+    from attention_drift.core import tokens
 
     batch = tokens.batch_with_targets(model, [prompt], [target])
     with torch.no_grad():
@@ -148,7 +148,7 @@ def target_prob(model, prompt: str, target: str) -> float:
 
 
 def run_smollm2(model) -> dict:
-    from attention_drift.data import Rewrite
+    from attention_drift.core.data import Rewrite
     from attention_drift.editing import apply_edit
 
     rewrite = Rewrite(*SMOLLM2_REWRITE)
@@ -277,7 +277,7 @@ def write_reference(slow: bool) -> None:
     else:
         os.environ["ATTENTION_DRIFT_CACHE"] = saved
     if slow:
-        from attention_drift.models import load_model
+        from attention_drift.core.models import load_model
 
         out["smollm2"] = run_smollm2(load_model("smollm2-135m"))
         print("smollm2", out["smollm2"])

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from attention_drift import report
-from attention_drift.jsonl import Run
+from attention_drift.reports import evaluation as report
+from attention_drift.core.jsonl import Run
 
 
 def _line(case_id, pre: list[bool] | None, post: list[bool], group="distract_neighborhood"):
@@ -99,7 +99,7 @@ def test_record_bootstrap_is_the_one_of_stats():
     paired one that of the per-record differences."""
     import numpy as np
 
-    from attention_drift import stats
+    from attention_drift.reports import stats
 
     a = _run(_line(i, [True] * 3, [i % 2 == 0, i % 3 == 0, True]) for i in range(12))
     b = _run(_line(i, [True] * 3, [True, i % 4 == 0, True]) for i in range(12))

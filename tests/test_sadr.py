@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import torch
 
-from attention_drift.data import Rewrite
+from attention_drift.core.data import Rewrite
 from attention_drift.editing import EditError, MEMITConfig, PMETConfig, ROMEConfig, StatsConfig, apply_edit, edit
 from attention_drift.editing.api import _check_sadr
-from attention_drift.models import tiny_model
+from attention_drift.core.models import tiny_model
 from attention_drift.editing.registry import resolve_edit
-from attention_drift.sadr import PRESETS, SADRConfig, SADRError, distract_prompts, divergence, hinge_mask, sadr_loss
+from attention_drift.editing.sadr import PRESETS, SADRConfig, SADRError, distract_prompts, divergence, hinge_mask, sadr_loss
 
 
 def _rows(values):
@@ -215,8 +215,8 @@ def test_an_unresolved_weight_is_a_clear_error():
 def test_sadr_lowers_subject_attention_in_a_distract_prompt_on_smollm2(smollm2):
     """Eiffel Tower -> Rome: plain ROME makes the prediction position of a distract prompt
     attend more to "Tower"; with SADR that drift is smaller."""
-    from attention_drift.data import distract_prompt
-    from attention_drift.drift import measure_drift
+    from attention_drift.core.data import distract_prompt
+    from attention_drift.measure.drift import measure_drift
 
     rewrite = Rewrite("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
     prompt = distract_prompt(rewrite, "The Louvre is located in the city of")
@@ -271,7 +271,7 @@ def test_guard_pushes_the_new_target_past_the_old_one_on_the_rewriting_prompt(st
     """The efficacy guard is positive while the old target still wins on the rewriting rows, has
     a gradient, and an edit with it (and a contrast term pulling the other way) ends with a
     larger log-odds(new vs old) on the request's prompt than the same edit without it."""
-    from attention_drift.evaluate import continuation_log_probs
+    from attention_drift.measure.evaluate import continuation_log_probs
 
     model = tiny_model("llama", n_layers=3)
     cfg = dataclasses.replace(_config("rome", stats), steps=8)
@@ -331,7 +331,7 @@ def test_verify_keeps_the_sadr_edit_where_it_holds_and_falls_back_where_it_does_
 def test_output_target_term_keeps_the_new_target_from_gaining_on_distract_prompts(stats):
     """With the term, the new target's log-probability at the end of the distract prompts rises
     less than with the plain edit (measured by full forwards of the edited models)."""
-    from attention_drift.evaluate import continuation_log_probs
+    from attention_drift.measure.evaluate import continuation_log_probs
 
     model = tiny_model("llama", n_layers=3)
     prompts = distract_prompts(EIFFEL)

@@ -1,4 +1,4 @@
-"""attention_drift.stats: correlations with CIs, AUROC, binned curves, proportions."""
+"""attention_drift.reports.stats: correlations with CIs, AUROC, binned curves, proportions."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention_drift.stats import (
+from attention_drift.reports.stats import (
     StatsError,
     auroc,
     auroc_ci,

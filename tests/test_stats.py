@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from attention_drift.paths import cache_dir
+from attention_drift.core.paths import cache_dir
 import torch
 
-from attention_drift import tokens
+from attention_drift.core import tokens
 from attention_drift.editing import ConfigError, StatsConfig
 from attention_drift.editing import stats as stats_mod
 from attention_drift.editing.sampling import sample_tokens
@@ -105,7 +105,7 @@ def _keys_by_hand(model, sequences, layer):
 def test_float32_products_in_float64_sums_match_float64_statistics(arch):
     """Each batch's K^T K is a float32 product added to a float64 sum: within 1e-6 (relative) of
     the all-float64 statistics, and exactly the float32-product / float64-sum of those batches."""
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model(arch)
     cfg = StatsConfig(n_samples=32, seq_len=12, batch_size=8)
@@ -149,7 +149,7 @@ def test_key_pass_stops_at_the_highest_key(tiny_llama, tmp_path):
 
 
 def test_bfloat16_model_gives_float32_statistics():
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model("llama", dtype=torch.bfloat16)
     moments = stats_mod.key_second_moments(model, [1], StatsConfig(n_samples=32, seq_len=8), progress=False)

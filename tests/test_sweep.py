@@ -9,11 +9,13 @@ import pytest
 import ray
 import torch
 
-from attention_drift import cli, runs
-from attention_drift.jsonl import read_run
-from attention_drift.runs import ModelHandle, RecordSelection
-from attention_drift.sweep import SweepConfig, SweepError, SweepWorker, _Plan, run_sweep
-from attention_drift.variants import Variant, paper_variants
+from attention_drift import cli
+
+from attention_drift.runs import evaluation as runs
+from attention_drift.core.jsonl import read_run
+from attention_drift.runs.evaluation import ModelHandle, RecordSelection
+from attention_drift.runs.sweep import SweepConfig, SweepError, SweepWorker, _Plan, run_sweep
+from attention_drift.runs.variants import Variant, paper_variants
 
 VARIANTS = paper_variants()
 TIMINGS = ("edit_seconds", "eval_seconds")
@@ -21,7 +23,7 @@ TIMINGS = ("edit_seconds", "eval_seconds")
 
 @pytest.fixture(scope="module")
 def tiny_folder():
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     return tiny_model("llama").model_name
 
@@ -187,8 +189,8 @@ def _untimed(path):
 def test_drift_and_patch_on_workers_equal_in_process(tiny_folder, local_ray, tmp_path):
     """The records of a drift and a patching run measured on 2 Ray workers give the lines (and
     explorer patterns) they give in this process, but for the timings."""
-    from attention_drift import analysis
-    from attention_drift.sweep import Workers
+    from attention_drift.runs import analysis
+    from attention_drift.runs.sweep import Workers
 
     variant = VARIANTS["rome"]
     records = RecordSelection(limit=4).load()  # two of each kind: distract neighbourhood and relation
@@ -216,8 +218,8 @@ def test_drift_and_patch_on_workers_equal_in_process(tiny_folder, local_ray, tmp
 
 
 def test_an_analysis_worker_that_dies_has_its_record_retried(tiny_folder, local_ray, tmp_path):
-    from attention_drift import analysis
-    from attention_drift.sweep import AnalysisWorker, Workers
+    from attention_drift.runs import analysis
+    from attention_drift.runs.sweep import AnalysisWorker, Workers
 
     flag = tmp_path / "crashed"
 
@@ -295,7 +297,7 @@ def test_config_checks():
 
 
 def test_an_address_where_nothing_listens_fails_at_once():
-    from attention_drift.sweep import _check_reachable
+    from attention_drift.runs.sweep import _check_reachable
 
     with pytest.raises(SweepError, match="nothing answers at --address 127.0.0.1:1"):
         _check_reachable("127.0.0.1:1")

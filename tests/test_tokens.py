@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attention_drift import tokens
+from attention_drift.core import tokens
 
 
 def test_continuation_tokens_join_to_the_full_string(tiny_llama):

@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from attention_drift import cli
-from attention_drift.variants import (SADR_VARIANTS, SADRSpec, Variant, VariantError, paper_variants, sadr_variant,
+from attention_drift.runs.variants import (SADR_VARIANTS, SADRSpec, Variant, VariantError, paper_variants, sadr_variant,
                                       split_layers)
 
 
@@ -48,7 +48,7 @@ def test_bad_variants_say_what_to_change(kwargs, needle):
 
 def test_resolve_uses_the_model_preset_and_published_sadr(tiny_llama):
     from attention_drift.editing import ROMEConfig
-    from attention_drift.sadr import PUBLISHED
+    from attention_drift.editing.sadr import PUBLISHED
 
     config, sadr = Variant("v", "rome", SADRSpec(layers="lower"), stats_samples=7).resolve(tiny_llama)
     assert config == ROMEConfig.for_model(tiny_llama).__class__(**{**ROMEConfig.for_model(tiny_llama).__dict__,
@@ -78,7 +78,7 @@ def test_sadr_variant_flag_picks_a_named_variant_and_other_flags_override_it():
     (("--variant", "rome-sadr", "--sadr-variant", "plus"), "names a whole variant"),
 ])
 def test_bad_sadr_variant_flags_say_what_to_change(argv, needle):
-    from attention_drift.errors import AttentionDriftError
+    from attention_drift.core.errors import AttentionDriftError
 
     with pytest.raises(AttentionDriftError, match=needle):
         cli.variant_from_args(_args(*argv))

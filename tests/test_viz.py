@@ -8,8 +8,8 @@ import pytest
 import torch
 from circuitsvis.attention import attention_heads
 
-from attention_drift import viz
-from attention_drift.viz import (
+from attention_drift.views import viz
+from attention_drift.views.viz import (
     AttentionView,
     PageView,
     VizError,

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import EditError, RequestError
 from attention_drift.editing.identity import FORMAT_VERSION, model_identity, resolved_key, weights_fingerprint
 from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace, step_progress
 from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, get_editor, resolve_edit
-from attention_drift.hooks import mlp_weight_name
-from attention_drift.models import mlp_out_weight, on_model_device
-from attention_drift.sadr import SADRConfig, SADRLoss
+from attention_drift.core.hooks import mlp_weight_name
+from attention_drift.core.models import mlp_out_weight, on_model_device
+from attention_drift.editing.sadr import SADRConfig, SADRLoss
 
 __all__ = ["CONFIG_TYPES", "METHODS", "EditContext", "EditResult", "apply_edit", "check_request", "edit"]
 
@@ -95,7 +95,7 @@ class EditResult:
 
     @property
     def sadr_records(self) -> list[dict]:
-        """Per request, what SADR recorded (see :class:`~attention_drift.sadr.SADRLoss`):
+        """Per request, what SADR recorded (see :class:`~attention_drift.editing.sadr.SADRLoss`):
         selected-head masks and loss per step, subject attention before / after."""
         return [t.records.get("sadr", {}) for t in self.traces]
 
@@ -236,7 +236,7 @@ def edit(
     """``with edit(model, rewrite, method="rome") as result:`` the model is edited inside the block.
 
     ``config=None`` uses the editor's preset, ``XConfig.for_model(model)``. ``sadr`` (a
-    :class:`~attention_drift.sadr.SADRConfig`) adds the SADR regulariser to the value
+    :class:`~attention_drift.editing.sadr.SADRConfig`) adds the SADR regulariser to the value
     optimisation; its unset weight and steps are the published ones for ``method``
     (``SADRConfig()`` is the paper's protocol: ROME 80 steps, MEMIT 20, PMET 40).
     ``extra_losses`` adds any other terms; ``progress`` as in :func:`apply_edit`. On exit the
@@ -347,8 +347,8 @@ def _fallbacks(config, extra_losses: Sequence[ExtraLoss]) -> list[tuple[str, obj
 
 def _requests_hold(model, requests: Sequence[Rewrite]) -> bool:
     """Whether every request's new target beats its old one on its own prompt, scored as
-    efficacy is (:func:`attention_drift.evaluate.score_pairs`)."""
-    from attention_drift.evaluate import score_pairs
+    efficacy is (:func:`attention_drift.measure.evaluate.score_pairs`)."""
+    from attention_drift.measure.evaluate import score_pairs
 
     with torch.no_grad():
         scores = score_pairs(model, [r.prompt for r in requests], [r.target_new for r in requests],

@@ -21,12 +21,12 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from attention_drift.data import Record, Rewrite
+from attention_drift.core.data import Record, Rewrite
 from attention_drift.editing.api import EditResult, apply_edit
 from attention_drift.editing.config import RequestError
 from attention_drift.editing.identity import describe_resolved, digest, requests_key
 from attention_drift.editing.registry import EditorConfig, resolve_edit
-from attention_drift.sadr import SADRConfig
+from attention_drift.editing.sadr import SADRConfig
 
 KEY_CHARS = 20
 
@@ -71,8 +71,8 @@ class EditCache:
         """The :class:`EditResult` of ``requests``, restored (``with result:`` applies it):
         read from the folder, or computed now and stored.
 
-        ``requests``: a :class:`~attention_drift.data.Record`, a
-        :class:`~attention_drift.data.Rewrite`, or a sequence of either (one batch edit).
+        ``requests``: a :class:`~attention_drift.core.data.Record`, a
+        :class:`~attention_drift.core.data.Rewrite`, or a sequence of either (one batch edit).
         ``config`` and ``sadr`` as in :func:`~attention_drift.editing.edit`.
         """
         reqs = _requests(requests)

@@ -10,7 +10,7 @@ Presets and where their numbers come from:
   scripts (``examples/scripts/{rome,memit,pmet}.sh`` of its official code, which override
   the step counts of its hparams files: MEMIT 20 there, PMET 30), so that an editor's
   "+SADR" run differs from its baseline only by SADR and the steps the paper gives SADR
-  (:data:`attention_drift.sadr.PUBLISHED`). Exceptions: the Llama-2 / TinyLlama presets
+  (:data:`attention_drift.editing.sadr.PUBLISHED`). Exceptions: the Llama-2 / TinyLlama presets
   keep EasyEdit's explicit llama-7b values (ROME and MEMIT 25).
 * GPT-2 XL / GPT-J-6B: the published hyper-parameters of the ROME, MEMIT and PMET papers'
   code (ROME: layer 17 / 5, clamp 4; MEMIT: layers 13-17 / 3-8, clamp 0.75, lambda 20000 /
@@ -51,8 +51,8 @@ sequences on 10 development records (``benchmarks/sweep_stats_samples.py``; numb
 import os
 from dataclasses import dataclass, field
 
-from attention_drift.models import model_family, n_layers
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.models import model_family, n_layers
+from attention_drift.core.errors import AttentionDriftError
 
 
 class EditError(AttentionDriftError):
@@ -64,7 +64,7 @@ class ConfigError(EditError):
 
 
 class RequestError(EditError):
-    """An edit request (:class:`~attention_drift.data.Rewrite`) that cannot be edited."""
+    """An edit request (:class:`~attention_drift.core.data.Rewrite`) that cannot be edited."""
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attention_drift import tokens
+from attention_drift.core import tokens
 from attention_drift.editing.fingerprints import embedding_fingerprint, model_key, tokenizer_fingerprint
-from attention_drift.paths import cache_dir
+from attention_drift.core.paths import cache_dir
 from attention_drift.editing.config import ConfigError, StatsConfig
 from attention_drift.editing.sampling import sample_tokens
 
@@ -62,7 +62,7 @@ def sample_corpus(model, stats: StatsConfig, *, progress: bool = True) -> list[l
 
     Sequences are generated in chunks of ``SAMPLE_CHUNK``; chunk ``c`` starts every row
     with the opening word ``OPENERS[c % len(OPENERS)]`` (through
-    :func:`~attention_drift.tokens.encode`) and continues by ancestral sampling at
+    :func:`~attention_drift.core.tokens.encode`) and continues by ancestral sampling at
     temperature 1 with a generator seeded by ``(seed, c)``. Chunks are independent, so the
     corpus of N sequences is the first N of any larger one (for the same weights, dtype and
     numerics). The longest known prefix is taken from a shipped corpus or one cached on

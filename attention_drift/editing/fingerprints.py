@@ -4,7 +4,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from attention_drift.models import n_layers
+from attention_drift.core.models import n_layers
 
 
 def model_key(model) -> str:

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from attention_drift.data import Rewrite
+from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import ConfigError
 from attention_drift.editing.registry import resolve_edit
 from attention_drift.editing.fingerprints import model_key
-from attention_drift.models import model_family, n_layers
+from attention_drift.core.models import model_family, n_layers
 
 FORMAT_VERSION = 1
 """Bump when an editor's computation or the saved format changes (e.g. when the frozen

@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from attention_drift.data import Rewrite
+from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import MEMITConfig, PMETConfig
 from attention_drift.editing.optimize import (
     ExtraLoss,
@@ -35,8 +35,8 @@ from attention_drift.editing.optimize import (
 )
 from attention_drift.editing.stats import key_second_moments
 from attention_drift.editing.templates import context_templates
-from attention_drift.models import mlp_out_is_conv1d, mlp_out_weight
-from attention_drift.hooks import act_name, mlp_weight_name
+from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
+from attention_drift.core.hooks import act_name, mlp_weight_name
 
 
 @dataclass(frozen=True)

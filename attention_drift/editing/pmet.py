@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from attention_drift.data import Rewrite
+from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import PMETConfig
 from attention_drift.editing.memit import Prepared, prepare, spread_updates  # noqa: F401 (prepare: PMET's)
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
-from attention_drift.hooks import act_name
+from attention_drift.core.hooks import act_name
 
 
 def execute(

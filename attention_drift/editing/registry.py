@@ -24,8 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from attention_drift.editing import memit, pmet, rome
 from attention_drift.editing.config import ConfigError, EditError, MEMITConfig, PMETConfig, ROMEConfig
-from attention_drift.models import n_layers
-from attention_drift.sadr import SADRConfig
+from attention_drift.core.models import n_layers
+from attention_drift.editing.sadr import SADRConfig
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ float64 sum: as precise as a float64 product to ~1e-7 relative on these sizes, a
 faster on hardware with slow float64. The forward pass stops at the highest requested key.
 
 Cache: ``$ATTENTION_DRIFT_CACHE/stats/<model>/<corpus>/layer{L}_n{N}.safetensors`` (default
-root ``~/.cache/attention_drift``, see :func:`~attention_drift.paths.cache_root`)
+root ``~/.cache/attention_drift``, see :func:`~attention_drift.core.paths.cache_root`)
 with a JSON of provenance beside it; sampled corpora are cached there too, so statistics
 for another layer reuse the same text. A loaded matrix is also kept in memory for the session.
 
@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from attention_drift.editing.config import ConfigError, StatsConfig
 from attention_drift.editing.corpus import OPENERS, SAMPLE_CHUNK, corpus_sequences, sample_corpus
 from attention_drift.editing.fingerprints import model_key
-from attention_drift.hooks import act_name
-from attention_drift.models import model_device, n_layers
-from attention_drift.paths import cache_dir
+from attention_drift.core.hooks import act_name
+from attention_drift.core.models import model_device, n_layers
+from attention_drift.core.paths import cache_dir
 
 __all__ = [
     "OPENERS", "SAMPLE_CHUNK", "clear_memory_cache", "corpus_sequences", "inverse_second_moment",

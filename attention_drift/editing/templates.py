@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from attention_drift import tokens
+from attention_drift.core import tokens
 from attention_drift.editing.fingerprints import model_key
-from attention_drift.paths import cache_dir
+from attention_drift.core.paths import cache_dir
 from attention_drift.editing.sampling import sample_tokens
 
 __all__ = ["PROMPT_WORDS", "clear_cache", "context_templates", "sample_tokens", "templates_path"]

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.stats
 from torch import Tensor
 
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.errors import AttentionDriftError
 
 ArrayLike = Sequence | np.ndarray | Tensor
 

@@ -4,7 +4,7 @@ Protocol (Revealing and Mitigating Over-Attention in Knowledge Editing, ICLR 202
 ROME's CounterFact evaluation):
 
 * A prompt is scored by two continuations, ``right`` and ``wrong``. Each is appended to the
-  prompt (``f"{prompt} {target}"``, :mod:`attention_drift.tokens`) and gets its mean
+  prompt (``f"{prompt} {target}"``, :mod:`attention_drift.core.tokens`) and gets its mean
   log-probability per target token; ``p = exp(mean log-prob)`` is the geometric-mean token
   probability. The prompt is *correct* when ``p_right > p_wrong`` (strict; compared in log space,
   which orders the same way and cannot underflow into a tie).
@@ -28,9 +28,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Record, distract_prompt
-from attention_drift.models import on_model_device
+from attention_drift.core import tokens
+from attention_drift.core.data import Record, distract_prompt
+from attention_drift.core.models import on_model_device
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A drift run (``attention-drift drift --out DIR``) leaves ``DIR/drift_records.jsonl``: a header
 ``{"meta": {...}}`` and one line per edited record with its distract prompts' scores and, per
 prompt, every head's attention from the prediction position to the edited subject's last token
-before / inside the edit and the row KL (:func:`attention_drift.analysis.drift_record`).
+before / inside the edit and the row KL (:func:`attention_drift.runs.analysis.drift_record`).
 Optionally ``DIR/drift_patterns.jsonl`` holds the *full* attention patterns of some heads on
 some prompts (:data:`PATTERNS_FORMAT`, written with :func:`patterns_line`).
 
@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float
 
-from attention_drift.drift import Outcome
-from attention_drift.sadr import selection_frequency
-from attention_drift.stats import pearson
-from attention_drift.errors import AttentionDriftError
-from attention_drift.jsonl import Run, read_run
+from attention_drift.measure.drift import Outcome
+from attention_drift.editing.sadr import selection_frequency
+from attention_drift.reports.stats import pearson
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.jsonl import Run, read_run
 
 FORMAT = "attention_drift.explorer/1"
 PATTERNS_FORMAT = "attention_drift.explorer.patterns/1"
@@ -201,7 +201,7 @@ def _unpack16(packed: Mapping, n: int) -> np.ndarray:
 def patterns_line(case_id: int | str, prompts: Mapping[int, "PromptPatterns | Mapping"], method: str = "edit") -> dict:
     """One record's line of a patterns file (:data:`PATTERNS_FORMAT`): ``prompts`` maps the
     index of each prompt among the record's samples to its :class:`PromptPatterns` (or the dict
-    schema of :meth:`PromptPatterns.from_dict`). Write it with :class:`attention_drift.jsonl.RunFile`
+    schema of :meth:`PromptPatterns.from_dict`). Write it with :class:`attention_drift.core.jsonl.RunFile`
     under the header ``{"format": PATTERNS_FORMAT, ...}`` beside the run, as ``drift_patterns.jsonl``."""
     entries = []
     for index, p in sorted(prompts.items()):
@@ -245,7 +245,7 @@ def read_patterns(path: str | os.PathLike, method: str | None = None) -> dict[tu
 
 
 def sadr_selected(sadr_records: Sequence[Mapping], n_layers: int, n_heads: int) -> list[list[float]]:
-    """:func:`attention_drift.sadr.selection_frequency` as JSON-ready ``[layer][head]``: a drift
+    """:func:`attention_drift.editing.sadr.selection_frequency` as JSON-ready ``[layer][head]``: a drift
     line's ``"sadr_selected"`` (the drift run stores it when the edit used SADR), which the
     explorer shows as the heads SADR selected."""
     return selection_frequency(sadr_records, n_layers, n_heads).numpy().round(4).tolist()
@@ -331,7 +331,7 @@ class ExplorerRun:
     @classmethod
     def from_lines(cls, lines: Sequence[Mapping], meta: Mapping | None = None, *, label: str | None = None,
                    patterns: Mapping | None = None, method: str | None = None) -> "ExplorerRun":
-        """The run of drift lines (:func:`attention_drift.analysis.drift_record`; a leading
+        """The run of drift lines (:func:`attention_drift.runs.analysis.drift_record`; a leading
         ``{"meta": ...}`` header is taken as ``meta``). ``method`` keeps the lines of one method
         when the file holds several; ``patterns`` as in :meth:`ExplorerData.from_run`."""
         lines = list(lines)
@@ -390,8 +390,8 @@ class ExplorerRun:
     def head_metrics(self, threshold: float = 0.05) -> dict[str, Float[np.ndarray, "layer head"]]:
         """:data:`METRICS` per head over the run's prompts, as ``drift_report``'s head statistics
         (NaN prompts left out; NaN where a head has no valid prompt); the correlation is
-        :func:`attention_drift.stats.pearson` of the head's drift with failure (0 / 1) over the
-        prompts the unedited model got right (failure as :class:`~attention_drift.drift.Outcome`
+        :func:`attention_drift.reports.stats.pearson` of the head's drift with failure (0 / 1) over the
+        prompts the unedited model got right (failure as :class:`~attention_drift.measure.drift.Outcome`
         and the drift report define it)."""
         drift = self.drift
         valid = ~np.isnan(drift)
@@ -525,7 +525,7 @@ class ExplorerData:
 
         ``run`` / ``comparison``: a drift run folder (``drift_records.jsonl``; its
         ``drift_patterns.jsonl`` is read when ``patterns`` is None), that file, a
-        :class:`~attention_drift.jsonl.Run`, a list of drift lines, or an :class:`ExplorerRun`.
+        :class:`~attention_drift.core.jsonl.Run`, a list of drift lines, or an :class:`ExplorerRun`.
         ``patterns``: a patterns file path or ``{(case_id, prompt_index): PromptPatterns or the
         dict schema of PromptPatterns.from_dict}``; ``False`` reads none.
         ``method`` / ``comparison_method`` pick one method of a file that holds several.

@@ -25,7 +25,7 @@ def choose_threads(requested: int | None = None) -> int:
     """``requested`` if given, else ``$OMP_NUM_THREADS`` if set, else :func:`free_cores`."""
     if requested is not None:
         if requested < 1:
-            from attention_drift.errors import AttentionDriftError
+            from attention_drift.core.errors import AttentionDriftError
 
             raise AttentionDriftError(f"--threads must be >= 1, got {requested}")
         return requested

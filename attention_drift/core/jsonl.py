@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.errors import AttentionDriftError
 
 
 class RunFileError(AttentionDriftError):

@@ -31,10 +31,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attention_drift.data import Rewrite
-from attention_drift.errors import AttentionDriftError
-from attention_drift.hooks import OUTPUT_LOG_PROBS as OUTPUT
-from attention_drift.hooks import act_name
+from attention_drift.core.data import Rewrite
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.hooks import OUTPUT_LOG_PROBS as OUTPUT
+from attention_drift.core.hooks import act_name
 
 EPS = 1e-8
 DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")

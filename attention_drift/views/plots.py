@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float
 from plotly.colors import qualitative
 from torch import Tensor
-from attention_drift.errors import AttentionDriftError
-from attention_drift.stats import pearson, spearman
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.reports.stats import pearson, spearman
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu_r"
@@ -260,7 +260,7 @@ CORRELATION_SYMBOLS = {"pearson": "Pearson r", "spearman": "Spearman ρ"}
 
 def correlation_label(c: Mapping) -> str:
     """``"Pearson r = 0.193 [-0.05, 0.41], p = 0.11"`` of a correlation dict
-    (:meth:`attention_drift.stats.Correlation.to_dict`): every coefficient named by its kind."""
+    (:meth:`attention_drift.reports.stats.Correlation.to_dict`): every coefficient named by its kind."""
     if c.get("method") not in CORRELATION_SYMBOLS:
         raise PlotError(f"a correlation needs its method ('pearson' or 'spearman'), got {c.get('method')!r}")
     r = c["r"]
@@ -272,7 +272,7 @@ def correlation_label(c: Mapping) -> str:
 
 def auroc_label(a: Mapping) -> str:
     """``"AUROC = 0.57 [0.45, 0.69] (cluster bootstrap)"`` of an AUROC dict
-    (:meth:`attention_drift.stats.AurocEstimate.to_dict`)."""
+    (:meth:`attention_drift.reports.stats.AurocEstimate.to_dict`)."""
     value = a["value"]
     text = "AUROC = " + ("nan" if not math.isfinite(value) else f"{value:.3f}")
     text += _fmt_ci(a.get("ci_low", math.nan), a.get("ci_high", math.nan))
@@ -299,7 +299,7 @@ def drift_vs_failure(
     chunks); each bin is drawn at its mean drift and mean failure with a 95% normal error
     bar (1.96 x standard error of the mean; 0 for a one-case bin). ``failed`` colours the
     points (failed / held). The annotation names every statistic by its kind: ``correlations``
-    (dicts of :meth:`attention_drift.stats.Correlation.to_dict`, e.g. Pearson and Spearman with
+    (dicts of :meth:`attention_drift.reports.stats.Correlation.to_dict`, e.g. Pearson and Spearman with
     their 95% intervals; by default both computed from the points, Fisher-z intervals), the
     ``auroc`` dict of the factor for failure when given, and n (cases, and ``n_records``);
     ``note`` adds a last line (e.g. which prompts are shown). One panel of
@@ -525,7 +525,7 @@ def recovery_tradeoff(
     y = the share of the plain editor's distract-neighbourhood loss it wins back (%), both with
     95% CIs, labelled with the variant and its number of records; one series per key of
     ``points`` (e.g. the tuning and the report half). Points are
-    :func:`attention_drift.report.tradeoff` entries. ``labelled``: the series whose markers carry
+    :func:`attention_drift.reports.evaluation.tradeoff` entries. ``labelled``: the series whose markers carry
     their label as text (None: all; the others show it on hover); ``y_range``: the y axis shown
     (longer intervals run off it; None: fit everything)."""
     if not points or not any(points.values()):

@@ -3,7 +3,7 @@
 A :class:`Variant` is a frozen value, built the same way from Python, from the command line's
 flags and from the figures' variant table (:func:`paper_variants`). It does not depend on a
 model: ``variant.resolve(model)`` turns it into the concrete editor configuration (the
-model's preset with the variant's overrides) and :class:`~attention_drift.sadr.SADRConfig`,
+model's preset with the variant's overrides) and :class:`~attention_drift.editing.sadr.SADRConfig`,
 and ``variant.editor(model)`` into the per-record edit the runs call. SADR layer ranges are
 written relative to the model (``"lower"`` / ``"upper"`` half of the layers from the edit
 layer up), so one table serves every model.
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.errors import AttentionDriftError
 
 NONE = "none"
 LAYER_RANGES = ("lower", "upper")
@@ -49,7 +49,7 @@ class SADRSpec:
 
     Args:
         weight: the loss weight; None: the per-model, per-method preset
-            (:meth:`~attention_drift.sadr.SADRConfig.for_model`; the paper's published values).
+            (:meth:`~attention_drift.editing.sadr.SADRConfig.for_model`; the paper's published values).
         steps: optimisation steps; None: the preset (published: ROME 80, MEMIT 20, PMET 40).
         layers: None: every layer from the layer where the edit injects its delta up;
             ``"lower"`` / ``"upper"``: the lower / upper half of those (:func:`split_layers`);
@@ -59,14 +59,14 @@ class SADRSpec:
         distract: also restrict distract-style rows (our extension).
         distract_only: restrict only distract-style rows (our extension).
         output_weight, output: the output-locality term on the distract rows, its factor and
-            kind (our extension; :class:`~attention_drift.sadr.SADRConfig`); needs ``distract``.
+            kind (our extension; :class:`~attention_drift.editing.sadr.SADRConfig`); needs ``distract``.
         distract_subjects: the distract rows' other subjects; None: the default list.
         clamp_scale: factor on the editor's clamp (our extension;
-            :class:`~attention_drift.sadr.SADRConfig`).
+            :class:`~attention_drift.editing.sadr.SADRConfig`).
         guard_weight, guard_margin: the efficacy guard on the rewriting prompts (our extension;
-            :class:`~attention_drift.sadr.SADRConfig`).
+            :class:`~attention_drift.editing.sadr.SADRConfig`).
         verify: check the edit on the request's prompt and fall back where it fails (our
-            extension; :class:`~attention_drift.sadr.SADRConfig`).
+            extension; :class:`~attention_drift.editing.sadr.SADRConfig`).
     """
 
     weight: float | None = None
@@ -104,8 +104,8 @@ class SADRSpec:
             raise VariantError(f"SADR weight must be >= 0, got {self.weight}")
 
     def resolve(self, model, method: str, edit_layer: int):
-        """The :class:`~attention_drift.sadr.SADRConfig` for ``model`` and ``method``."""
-        from attention_drift.sadr import SADRConfig
+        """The :class:`~attention_drift.editing.sadr.SADRConfig` for ``model`` and ``method``."""
+        from attention_drift.editing.sadr import SADRConfig
 
         layers = self.layers
         if isinstance(layers, str):
@@ -223,7 +223,7 @@ SADR_VARIANTS: dict[str, dict[str, SADRSpec]] = {
 paper's regulariser with its published weight and steps; ``plus`` is ours: on three synthetic
 distract prompts (the edit sentence, then the rewriting prompt about other, fixed subjects) the
 new target may not gain on the old one, ``log p(new) - log p(true)`` of their first tokens at the
-prompts' end staying at or below the unedited model's (:class:`~attention_drift.sadr.SADRConfig`
+prompts' end staying at or below the unedited model's (:class:`~attention_drift.editing.sadr.SADRConfig`
 ``output="contrast"``, weight 1), with no attention term and the editor's own 20 steps; and the
 edit is verified on the request's own prompt, falling back to the plain editor (then with a
 doubled clamp) for a request whose new target does not win there (``verify``). The output term

@@ -7,14 +7,14 @@ records, for that one prompt:
 
 * the prediction (top-1 token, P(true), P(new), log-odds) before the edit, inside it, and inside
   it with the attention pattern of every layer and head restored to its pre-edit value
-  (:func:`~attention_drift.patching.run_patched` with one ``pattern`` patch over all layers);
+  (:func:`~attention_drift.measure.patching.run_patched` with one ``pattern`` patch over all layers);
 * the attention row of the prediction position (the last prompt token) of every layer and
-  head before and inside the edit (:func:`~attention_drift.drift.collect_attention_rows`);
+  head before and inside the edit (:func:`~attention_drift.measure.drift.collect_attention_rows`);
 * the heads whose attention to the edited subject's last token grew most
-  (:meth:`~attention_drift.drift.HeadDrift.top`).
+  (:meth:`~attention_drift.measure.drift.HeadDrift.top`).
 
-The edit is entered once and the weights are restored on exit. :func:`case_study_figure`
-(plotly) and :func:`case_study_view` (circuitsvis, offline) draw the top heads' rows before vs
+The edit is entered once and the weights are restored on exit. :func:`~attention_drift.views.case_study.case_study_figure`
+(plotly) and :func:`~attention_drift.views.case_study.case_study_view` (circuitsvis, offline) draw the top heads' rows before vs
 after; :meth:`CaseStudy.to_json` gives the numbers file of the figure.
 
 Typical use::
@@ -31,19 +31,16 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import plotly.graph_objects as go
 import torch
-from circuitsvis.attention import attention_heads
 from jaxtyping import Float
-from plotly.subplots import make_subplots
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
-from attention_drift.drift import HeadDrift, collect_attention_rows, row_kl
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
+from attention_drift.measure.drift import HeadDrift, collect_attention_rows, row_kl
 from attention_drift.editing.api import METHODS, edit
 from attention_drift.editing.config import EditConfig
-from attention_drift.patching import (
+from attention_drift.measure.patching import (
     Patch,
     PatchCase,
     record_activations,
@@ -51,10 +48,8 @@ from attention_drift.patching import (
     run_variant,
     supports_pattern_patching,
 )
-from attention_drift.plots import PALETTE, SEQUENTIAL, _label, _style
-from attention_drift.regions import Regions
-from attention_drift.viz import AttentionView
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core.regions import Regions
+from attention_drift.core.errors import AttentionDriftError
 
 STATES = ("pre", "post", "restored")
 _STATE_NAMES = {"pre": "pre-edit", "post": "post-edit", "restored": "post-edit, attention restored"}
@@ -115,7 +110,7 @@ class CaseStudy:
         prompt: the distract prompt (starts with the edit sentence).
         true_target: the answer the unedited model should give.
         new_target: the edit's new target (``request.target_new``).
-        tokens: the prompt's token strings (:func:`~attention_drift.tokens.encode` positions).
+        tokens: the prompt's token strings (:func:`~attention_drift.core.tokens.encode` positions).
         subject_last: position of the edited subject's last token (in the edit sentence).
         pre, post, restored: predictions before the edit, inside it, and inside it with every
             layer's and head's attention pattern (all query positions) restored to pre-edit.
@@ -296,95 +291,4 @@ def case_study(
                      before.cpu(), after.cpu(), top, name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _probabilities(cs: CaseStudy, sep: str = "<br>") -> str:
-    return sep.join(
-        f"{_STATE_NAMES[k]}: P({cs.true_target.strip()}) = {p.p_true:.3f}, "
-        f"P({cs.new_target.strip()}) = {p.p_new:.3f}, top-1 {p.top_token!r}"
-        for k, p in cs.predictions.items()
-    )
-
-
-def _top_rows(cs: CaseStudy) -> tuple[Tensor, Tensor, list[str]]:
-    if not cs.top_heads:
-        raise CaseStudyError("the case study has no top heads to draw")
-    layers = [h.layer for h in cs.top_heads]
-    heads = [h.head for h in cs.top_heads]
-    return cs.rows_before[layers, heads], cs.rows_after[layers, heads], [h.label for h in cs.top_heads]
-
-
-def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
-    """Two heatmaps, before and after the edit: the top heads' (rows) attention from the
-    prediction position over the prompt's tokens (columns), on one colour scale.
-
-    The edited subject's last token is outlined; the annotation gives P(true) / P(new) and the
-    top-1 token of the pre-edit, post-edit and attention-restored states. Hover shows the head,
-    token, position and both values.
-    """
-    before, after, labels = _top_rows(cs)
-    before, after = before.detach().double().cpu(), after.detach().double().cpu()
-    k, n = before.shape
-    ticks = [_label(t) for t in cs.tokens]
-    zmax = max(float(before.max()), float(after.max()), 1e-6)
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=("before the edit", "after the edit"))
-    for col, (name, z, other) in enumerate((("before", before, after), ("after", after, before)), start=1):
-        custom = [[[labels[i], ticks[j], j, float(other[i, j])] for j in range(n)] for i in range(k)]
-        other_name = "after" if name == "before" else "before"
-        fig.add_trace(go.Heatmap(
-            z=z.tolist(), x=list(range(n)), y=list(range(k)), name=name, customdata=custom,
-            coloraxis="coloraxis",
-            hovertemplate=("head %{customdata[0]}<br>token %{customdata[1]} (position %{customdata[2]})"
-                           f"<br>{name}: %{{z:.4f}}<br>{other_name}: %{{customdata[3]:.4f}}<extra></extra>"),
-        ), row=1, col=col)
-        fig.add_shape(type="rect", x0=cs.subject_last - 0.5, x1=cs.subject_last + 0.5, y0=-0.5, y1=k - 0.5,
-                      line={"color": PALETTE[1], "width": 2}, row=1, col=col)
-        fig.update_xaxes(tickmode="array", tickvals=list(range(n)), ticktext=ticks, tickangle=-60,
-                         title_text="key token", row=1, col=col)
-    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(k)), ticktext=labels)
-    fig.update_layout(coloraxis={"colorscale": SEQUENTIAL, "cmin": 0.0, "cmax": zmax,
-                                 "colorbar": {"title": "attention"}},
-                      height=max(480, 40 * k + 380))
-    title = title or (f"Case study: {cs.request.subject} → {cs.new_target.strip()} ({cs.method}), "
-                      f"top {k} drifting heads")
-    fig = _style(fig, title, "key token", "head")
-    fig.update_layout(margin={"t": 190})
-    fig.add_annotation(text=_probabilities(cs), xref="paper", yref="paper", x=0.0, y=1.08,
-                       showarrow=False, xanchor="left", yanchor="bottom", align="left", font={"size": 12})
-    return fig
-
-
-def _view_patterns(rows: Tensor, n: int) -> Tensor:
-    """[head, key] prediction rows as [head, q, k] patterns whose only non-zero row is the last."""
-    patterns = torch.zeros(rows.shape[0], n, n, device="cpu")
-    patterns[:, n - 1] = rows.detach().float().cpu()
-    return patterns
-
-
-def case_study_view(cs: CaseStudy) -> AttentionView:
-    """circuitsvis panels of the top heads' prediction rows before and after the edit, side by side.
-
-    circuitsvis draws [head, query, key] patterns: here only the last query row (the
-    prediction position) is filled, so hover the last token. Both panels share the range [0, 1];
-    the view inlines circuitsvis's JavaScript and works offline.
-    """
-    before, after, labels = _top_rows(cs)
-    n = len(cs.tokens)
-    panels = tuple(
-        (f"{label} the edit ({_STATE_NAMES[state]}: P({cs.true_target.strip()}) = {cs.predictions[state].p_true:.3f}, "
-         f"P({cs.new_target.strip()}) = {cs.predictions[state].p_new:.3f})",
-         attention_heads(_view_patterns(rows, n), list(cs.tokens), attention_head_names=labels,
-                         min_value=0.0, max_value=1.0))
-        for label, state, rows in (("before", "pre", before), ("after", "post", after))
-    )
-    title = (f"Case study: {cs.request.subject} → {cs.new_target.strip()}; prediction row of the top "
-             f"{len(labels)} heads (restored: P({cs.true_target.strip()}) = {cs.restored.p_true:.3f}, "
-             f"P({cs.new_target.strip()}) = {cs.restored.p_new:.3f})")
-    return AttentionView(title, panels, side_by_side=True)
-
-
-__all__ = ["CaseStudy", "CaseStudyError", "HeadChange", "Prediction", "case_study", "case_study_figure",
-           "case_study_view"]
+__all__ = ["CaseStudy", "CaseStudyError", "HeadChange", "Prediction", "case_study"]

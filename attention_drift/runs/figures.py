@@ -4,7 +4,7 @@ Items (``ITEMS``) and where their numbers come from:
 
 1. ``case_study`` -- one edit and one distract prompt: predictions before, after, and after
    with every attention pattern restored, plus the prediction row of the most drifting heads
-   (:mod:`attention_drift.case_study`). The prompt is picked from the drift run by the stated
+   (:mod:`attention_drift.measure.case_study`). The prompt is picked from the drift run by the stated
    rule :data:`CASE_RULE` (:func:`pick_case`), among the prompts the model got right before
    the edit.
 2. ``prevalence`` (RQ1) -- neighbourhood vs distract neighbourhood and relation vs distract
@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attention_drift.errors import AttentionDriftError
-from attention_drift.report import COMPARE_GROUPS
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.reports.evaluation import COMPARE_GROUPS
 
 ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
 WEIGHTS = {"rome": 0.0, "rome-sadr": 0.01, "rome-sadr-w0.1": 0.1, "rome-sadr-w1": 1.0}
@@ -54,8 +54,8 @@ SHOWN = COMPARE_GROUPS
 
 
 def variants():
-    """The evaluation variants (:func:`attention_drift.variants.paper_variants`): name -> Variant."""
-    from attention_drift.variants import paper_variants
+    """The evaluation variants (:func:`attention_drift.runs.variants.paper_variants`): name -> Variant."""
+    from attention_drift.runs.variants import paper_variants
 
     return paper_variants()
 
@@ -83,7 +83,7 @@ class FiguresConfig:
         device, dtype: where and in which dtype the model runs.
         progress: progress bars on stderr.
         workers: 1: everything in this process; N > 1: evaluation runs, drift and patching on N
-            Ray actors (:func:`attention_drift.sweep.run_sweep`, :class:`attention_drift.sweep.Workers`).
+            Ray actors (:func:`attention_drift.runs.sweep.run_sweep`, :class:`attention_drift.runs.sweep.Workers`).
         address: a Ray cluster to join for them (None: a local Ray).
     """
 
@@ -122,7 +122,7 @@ class FiguresConfig:
 
     def variant(self, name: str):
         """The named variant with this configuration's statistics sample count."""
-        from attention_drift.variants import with_stats_samples
+        from attention_drift.runs.variants import with_stats_samples
 
         return with_stats_samples(variants()[name], self.stats_samples)
 
@@ -136,7 +136,7 @@ class FiguresConfig:
         return [f for f in (self.runs or "").split(",") if f]
 
     def handle(self):
-        from attention_drift.runs import ModelHandle
+        from attention_drift.runs.evaluation import ModelHandle
 
         return _handles.setdefault((self.model, self.device, self.dtype),
                                    ModelHandle(self.model, device=self.device, dtype=self.dtype))
@@ -148,9 +148,9 @@ _handles: dict = {}
 
 def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]:
     """``{variant: run file}``: from the first ``cfg.runs`` folder that has it, else evaluated here
-    (:func:`attention_drift.runs.evaluate_run`, pre-edit scores shared through ``none``)."""
-    from attention_drift import runs
-    from attention_drift.evaluate import FluencyConfig
+    (:func:`attention_drift.runs.evaluation.evaluate_run`, pre-edit scores shared through ``none``)."""
+    from attention_drift.runs import evaluation as runs
+    from attention_drift.measure.evaluate import FluencyConfig
 
     out = Path(cfg.out) / "runs"
     found: dict[str, Path] = {}
@@ -168,7 +168,7 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         pre = out / "none.jsonl"
         chosen = ["none", *[n for n in todo if n != "none"]]
         if cfg.on_ray:
-            from attention_drift.sweep import SweepConfig, run_sweep
+            from attention_drift.runs.sweep import SweepConfig, run_sweep
 
             run_sweep(SweepConfig(cfg.model, tuple(cfg.variant(n) for n in chosen), out, selection,
                                   workers=cfg.workers, address=cfg.address, device=cfg.device, dtype=cfg.dtype,
@@ -188,8 +188,8 @@ def _summaries(runs: dict[str, Path], names: Sequence[str], *, shared: bool,
                pairs: Sequence[tuple[str, str]] = ()) -> dict[str, dict]:
     """``{"runs": {label: summary}, "paired": ...}`` of the named runs present, with the paired
     tests of those ``pairs`` whose runs are both present (see :func:`report.compare`)."""
-    from attention_drift.jsonl import read_run
-    from attention_drift.report import compare
+    from attention_drift.core.jsonl import read_run
+    from attention_drift.reports.evaluation import compare
 
     present = [n for n in names if n in runs]
     pairs = [(a, b) for a, b in pairs if a in present and b in present]
@@ -213,7 +213,7 @@ def _row(summary: dict, phase: str = "post") -> dict:
 def _table(compared: dict) -> tuple[dict, str]:
     """(numbers, markdown) of a :func:`_summaries` result: the first run's pre-edit row, each
     post-edit row, and the paired tests."""
-    from attention_drift.report import compare_markdown
+    from attention_drift.reports.evaluation import compare_markdown
 
     if not compared:
         return {}, ""
@@ -242,13 +242,13 @@ def _records_text(numbers: dict) -> str:
 
 
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
-    from attention_drift.analysis import _save_figure
+    from attention_drift.runs.analysis import _save_figure
 
     return _save_figure(fig, out / name, png)
 
 
 def _editors() -> list[str]:
-    from attention_drift.variants import editor_names
+    from attention_drift.runs.variants import editor_names
 
     return list(editor_names())
 
@@ -259,7 +259,7 @@ def _main() -> list[str]:
 
 
 def _prevalence(runs, out: Path, png: bool) -> dict:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     summaries = _summaries(runs, _editors(), shared=False)
     if not summaries:
@@ -274,7 +274,7 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
 
 
 def _main_table(runs, out: Path, png: bool) -> dict:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     pairs = [pair for m in _editors()
              for pair in ((m, f"{m}-sadr"), (m, f"{m}-sadr-plus"), (f"{m}-sadr", f"{m}-sadr-plus"))]
@@ -306,7 +306,7 @@ def _too_small(numbers: dict, name: str, result: dict, min_records: int) -> bool
 
 
 def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECORDS) -> dict:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     result: dict = {"files": [], "n": {}, "not_drawn": {}}
     sweep = {n: w for n, w in WEIGHTS.items() if n in runs}
@@ -346,12 +346,12 @@ def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECOR
 
 
 def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path) -> None:
-    """ROME drift or patching (:func:`attention_drift.analysis.run_drift` / ``run_patch``) on the
+    """ROME drift or patching (:func:`attention_drift.runs.analysis.run_drift` / ``run_patch``) on the
     first ``limit`` records that have distract prompts, half of each kind (so both distract
     neighbourhood and distract relation are measured), resumable in ``folder``. Patching
     restores each record's own top-10 drifting heads (so it does not wait for the drift run)."""
-    from attention_drift import analysis
-    from attention_drift.runs import RecordSelection
+    from attention_drift.runs import analysis
+    from attention_drift.runs.evaluation import RecordSelection
 
     selection = RecordSelection(cfg.data, limit=limit, balanced=True, with_distract=True)
     variant = cfg.variant("rome")
@@ -359,7 +359,7 @@ def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path) -> None:
     common = {"method": variant.name, "progress": cfg.progress, "figures": True}
     model = editor = None
     if cfg.on_ray:
-        from attention_drift.sweep import Workers
+        from attention_drift.runs.sweep import Workers
 
         common["workers"] = Workers(cfg.model, variant, workers=cfg.workers, address=cfg.address, device=cfg.device,
                                     dtype=cfg.dtype, progress=cfg.progress)
@@ -387,11 +387,11 @@ CASE_TIERS = ("knew it (top-1) and failed", "right before and failed", "right be
 
 def pick_case(drift_records: Path) -> dict | None:
     """The drift-run sample for the case study, chosen by :data:`CASE_RULE` (failure as
-    :class:`attention_drift.drift.Outcome` defines it); None when no distract-neighbourhood
+    :class:`attention_drift.measure.drift.Outcome` defines it); None when no distract-neighbourhood
     prompt was right before the edit. The sample dict gains ``"pick"``: ``{"rule", "tier"
     (of :data:`CASE_TIERS`), "candidates" (prompts in that tier), "right_before", "prompts"}``."""
-    from attention_drift.drift import DriftSample
-    from attention_drift.jsonl import read_run
+    from attention_drift.measure.drift import DriftSample
+    from attention_drift.core.jsonl import read_run
 
     samples = [s for line in read_run(drift_records).records for s in line.get("samples", [])
                if s["group"] == "distract_neighborhood"]
@@ -407,9 +407,10 @@ def pick_case(drift_records: Path) -> dict | None:
 
 
 def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
-    from attention_drift import viz
-    from attention_drift.case_study import CaseStudy, case_study, case_study_figure, case_study_view
-    from attention_drift.runs import RecordSelection
+    from attention_drift.views import viz
+    from attention_drift.measure.case_study import CaseStudy, case_study
+    from attention_drift.views.case_study import case_study_figure, case_study_view
+    from attention_drift.runs.evaluation import RecordSelection
 
     sample = pick_case(out / "drift" / "drift_records.jsonl") if (out / "drift" / "drift_records.jsonl").exists() else None
     if sample is None:
@@ -450,7 +451,7 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
 def run_figures(cfg: FiguresConfig) -> dict:
     """Make the requested items; returns (and writes to ``OUT/figures.json``) their numbers,
     markdown and files, and writes ``OUT/figures.md``."""
-    from attention_drift.analysis import _png_ok, drift_markdown, patch_markdown
+    from attention_drift.runs.analysis import _png_ok, drift_markdown, patch_markdown
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 * BOS: a sequence starts with BOS exactly when the model's own tokenizer adds it by default
   (Gemma does, SmolLM2 does not: prepending one there drops P(" Paris") from 0.70 to 0.30).
-  :func:`~attention_drift.models.load_model` records that in ``model.cfg.default_prepend_bos``
+  :func:`~attention_drift.core.models.load_model` records that in ``model.cfg.default_prepend_bos``
   (the bridge itself turns BOS-adding on in the tokenizer); :func:`encode` is the only place
   that reads it, so BOS is never added twice and every position index here counts it.
 * Targets: the paper scores ``f"{prompt} {target}"``. The target's tokens are those of that
@@ -10,7 +10,7 @@
   (GPT-2-style BPE gives ``" Paris"``, SentencePiece gives ``"▁Paris"``) and never switched on
   a model name.
 * Padding: right padding, so a prompt's positions are the same batched and alone.
-* Device: a :class:`Batch` is built on the model's device (:func:`~attention_drift.models.model_device`),
+* Device: a :class:`Batch` is built on the model's device (:func:`~attention_drift.core.models.model_device`),
   so it can be handed to the model and combined with its activations as it is.
 """
 
@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attention_drift.models import model_device
+from attention_drift.core.models import model_device
 
 
 def _bos(model) -> list[int]:

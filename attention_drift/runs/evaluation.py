@@ -5,9 +5,9 @@ Each record is scored before the edit and, for an editing variant, inside it (th
 restored after every record: the single-edit protocol), and one JSON line per record is
 appended to the run file as soon as it is done. Re-running with the same file resumes.
 
-Run file lines (see :mod:`attention_drift.jsonl`): a header ``{"meta": {"format", "model",
+Run file lines (see :mod:`attention_drift.core.jsonl`): a header ``{"meta": {"format", "model",
 "method", "variant", "data", "fluency", "edit", "created"}}`` (``edit``: the variant's
-:meth:`~attention_drift.variants.Variant.meta`), then per record ``{"case_id", "kind",
+:meth:`~attention_drift.runs.variants.Variant.meta`), then per record ``{"case_id", "kind",
 "method", "model", "subject", "target_new", "target_true", "pre": SCORES, "post": SCORES
 (editing variants only), "edit_key", "edit_seconds", "eval_seconds"}`` where SCORES is
 ``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}}, "fluency":
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from attention_drift.errors import AttentionDriftError
-from attention_drift.variants import Variant
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.runs.variants import Variant
 
 FORMAT = "attention_drift.evaluate/2"
 
@@ -46,7 +46,7 @@ class RecordSelection:
     Args:
         data: a CounterFact-style JSON file, URL or ``"counterfact"``; ``"dev"``: the development
             split shipped with the package (``"dev-tune"`` / ``"dev-report"``: its fixed tuning /
-            report half, :data:`~attention_drift.data.DEV_HALVES`); None: the 8-record example shipped with the package.
+            report half, :data:`~attention_drift.core.data.DEV_HALVES`); None: the 8-record example shipped with the package.
         kinds: keep only these record kinds (``counterfact``, ``wikidata``).
         limit: the first N (selected) records.
         balanced: with ``limit``: N/2 records of each kind.
@@ -63,7 +63,7 @@ class RecordSelection:
     with_distract: bool = False
 
     def __post_init__(self):
-        from attention_drift.data import KINDS
+        from attention_drift.core.data import KINDS
 
         if self.kinds is not None and (not self.kinds or set(self.kinds) - set(KINDS)):
             raise RunError(f"--kinds {','.join(self.kinds)!r}: choose from {', '.join(KINDS)} (comma-separated)")
@@ -84,9 +84,9 @@ class RecordSelection:
         return str(Path(self.data).expanduser().resolve())
 
     def load(self) -> list:
-        """The selected :class:`~attention_drift.data.Record` list (case_ids checked unique)."""
-        from attention_drift import data
-        from attention_drift.jsonl import shard_of
+        """The selected :class:`~attention_drift.core.data.Record` list (case_ids checked unique)."""
+        from attention_drift.core import data
+        from attention_drift.core.jsonl import shard_of
 
         if self.data is None:
             records = [r for r in data.load_example() if self.kinds is None or r.kind in self.kinds]
@@ -123,7 +123,7 @@ class ModelHandle:
         if self._model is None:
             import torch
 
-            from attention_drift.models import load_model
+            from attention_drift.core.models import load_model
 
             self._model = load_model(self.name, device=self.device, dtype=getattr(torch, self.dtype))
         return self._model
@@ -170,7 +170,7 @@ def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
     """``{case_id json: pre scores}`` of a run file made with the same model, data and fluency."""
     if path is None:
         return {}
-    from attention_drift.jsonl import read_run
+    from attention_drift.core.jsonl import read_run
 
     run = read_run(path)
     for key in ("model", "data", "fluency"):
@@ -185,7 +185,7 @@ def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_siz
     """One record's run line: pre-edit scores (or ``pre``), then for an editing variant the edit
     (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores; weights restored after.
     ``progress``: a bar over the edit's optimisation steps."""
-    from attention_drift.evaluate import evaluate_record
+    from attention_drift.measure.evaluate import evaluate_record
 
     start = time.perf_counter()
     options = {"batch_size": batch_size, "fluency": fluency if fluency is not None else False}
@@ -229,7 +229,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
     ``meta`` is the header (:func:`run_meta`). The model is loaded only when a record is left
     to do. Lines already in the file must carry the same ``edit_key`` as this run resolves to.
     """
-    from attention_drift.jsonl import RunFile
+    from attention_drift.core.jsonl import RunFile
 
     out = Path(out)
     check_writable(out)
@@ -257,7 +257,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
 def check_edit_key(path: Path, key: str | None) -> None:
     """Refuse to append to the run file ``path`` when its lines were written with another resolved
     edit configuration than ``key`` (a preset changed since)."""
-    from attention_drift.jsonl import read_run
+    from attention_drift.core.jsonl import read_run
 
     if not path.is_file():
         return

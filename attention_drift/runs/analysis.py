@@ -2,7 +2,7 @@
 
 Both edit every record on its own (single-edit protocol: the weights are restored after each
 record), measure it with the one per-record function the notebooks use too
-(:func:`attention_drift.drift.drift_record`, :func:`attention_drift.patching.patch_record`),
+(:func:`attention_drift.measure.drift.drift_record`, :func:`attention_drift.measure.patching.patch_record`),
 write its line to a run file in the output folder as soon as the record is done (re-running
 with the same folder skips the records already there), then rebuild the whole result from that
 file, write ``drift.json`` / ``patch.json`` and the figures, and return a short markdown summary.
@@ -10,15 +10,15 @@ No measurement happens here: this module is resume, IO, aggregation, figures and
 
 :func:`run_drift` (RQ3 of the paper): per record, attention drift of every head at the
 prediction position on the distract-neighbourhood and distract-relation prompts; over records
-(:func:`drift_from_lines`, i.e. :func:`attention_drift.drift.drift_report`), per-head statistics,
+(:func:`drift_from_lines`, i.e. :func:`attention_drift.measure.drift.drift_report`), per-head statistics,
 the top drifting heads with their attention to the edited subject's last token before -> after
 the edit, and how drift predicts specificity failure (Pearson / Spearman with 95% CIs, AUROC,
 binned failure curves). Failure is counted on the prompts the unedited model got right only
-(:class:`attention_drift.drift.Outcome`); the markdown and the drift-vs-failure figure say how
+(:class:`attention_drift.measure.drift.Outcome`); the markdown and the drift-vs-failure figure say how
 many prompts that keeps and excludes, and show the attention-mass factor beside the KL factor.
 
 :func:`run_patch` (RQ4 and RQ2): per record, the restoration variants, sweeps and contamination
-of :func:`attention_drift.patching.patch_record` on its distract-neighbourhood prompts; over
+of :func:`attention_drift.measure.patching.patch_record` on its distract-neighbourhood prompts; over
 records (:func:`patch_from_lines`), per variant: mean P(true), mean log-odds(true vs new), the
 fraction of the post- to pre-edit log-odds gap it recovers (pooled: gap of the means; and the
 mean / median of per-prompt fractions over prompts with a gap) and the distract-neighbourhood
@@ -30,8 +30,8 @@ edit's log-odds drop a substitution reproduces; the paper's P(true) drop is kept
 but is not the measure, see :data:`CONTAMINATION_WHY`). Intervals are record-clustered
 bootstrap 95% CIs except the accuracies' normal intervals.
 
-Run-file lines are :meth:`attention_drift.drift.RecordDrift.to_line` and
-:meth:`attention_drift.patching.RecordPatch.to_line` plus ``"method"`` (a record without
+Run-file lines are :meth:`attention_drift.measure.drift.RecordDrift.to_line` and
+:meth:`attention_drift.measure.patching.RecordPatch.to_line` plus ``"method"`` (a record without
 prompts: ``{"case_id", "kind", "samples" or "cases": [], "skipped": "no prompts", "method"}``).
 """
 
@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attention_drift.data import Record
-from attention_drift.drift import (
+from attention_drift.core.data import Record
+from attention_drift.measure.drift import (
     DEFAULT_GROUPS,
     DriftError,
     EditFactory,
@@ -55,8 +55,8 @@ from attention_drift.drift import (
     drift_record,
     drift_report,
 )
-from attention_drift.jsonl import RunFile, read_run
-from attention_drift.patching import (  # noqa: F401  (SWEEP_COMPONENTS re-exported)
+from attention_drift.core.jsonl import RunFile, read_run
+from attention_drift.measure.patching import (  # noqa: F401  (SWEEP_COMPONENTS re-exported)
     CONTAMINATION_COMPONENTS,
     KEY_POSITIONS,
     RANDOM_DRAWS,
@@ -67,7 +67,7 @@ from attention_drift.patching import (  # noqa: F401  (SWEEP_COMPONENTS re-expor
     patch_record,
     random_variant_names,
 )
-from attention_drift.stats import bootstrap_mean, bootstrap_ratio, proportion
+from attention_drift.reports.stats import bootstrap_mean, bootstrap_ratio, proportion
 
 DRIFT_FORMAT = "attention_drift.analysis.drift/1"
 PATCH_FORMAT = "attention_drift.analysis.patch/1"
@@ -87,7 +87,7 @@ def _progress(items, desc: str, enabled: bool, total: int | None = None):
 
 def _measured(records: Sequence[Record], fn, model, edit_fn_factory, workers, desc: str, progress: bool):
     """``(record, fn(model, edit_fn_factory, record))`` per record: in this process, or on the Ray
-    ``workers`` (:class:`attention_drift.sweep.Workers`; then in the order records finish)."""
+    ``workers`` (:class:`attention_drift.runs.sweep.Workers`; then in the order records finish)."""
     if workers is None:
         return ((r, fn(model, edit_fn_factory, r)) for r in _progress(records, desc, progress))
     return _progress(workers.map(records, fn), f"{desc} ({workers.workers} workers)", progress, total=len(records))
@@ -100,9 +100,9 @@ def _n_records(case_ids) -> int:
 
 def _save_figure(fig, path: Path, png: bool) -> list[str]:
     """Write ``fig`` as HTML (and PNG), with the paper's value for this figure
-    (:data:`attention_drift.paper.REPORTED`, by file stem) below it where the paper gives one."""
-    from attention_drift import plots
-    from attention_drift.paper import REPORTED
+    (:data:`attention_drift.reports.paper.REPORTED`, by file stem) below it where the paper gives one."""
+    from attention_drift.views import plots
+    from attention_drift.reports.paper import REPORTED
 
     if path.name in REPORTED:
         plots.add_reference(fig, REPORTED[path.name])
@@ -117,7 +117,7 @@ def _save_figure(fig, path: Path, png: bool) -> list[str]:
 
 
 def _png_ok() -> bool:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     problem = plots.png_export_problem()
     if problem:
@@ -142,7 +142,7 @@ def _lines_of(run_path: Path, records: Sequence[Record]) -> list[dict]:
 def drift_from_lines(lines: Sequence[dict], groups: Sequence[str] = DRIFT_GROUPS, *, top_k: int = 10,
                      threshold: float = 0.05) -> dict:
     """The ``drift.json`` content of run-file lines (:meth:`RecordDrift.to_line`; skipped records
-    are left out): :func:`~attention_drift.drift.drift_report` of the records they hold."""
+    are left out): :func:`~attention_drift.measure.drift.drift_report` of the records they hold."""
     records = [RecordDrift.from_line(line) for line in lines if line.get("samples")]
     if not records:
         raise DriftError("no record with distract prompts containing its subject; nothing to report")
@@ -171,7 +171,7 @@ def _failure_sentence(result: dict) -> str:
 
 def drift_markdown(result: dict, title: str = "") -> str:
     """The drift section: sizes, the failure definition and rate, the top heads, and per group and
-    :data:`~attention_drift.drift.HEADLINE_FACTORS` factor the Pearson and Spearman correlations
+    :data:`~attention_drift.measure.drift.HEADLINE_FACTORS` factor the Pearson and Spearman correlations
     (Fisher-z 95% CIs) with failure and with the log-odds drop and the AUROC for failure
     (record-clustered bootstrap 95% CI), over the prompts right before the edit."""
     rows = [f"## attention drift{' · ' + title if title else ''}", "",
@@ -210,7 +210,7 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
     drop of every prompt right before the edit (failed ones coloured), binned means with 95%
     CIs, Pearson and Spearman with the log-odds drop (95% CIs), the AUROC for failure (95% CI)
     and n. None when fewer than 2 such prompts have finite values."""
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     failure = result["failure"]["all"]
     panels = []
@@ -234,7 +234,7 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
 
 
 def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     written = []
     before = torch.tensor(result["subject_last_attention"]["before"])
@@ -256,8 +256,8 @@ def _drift_figures(result: dict, out: Path, png: bool) -> list[str]:
 
 
 def _prompt_patterns(model, record: Record, capture: HeadCapture) -> dict[int, dict]:
-    """A record's captured patterns in the explorer's schema (:class:`attention_drift.explorer.PromptPatterns`)."""
-    from attention_drift.regions import Regions
+    """A record's captured patterns in the explorer's schema (:class:`attention_drift.views.explorer.PromptPatterns`)."""
+    from attention_drift.core.regions import Regions
 
     out = {}
     for i, prompt in enumerate(capture.prompts):
@@ -271,7 +271,7 @@ def _prompt_patterns(model, record: Record, capture: HeadCapture) -> dict[int, d
 def _drift_lines(model, edit_fn_factory: EditFactory, record: Record, *, groups: Sequence[str], capture_heads,
                  method: str) -> tuple[dict, dict | None]:
     """A record's drift run line and its explorer patterns line (None without prompts)."""
-    from attention_drift import explorer
+    from attention_drift.views import explorer
 
     result = drift_record(model, record, edit_fn_factory, groups, capture_heads=capture_heads)
     if result is None:
@@ -285,21 +285,21 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | N
               groups: Sequence[str] = DRIFT_GROUPS, top_k: int = 10, method: str = "edit",
               progress: bool = False, figures: bool = True,
               capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K, workers=None) -> dict:
-    """Measure drift record by record (:func:`~attention_drift.drift.drift_record`, resumable in
+    """Measure drift record by record (:func:`~attention_drift.measure.drift.drift_record`, resumable in
     ``out_dir/drift_records.jsonl``), then write ``drift.json``, the figures and the drift
     explorer (``explorer.html``); returns the ``drift.json`` content plus ``"markdown"`` (and
     ``"figures"``).
 
-    ``capture_heads`` (see :func:`~attention_drift.drift.drift_record`; default: each record's
+    ``capture_heads`` (see :func:`~attention_drift.measure.drift.drift_record`; default: each record's
     :data:`CAPTURE_TOP_K` most drifting heads) picks the heads whose full attention patterns
     before / inside the edit are kept, from the measurement's own forward passes, in
     ``out_dir/drift_patterns.jsonl`` for the explorer's per-head panels.
 
-    ``workers`` (:class:`attention_drift.sweep.Workers`): measure the records on Ray actors that
+    ``workers`` (:class:`attention_drift.runs.sweep.Workers`): measure the records on Ray actors that
     load the model themselves (``model`` and ``edit_fn_factory`` are then not used; None is
     fine); the lines are the same as in-process ones, written here in the order records finish.
     """
-    from attention_drift import explorer
+    from attention_drift.views import explorer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -646,7 +646,7 @@ def patch_markdown(result: dict, title: str = "") -> str:
 
 
 def _patch_figures(result: dict, out: Path, png: bool) -> list[str]:
-    from attention_drift import plots
+    from attention_drift.views import plots
 
     written = []
     n = f"{result['n_prompts']} prompts, {result['records']} records"
@@ -714,7 +714,7 @@ def load_top_heads(path, k: int) -> list[tuple[int, int]]:
 
 
 def _patch_line(model, edit_fn_factory: EditFactory, record: Record, *, method: str, **options) -> dict:
-    """A record's patching run line (:func:`~attention_drift.patching.patch_record` with ``options``)."""
+    """A record's patching run line (:func:`~attention_drift.measure.patching.patch_record` with ``options``)."""
     result = patch_record(model, record, edit_fn_factory, **options)
     line = ({"case_id": record.case_id, "kind": record.kind, "cases": [], "skipped": "no prompts"}
             if result is None else result.to_line())
@@ -726,7 +726,7 @@ def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory | N
               sweep_prompts: int = 1, contamination_prompts: int = 1, contamination_window: int = 6,
               contamination_positions: str = "key", batch_size: int = 64, method: str = "edit",
               progress: bool = False, figures: bool = True, random_draws: int = RANDOM_DRAWS, workers=None) -> dict:
-    """Patch record by record (:func:`~attention_drift.patching.patch_record`, resumable in
+    """Patch record by record (:func:`~attention_drift.measure.patching.patch_record`, resumable in
     ``out_dir/patch_records.jsonl``), then write ``patch.json`` and the figures; returns the
     ``patch.json`` content plus ``"markdown"`` (and ``"figures"``). ``random_draws``: draws of
     the random-heads control of the top-k heads patch (0: none). ``workers``: as in :func:`run_drift`."""

@@ -18,7 +18,7 @@ Three levels, each built on the one before:
   top drifting heads, correlations with failure, AUROC, binned curves); its
   :meth:`DriftReport.to_dict` is ``drift.json``. :func:`dataset_drift` is the loop of
   :func:`drift_record` and :func:`drift_report` in memory; the command runs the same two
-  functions through its resumable run file (:mod:`attention_drift.analysis`).
+  functions through its resumable run file (:mod:`attention_drift.runs.analysis`).
 
 Typical use, with any editor that is a context manager changing the weights in place::
 
@@ -28,7 +28,7 @@ Typical use, with any editor that is a context manager changing the weights in p
     report.to_dict()
 
 Everything that is attention *mass on a region* sums the row over that region's key positions
-(:class:`~attention_drift.regions.Regions`); *delta* is after minus before; *KL* is
+(:class:`~attention_drift.core.regions.Regions`); *delta* is after minus before; *KL* is
 KL(before || after) of the whole row with eps 1e-8 inside the logs, as in the paper.
 """
 
@@ -44,14 +44,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Record, Rewrite, distract_prompt
-from attention_drift.errors import AttentionDriftError
-from attention_drift.hooks import act_name
-from attention_drift.sadr import selection_frequency
-from attention_drift.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
-from attention_drift.scores import Scores
-from attention_drift.stats import (  # noqa: F401  (re-exported)
+from attention_drift.core import tokens
+from attention_drift.core.data import Record, Rewrite, distract_prompt
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.hooks import act_name
+from attention_drift.editing.sadr import selection_frequency
+from attention_drift.core.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
+from attention_drift.core.scores import Scores
+from attention_drift.reports.stats import (  # noqa: F401  (re-exported)
     AurocEstimate,
     BinnedCurve,
     Correlation,
@@ -151,7 +151,7 @@ def collect_attention_rows(model, prompts: Sequence[str], query: str | Sequence[
     """Attention rows of all layers and heads for a batch of prompts, in ONE batched forward.
 
     ``query`` is ``"last"`` (each prompt's last token, the prediction position) or one explicit
-    token position per prompt (:func:`~attention_drift.tokens.encode` positions, BOS counted).
+    token position per prompt (:func:`~attention_drift.core.tokens.encode` positions, BOS counted).
     Only ``hook_pattern`` is cached.
     """
     prompts = list(prompts)
@@ -318,7 +318,7 @@ def measure_drift(
 ) -> PromptDrift:
     """Attention rows (and, given ``targets``, scores) of ``prompts`` before and inside an edit.
 
-    ``prompts`` are full texts (e.g. :func:`~attention_drift.data.distract_prompt` outputs);
+    ``prompts`` are full texts (e.g. :func:`~attention_drift.core.data.distract_prompt` outputs);
     ``targets`` their true answers, scored against ``rewrite.target_new``. ``edit_fn()`` must
     return a context manager inside which the model's weights are edited (and restored on exit).
     One batched forward per state gives the rows and the logits of every prompt and both targets
@@ -452,7 +452,7 @@ class HeadCapture:
     Args:
         heads: the (layer, head) pairs, in the order of the patterns' head axis.
         prompts: the prompts, as in :attr:`RecordDrift.samples`.
-        tokens: per prompt, its token strings (:func:`~attention_drift.tokens.encode` positions).
+        tokens: per prompt, its token strings (:func:`~attention_drift.core.tokens.encode` positions).
         before, after: per prompt a ``[head, query, key]`` tensor over the prompt's own tokens
             (``pattern[i, q, k]``: attention of query ``q`` to key ``k`` in head ``heads[i]``).
     """
@@ -514,7 +514,7 @@ class RecordDrift:
         edit_seconds: the editor's own time (its result's ``seconds``, else the time to enter it).
         capture: full patterns of chosen heads (:func:`drift_record`'s ``capture_heads``).
         sadr_selected: with a SADR edit, per head the fraction of steps x prompts SADR selected
-            it (:func:`attention_drift.sadr.selection_frequency`).
+            it (:func:`attention_drift.editing.sadr.selection_frequency`).
     """
 
     case_id: int | str
@@ -752,7 +752,7 @@ class DriftReport:
         correlations_right_before, auroc_right_before, curves_right_before: the same over the
             samples right before the edit only, with failure (:attr:`Outcome.flipped`) as the
             outcome (:data:`FAILURE_OUTCOMES`); the AUROCs with record-clustered bootstrap 95%
-            intervals (:func:`~attention_drift.stats.auroc_ci`). These are the reported ones.
+            intervals (:func:`~attention_drift.reports.stats.auroc_ci`). These are the reported ones.
     """
 
     samples: tuple[DriftSample, ...]
@@ -795,7 +795,7 @@ class DriftReport:
 
     def failure(self, group: str | None = None) -> dict:
         """The failure rate over the prompts (of ``group``) right before the edit, with its 95%
-        interval (:func:`~attention_drift.stats.proportion`) and how many prompts it keeps and
+        interval (:func:`~attention_drift.reports.stats.proportion`) and how many prompts it keeps and
         excludes: ``{"rate", "ci95", "half_width", "n_kept", "n_failed", "n_excluded_wrong_before",
         "n_prompts", "n_records", "n_records_kept"}``."""
         chosen = self._chosen(group)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
-from attention_drift.errors import AttentionDriftError
-from attention_drift.paths import cache_root
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.paths import cache_root
 
 DEFAULT_MODEL = "smollm2-135m"
 

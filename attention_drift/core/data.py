@@ -25,8 +25,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from attention_drift.errors import AttentionDriftError
-from attention_drift.paths import cache_dir
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.paths import cache_dir
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 KINDS = ("counterfact", "wikidata")
@@ -338,7 +338,7 @@ def load_dev(*, kinds: Collection[str] | None = None, limit: int | None = None,
     ``--data dev-report``), balanced by kind."""
     if half is not None and half not in DEV_HALVES:
         raise ValueError(f"dev half must be one of {DEV_HALVES}, not {half!r}")
-    records = load_counterfact(Path(__file__).parent / "examples" / "counterfact_dev.json.gz", kinds=kinds)
+    records = load_counterfact(Path(__file__).resolve().parent.parent / "examples" / "counterfact_dev.json.gz", kinds=kinds)
     if half is not None:
         keep = []
         for kind in KINDS:
@@ -352,7 +352,7 @@ def load_dev(*, kinds: Collection[str] | None = None, limit: int | None = None,
 
 def load_example() -> list[Record]:
     """The 8-record sample shipped with the package (4 counterfact-type, 4 wikidata-type)."""
-    return load_counterfact(Path(__file__).parent / "examples" / "counterfact_sample.json")
+    return load_counterfact(Path(__file__).resolve().parent.parent / "examples" / "counterfact_sample.json")
 
 
 def balanced_subset(records: Iterable[Record], n: int) -> list[Record]:

@@ -2,7 +2,7 @@
 
 ``run_sweep(SweepConfig(model, variants, out, ...))`` evaluates every selected record under
 every variant and writes ``OUT/<variant>.jsonl``, the run files of ``attention-drift evaluate``
-(same header, same lines: each line is made by :func:`attention_drift.runs.evaluate_record_line`,
+(same header, same lines: each line is made by :func:`attention_drift.runs.evaluation.evaluate_record_line`,
 so a record gives the same numbers with and without Ray), which ``attention-drift compare``
 reads.
 
@@ -20,7 +20,7 @@ How the work is spread:
   ``none``) when the sweep has one, else by a pre-only pass; every editing variant of the
   record reuses them, as ``evaluate --reuse-pre`` does. Records already in a file lend theirs.
 * The driver is the only writer: actors return lines and the driver appends them with
-  :class:`~attention_drift.jsonl.RunFile`, so a line is never written twice. A worker that dies
+  :class:`~attention_drift.core.jsonl.RunFile`, so a line is never written twice. A worker that dies
   is replaced and its record retried (at most ``max_retries`` times) on whichever worker is
   free first. Interrupted sweeps (Ctrl-C, a kill, an error, the ``deadline``) resume when
   re-run: records in the files are skipped.
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attention_drift.errors import AttentionDriftError
-from attention_drift.runs import (
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.runs.evaluation import (
     ModelHandle,
     RecordSelection,
     check_edit_key,
@@ -47,7 +47,7 @@ from attention_drift.runs import (
     evaluate_record_line,
     run_meta,
 )
-from attention_drift.variants import NONE, Variant
+from attention_drift.runs.variants import NONE, Variant
 
 FORWARDED_ENV = ("ATTENTION_DRIFT_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 """Environment variables of the driver that the workers get too (where the caches are, offline mode);
@@ -77,7 +77,7 @@ class SweepConfig:
             cluster's GPUs split evenly over the workers (at most 1 each).
         threads: torch threads per worker.
         batch_size: sequences per forward pass.
-        fluency: a :class:`~attention_drift.evaluate.FluencyConfig` to also score
+        fluency: a :class:`~attention_drift.measure.evaluate.FluencyConfig` to also score
             generations, or None.
         max_retries: how often a record whose worker died is tried again.
         deadline: seconds after which the sweep stops, dropping the lines in flight (a re-run
@@ -184,7 +184,7 @@ class SweepWorker:
 
     def evaluate(self, record, variant: Variant, *, batch_size: int = 32, fluency=None, pre: dict | None = None,
                  key: str | None = None) -> dict:
-        """The record's run line (:func:`~attention_drift.runs.evaluate_record_line`)."""
+        """The record's run line (:func:`~attention_drift.runs.evaluation.evaluate_record_line`)."""
         return evaluate_record_line(self.handle.get(), record, variant, self.resolve(variant), batch_size=batch_size,
                                     fluency=fluency, pre=pre, key=key)
 
@@ -280,7 +280,7 @@ class _Plan:
 
 def _known_pre(config: SweepConfig, metas: dict[str, dict]) -> dict[str, dict]:
     """Pre-edit scores already in the run files (same model, data and fluency settings)."""
-    from attention_drift.runs import reused_pre
+    from attention_drift.runs.evaluation import reused_pre
 
     pre: dict[str, dict] = {}
     for variant in config.variants:
@@ -390,7 +390,7 @@ def run_sweep(config: SweepConfig, *, worker_class: type = SweepWorker,
     """Evaluate the selected records under every variant of ``config`` on Ray workers into
     ``out/<variant>.jsonl`` (resuming them). ``worker_class`` is the actor class (a
     :class:`SweepWorker`); ``on_line(variant name, line)`` is called after each line is written."""
-    from attention_drift.jsonl import RunFile
+    from attention_drift.core.jsonl import RunFile
 
     start = time.perf_counter()
     out = Path(config.out)

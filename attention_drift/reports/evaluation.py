@@ -6,7 +6,7 @@ Two kinds of interval, always labelled:
   pooled, ``1.96 * sqrt(p (1 - p) / n)`` with n prompts (ignores that prompts of one record
   are correlated; kept to compare with the paper);
 * ``ci95_bootstrap`` -- a record-clustered bootstrap: records are resampled with replacement
-  (:data:`N_BOOTSTRAP` times, fixed seed; :func:`attention_drift.stats.bootstrap_values`) and the
+  (:data:`N_BOOTSTRAP` times, fixed seed; :func:`attention_drift.reports.stats.bootstrap_values`) and the
   pooled accuracy recomputed; the 2.5 / 97.5 percentiles.
 
 Two runs on the same data are compared on the records they share, paired
@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from attention_drift import stats
-from attention_drift.evaluate import GROUPS, RecordScores, aggregate, avg_s, fluency_stats
-from attention_drift.jsonl import Run
+from attention_drift.reports import stats
+from attention_drift.measure.evaluate import GROUPS, RecordScores, aggregate, avg_s, fluency_stats
+from attention_drift.core.jsonl import Run
 
 COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
                   "distract_relation")

@@ -2,7 +2,7 @@
 target, the prompt proper and the prediction position.
 
 Drift sums attention over a region's keys; patching resolves a region name to the positions it
-patches. Positions are :func:`~attention_drift.tokens.encode` positions (BOS counted).
+patches. Positions are :func:`~attention_drift.core.tokens.encode` positions (BOS counted).
 """
 
 from dataclasses import dataclass
@@ -11,9 +11,9 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Rewrite
-from attention_drift.errors import AttentionDriftError
+from attention_drift.core import tokens
+from attention_drift.core.data import Rewrite
+from attention_drift.core.errors import AttentionDriftError
 
 REGIONS = (
     "subject", "subject_last", "prompt_subject", "prompt_subject_last",
@@ -29,7 +29,7 @@ class RegionError(AttentionDriftError):
 
 @dataclass(frozen=True)
 class Regions:
-    """Token spans (inclusive, :func:`~attention_drift.tokens.encode` positions) of one prompt.
+    """Token spans (inclusive, :func:`~attention_drift.core.tokens.encode` positions) of one prompt.
 
     Args:
         length: number of tokens of the prompt (BOS included).

@@ -8,7 +8,7 @@ Typical notebook use::
     view = before_after_view(before, after, tokens, heads=[3, 5], layer=12, subject_last=4)
     view                      # renders in Jupyter
     save_html(view, "figures/eiffel_l12.html")
-    explorer("runs/drift")    # a drift run's explorer (attention_drift.explorer), inline
+    explorer("runs/drift")    # a drift run's explorer (attention_drift.views.explorer), inline
 
 Two kinds of views, both self-contained (their JavaScript inlined once per view, never a
 CDN), so the notebook output and the saved file work offline:
@@ -36,10 +36,10 @@ from circuitsvis.utils.render import RenderedHTML
 from jaxtyping import Float
 from torch import Tensor
 
-from attention_drift import explorer as explorer_mod
-from attention_drift.errors import AttentionDriftError
-from attention_drift.hooks import act_name
-from attention_drift.tokens import batch_prompts, token_strings
+from attention_drift.views import explorer as explorer_mod
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.hooks import act_name
+from attention_drift.core.tokens import batch_prompts, token_strings
 
 
 class VizError(AttentionDriftError):
@@ -256,8 +256,8 @@ def explorer(run, *, patterns=None, comparison=None, **options) -> PageView:
     """The drift explorer of a drift run, shown inline in Jupyter (``viz.explorer(run)``) or saved
     with ``.save(path)``.
 
-    ``run``: an :class:`~attention_drift.explorer.ExplorerData`, or anything
-    :meth:`ExplorerData.from_run <attention_drift.explorer.ExplorerData.from_run>` reads (a run
+    ``run``: an :class:`~attention_drift.views.explorer.ExplorerData`, or anything
+    :meth:`ExplorerData.from_run <attention_drift.views.explorer.ExplorerData.from_run>` reads (a run
     folder, its ``drift_records.jsonl``, a list of drift lines); ``patterns``, ``comparison``
     and ``options`` (``threshold``, ``top_k``, ``title``, labels, methods) go to it.
     """

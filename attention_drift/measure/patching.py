@@ -47,18 +47,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from attention_drift import tokens
-from attention_drift.data import Record, Rewrite, distract_prompt
-from attention_drift.drift import EditFactory, ranked_heads, rounded
-from attention_drift.editing.optimize import LayerRunner, unembed_rows
-from attention_drift.errors import AttentionDriftError
-from attention_drift.hooks import act_name, layer_of
-from attention_drift.models import model_device
-from attention_drift.regions import REGIONS, Regions
-from attention_drift.scores import Scores
+from attention_drift.core import tokens
+from attention_drift.core.data import Record, Rewrite, distract_prompt
+from attention_drift.measure.drift import EditFactory, ranked_heads, rounded
+from attention_drift.core.runner import LayerRunner, unembed_rows
+from attention_drift.core.errors import AttentionDriftError
+from attention_drift.core.hooks import act_name, layer_of
+from attention_drift.core.models import model_device
+from attention_drift.core.regions import REGIONS, Regions
+from attention_drift.core.scores import Scores
 
 COMPONENTS = ("pattern", "z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_post")
-"""Patchable activations, named by their :func:`~attention_drift.hooks.act_name` kind."""
+"""Patchable activations, named by their :func:`~attention_drift.core.hooks.act_name` kind."""
 HEAD_COMPONENTS = ("pattern", "z")
 DIRECTIONS = ("restore", "contaminate")
 METRICS = ("recovery", "recovery_p", "p_true", "p_new", "lp_true", "lp_new", "logodds",
@@ -86,7 +86,7 @@ class Patch:
         heads: query heads to patch (``pattern`` and ``z`` only); None patches all heads.
         positions: token positions (for ``pattern`` the query positions, whole rows); ints, where
             negative ones count from the end of the prompt (-1 is the last prompt token, the
-            prediction position); or a region name of :data:`attention_drift.drift.REGIONS`
+            prediction position); or a region name of :data:`attention_drift.measure.drift.REGIONS`
             resolved per case (``"subject_last"``, ``"edit_sentence"``, ...); None patches every
             position, target tokens included.
     """
@@ -487,7 +487,7 @@ def run_patched(
     Speed, with the scores of a full hooked forward pass per variant (bit for bit on CPU in the
     tests): one unpatched pass of the model's current state records the residual entering every
     block, the arguments HF passes to each
-    (:class:`~attention_drift.editing.optimize.LayerRunner`) and the values at the patched hooks.
+    (:class:`~attention_drift.core.runner.LayerRunner`) and the values at the patched hooks.
     Each variant starts at the first layer where it writes a value the unpatched pass does not
     already hold there; below it, its forward pass is the unpatched one (a variant writing no
     new value, e.g. restoring attention below the edited layer, *is* the unpatched run and gets
