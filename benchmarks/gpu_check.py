@@ -19,7 +19,7 @@ from attention_drift.core.data import load_dev, load_example
 from attention_drift.measure.drift import drift_record, record_prompts
 from attention_drift.measure.evaluate import evaluate_record
 from attention_drift.core.models import load_model
-from attention_drift.measure.patching import patch_record
+from attention_drift.measure.patch_record import patch_record
 from attention_drift.runs.variants import SADRSpec, Variant, editor_names
 
 

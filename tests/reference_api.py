@@ -6,7 +6,9 @@ from attention_drift.runs import analysis
 from attention_drift.measure.case_study import case_study
 from attention_drift.core.data import distract_prompt
 from attention_drift.measure.drift import drift_record
-from attention_drift.measure.patching import patch_record
+from attention_drift.measure.patch_record import patch_record
+from attention_drift.reports.drift import drift_from_lines
+from attention_drift.reports.patch import patch_from_lines
 
 
 def drift_line(model, record, factory) -> dict:
@@ -16,7 +18,7 @@ def drift_line(model, record, factory) -> dict:
 
 def drift_summary(lines) -> dict:
     """``drift.json`` of the lines, without the samples (the lines hold them)."""
-    out = analysis.drift_from_lines(lines)
+    out = drift_from_lines(lines)
     return {k: v for k, v in out.items() if k != "samples"}
 
 
@@ -27,7 +29,7 @@ def patch_line(model, record, factory, **options) -> dict:
 
 def patch_summary(lines) -> dict:
     """``patch.json`` of the lines."""
-    return analysis.patch_from_lines(lines)
+    return patch_from_lines(lines)
 
 
 def case_study_json(model, record, edit_fn) -> dict:

@@ -13,7 +13,13 @@ from attention_drift.runs import analysis
 
 from attention_drift import cli
 from attention_drift.core.data import load_example
-from attention_drift.measure.patching import Patch, topk_variant
+from attention_drift.measure.patching import Patch
+from attention_drift.measure import patch_record as protocol
+from attention_drift.measure.patch_record import topk_variant
+from attention_drift.reports.drift import drift_from_lines
+from attention_drift.reports.drift import drift_markdown
+from attention_drift.views import report_figures
+from attention_drift.views import plots
 
 from handmade_edit import push_subject  # noqa: E402
 from synthetic_drift import synthetic_run  # noqa: E402
@@ -75,9 +81,9 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     n = sum(len(r.neighborhood) for r in CF[:2])
     assert result["n_prompts"] == n and len(edits.calls) == 2
     v = result["variants"]
-    assert set(v) == set(analysis.SUMMARY_VARIANTS) | {analysis.RANDOM_VARIANT}
+    assert set(v) == set(protocol.SUMMARY_VARIANTS) | {protocol.RANDOM_VARIANT}
     names = list(v)
-    assert names.index(analysis.RANDOM_VARIANT) == names.index("attn_pattern_topk") + 1  # reported beside top-k
+    assert names.index(protocol.RANDOM_VARIANT) == names.index("attn_pattern_topk") + 1  # reported beside top-k
     # the edit changes MLP weights only: restoring every MLP output is the unedited run
     assert v["mlp_out_all"]["recovery_pooled"] == pytest.approx(1.0, abs=1e-4)
     assert v["mlp_out_all"]["accuracy"] == result["pre"]["accuracy"]
@@ -91,17 +97,17 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "patch_records.jsonl").read_text().splitlines()[1:]]
     assert all(len(line["top_heads"]) == 3 for line in lines)
     # the random-heads control: the mean over its draws, each draw k heads in the top-k heads' layers
-    control = v[analysis.RANDOM_VARIANT]
-    assert control["draws"] == analysis.RANDOM_DRAWS and control["n"] == n and control["n_records"] == 2
+    control = v[protocol.RANDOM_VARIANT]
+    assert control["draws"] == protocol.RANDOM_DRAWS and control["n"] == n and control["n_records"] == 2
     assert control["accuracy"] == pytest.approx(np.mean(control["per_draw"]["accuracy"]))
     assert control["recovery_pooled"] == pytest.approx(np.mean(control["per_draw"]["recovery_pooled"]))
     for line in lines:
-        assert len(line["random_heads"]) == analysis.RANDOM_DRAWS
+        assert len(line["random_heads"]) == protocol.RANDOM_DRAWS
         assert all(sorted(l for l, _ in d) == sorted(l for l, _, _ in line["top_heads"]) for d in line["random_heads"])
     cases = [c for line in lines for c in line["cases"]]
     logodds = lambda pair: pair[0] - pair[1]  # noqa: E731
     diff = [logodds(c["variants"]["attn_pattern_topk"]) -
-            np.mean([logodds(c["variants"][f"attn_pattern_random/{d}"]) for d in range(analysis.RANDOM_DRAWS)])
+            np.mean([logodds(c["variants"][f"attn_pattern_random/{d}"]) for d in range(protocol.RANDOM_DRAWS)])
             for c in cases]
     t = result["topk_vs_random"]
     assert t["logodds_diff"]["value"] == pytest.approx(np.mean(diff)) and t["n_prompts"] == n and t["n_records"] == 2
@@ -115,21 +121,21 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     # sweep: the last layer's residual stream at the last token is the clean output
     sweep = result["sweep"]
     rec = torch.tensor(sweep["recovery_pooled"])
-    assert rec.shape == (tiny_gpt2.cfg.n_layers, len(analysis.SWEEP_COMPONENTS))
-    edited_mlp = rec[0, analysis.SWEEP_COMPONENTS.index("mlp_out")]
+    assert rec.shape == (tiny_gpt2.cfg.n_layers, len(protocol.SWEEP_COMPONENTS))
+    edited_mlp = rec[0, protocol.SWEEP_COMPONENTS.index("mlp_out")]
     assert float(edited_mlp) == pytest.approx(1.0, abs=1e-4), "layer 0's MLP output carries the whole edit"
     assert len(result["windows"]["recovery_pooled"]) == tiny_gpt2.cfg.n_layers
     c = result["contamination"]
-    assert set(c["components"]) == set(analysis.CONTAMINATION_COMPONENTS)
+    assert set(c["components"]) == set(protocol.CONTAMINATION_COMPONENTS)
     # contamination as log-odds damage: share of the edit's log-odds drop, pooled over prompts
     damage = c["damage"]
     entries = [e for line in lines for e in line["contamination"]]
     assert damage["n_prompts"] == len(entries) == 2 and damage["n_records"] == 2
     edit_drop = np.array([logodds(e["pre"]) - logodds(e["post"]) for e in entries])
     assert damage["edit_logodds_drop"]["value"] == pytest.approx(edit_drop.mean())
-    for component in analysis.CONTAMINATION_COMPONENTS:
+    for component in protocol.CONTAMINATION_COMPONENTS:
         by = damage["components"][component]["by_position"]
-        assert set(by) == set(analysis.KEY_POSITIONS)
+        assert set(by) == set(protocol.KEY_POSITIONS)
         j = entries[0]["labels"].index("subject_last")
         drop = np.array([logodds(e["pre"]) - (np.array(e["components"][component]["lp_true"][j])
                                               - np.array(e["components"][component]["lp_new"][j])) for e in entries])
@@ -147,21 +153,21 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
     assert len(edits.calls) == 2
     # every figure says its n (prompts and records) and draws its 95% CIs
     drawn = {}
-    monkeypatch.setattr(analysis, "_save_figure", lambda fig, path, png: drawn.update({path.name: fig}) or [])
-    analysis._patch_figures(result, tmp_path, png=False)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, png: drawn.update({path.name: fig}) or [])
+    report_figures.patch_figures(result, tmp_path, png=False)
     assert set(drawn) == {"patch_accuracy", "patch_layer_component", "patch_windows", "patch_contamination"}
     for fig in drawn.values():
         assert "prompts" in fig.layout.title.text and "2 records" in fig.layout.title.text
     bars = {t.name: t for t in drawn["patch_accuracy"].data}
     control = bars["(b, control) attention patterns, k random heads in the same layers (mean of 5 draws)"]
     assert list(control.x) == ["accuracy on the distract prompts", "log-odds gap recovered"]
-    assert control.y[1] == pytest.approx(100 * v[analysis.RANDOM_VARIANT]["recovery_pooled"])
+    assert control.y[1] == pytest.approx(100 * v[protocol.RANDOM_VARIANT]["recovery_pooled"])
     assert control.error_y.array[1] == pytest.approx(
-        100 * (v[analysis.RANDOM_VARIANT]["recovery_pooled_ci95"][1] - v[analysis.RANDOM_VARIANT]["recovery_pooled"]))
+        100 * (v[protocol.RANDOM_VARIANT]["recovery_pooled_ci95"][1] - v[protocol.RANDOM_VARIANT]["recovery_pooled"]))
     assert "95% CI" in drawn["patch_layer_component"].data[0].hovertemplate
     contamination = drawn["patch_contamination"]
     assert "log-odds" in contamination.layout.yaxis.title.text and "P(true)" not in contamination.layout.title.text
-    assert sum(t.fill == "toself" for t in contamination.data) == len(analysis.CONTAMINATION_COMPONENTS) * 3
+    assert sum(t.fill == "toself" for t in contamination.data) == len(protocol.CONTAMINATION_COMPONENTS) * 3
 
 
 def test_patch_skips_records_without_distract_prompts(tiny_llama, tmp_path):
@@ -206,7 +212,7 @@ def tiny_folder():
 
 def test_drift_and_patch_commands(tiny_folder, tmp_path, capsys, monkeypatch):
     """The real CLI -> Variant -> ROME wiring on the tiny model's preset, with the edit cache."""
-    monkeypatch.setattr(analysis, "_png_ok", lambda: False)
+    monkeypatch.setattr(analysis, "png_ok", lambda: False)
     out, cache = tmp_path / "drift", tmp_path / "edits"
     argv = ["drift", "--model", tiny_folder, "--limit", "2", "--balanced", "--no-progress", "--top-k", "4",
             "--edit-cache", str(cache)]
@@ -267,10 +273,10 @@ def _synthetic_lines(prompts_per_record=(4,), n_records=6):
 
 
 def test_drift_markdown_reports_failure_on_prompts_right_before():
-    result = analysis.drift_from_lines(_synthetic_lines())
+    result = drift_from_lines(_synthetic_lines())
     f = result["failure"]["all"]
     assert (f["n_prompts"], f["n_kept"], f["n_excluded_wrong_before"]) == (24, 16, 8)
-    text = analysis.drift_markdown(result)
+    text = drift_markdown(result)
     assert "kept 16 of 24 prompts (8 excluded), from 6 of 6 records" in text
     assert f"all {f['rate']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}] ({f['n_failed']} / 16)" in text
     assert "Pearson r vs failure | Spearman ρ vs failure | AUROC for failure" in text
@@ -282,22 +288,22 @@ def test_drift_markdown_reports_failure_on_prompts_right_before():
 
 
 def test_drift_markdown_leaves_out_groups_without_prompts():
-    result = analysis.drift_from_lines(_synthetic_lines(prompts_per_record=(1,)))
-    text = analysis.drift_markdown(result)
+    result = drift_from_lines(_synthetic_lines(prompts_per_record=(1,)))
+    text = drift_markdown(result)
     assert "| all | max_drift_subject_last |" in text and "| distract_relation |" not in text
     assert "distract_relation nan" not in text
 
 
 def test_drift_failure_figure_shows_kl_beside_attention_mass():
-    result = analysis.drift_from_lines(_synthetic_lines())
-    fig = analysis.drift_failure_figure(result)
+    result = drift_from_lines(_synthetic_lines())
+    fig = report_figures.drift_failure_figure(result)
     assert [a.xref for a in fig.layout.annotations] == ["x domain", "x2 domain"]
     assert fig.layout.xaxis.title.text.startswith("max_drift_subject_last")
     assert fig.layout.xaxis2.title.text.startswith("max_kl")
     kept = [s for s in result["samples"] if s["right_before"]]
     held, failed = fig.data[0], fig.data[1]
     assert len(held.x) + len(failed.x) == len(kept) and len(failed.x) == sum(s["flipped"] for s in kept)
-    for text, factor in zip((a.text for a in fig.layout.annotations), analysis.FIGURE_FACTORS):
+    for text, factor in zip((a.text for a in fig.layout.annotations), report_figures.FIGURE_FACTORS):
         c = result["correlations_right_before"]["all"][factor]["logodds_drop"]
         assert f"Pearson r = {c['pearson']['r']:.3f}" in text and f"Spearman ρ = {c['spearman']['r']:.3f}" in text
         assert "AUROC = " in text and "(cluster bootstrap) for failure" in text and "n = 16 cases, 6 records" in text
@@ -313,8 +319,8 @@ def test_saved_figures_carry_the_papers_value_where_it_gives_one(tmp_path):
     from attention_drift.reports.paper import REPORTED
 
     referenced, plain = go.Figure(), go.Figure()
-    analysis._save_figure(referenced, tmp_path / "drift_vs_failure", png=False)
-    analysis._save_figure(plain, tmp_path / "drift_heatmap", png=False)
+    plots.save_figure(referenced, tmp_path / "drift_vs_failure", png=False)
+    plots.save_figure(plain, tmp_path / "drift_heatmap", png=False)
     assert html.escape(REPORTED["drift_vs_failure"][:60]) in referenced.layout.title.text
     assert "0.49-0.62" in (tmp_path / "drift_vs_failure.html").read_text()
     assert "Paper" not in (plain.layout.title.text or "")

@@ -100,3 +100,55 @@ def test_hook_names_are_only_built_by_the_helper():
                 if text.startswith("blocks.") and "hook_" in text:
                     offenders.append(f"{name}:{node.lineno}")
     assert not offenders, f"hand-built hook names: {offenders}"
+
+
+LAYERS = ("core", "editing", "measure", "reports", "views", "runs")
+"""The subpackages in data-flow order (load -> edit -> measure -> report -> view, and the runs that
+drive them): a module may import its own layer and the layers before it, never a later one.
+``cli``, ``demo`` and the package's ``__init__`` sit above every layer."""
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_is_in_a_layer():
+    loose = sorted(m for m in _modules() if _layer(m) is None
+                   and m not in ("attention_drift", "attention_drift.cli", "attention_drift.demo"))
+    assert not loose, f"modules outside the layers {LAYERS}: {loose}"
+
+
+def test_layers_import_only_earlier_layers():
+    offenders = []
+    for module, edges in _graph().items():
+        mine = _layer(module)
+        if mine is None:
+            continue
+        offenders += [f"{module} -> {e}" for e in sorted(edges) if (_layer(e) or 0) > mine
+                      or e in ("attention_drift.cli", "attention_drift.demo")]
+    assert not offenders, "imports against the data flow:\n" + "\n".join(offenders)
+
+
+def test_editing_imports_neither_evaluation_nor_runs():
+    """An edit does not depend on how it is scored: SADR+'s check reads scores through core."""
+    offenders = sorted(f"{m} -> {e}" for m, edges in _graph().items() if m.startswith("attention_drift.editing")
+                       for e in edges if e.startswith(("attention_drift.measure", "attention_drift.runs")))
+    assert not offenders, offenders
+
+
+def test_layer_rules_would_catch_a_backward_import(tmp_path):
+    """The rule's own check: a core module importing a view is reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from attention_drift.views.plots import save\n")
+    assert _imports(bad, set(_modules())) == {"attention_drift.views.plots"}
+    assert _layer("attention_drift.views.plots") > _layer("attention_drift.core.models")
+
+
+def test_no_module_is_over_the_size_limit():
+    """Modules stay readable in one sitting; the few cohesive exceptions are named in ARCHITECTURE.md."""
+    allowed = {"attention_drift.cli", "attention_drift.views.explorer", "attention_drift.views.plots",
+               "attention_drift.measure.drift", "attention_drift.measure.patching", "attention_drift.runs.sweep"}
+    over = sorted(f"{m} ({n} lines)" for m, p in _modules().items()
+                  if (n := len(p.read_text().splitlines())) > 600 and m not in allowed)
+    assert not over, f"modules over 600 lines: {over}; split them or say why in ARCHITECTURE.md"

@@ -20,9 +20,11 @@ import torch
 
 from attention_drift.measure.case_study import case_study
 from attention_drift.core.data import distract_prompt, load_example
-from attention_drift.measure.drift import collect_attention_rows, dataset_drift, drift_record
+from attention_drift.measure.drift import collect_attention_rows, drift_record
+from attention_drift.runs.analysis import dataset_drift
 from attention_drift.core.models import mlp_out_weight, model_device
-from attention_drift.measure.patching import _PATTERN_SUPPORT, patch_record
+from attention_drift.measure.patching import _PATTERN_SUPPORT
+from attention_drift.measure.patch_record import patch_record
 
 from handmade_edit import push_subject  # noqa: E402
 

@@ -7,28 +7,24 @@ import torch
 
 from attention_drift.core import tokens
 from attention_drift.core.data import distract_prompt, load_example
-from attention_drift.runs import analysis
+from attention_drift.runs.analysis import dataset_drift
 from attention_drift.measure.drift import (
     FACTORS,
-    HEADLINE_FACTORS,
     DriftError,
     DriftSample,
     HeadCapture,
     HeadDrift,
     RecordDrift,
-    auroc,
     collect_attention_rows,
-    dataset_drift,
     drift_record,
-    drift_report,
     measure_drift,
-    pearson,
     row_kl,
-    spearman,
 )
-from attention_drift.reports.stats import auroc_ci
+from attention_drift.reports.drift import HEADLINE_FACTORS, drift_report
+from attention_drift.reports.stats import auroc, auroc_ci, pearson, spearman
 from attention_drift.core.regions import RegionError, Regions
 from attention_drift.core.models import mlp_out_weight
+from attention_drift.reports.drift import drift_from_lines
 
 from handmade_edit import push_subject  # noqa: E402
 
@@ -388,10 +384,10 @@ def test_dataset_drift_is_the_report_of_the_run_lines(tiny_llama):
     records = RECORDS[:4]
     report = dataset_drift(tiny_llama, records, _factory(tiny_llama))
     lines = [json.loads(json.dumps(drift_record(tiny_llama, r, _factory(tiny_llama)).to_line())) for r in records]
-    from_lines = analysis.drift_from_lines(lines, top_k=10)
+    from_lines = drift_from_lines(lines, top_k=10)
     assert json.dumps(report.to_dict(10)) == json.dumps(from_lines)
     assert json.dumps(drift_report([RecordDrift.from_line(x) for x in lines]).to_dict(3)) == \
-        json.dumps(analysis.drift_from_lines(lines, top_k=3))
+        json.dumps(drift_from_lines(lines, top_k=3))
     with pytest.raises(DriftError, match="nothing to report"):
         drift_report([])
 

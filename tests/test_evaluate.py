@@ -6,6 +6,7 @@ import torch
 from attention_drift.measure import evaluate as E
 from attention_drift.core import tokens
 from attention_drift.core.data import Commonsense, PromptGroup, Record, Rewrite, load_example
+from attention_drift.core.scores import PairScores, continuation_log_probs
 
 REWRITE = Rewrite("The Eiffel Tower is located in", "Eiffel Tower", "Rome", "Paris")
 
@@ -45,7 +46,7 @@ def _hand_made(p_first: float, p_second_right: float, p_second_wrong: float):
         probs[row, 1, tok] = p_second
     probs = probs / probs.sum(-1, keepdim=True)
     log_probs = tokens.target_log_probs(probs.log(), batch)
-    return E.PairScores(log_probs[:1].double(), log_probs[1:].double()), probs
+    return PairScores(log_probs[:1].double(), log_probs[1:].double()), probs
 
 
 def test_geometric_mean_probability_and_correct_flag():
@@ -55,7 +56,7 @@ def test_geometric_mean_probability_and_correct_flag():
     assert scores.p_right.item() == pytest.approx(expected_right, rel=1e-5)
     assert scores.p_wrong.item() == pytest.approx(expected_wrong, rel=1e-5)
     assert scores.correct.tolist() == [True]
-    flipped = E.PairScores(scores.log_p_wrong, scores.log_p_right)
+    flipped = PairScores(scores.log_p_wrong, scores.log_p_right)
     assert flipped.correct.tolist() == [False]
 
 
@@ -87,7 +88,7 @@ def test_distract_prompts_are_scored_exactly(monkeypatch):
     def fake_score_pairs(model, prompts, rights, wrongs, *, batch_size):
         calls.append((list(prompts), list(rights), list(wrongs)))
         n = len(prompts)
-        return E.PairScores(torch.zeros(n, dtype=torch.float64), torch.full((n,), -1.0, dtype=torch.float64))
+        return PairScores(torch.zeros(n, dtype=torch.float64), torch.full((n,), -1.0, dtype=torch.float64))
 
     monkeypatch.setattr(E, "score_pairs", fake_score_pairs)
     scores = E.evaluate_record(object(), _record())
@@ -139,7 +140,7 @@ def test_continuation_log_probs_match_one_row_per_pair(tiny_gpt2):
     flat = [p for ps in pairs.values() for p in ps]
     prompts = [p.prompt for p in flat] * 2
     targets = [p.right for p in flat] + [p.wrong for p in flat]
-    fast = E.continuation_log_probs(tiny_gpt2, prompts, targets, batch_size=5)
+    fast = continuation_log_probs(tiny_gpt2, prompts, targets, batch_size=5)
     lengths = {len(tokens.continuation_ids(tiny_gpt2, p, t)[1]) for p, t in zip(prompts, targets)}
     assert 1 in lengths and max(lengths) > 1, "the check needs single- and multi-token targets"
     batch = tokens.batch_with_targets(tiny_gpt2, prompts, targets)

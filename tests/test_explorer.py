@@ -28,6 +28,7 @@ from attention_drift.core.data import load_example
 from attention_drift.measure.drift import Regions, record_prompts
 from attention_drift.views.explorer import ExplorerData, ExplorerError, ExplorerRun, PromptPatterns
 from attention_drift.core.jsonl import RunFile
+from attention_drift.reports.drift import drift_from_lines
 
 from handmade_edit import push_subject  # noqa: E402
 from synthetic_drift import synthetic_run, write_run  # noqa: E402
@@ -69,7 +70,7 @@ def test_metrics_match_the_drift_report(synthetic):
     lines, _ = synthetic
     run = ExplorerRun.from_lines(lines)
     assert run.label == "ROME" and (run.n_layers, run.n_heads) == (30, 9) and len(run.prompts) == 8
-    report = analysis.drift_from_lines(lines[1:], top_k=5, threshold=0.05)
+    report = drift_from_lines(lines[1:], top_k=5, threshold=0.05)
     metrics = run.head_metrics(0.05)
     stats = report["head_stats"]
     np.testing.assert_allclose(metrics["mean_drift"], stats["delta_subject_last"]["mean"], atol=1e-6)

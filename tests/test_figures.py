@@ -194,7 +194,7 @@ def test_figures_command_end_to_end_on_the_real_model(tmp_path, capsys):
 
 
 def test_drift_figure_sizes_count_the_prompts_right_before():
-    from attention_drift.runs.analysis import drift_from_lines
+    from attention_drift.reports.drift import drift_from_lines
     from attention_drift.runs.figures import _drift_sizes
     from synthetic_drift import synthetic_run
 
@@ -210,7 +210,7 @@ def test_drift_figure_sizes_count_the_prompts_right_before():
 def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
     """figures.json's drift item: the failure numbers over prompts right before the edit, and n per figure."""
     from attention_drift.runs import figures
-    from attention_drift.runs.analysis import drift_from_lines
+    from attention_drift.reports.drift import drift_from_lines
     from synthetic_drift import synthetic_run
 
     lines, _ = synthetic_run(n_records=3, prompts_per_record=(3, 2), n_layers=4, n_heads=3,
@@ -222,7 +222,7 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
         (folder / "drift.json").write_text(json.dumps(drift_from_lines(lines[1:])))
 
     monkeypatch.setattr(figures, "_analysis", analysis)
-    monkeypatch.setattr("attention_drift.runs.analysis._png_ok", lambda: False)
+    monkeypatch.setattr("attention_drift.views.plots.png_ok", lambda: False)
     result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)))
     item = result["items"]["drift"]
     assert item["numbers"]["failure"]["all"]["n_excluded_wrong_before"] == 1

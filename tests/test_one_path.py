@@ -1,8 +1,8 @@
 """The command line and the per-record functions the notebooks call give the same numbers.
 
 ``attention-drift drift`` / ``patch`` on a saved tiny Llama folder, with a real ROME edit, against
-:func:`~attention_drift.measure.drift.drift_record` / :func:`~attention_drift.measure.patching.patch_record` (and
-:func:`~attention_drift.measure.drift.dataset_drift`) on the same folder loaded in this process.
+:func:`~attention_drift.measure.drift.drift_record` / :func:`~attention_drift.measure.patch_record.patch_record` (and
+:func:`~attention_drift.runs.analysis.dataset_drift`) on the same folder loaded in this process.
 ``attention_drift.editing.edit`` gets one fixed small configuration on both paths (statistics
 from 32 sampled texts, in a private cache) in place of the tiny model's preset.
 """
@@ -13,10 +13,11 @@ import pytest
 
 from attention_drift import cli, editing
 from attention_drift.core.data import load_example
-from attention_drift.measure.drift import dataset_drift, drift_record
+from attention_drift.measure.drift import drift_record
+from attention_drift.runs.analysis import dataset_drift
 from attention_drift.editing import ROMEConfig, StatsConfig
 from attention_drift.core.models import load_model, tiny_model
-from attention_drift.measure.patching import patch_record
+from attention_drift.measure.patch_record import patch_record
 
 RECORDS = load_example()[:2]  # Eiffel Tower (neighbourhood prompts), France (relation prompts)
 PATCH = ["--top-k", "3", "--window", "2", "--sweep-prompts", "1", "--contamination-prompts", "1"]

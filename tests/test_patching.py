@@ -8,29 +8,31 @@ from attention_drift.core import tokens
 from attention_drift.core.data import Rewrite, load_example
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
 from attention_drift.measure.patching import (
-    CONTAMINATION_COMPONENTS,
-    SUMMARY_VARIANTS,
-    SWEEP_COMPONENTS,
     Patch,
     PatchCase,
     PatchingError,
-    RANDOM_DRAWS,
     aggregate,
-    key_positions,
-    random_variant_names,
     layer_component_grid,
     layer_head_grid,
     layer_position_grid,
-    matched_random_heads,
     patch_edit,
-    patch_record,
     record_activations,
     run_patched,
     run_variant,
-    summary_variants,
     supports_pattern_patching,
-    topk_variant,
     window_grid,
+)
+from attention_drift.measure.patch_record import (
+    CONTAMINATION_COMPONENTS,
+    SUMMARY_VARIANTS,
+    SWEEP_COMPONENTS,
+    RANDOM_DRAWS,
+    key_positions,
+    random_variant_names,
+    matched_random_heads,
+    patch_record,
+    summary_variants,
+    topk_variant,
 )
 
 from handmade_edit import push_subject  # noqa: E402

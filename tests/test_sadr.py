@@ -271,7 +271,7 @@ def test_guard_pushes_the_new_target_past_the_old_one_on_the_rewriting_prompt(st
     """The efficacy guard is positive while the old target still wins on the rewriting rows, has
     a gradient, and an edit with it (and a contrast term pulling the other way) ends with a
     larger log-odds(new vs old) on the request's prompt than the same edit without it."""
-    from attention_drift.measure.evaluate import continuation_log_probs
+    from attention_drift.core.scores import continuation_log_probs
 
     model = tiny_model("llama", n_layers=3)
     cfg = dataclasses.replace(_config("rome", stats), steps=8)
@@ -331,7 +331,7 @@ def test_verify_keeps_the_sadr_edit_where_it_holds_and_falls_back_where_it_does_
 def test_output_target_term_keeps_the_new_target_from_gaining_on_distract_prompts(stats):
     """With the term, the new target's log-probability at the end of the distract prompts rises
     less than with the plain edit (measured by full forwards of the edited models)."""
-    from attention_drift.measure.evaluate import continuation_log_probs
+    from attention_drift.core.scores import continuation_log_probs
 
     model = tiny_model("llama", n_layers=3)
     prompts = distract_prompts(EIFFEL)

@@ -1,9 +1,18 @@
-"""Scores of prompts under one model state: the true answer against the edit's new target."""
+"""Scores of prompts under one model state: the log-probability of continuations.
 
+:func:`continuation_log_probs` and :func:`score_pairs` score continuations in shared batches (the
+evaluation's metrics and SADR+'s check on an edit both read them here, below editing and
+measurement); :class:`Scores` holds the true answer against the edit's new target per prompt.
+"""
+
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+
+from attention_drift.core import tokens
 
 
 @dataclass(frozen=True)
@@ -41,3 +50,88 @@ class Scores:
 
     def cpu(self) -> "Scores":
         return Scores(self.lp_true.detach().cpu(), self.lp_new.detach().cpu())
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """Scores of prompt pairs: mean log-probability per target token of each continuation."""
+
+    log_p_right: Float[Tensor, " pair"]
+    log_p_wrong: Float[Tensor, " pair"]
+
+    @property
+    def p_right(self) -> Float[Tensor, " pair"]:
+        """Geometric-mean token probability of the right continuation."""
+        return self.log_p_right.exp()
+
+    @property
+    def p_wrong(self) -> Float[Tensor, " pair"]:
+        return self.log_p_wrong.exp()
+
+    @property
+    def correct(self) -> Bool[Tensor, " pair"]:
+        """True where P(right) > P(wrong), strictly (a tie is wrong)."""
+        return self.log_p_right > self.log_p_wrong
+
+    def __len__(self) -> int:
+        return int(self.log_p_right.shape[0])
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
+@torch.no_grad()
+def continuation_log_probs(
+    model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+) -> Float[Tensor, " row"]:
+    """Mean log-probability per target token of each ``f"{prompt} {target}"``.
+
+    Each distinct prompt is run once per multi-token target (at least once); single-token
+    targets are read from the last prompt position of one of the prompt's rows, which is the
+    same number as a row of their own (causal attention), at a fraction of the cost. Rows are
+    sorted by length before batching (less padding); right padding and the attention mask make
+    every result independent of its batch.
+    """
+    check_batch_size(batch_size)
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; they pair one to one")
+    by_prompt: dict[str, dict[str, list[int]]] = {}
+    for prompt, target in zip(prompts, targets):
+        by_prompt.setdefault(prompt, {})[target] = tokens.continuation_ids(model, prompt, target)[1]
+    rows: list[tuple[str, str]] = []
+    for prompt, ids in by_prompt.items():
+        multi = [t for t, t_ids in ids.items() if len(t_ids) > 1]
+        rows += [(prompt, t) for t in multi] or [(prompt, next(iter(ids)))]
+    rows.sort(key=lambda pt: (-len(pt[0]) - len(pt[1]), pt))
+    found: dict[tuple[str, str], float] = {}
+    read: set[str] = set()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = tokens.batch_with_targets(model, [p for p, _ in chunk], [t for _, t in chunk])
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        own = tokens.target_log_probs(logits, batch).tolist()
+        for i, (prompt, target) in enumerate(chunk):
+            found[(prompt, target)] = own[i]
+            if prompt in read:
+                continue
+            read.add(prompt)
+            last = logits[i, int(batch.last_prompt_index[i])].float().log_softmax(-1)
+            for other, t_ids in by_prompt[prompt].items():
+                if len(t_ids) == 1 and other != target:
+                    found[(prompt, other)] = float(last[t_ids[0]])
+    return torch.tensor([found[key] for key in zip(prompts, targets)], dtype=torch.float64)
+
+
+def score_pairs(
+    model, prompts: Sequence[str], rights: Sequence[str], wrongs: Sequence[str], *, batch_size: int = 32
+) -> PairScores:
+    """Score prompt pairs with all right and wrong continuations in shared batches."""
+    if not len(prompts) == len(rights) == len(wrongs):
+        raise ValueError(
+            f"prompts, rights and wrongs must have the same length, got {len(prompts)}, {len(rights)}, {len(wrongs)}"
+        )
+    n = len(prompts)
+    log_probs = continuation_log_probs(model, list(prompts) * 2, list(rights) + list(wrongs), batch_size=batch_size)
+    return PairScores(log_probs[:n], log_probs[n:])

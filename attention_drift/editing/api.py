@@ -347,8 +347,8 @@ def _fallbacks(config, extra_losses: Sequence[ExtraLoss]) -> list[tuple[str, obj
 
 def _requests_hold(model, requests: Sequence[Rewrite]) -> bool:
     """Whether every request's new target beats its old one on its own prompt, scored as
-    efficacy is (:func:`attention_drift.measure.evaluate.score_pairs`)."""
-    from attention_drift.measure.evaluate import score_pairs
+    efficacy is (:func:`attention_drift.core.scores.score_pairs`)."""
+    from attention_drift.core.scores import score_pairs
 
     with torch.no_grad():
         scores = score_pairs(model, [r.prompt for r in requests], [r.target_new for r in requests],

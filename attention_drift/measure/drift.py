@@ -14,11 +14,10 @@ Three levels, each built on the one before:
   (:class:`RecordDrift`, on the CPU: the line of the ``attention-drift drift`` run file, with
   :meth:`RecordDrift.to_line` / :meth:`RecordDrift.from_line`, and optionally the full attention
   patterns of chosen heads, :class:`HeadCapture`);
-* :func:`drift_report`: the report over records (:class:`DriftReport`: per-head statistics, the
-  top drifting heads, correlations with failure, AUROC, binned curves); its
-  :meth:`DriftReport.to_dict` is ``drift.json``. :func:`dataset_drift` is the loop of
-  :func:`drift_record` and :func:`drift_report` in memory; the command runs the same two
-  functions through its resumable run file (:mod:`attention_drift.runs.analysis`).
+* the report over records is :func:`attention_drift.reports.drift.drift_report` (the reports
+  layer); :func:`attention_drift.runs.analysis.dataset_drift` is the loop of :func:`drift_record`
+  and the report in memory, :func:`attention_drift.runs.analysis.run_drift` the same two
+  functions through a resumable run file.
 
 Typical use, with any editor that is a context manager changing the weights in place::
 
@@ -36,9 +35,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -49,19 +48,8 @@ from attention_drift.core.data import Record, Rewrite, distract_prompt
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.core.hooks import act_name
 from attention_drift.editing.sadr import selection_frequency
-from attention_drift.core.regions import REGIONS, Regions, RegionError, Span  # noqa: F401  (re-exported)
+from attention_drift.core.regions import Regions
 from attention_drift.core.scores import Scores
-from attention_drift.reports.stats import (  # noqa: F401  (re-exported)
-    AurocEstimate,
-    BinnedCurve,
-    Correlation,
-    auroc,
-    auroc_ci,
-    binned_curve,
-    pearson,
-    proportion,
-    spearman,
-)
 
 EPS = 1e-8
 GROUPS = ("distract_neighborhood", "distract_relation", "neighborhood", "relation")
@@ -576,7 +564,7 @@ def _group_prompts(record: Record, group: str) -> tuple[list[str], list[str]]:
     return prompts, list(source.targets)
 
 
-def _check_groups(groups: Sequence[str]) -> None:
+def check_groups(groups: Sequence[str]) -> None:
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:
         raise DriftError(f"unknown groups {bad}; choose from {GROUPS}")
@@ -628,7 +616,7 @@ def drift_record(
     (layer, head) pairs, an int k (this record's k most drifting heads, :meth:`RecordDrift.top_heads`)
     or ``"all"`` (every head).
     """
-    _check_groups(groups)
+    check_groups(groups)
     if isinstance(capture_heads, str) and capture_heads != "all":
         raise DriftError(f"capture_heads must be (layer, head) pairs, an int or 'all', not {capture_heads!r}")
     prompts, targets, names = record_prompts(record, groups)
@@ -670,302 +658,3 @@ def drift_record(
     else:
         heads = [(int(l), int(h)) for l, h in capture_heads]
     return dataclasses.replace(result, capture=_capture(model, drift, heads))
-
-
-# ---------------------------------------------------------------------------------------------
-# Data-set report
-
-
-@dataclass(frozen=True)
-class HeadStats:
-    """Per-head statistics over prompts of one per-head quantity ([layer, head] each).
-
-    ``mean`` and ``quantiles`` (at ``levels``) ignore NaN prompts; ``frac_above`` is the fraction
-    of prompts whose value exceeds ``threshold``; ``sem`` the standard error of the mean
-    (sample standard deviation / sqrt(n); NaN below 2 prompts).
-    """
-
-    name: str
-    mean: Float[Tensor, "layer head"]
-    quantiles: Float[Tensor, "level layer head"]
-    levels: tuple[float, ...]
-    frac_above: Float[Tensor, "layer head"]
-    threshold: float
-    sem: Float[Tensor, "layer head"] | None = None
-
-    @classmethod
-    def of(cls, name: str, values: Float[Tensor, "n layer head"], levels: tuple[float, ...],
-           threshold: float) -> "HeadStats":
-        valid = ~values.isnan()
-        count = valid.sum(0).clamp(min=1)
-        mean = torch.where(valid, values, 0.0).sum(0) / count
-        quantiles = torch.nanquantile(values, torch.tensor(levels, dtype=values.dtype, device=values.device), dim=0)
-        frac = ((values > threshold) & valid).sum(0) / count
-        n = valid.sum(0)
-        var = torch.where(valid, (values - mean) ** 2, 0.0).sum(0) / (n - 1).clamp(min=1)
-        sem = (var / n.clamp(min=1)).sqrt().masked_fill(n < 2, math.nan)
-        return cls(name, mean, quantiles, tuple(levels), frac.to(values.dtype), threshold, sem.to(values.dtype))
-
-    def top(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the largest mean, as (layer, head, mean)."""
-        return ranked_heads(self.mean, k)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "mean": self.mean.tolist(), "levels": list(self.levels),
-                "quantiles": self.quantiles.tolist(), "threshold": self.threshold,
-                "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()],
-                "sem": None if self.sem is None else self.sem.tolist()}
-
-
-HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last", "max_kl")
-"""The factors the reports show: the attention-mass factors (the paper's strongest, and its
-sum) and the KL factor (the strongest on SmolLM2-135M)."""
-
-
-def _records(samples: Sequence[DriftSample]) -> int:
-    return len({repr(s.case_id) for s in samples})
-
-
-def _pearson_spearman(correlations: dict, outcome: str) -> dict:
-    """``{"pearson_<outcome>": ..., "spearman_<outcome>": ...}`` of one factor's correlations with ``outcome``."""
-    return {f"{m}_{outcome}": correlations[outcome][m].to_dict() for m in ("pearson", "spearman")}
-
-
-@dataclass(frozen=True)
-class DriftReport:
-    """Drift of every head over a data set and its link to specificity failure.
-
-    Args:
-        samples: one per scored prompt, in record order.
-        head_stats: per-head statistics of the drift to the edited subject's last token
-            (``"delta_subject_last"``), to all its tokens (``"delta_subject"``) and of the row KL
-            (``"kl"``), over all samples.
-        correlations: ``{group or "all": {factor: {outcome: {"pearson": C, "spearman": C}}}}``
-            for the outcomes of :data:`OUTCOMES` over all samples (``"fails"``, wrong after the
-            edit, as 0 / 1: point-biserial r).
-        auroc: ``{group or "all": {factor: AUROC of the factor predicting "fails"}}``, all samples.
-        curves: "fails" by quantile bin of each factor, over all samples.
-        groups: the prompt groups measured.
-        records: the number of records.
-        subject_last_before, subject_last_after: mean over samples of every head's attention to
-            the edited subject's last token before / inside the edit.
-        correlations_right_before, auroc_right_before, curves_right_before: the same over the
-            samples right before the edit only, with failure (:attr:`Outcome.flipped`) as the
-            outcome (:data:`FAILURE_OUTCOMES`); the AUROCs with record-clustered bootstrap 95%
-            intervals (:func:`~attention_drift.reports.stats.auroc_ci`). These are the reported ones.
-    """
-
-    samples: tuple[DriftSample, ...]
-    head_stats: dict[str, HeadStats]
-    correlations: dict[str, dict[str, dict[str, dict[str, Correlation]]]]
-    auroc: dict[str, dict[str, float]]
-    curves: dict[str, BinnedCurve]
-    groups: tuple[str, ...] = field(default=())
-    records: int = 0
-    subject_last_before: Float[Tensor, "layer head"] | None = None
-    subject_last_after: Float[Tensor, "layer head"] | None = None
-    correlations_right_before: dict[str, dict[str, dict[str, dict[str, Correlation]]]] = field(default_factory=dict)
-    auroc_right_before: dict[str, dict[str, AurocEstimate]] = field(default_factory=dict)
-    curves_right_before: dict[str, BinnedCurve] = field(default_factory=dict)
-
-    def top_heads(self, k: int = 10) -> list[tuple[int, int, float]]:
-        """The ``k`` heads whose attention to the edited subject's last token grows most on
-        average, as (layer, head, mean drift)."""
-        return self.head_stats["delta_subject_last"].top(k)
-
-    def top_head_table(self, k: int = 10) -> list[dict]:
-        """The :meth:`top_heads` with their mean attention before / after, median drift and
-        fraction of prompts above the threshold (``drift.json``'s ``top_heads``)."""
-        stats = self.head_stats["delta_subject_last"]
-        median = stats.levels.index(0.5) if 0.5 in stats.levels else None
-        return [{"layer": l, "head": h, "before": float(self.subject_last_before[l, h]),
-                 "after": float(self.subject_last_after[l, h]), "drift": d,
-                 "median_drift": None if median is None else float(stats.quantiles[median, l, h]),
-                 "frac_above": float(stats.frac_above[l, h])}
-                for l, h, d in self.top_heads(k)]
-
-    def _chosen(self, group: str | None) -> list[DriftSample]:
-        return [s for s in self.samples if group in (None, "all") or s.group == group]
-
-    def wrong_after_rate(self, group: str | None = None) -> float:
-        """Fraction of all prompts (of ``group``) the edited model gets wrong, including those the
-        unedited model got wrong already (not the failure rate: see :meth:`failure`)."""
-        chosen = self._chosen(group)
-        return float("nan") if not chosen else sum(s.fails for s in chosen) / len(chosen)
-
-    def failure(self, group: str | None = None) -> dict:
-        """The failure rate over the prompts (of ``group``) right before the edit, with its 95%
-        interval (:func:`~attention_drift.reports.stats.proportion`) and how many prompts it keeps and
-        excludes: ``{"rate", "ci95", "half_width", "n_kept", "n_failed", "n_excluded_wrong_before",
-        "n_prompts", "n_records", "n_records_kept"}``."""
-        chosen = self._chosen(group)
-        kept = [s for s in chosen if s.right_before]
-        p = proportion([s.flipped for s in kept])
-        return {"rate": p["accuracy"], "ci95": p["ci95"], "half_width": p["half_width"], "n_kept": len(kept),
-                "n_failed": sum(s.flipped for s in kept), "n_excluded_wrong_before": len(chosen) - len(kept),
-                "n_prompts": len(chosen), "n_records": _records(chosen), "n_records_kept": _records(kept)}
-
-    def headline_right_before(self) -> dict:
-        """Per group and :data:`HEADLINE_FACTORS` factor, over the prompts right before the edit:
-        Pearson and Spearman correlations (95% Fisher-z intervals) with failure and with the
-        log-odds drop, the AUROC of the factor for failure (record-clustered bootstrap 95%
-        interval), and the prompts and records used."""
-        out = {}
-        for group in ("all", *self.groups):
-            kept = [s for s in self._chosen(group) if s.right_before]
-            out[group] = {}
-            for factor in HEADLINE_FACTORS:
-                c = self.correlations_right_before[group][factor]
-                out[group][factor] = {**_pearson_spearman(c, "failure"), **_pearson_spearman(c, "logodds_drop"),
-                                      "auroc": self.auroc_right_before[group][factor].to_dict(),
-                                      "n_prompts": len(kept), "n_records": _records(kept)}
-        return out
-
-    def headline(self) -> dict:
-        """Per group, the correlations of the headline factors with "fails" (wrong after the
-        edit, all prompts) and log-odds drop; the reported statistics are
-        :meth:`headline_right_before`."""
-        out = {}
-        for group in ("all", *self.groups):
-            out[group] = {}
-            for factor in HEADLINE_FACTORS:
-                c = self.correlations[group][factor]
-                out[group][factor] = {**_pearson_spearman(c, "fails"), **_pearson_spearman(c, "logodds_drop"),
-                                      "auroc": self.auroc[group][factor]}
-        return out
-
-    def to_dict(self, top_k: int = 10) -> dict:
-        """Everything as JSON-ready Python values (NaN stays float NaN): the content of
-        ``drift.json`` (``top_k`` heads in ``"top_heads"``).
-
-        Failure keys (their meanings are also written as ``"definitions"``): ``"failure"`` (per
-        group :meth:`failure`: rate over prompts right before the edit, kept / excluded counts),
-        ``"correlations_right_before"``, ``"auroc_right_before"``, ``"curves_right_before"``,
-        ``"headline_right_before"`` (the reported statistics); ``"wrong_after_rate"`` (per group
-        :meth:`wrong_after_rate`) and, with the same numbers, ``"failure_rate"``, kept under its
-        old name for readers of older files; ``"correlations"``, ``"auroc"``, ``"curves"``,
-        ``"headline"``: the all-prompt statistics of "fails" (wrong after the edit).
-        """
-        every = ("all", *self.groups)
-        return {
-            "groups": list(self.groups),
-            "n_samples": len(self.samples),
-            "definitions": dict(DEFINITIONS),
-            "failure": {g: self.failure(g) for g in every},
-            "wrong_after_rate": {g: self.wrong_after_rate(g) for g in every},
-            "failure_rate": {g: self.wrong_after_rate(g) for g in every},
-            "samples": [s.to_dict() for s in self.samples],
-            "head_stats": {k: v.to_dict() for k, v in self.head_stats.items()},
-            "correlations": {
-                g: {f: {s: {m: c.to_dict() for m, c in by_m.items()} for s, by_m in by_s.items()}
-                    for f, by_s in by_f.items()}
-                for g, by_f in self.correlations.items()
-            },
-            "auroc": self.auroc,
-            "curves": {k: v.to_dict() for k, v in self.curves.items()},
-            "top_heads": self.top_head_table(top_k),
-            "subject_last_attention": {"before": rounded(self.subject_last_before).tolist(),
-                                       "after": rounded(self.subject_last_after).tolist()},
-            "records": self.records,
-            "n_samples_by_group": {g: sum(s.group == g for s in self.samples) for g in self.groups},
-            "records_by_group": {g: _records(self._chosen(g)) for g in self.groups},
-            "headline": self.headline(),
-            "correlations_right_before": {
-                g: {f: {o: {m: c.to_dict() for m, c in by_m.items()} for o, by_m in by_o.items()}
-                    for f, by_o in by_f.items()}
-                for g, by_f in self.correlations_right_before.items()
-            },
-            "auroc_right_before": {g: {f: a.to_dict() for f, a in by_f.items()}
-                                   for g, by_f in self.auroc_right_before.items()},
-            "curves_right_before": {k: v.to_dict() for k, v in self.curves_right_before.items()},
-            "headline_right_before": self.headline_right_before(),
-        }
-
-
-def drift_report(
-    records: Sequence[RecordDrift],
-    groups: Sequence[str] = DEFAULT_GROUPS,
-    *,
-    threshold: float = 0.05,
-    levels: tuple[float, ...] = (0.1, 0.5, 0.9),
-    n_bins: int = 5,
-) -> DriftReport:
-    """The :class:`DriftReport` of measured records (:func:`drift_record` results, or run-file
-    lines read back with :meth:`RecordDrift.from_line`). ``threshold`` is the drift (attention
-    mass change) above which a head counts in ``frac_above``; ``levels`` the per-head quantiles;
-    ``n_bins`` the bins of the failure curves. The failure statistics use the prompts right
-    before the edit only (:class:`Outcome`); the AUROC intervals resample records (fixed seed)."""
-    records = [r for r in records if r is not None and r.samples]
-    if not records:
-        raise DriftError("no record with distract prompts containing its subject; nothing to report")
-    samples = [s for r in records for s in r.samples]
-
-    def cat(key: str) -> Tensor:
-        return torch.cat([getattr(r, key).to(torch.float64) for r in records])
-
-    before, after = cat("subject_last_before"), cat("subject_last_after")
-    head_stats = {
-        "delta_subject_last": HeadStats.of("delta_subject_last", after - before, levels, threshold),
-        "delta_subject": HeadStats.of("delta_subject", cat("delta_subject"), levels, threshold),
-        "kl": HeadStats.of("kl", cat("kl"), levels, threshold),
-    }
-    kept = [s for s in samples if s.right_before]
-    correlations, aurocs, correlations_rb, aurocs_rb = {}, {}, {}, {}
-    for group in ("all", *groups):
-        chosen = [s for s in samples if group == "all" or s.group == group]
-        correlations[group] = _correlations(chosen, OUTCOMES)
-        aurocs[group] = {f: auroc([s.factors[f] for s in chosen], [s.fails for s in chosen]) for f in FACTORS}
-        chosen = [s for s in chosen if s.right_before]
-        correlations_rb[group] = _correlations(chosen, FAILURE_OUTCOMES)
-        aurocs_rb[group] = {f: auroc_ci([s.factors[f] for s in chosen], [s.flipped for s in chosen],
-                                        [s.case_id for s in chosen]) for f in FACTORS}
-    return DriftReport(tuple(samples), head_stats, correlations, aurocs, _curves(samples, n_bins), tuple(groups),
-                       len(records), before.nanmean(0), after.nanmean(0), correlations_rb, aurocs_rb,
-                       _curves(kept, n_bins, failure=True))
-
-
-def _correlations(samples: Sequence[DriftSample], outcomes: Sequence[str]) -> dict:
-    return {f: {o: {"pearson": pearson([s.factors[f] for s in samples], [s.outcome(o) for s in samples]),
-                    "spearman": spearman([s.factors[f] for s in samples], [s.outcome(o) for s in samples])}
-                for o in outcomes}
-            for f in FACTORS}
-
-
-def _curves(samples: Sequence[DriftSample], n_bins: int, failure: bool = False) -> dict[str, BinnedCurve]:
-    return {f: binned_curve([s.factors[f] for s in samples], [s.flipped if failure else s.fails for s in samples],
-                            [s.severity["logodds_drop"] for s in samples], n_bins,
-                            factor_name=f, severity_name="logodds_drop")
-            for f in FACTORS}
-
-
-def dataset_drift(
-    model,
-    records: Iterable[Record],
-    edit_fn_factory: EditFactory,
-    groups: Sequence[str] = DEFAULT_GROUPS,
-    *,
-    threshold: float = 0.05,
-    levels: tuple[float, ...] = (0.1, 0.5, 0.9),
-    n_bins: int = 5,
-    progress: bool = False,
-) -> DriftReport:
-    """:func:`drift_record` on every record, then :func:`drift_report`: drift of every head on
-    each record's prompts of ``groups`` and its link to failure, in memory (the ``attention-drift
-    drift`` command runs the same two functions through a resumable run file).
-
-    ``edit_fn_factory(record)`` returns the context manager that applies the record's edit (e.g.
-    ``lambda r: edit(model, r.rewrite, method="rome")``); each record is edited once. Records
-    without prompts containing the edited subject (plain neighbourhood prompts) are skipped
-    without editing.
-    """
-    _check_groups(groups)
-    records = list(records)
-    if progress:
-        from tqdm.auto import tqdm
-
-        records = tqdm(records, desc="drift")
-    measured = [drift_record(model, record, edit_fn_factory, groups) for record in records]
-    if not any(m is not None for m in measured):
-        raise DriftError(f"no record has prompts containing its subject in groups {tuple(groups)}")
-    return drift_report([m for m in measured if m is not None], groups, threshold=threshold, levels=levels,
-                        n_bins=n_bins)

@@ -20,6 +20,7 @@ Pairs with a NaN are dropped first. Fewer than 4 pairs, or a constant variable, 
 """
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -383,3 +384,8 @@ def auroc_ci(scores: ArrayLike, labels: ArrayLike, clusters: ArrayLike | None = 
         how, boots = _method(clusters), n_boot
     return AurocEstimate("auroc", value, low, high, int(s.size), int(np.unique(codes).size), how, confidence,
                          boots, n_pos, n_neg)
+
+
+def distinct_records(case_ids) -> int:
+    """How many distinct records ``case_ids`` (one per prompt) name."""
+    return len({json.dumps(c) for c in case_ids})

@@ -242,9 +242,9 @@ def _records_text(numbers: dict) -> str:
 
 
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
-    from attention_drift.runs.analysis import _save_figure
+    from attention_drift.views.plots import save_figure
 
-    return _save_figure(fig, out / name, png)
+    return save_figure(fig, out / name, png)
 
 
 def _editors() -> list[str]:
@@ -451,11 +451,13 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
 def run_figures(cfg: FiguresConfig) -> dict:
     """Make the requested items; returns (and writes to ``OUT/figures.json``) their numbers,
     markdown and files, and writes ``OUT/figures.md``."""
-    from attention_drift.runs.analysis import _png_ok, drift_markdown, patch_markdown
+    from attention_drift.reports.drift import drift_markdown
+    from attention_drift.reports.patch import patch_markdown
+    from attention_drift.views.plots import png_ok
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    png = _png_ok()
+    png = png_ok()
     items = set(cfg.items)
     previous = _read_json(out / "figures.json")
     result: dict = {"config": dataclasses.asdict(cfg),

@@ -43,85 +43,40 @@ def split_layers(edit_layer: int, n_layers: int) -> dict[str, tuple[int, ...]]:
     return {"lower": tuple(range(edit_layer, mid + 1)), "upper": tuple(range(mid + 1, n_layers))}
 
 
-@dataclass(frozen=True)
-class SADRSpec:
-    """SADR options of a variant, before they meet a model.
-
-    Args:
-        weight: the loss weight; None: the per-model, per-method preset
-            (:meth:`~attention_drift.editing.sadr.SADRConfig.for_model`; the paper's published values).
-        steps: optimisation steps; None: the preset (published: ROME 80, MEMIT 20, PMET 40).
-        layers: None: every layer from the layer where the edit injects its delta up;
-            ``"lower"`` / ``"upper"``: the lower / upper half of those (:func:`split_layers`);
-            or explicit layer indices.
-        selection: ``"hinge"`` (published) or ``"all"`` heads.
-        divergence: ``"kl"`` (published), ``"js"`` or ``"l2"``.
-        distract: also restrict distract-style rows (our extension).
-        distract_only: restrict only distract-style rows (our extension).
-        output_weight, output: the output-locality term on the distract rows, its factor and
-            kind (our extension; :class:`~attention_drift.editing.sadr.SADRConfig`); needs ``distract``.
-        distract_subjects: the distract rows' other subjects; None: the default list.
-        clamp_scale: factor on the editor's clamp (our extension;
-            :class:`~attention_drift.editing.sadr.SADRConfig`).
-        guard_weight, guard_margin: the efficacy guard on the rewriting prompts (our extension;
-            :class:`~attention_drift.editing.sadr.SADRConfig`).
-        verify: check the edit on the request's prompt and fall back where it fails (our
-            extension; :class:`~attention_drift.editing.sadr.SADRConfig`).
-    """
-
-    weight: float | None = None
-    steps: int | None = None
-    layers: tuple[int, ...] | str | None = None
-    selection: str = "hinge"
-    divergence: str = "kl"
-    distract: bool = False
-    distract_only: bool = False
-    output_weight: float = 0.0
-    output: str = "target"
-    distract_subjects: tuple[str, ...] | None = None
-    clamp_scale: float = 1.0
-    guard_weight: float = 0.0
-    guard_margin: float = 1.0
-    verify: bool = False
+class _SpecMethods:
+    """What a :class:`SADRSpec` does beyond holding :class:`~attention_drift.editing.sadr.SADRConfig`'s fields."""
 
     def __post_init__(self):
-        if not self.clamp_scale > 0:
-            raise VariantError(f"SADR clamp_scale must be > 0, got {self.clamp_scale}")
-        if isinstance(self.distract_subjects, list):
-            object.__setattr__(self, "distract_subjects", tuple(self.distract_subjects))
-        if self.output_weight < 0:
-            raise VariantError(f"SADR output weight must be >= 0, got {self.output_weight}")
-        if self.output_weight and not (self.distract or self.distract_only):
-            raise VariantError("the SADR output term regularises distract rows: set distract=True too")
+        for name in ("layers", "distract_subjects"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.layers, str) and self.layers not in LAYER_RANGES:
             raise VariantError(f"SADR layers {self.layers!r}: give {' or '.join(map(repr, LAYER_RANGES))} "
                                "or layer indices")
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if self.steps is not None and self.steps < 1:
-            raise VariantError(f"SADR steps must be >= 1, got {self.steps}")
-        if self.weight is not None and self.weight < 0:
-            raise VariantError(f"SADR weight must be >= 0, got {self.weight}")
+        self._config({"layers": None} if isinstance(self.layers, str) else {})  # SADRConfig's own checks
 
-    def resolve(self, model, method: str, edit_layer: int):
-        """The :class:`~attention_drift.editing.sadr.SADRConfig` for ``model`` and ``method``."""
+    def _config(self, changes: dict):
         from attention_drift.editing.sadr import SADRConfig
 
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if values["distract_subjects"] is None:
+            del values["distract_subjects"]
+        try:
+            return SADRConfig(**{**values, **changes})
+        except ValueError as err:
+            raise VariantError(str(err)) from None
+
+    def resolve(self, model, method: str, edit_layer: int):
+        """The :class:`~attention_drift.editing.sadr.SADRConfig` for ``model`` and ``method``: a
+        layer range resolved against ``edit_layer``, then the unset weight / steps from the presets."""
         layers = self.layers
         if isinstance(layers, str):
             layers = split_layers(edit_layer, model.cfg.n_layers)[layers]
             if not layers:
                 raise VariantError(f"SADR layers {self.layers!r}: the model has no layers in that half above its "
                                    f"edit layer {edit_layer} ({model.cfg.n_layers} layers); give layer indices")
-        overrides = {"layers": layers, "selection": self.selection, "divergence": self.divergence,
-                     "distract": self.distract, "distract_only": self.distract_only,
-                     "output_weight": self.output_weight, "output": self.output, "clamp_scale": self.clamp_scale,
-                     "guard_weight": self.guard_weight, "guard_margin": self.guard_margin, "verify": self.verify}
-        if self.distract_subjects is not None:
-            overrides["distract_subjects"] = self.distract_subjects
-        overrides.update({k: v for k, v in (("weight", self.weight), ("steps", self.steps)) if v is not None})
         try:
-            return SADRConfig.for_model(model, method, **overrides)
+            return self._config({"layers": layers}).resolved(model, method)
         except ValueError as err:
             raise VariantError(str(err)) from None
 
@@ -136,6 +91,27 @@ class SADRSpec:
         if self.distract_subjects is not None:
             out["distract_subjects"] = list(self.distract_subjects)
         return out
+
+
+def _spec_fields() -> list[tuple]:
+    """:class:`~attention_drift.editing.sadr.SADRConfig`'s fields, with the two a spec leaves open
+    until it meets a model: ``layers`` may name a range (:data:`LAYER_RANGES`), and
+    ``distract_subjects`` None means SADRConfig's default list."""
+    from attention_drift.editing.sadr import SADRConfig
+
+    open_until_resolved = {"layers": tuple[int, ...] | str | None, "distract_subjects": tuple[str, ...] | None}
+    return [(f.name, open_until_resolved[f.name], dataclasses.field(default=None)) if f.name in open_until_resolved
+            else (f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(SADRConfig)]
+
+
+SADRSpec = dataclasses.make_dataclass("SADRSpec", _spec_fields(), bases=(_SpecMethods,), frozen=True)
+SADRSpec.__module__ = __name__
+SADRSpec.__doc__ = """SADR options of a variant before they meet a model: the fields of
+:class:`~attention_drift.editing.sadr.SADRConfig` (same names, defaults and checks, derived from it,
+so a new SADR option is declared once), except that ``weight`` / ``steps`` None mean the per-model,
+per-method preset, ``layers`` may be ``"lower"`` / ``"upper"`` (the halves of the layers from the
+edit layer up, :func:`split_layers`) and ``distract_subjects`` None the default list.
+:meth:`resolve` makes the SADRConfig for a model; :meth:`to_json` is what run headers record."""
 
 
 @dataclass(frozen=True)

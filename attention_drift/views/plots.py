@@ -17,6 +17,7 @@ import importlib.metadata
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -638,3 +639,28 @@ def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2) -> 
         else:
             _write_static(fig, target, fmt, scale)
     return [target for target, _ in targets]
+
+
+def save_figure(fig, path: Path, png: bool) -> list[str]:
+    """Write ``fig`` as HTML (and PNG), with the paper's value for this figure
+    (:data:`attention_drift.reports.paper.REPORTED`, by file stem) below it where the paper gives one."""
+    from attention_drift.reports.paper import REPORTED
+
+    if path.name in REPORTED:
+        add_reference(fig, REPORTED[path.name])
+
+    written = save(fig, path.with_suffix(".html"))
+    if png:
+        try:
+            written += save(fig, path.with_suffix(".png"))
+        except PngExportError as err:
+            print(f"attention-drift: no PNG for {path.name}: {err}", file=sys.stderr)
+    return [str(p) for p in written]
+
+
+def png_ok() -> bool:
+
+    problem = png_export_problem()
+    if problem:
+        print(f"attention-drift: HTML only, no PNG: {problem}", file=sys.stderr)
+    return problem is None
