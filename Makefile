@@ -11,7 +11,7 @@ NOTEBOOK_PLOTLY ?= plotly_mimetype+notebook_connected
 LAB_ARGS ?=
 NOTEBOOK_ENV = ATTENTION_DRIFT_SMALL=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: install demo test test-fast figures clean lab notebooks-html
+.PHONY: install demo test test-fast figures clean lab notebooks-html docs
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 $(VENV)/.notebooks: $(VENV)/.installed
 	$(PIP) -e ".[dev,offline,notebooks]"
 	touch $@
+
+$(VENV)/.docs: $(VENV)/.installed
+	$(PIP) -e ".[dev,offline,docs]"
+	touch $@
+
+# the API reference, generated from the docstrings (mkdocs.yml, docs/gen_ref.py), into site/;
+# --strict: any warning (a docstring naming a parameter the function lacks, a stale
+# :func:`attention_drift.x.y`) fails the build. The variable silences a banner of a plugin
+# dependency (properdocs) about MkDocs 2.
+docs: $(VENV)/.docs
+	DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 # JupyterLab on notebooks/ (kernel: this .venv); e.g. LAB_ARGS="--no-browser --port 8899"
 lab: $(VENV)/.notebooks
@@ -47,4 +58,4 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
