@@ -75,7 +75,7 @@ class Patch:
         heads: query heads to patch (``pattern`` and ``z`` only); None patches all heads.
         positions: token positions (for ``pattern`` the query positions, whole rows); ints, where
             negative ones count from the end of the prompt (-1 is the last prompt token, the
-            prediction position); or a region name of :data:`attention_drift.measure.drift.REGIONS`
+            prediction position); or a region name of :data:`attention_drift.core.regions.REGIONS`
             resolved per case (``"subject_last"``, ``"edit_sentence"``, ...); None patches every
             position, target tokens included.
     """

@@ -310,7 +310,7 @@ def _curves(samples: Sequence[DriftSample], n_bins: int, failure: bool = False) 
 def drift_from_lines(lines: Sequence[dict], groups: Sequence[str] = DEFAULT_GROUPS, *, top_k: int = 10,
                      threshold: float = 0.05) -> dict:
     """The ``drift.json`` content of run-file lines (:meth:`RecordDrift.to_line`; skipped records
-    are left out): :func:`~attention_drift.measure.drift.drift_report` of the records they hold."""
+    are left out): :func:`drift_report` of the records they hold."""
     records = [RecordDrift.from_line(line) for line in lines if line.get("samples")]
     if not records:
         raise DriftError("no record with distract prompts containing its subject; nothing to report")
@@ -335,7 +335,7 @@ def _failure_sentence(result: dict) -> str:
 
 def drift_markdown(result: dict, title: str = "") -> str:
     """The drift section: sizes, the failure definition and rate, the top heads, and per group and
-    :data:`~attention_drift.measure.drift.HEADLINE_FACTORS` factor the Pearson and Spearman correlations
+    :data:`HEADLINE_FACTORS` factor the Pearson and Spearman correlations
     (Fisher-z 95% CIs) with failure and with the log-odds drop and the AUROC for failure
     (record-clustered bootstrap 95% CI), over the prompts right before the edit."""
     rows = [f"## attention drift{' · ' + title if title else ''}", "",
