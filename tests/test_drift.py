@@ -428,3 +428,21 @@ def test_drift_of_a_sadr_edit_records_what_sadr_selected(tiny_llama):
     assert RecordDrift.from_line(result.to_line()).sadr_selected.tolist() == selected.tolist()
     plain = drift_record(tiny_llama, record, lambda r: edit(tiny_llama, r.rewrite, "rome"))
     assert plain.sadr_selected is None and "sadr_selected" not in plain.to_line()
+
+
+def test_reports_are_typed_and_give_their_json_and_markdown():
+    """DriftReport and PatchReport carry their JSON (the committed file's content) and markdown."""
+    from synthetic_drift import synthetic_run
+
+    from attention_drift.reports.drift import drift_markdown
+    from attention_drift.reports.patch import PatchReport
+
+    lines, _ = synthetic_run(n_records=4, prompts_per_record=(2, 3), seed=1)
+    records = [RecordDrift.from_line(x) for x in lines[1:]]
+    report = drift_report(records)
+    assert report.markdown("t") == drift_markdown(drift_from_lines(lines[1:]), "t")
+    content = {"records": 1, "n_prompts": 2, "n_prompts_by_group": {}, "records_by_group": {}, "pre": {}, "post": {},
+               "variants": {}, "top_heads": {}, "sweep": {"n_prompts": 2}, "markdown": "dropped"}
+    patch = PatchReport.from_dict(content)
+    assert list(patch.to_dict()) == [k for k in content if k != "markdown"]
+    assert patch.to_dict()["sweep"] == {"n_prompts": 2} and patch.topk_vs_random is None

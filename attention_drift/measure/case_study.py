@@ -52,7 +52,7 @@ from attention_drift.core.regions import Regions
 from attention_drift.core.errors import AttentionDriftError
 
 STATES = ("pre", "post", "restored")
-_STATE_NAMES = {"pre": "pre-edit", "post": "post-edit", "restored": "post-edit, attention restored"}
+STATE_NAMES = {"pre": "pre-edit", "post": "post-edit", "restored": "post-edit, attention restored"}
 
 
 class CaseStudyError(AttentionDriftError):

@@ -202,6 +202,10 @@ class DriftReport:
                                       "auroc": self.auroc[group][factor]}
         return out
 
+    def markdown(self, title: str = "", top_k: int = 10) -> str:
+        """The report's markdown section (:func:`drift_markdown` of :meth:`to_dict`)."""
+        return drift_markdown(self.to_dict(top_k), title)
+
     def to_dict(self, top_k: int = 10) -> dict:
         """Everything as JSON-ready Python values (NaN stays float NaN): the content of
         ``drift.json`` (``top_k`` heads in ``"top_heads"``).

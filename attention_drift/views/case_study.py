@@ -7,14 +7,14 @@ from circuitsvis.attention import attention_heads
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from attention_drift.measure.case_study import _STATE_NAMES, CaseStudy, CaseStudyError
-from attention_drift.views.plots import PALETTE, SEQUENTIAL, _label, _style
+from attention_drift.measure.case_study import STATE_NAMES, CaseStudy, CaseStudyError
+from attention_drift.views.plots import PALETTE, SEQUENTIAL, token_label, style
 from attention_drift.views.viz import AttentionView
 
 
 def _probabilities(cs: CaseStudy, sep: str = "<br>") -> str:
     return sep.join(
-        f"{_STATE_NAMES[k]}: P({cs.true_target.strip()}) = {p.p_true:.3f}, "
+        f"{STATE_NAMES[k]}: P({cs.true_target.strip()}) = {p.p_true:.3f}, "
         f"P({cs.new_target.strip()}) = {p.p_new:.3f}, top-1 {p.top_token!r}"
         for k, p in cs.predictions.items()
     )
@@ -39,7 +39,7 @@ def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
     before, after, labels = _top_rows(cs)
     before, after = before.detach().double().cpu(), after.detach().double().cpu()
     k, n = before.shape
-    ticks = [_label(t) for t in cs.tokens]
+    ticks = [token_label(t) for t in cs.tokens]
     zmax = max(float(before.max()), float(after.max()), 1e-6)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=("before the edit", "after the edit"))
@@ -62,7 +62,7 @@ def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
                       height=max(480, 40 * k + 380))
     title = title or (f"Case study: {cs.request.subject} → {cs.new_target.strip()} ({cs.method}), "
                       f"top {k} drifting heads")
-    fig = _style(fig, title, "key token", "head")
+    fig = style(fig, title, "key token", "head")
     fig.update_layout(margin={"t": 190})
     fig.add_annotation(text=_probabilities(cs), xref="paper", yref="paper", x=0.0, y=1.08,
                        showarrow=False, xanchor="left", yanchor="bottom", align="left", font={"size": 12})
@@ -86,7 +86,7 @@ def case_study_view(cs: CaseStudy) -> AttentionView:
     before, after, labels = _top_rows(cs)
     n = len(cs.tokens)
     panels = tuple(
-        (f"{label} the edit ({_STATE_NAMES[state]}: P({cs.true_target.strip()}) = {cs.predictions[state].p_true:.3f}, "
+        (f"{label} the edit ({STATE_NAMES[state]}: P({cs.true_target.strip()}) = {cs.predictions[state].p_true:.3f}, "
          f"P({cs.new_target.strip()}) = {cs.predictions[state].p_new:.3f})",
          attention_heads(_view_patterns(rows, n), list(cs.tokens), attention_head_names=labels,
                          min_value=0.0, max_value=1.0))

@@ -50,7 +50,9 @@ def _values(x: Tensor) -> Tensor:
     return x.detach().to("cpu", torch.float64)
 
 
-def _style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
+def style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
+    """The package's look: template, a left-aligned title (a ``\\n`` breaks its line, text escaped),
+    axis titles, font size."""
     fig.update_layout(
         template=TEMPLATE,
         title={"text": "<br>".join(html.escape(line) for line in title.split("\n")), "x": 0.02, "xanchor": "left"},
@@ -75,7 +77,7 @@ def add_reference(fig: go.Figure, text: str, width: int = 110) -> go.Figure:
     return fig
 
 
-def _label(text: object) -> str:
+def token_label(text: object) -> str:
     """A tick/legend label that shows ``<bos>``-like tokens and spaces as written."""
     return html.escape(str(text)).replace(" ", "&nbsp;") or "&nbsp;"
 
@@ -146,7 +148,7 @@ def drift_heatmap(
     fig.update_yaxes(autorange="reversed", dtick=1 if layers <= 48 else None)
     fig.update_xaxes(dtick=1 if heads <= 32 else None)
     fig.update_layout(height=min(1400, max(450, 18 * layers + 200)))
-    return _style(fig, title, "head", "layer")
+    return style(fig, title, "head", "layer")
 
 
 def patching_heatmap(
@@ -175,7 +177,7 @@ def patching_heatmap(
             f"recovery is {rows} x {cols} but got {len(row_labels)} row labels and "
             f"{len(col_labels)} column labels; give one label per row and per column"
         )
-    row_text, col_text = [_label(r) for r in row_labels], [_label(c) for c in col_labels]
+    row_text, col_text = [token_label(r) for r in row_labels], [token_label(c) for c in col_labels]
     custom = [[[row_text[i], col_text[j]] for j in range(cols)] for i in range(rows)]
     ci_hover = ""
     if ci is not None:
@@ -205,7 +207,7 @@ def patching_heatmap(
     fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(rows)), ticktext=row_text)
     fig.update_xaxes(tickmode="array", tickvals=list(range(cols)), ticktext=col_text)
     fig.update_layout(height=min(1400, max(450, 18 * rows + 200)))
-    return _style(fig, title, col_title, row_title)
+    return style(fig, title, col_title, row_title)
 
 
 def recovery_curves(
@@ -249,7 +251,7 @@ def recovery_curves(
             x=xs, y=y.tolist(), mode="lines+markers", name=name, legendgroup=name,
             line={"color": colour}, hovertemplate=f"{name}<br>{xlabel} %{{x}}: %{{y:.4g}}<extra></extra>",
         ))
-    return _style(fig, title, xlabel, ylabel)
+    return style(fig, title, xlabel, ylabel)
 
 
 def _fmt_ci(low: float, high: float) -> str:
@@ -390,7 +392,7 @@ def drift_vs_failure_panels(
         fig.update_xaxes(title_text=html.escape(xlabel).replace(": ", ":<br>", 1), title_font={"size": 12},
                          row=1, col=col)
     fig.update_layout(height=520, width=max(700, 560 * len(panels)))
-    return _style(fig, title, fig.layout.xaxis.title.text, ylabel)
+    return style(fig, title, fig.layout.xaxis.title.text, ylabel)
 
 
 def _interval(entry: Mapping, where: str) -> tuple[float, float, float]:
@@ -448,7 +450,7 @@ def metric_bars(
             else f"{html.escape(setting)}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
         ))
     fig.update_layout(barmode="group")
-    return _style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
+    return style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
 
 
 def bars_from_summaries(named_summaries: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
@@ -511,7 +513,7 @@ def tradeoff_curve(
         ))
     if log_x:
         fig.update_xaxes(type="log")
-    return _style(fig, title, xlabel, ylabel)
+    return style(fig, title, xlabel, ylabel)
 
 
 def recovery_tradeoff(
@@ -555,7 +557,7 @@ def recovery_tradeoff(
     fig.add_vline(x=-3, line_dash="dot", line_color="grey", annotation_text=f"{cost_label} -3")
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
-    return _style(fig, title, f"{cost_label} accuracy minus the plain editor's (points)",
+    return style(fig, title, f"{cost_label} accuracy minus the plain editor's (points)",
                   "distract-neighbourhood loss recovered (%)")
 
 
