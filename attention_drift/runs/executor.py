@@ -25,7 +25,9 @@ become ready, up to ``placement.workers``, each with ``num_cpus=1``, its GPU sha
 ``workers`` CPUs is started unless the placement names a cluster or Ray is already initialised in
 this process. A worker that dies is replaced and its task handed out again (at most
 ``max_retries`` times); a library error of a task stops the run as an :class:`ExecutorError`
-naming the task; at ``stop_at`` the run stops, dropping the results in flight.
+naming the task; at ``stop_at`` the run stops, dropping the results in flight. In this process
+tasks run one after another in the plan's order, ``stop_at`` is checked between them, and a
+task's error propagates as it is (nothing is retried: a dying worker is this process).
 """
 
 import functools
