@@ -26,6 +26,7 @@ _EXPORTS = {
     "SADRConfig": "editing.sadr",
     "AttentionDriftError": "core.errors",
     "Variant": "runs.variants", "SADRSpec": "runs.variants",
+    "Placement": "runs.placement", "Executor": "runs.executor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,7 +5,7 @@ Commands::
     attention-drift evaluate --model NAME --data PATH|dev --method none|rome|memit|pmet [--sadr ...]
                              [--limit N] [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32] [--shard I/K] [--reuse-pre FILE.jsonl]
-    attention-drift sweep --variants rome,rome-sadr --out DIR [--workers N] [--address ADDR] ...   (Ray)
+    attention-drift sweep --variants rome,rome-sadr --out DIR [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
     attention-drift summarize FILE.jsonl [--json] [--per-record]
     attention-drift compare FILE.jsonl ... [--json] [--all-records]
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
@@ -18,11 +18,15 @@ Commands::
 
 Every flag becomes a value of the library: ``--method``/``--sadr*``/``--stats-samples`` a
 :class:`~attention_drift.runs.variants.Variant`, ``--data``/``--kinds``/``--limit``/``--balanced``/
-``--shard`` a :class:`~attention_drift.runs.evaluation.RecordSelection`; the work is done by
+``--shard`` a :class:`~attention_drift.runs.evaluation.RecordSelection`, ``--model``/``--device``/
+``--dtype``/``--threads``/``--workers``/``--address``/``--gpus-per-worker`` a
+:class:`~attention_drift.runs.placement.Placement` (run where it says by an
+:class:`~attention_drift.runs.executor.Executor`); the work is done by
 :mod:`attention_drift.runs.evaluation` (evaluate), :mod:`attention_drift.runs.analysis` (drift, patch),
 :mod:`attention_drift.reports.evaluation` (tables) and :mod:`attention_drift.runs.figures`. Only
-:class:`~attention_drift.core.errors.AttentionDriftError` is printed as a one-line error (exit 1);
-anything else is a bug and keeps its traceback. Nothing heavy is imported before a command
+:class:`~attention_drift.core.errors.AttentionDriftError` is printed as a one-line error (exit 1),
+the library names it lists in ``fields`` shown as their flags (:data:`FLAGS`); anything else is a
+bug and keeps its traceback. Nothing heavy is imported before a command
 runs, so ``--help`` and argument errors answer at once.
 
 ``summarize --json`` prints this shape, stable for other tools::
@@ -57,10 +61,21 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from attention_drift.core.dtypes import DTYPES
 from attention_drift.core.errors import AttentionDriftError
 
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = ("float32", "bfloat16", "float16")
+
+FLAGS = {
+    "device": "--device", "dtype": "--dtype", "threads": "--threads", "workers": "--workers",
+    "gpus_per_worker": "--gpus-per-worker", "address": "--address", "max_retries": "--max-retries",
+    "deadline": "--deadline", "batch_size": "--batch-size", "variants": "--variants", "out": "--out",
+    "kinds": "--kinds", "limit": "--limit", "balanced": "--balanced", "shard": "--shard", "reuse_pre": "--reuse-pre",
+    "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
+    "stats_samples": "--stats-samples",
+}
+"""Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
+-> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""
 
 
 class CliError(AttentionDriftError):
@@ -68,13 +83,24 @@ class CliError(AttentionDriftError):
 
 
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    return " ".join(_in_flags(err).split()) or type(err).__name__
+
+
+def _in_flags(err: BaseException) -> str:
+    """The message of ``err`` with the library names it lists in ``fields`` written as the flags
+    of :data:`FLAGS` (``workers must be >= 1`` -> ``--workers must be >= 1``): a name counts
+    as a word where it stands alone (not inside a path, a quote or another name)."""
+    text = str(err)
+    for name in getattr(err, "fields", ()):
+        if name in FLAGS:
+            text = re.sub(rf"(?<![^\s(]){re.escape(name)}(?![^\s,;:)=])", FLAGS[name], text)
+    return text
 
 
 # --- shared options -------------------------------------------------------------------------
 
-def add_model_arguments(p, *, model: bool = True) -> None:
-    """``--model``, ``--device``, ``--dtype``, ``--threads``."""
+def add_model_arguments(p, *, model: bool = True, threads: int | None = None) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--threads`` (default ``threads``; None: measured)."""
     if model:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help="offline name (see 'attention-drift models'), local HF folder, .gguf file or hub name "
@@ -82,31 +108,40 @@ def add_model_arguments(p, *, model: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights' dtype; edit maths stays float32 (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: $OMP_NUM_THREADS, else the cores free to this process)")
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch threads per worker (default: " + (f"{threads}: the same numbers whatever the "
+                   "machine's load)" if threads else "in this process $OMP_NUM_THREADS, else the cores idle now; "
+                   "1 per Ray worker)"))
 
 
 def add_workers_arguments(p) -> None:
-    """``--workers``, ``--address``: the records of a per-record analysis on Ray actors."""
+    """``--workers``, ``--address``, ``--gpus-per-worker``: where the records run."""
     p.add_argument("--workers", type=int, default=1,
-                   help="1: measure the records in this process; N > 1: on N Ray actors that each keep the model "
-                   "loaded (a local Ray unless --address) (default: %(default)s)")
+                   help="1: work in this process; N > 1: on N Ray actors that each keep the model loaded (a local "
+                   "Ray unless --address) (default: %(default)s)")
     p.add_argument("--address", default=None,
-                   help="join this Ray cluster (e.g. auto, or HOST:6379) for the workers instead of a local Ray")
+                   help="join this Ray cluster (auto, or HOST:6379; 'local': a new local Ray, even for one worker) "
+                   "for the workers")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPU share per Ray worker, e.g. 0.0625 for 16 workers on one GPU (default with --device "
+                   "cuda: the cluster's GPUs split evenly over the workers)")
 
 
-def workers_from_args(args, variant):
-    """The :class:`~attention_drift.runs.sweep.Workers` that ``--workers`` / ``--address`` ask for, or
-    None to measure in this process."""
-    if args.workers < 1:
-        raise CliError(f"--workers must be >= 1, got {args.workers}")
-    if args.workers == 1 and not args.address:
-        return None
-    from attention_drift.runs.sweep import Workers
+def placement_from_args(args):
+    """The :class:`~attention_drift.runs.placement.Placement` the model and workers flags ask for
+    (one worker in this process for commands without ``--workers``)."""
+    from attention_drift.runs.placement import Placement
 
-    return Workers(args.model, variant, workers=args.workers, address=args.address, device=args.device,
-                   dtype=args.dtype, threads=args.threads or 1, edit_cache=getattr(args, "edit_cache", None),
-                   progress=not args.no_progress)
+    return Placement(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+                     gpus_per_worker=getattr(args, "gpus_per_worker", None), workers=getattr(args, "workers", 1),
+                     address=getattr(args, "address", None))
+
+
+def executor_from_args(args):
+    """An :class:`~attention_drift.runs.executor.Executor` of :func:`placement_from_args`."""
+    from attention_drift.runs.executor import Executor
+
+    return Executor(placement_from_args(args))
 
 
 def add_record_arguments(p) -> None:
@@ -215,12 +250,8 @@ def selection_from_args(args):
 
 
 def _handle(args):
-    """Threads set, model described (loaded on first use)."""
-    from attention_drift.runs.evaluation import ModelHandle
-    from attention_drift.core.runtime import configure_threads
-
-    configure_threads(args.threads)
-    return ModelHandle(args.model, device=args.device, dtype=args.dtype)
+    """The model of this process (threads set; loaded on first use)."""
+    return executor_from_args(args).worker.handle
 
 
 # --- evaluate -------------------------------------------------------------------------------
@@ -278,29 +309,18 @@ def run_evaluate(args) -> int:
 
 def register_sweep(subparsers) -> None:
     p = subparsers.add_parser(
-        "sweep", help="records x variants on Ray workers; one resumable run file per variant",
-        description="Evaluate every selected record under every variant as Ray tasks (workers keep the model "
-        "loaded; statistics computed once; pre-edit scores computed once per record and shared) into "
-        "OUT/<variant>.jsonl, the run files of 'evaluate' that 'compare' reads. A worker that dies has its "
-        "record retried on another. Resumable: re-run the same command.")
+        "sweep", help="records x variants, in this process or on Ray workers; one resumable run file per variant",
+        description="Evaluate every selected record under every variant (--workers 1: in this process; N > 1: as "
+        "Ray tasks on workers that keep the model loaded; statistics computed once; pre-edit scores computed once "
+        "per record and shared) into OUT/<variant>.jsonl, the run files of 'evaluate' that 'compare' reads. A Ray "
+        "worker that dies has its record retried on another. Resumable: re-run the same command.")
     p.add_argument("--variants", required=True,
                    help="comma-separated variants of attention_drift.runs.variants.paper_variants, e.g. "
                    "none,rome,rome-sadr")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="offline name (see 'attention-drift models'), local HF folder, .gguf file or hub name "
-                   "(default: %(default)s)")
+    add_model_arguments(p, threads=1)
+    add_workers_arguments(p)
     add_record_arguments(p)
     p.add_argument("--out", required=True, help="folder of the run files <variant>.jsonl")
-    p.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own model (default: 1)")
-    p.add_argument("--address", default=None,
-                   help="join this Ray cluster (e.g. auto, or HOST:6379) instead of starting a local Ray")
-    p.add_argument("--device", default="cpu", help="the workers' torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--gpus-per-worker", type=float, default=None,
-                   help="GPU share per worker, e.g. 0.0625 for 16 workers on one GPU (default with --device cuda: "
-                   "the cluster's GPUs split evenly over the workers)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weights' dtype; edit maths stays float32 (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: %(default)s)")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
     p.add_argument("--fluency", action="store_true", help="also sample generations and score n-gram entropy")
@@ -333,11 +353,10 @@ def run_sweep(args) -> int:
 
         fluency = FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
     config = SweepConfig(
-        args.model, tuple(with_stats_samples(table[n], args.stats_samples) for n in names), Path(args.out),
-        selection_from_args(args), workers=args.workers, address=args.address, device=args.device,
-        dtype=args.dtype, gpus_per_worker=args.gpus_per_worker, threads=args.threads, batch_size=args.batch_size,
-        fluency=fluency, max_retries=args.max_retries, deadline=args.deadline, progress=not args.no_progress)
-    outcome = sweep(config)
+        tuple(with_stats_samples(table[n], args.stats_samples) for n in names), Path(args.out),
+        selection_from_args(args), batch_size=args.batch_size, fluency=fluency, max_retries=args.max_retries,
+        deadline=args.deadline, progress=not args.no_progress)
+    outcome = sweep(config, placement_from_args(args))
     files = " ".join(str(config.path(v)) for v in config.variants)
     stopped = "" if outcome.complete else "stopped at the deadline (re-run to continue), "
     print(f"{outcome.out}: {stopped}{sum(outcome.written.values())} line(s) written, "
@@ -491,24 +510,15 @@ def run_analysis(args) -> int:
 
     heads = analysis.load_top_heads(args.heads_from, args.top_k) if getattr(args, "heads_from", None) else None
     records = selection.load()
-    workers = workers_from_args(args, variant)
-    model = factory = None
-    if workers is None:
-        model = _handle(args).get()
-        cache = None
-        if args.edit_cache:
-            from attention_drift.editing.cache import EditCache
-
-            cache = EditCache(model, args.edit_cache, progress=not args.no_progress)
-        factory = variant.editor(model, cache=cache, progress=not args.no_progress)
+    executor = executor_from_args(args)
     meta = {"model": args.model, "data": selection.label, "edit": variant.meta()}
     common = {"method": variant.name, "progress": not args.no_progress, "figures": not args.no_figures,
-              "workers": workers}
+              "executor": executor, "edit_cache": args.edit_cache}
     if args.analysis == "drift":
-        result = analysis.run_drift(model, records, factory, out, meta, top_k=args.top_k, **common)
+        result = analysis.run_drift(None, records, variant, out, meta, top_k=args.top_k, **common)
     else:
         result = analysis.run_patch(
-            model, records, factory, out, meta, k=args.top_k, heads=heads, window=args.window,
+            None, records, variant, out, meta, k=args.top_k, heads=heads, window=args.window,
             sweep_prompts=args.sweep_prompts, contamination_prompts=args.contamination_prompts,
             contamination_positions=args.contamination_positions, batch_size=args.batch_size,
             random_draws=args.random_draws, **common)
@@ -578,19 +588,15 @@ def register_figures(subparsers) -> None:
 def run_figures(args) -> int:
     from attention_drift.runs.figures import FiguresConfig, figures_markdown, run_figures as make
 
-    options = {"model": args.model, "data": args.data, "out": args.out, "limit": args.limit,
-               "drift_limit": args.drift_limit, "patch_limit": args.patch_limit, "runs": args.runs,
-               "stats_samples": args.stats_samples, "device": args.device, "dtype": args.dtype,
-               "progress": not args.no_progress, "workers": args.workers, "address": args.address}
+    options = {"data": args.data, "out": args.out, "limit": args.limit, "drift_limit": args.drift_limit,
+               "patch_limit": args.patch_limit, "runs": args.runs, "stats_samples": args.stats_samples,
+               "progress": not args.no_progress}
     if args.items:
         options["items"] = tuple(args.items.split(","))
     if args.variants:
         options["variants"] = tuple(args.variants.split(","))
     cfg = FiguresConfig(**options)
-    from attention_drift.core.runtime import configure_threads
-
-    configure_threads(args.threads)
-    result = make(cfg)
+    result = make(cfg, executor_from_args(args))
     print(figures_markdown(result))
     print(f"\n{cfg.out}/figures.md and figures.json written", file=sys.stderr)
     return 0
@@ -624,11 +630,12 @@ def register_demo(subparsers) -> None:
 
 
 def run_demo(args) -> int:
-    from attention_drift.demo import run_demo as demo
     from attention_drift.core.runtime import configure_threads
+    from attention_drift.demo import run_demo as demo
 
-    configure_threads(args.threads)
-    return demo(args.model, edit_demo=not args.no_edit, device=args.device, dtype=args.dtype)
+    placement = placement_from_args(args)
+    configure_threads(placement.worker_threads())
+    return demo(placement.model, edit_demo=not args.no_edit, device=placement.device, dtype=placement.dtype)
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Records per minute of ``attention-drift sweep`` with 1, 2, ... Ray workers on this machine.
+"""Records per minute of ``attention-drift sweep`` with 1, 2, ... workers on this machine.
 
     python benchmarks/bench_sweep.py [--model tiny|smollm2-135m|PATH] [--variants none,rome] [--records 8]
                                      [--workers 1,2] [--device cuda] [--gpus-per-worker 0.0625]
 
-For each worker count a fresh local Ray (``--workers`` CPUs) runs the same sweep into a new
-folder; the covariance statistics are computed once beforehand (in a temporary cache) so every
-count finds them on disk, as a real sweep's workers do. Printed per count: records per minute
+For each worker count the same sweep runs into a new folder (1 worker: in this process, no Ray;
+more: on a fresh local Ray with ``--workers`` CPUs); the covariance statistics are computed once
+beforehand (in a temporary cache) so every count finds them on disk, as a real sweep's workers do. Printed per count: records per minute
 over the whole sweep (worker start, model loading, every record; Ray's own start excluded) and
 in steady state (first to last line written). ``--model tiny``: the 2-layer random Llama of
 the tests (its editor presets: 5 optimisation steps), which measures the engine's overhead more
@@ -31,11 +31,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("ATTENTION_DRIFT_CACHE", tempfile.mkdtemp(prefix="bench_sweep_cache_"))
+    import contextlib
+
     import torch
 
     torch.set_num_threads(1)
     from attention_drift.runs.evaluation import RecordSelection
-    from attention_drift.runs.sweep import SweepConfig, ray_session, run_sweep
+    from attention_drift.runs.executor import ray_session
+    from attention_drift.runs.placement import Placement
+    from attention_drift.runs.sweep import SweepConfig, run_sweep
     from attention_drift.runs.variants import paper_variants
 
     table = paper_variants()
@@ -49,11 +53,12 @@ def main(argv=None) -> int:
     for workers in (int(w) for w in args.workers.split(",")):
         out = Path(tempfile.mkdtemp(prefix=f"bench_sweep_{workers}w_"))
         times: list[float] = []
-        config = SweepConfig(model, variants, out, selection, workers=workers, device=args.device,
-                             gpus_per_worker=args.gpus_per_worker, progress=False)
-        with ray_session(workers):
+        config = SweepConfig(variants, out, selection, progress=False)
+        placement = Placement(model, device=args.device, gpus_per_worker=args.gpus_per_worker, threads=1,
+                              workers=workers)
+        with contextlib.nullcontext() if placement.in_process else ray_session(placement):
             start = time.perf_counter()
-            outcome = run_sweep(config, on_line=lambda name, line: times.append(time.perf_counter()))
+            outcome = run_sweep(config, placement, on_line=lambda name, line: times.append(time.perf_counter()))
             seconds = time.perf_counter() - start
         records = sum(outcome.written.values()) / len(variants)
         steady = "-"
@@ -76,11 +81,12 @@ def _prepare_statistics(model_name: str, variants, device: str) -> None:
     """Fill the statistics cache once, so no timed sweep computes it."""
     from attention_drift.editing.stats import key_second_moments
     from attention_drift.runs.evaluation import ModelHandle
+    from attention_drift.runs.placement import Placement
 
     editing = [v for v in variants if v.edits]
     if not editing:
         return
-    model = ModelHandle(model_name, device=device).get()
+    model = ModelHandle(Placement(model_name, device=device)).get()
     for variant in editing:
         config, _ = variant.resolve(model)
         key_second_moments(model, config.layers, config.stats, progress=False)

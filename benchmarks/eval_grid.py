@@ -2,7 +2,7 @@
 
 The issue tables (ROME / MEMIT / PMET with and without SADR, SADR weight sweep, hinge vs
 all-heads) are this script's output. The work is one sweep (:mod:`attention_drift.runs.sweep`:
-records x variants as Ray tasks, statistics computed once, pre-edit scores shared) into the
+records x variants in this process or as Ray tasks, statistics computed once, pre-edit scores shared) into the
 resumable run files ``OUT/<variant>.jsonl``; when ``--deadline`` passes the sweep is stopped
 (what it wrote stays valid, re-running continues) and every summary is printed, also into
 ``OUT/summary.json``.
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=100, help="records, half of each kind (default: 100)")
     p.add_argument("--out", default="runs/grid")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", "--jobs", type=int, default=1, help="Ray workers (default: 1)")
+    p.add_argument("--workers", "--jobs", type=int, default=1,
+                   help="workers (1: in this process; N > 1: Ray actors) (default: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=None)
     p.add_argument("--address", default=None, help="a Ray cluster to join instead of a local Ray")
     p.add_argument("--deadline", type=float, default=None, help="seconds before the sweep stops")
@@ -54,14 +55,16 @@ def main(argv=None) -> int:
     from attention_drift.core.jsonl import read_run
     from attention_drift.reports.evaluation import markdown, summary
     from attention_drift.runs.evaluation import RecordSelection
+    from attention_drift.runs.placement import Placement
     from attention_drift.runs.sweep import SweepConfig, run_sweep
 
     config = SweepConfig(
-        args.model, tuple(with_stats_samples(VARIANTS[n], args.stats_samples) for n in names), Path(args.out),
-        RecordSelection(args.data, limit=args.limit, balanced=True), workers=args.workers, address=args.address,
-        device=args.device, gpus_per_worker=args.gpus_per_worker, fluency=FluencyConfig() if args.fluency else None,
+        tuple(with_stats_samples(VARIANTS[n], args.stats_samples) for n in names), Path(args.out),
+        RecordSelection(args.data, limit=args.limit, balanced=True), fluency=FluencyConfig() if args.fluency else None,
         deadline=args.deadline)
-    outcome = run_sweep(config)
+    placement = Placement(args.model, device=args.device, gpus_per_worker=args.gpus_per_worker, threads=1,
+                          workers=args.workers, address=args.address)
+    outcome = run_sweep(config, placement)
     state = "done" if outcome.complete else "stopped at the deadline (re-run to continue)"
     print(f"sweep {state} after {outcome.seconds:.0f} s: {outcome.written} written, {outcome.retried} retried",
           flush=True)

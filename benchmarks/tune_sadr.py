@@ -37,8 +37,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from attention_drift.core.jsonl import read_run
-    from attention_drift.runs.evaluation import ModelHandle, RecordSelection, evaluate_run, run_meta
-    from attention_drift.core.runtime import configure_threads
+    from attention_drift.runs.evaluation import RecordSelection, evaluate_run, run_meta
+    from attention_drift.runs.executor import Executor
+    from attention_drift.runs.placement import Placement
 
     variants = paper_variants()
     names = args.variants.split(",") if args.variants else [n for n in variants if n in ("rome", "rome-sadr")
@@ -51,8 +52,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        configure_threads(args.threads)
-        handle = ModelHandle("smollm2-135m")
+        handle = Executor(Placement("smollm2-135m", threads=args.threads)).worker.handle  # threads set
         none = variants["none"]
         evaluate_run(handle, records, none, out / "none.jsonl", run_meta(handle.name, none, selection, None),
                      progress=False)

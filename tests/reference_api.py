@@ -2,7 +2,6 @@
 tests/test_reference_analysis.py checks them): one place that maps each pinned quantity to the
 package's API, so an API change touches this file only and the stored numbers stay as they are."""
 
-from attention_drift.runs import analysis
 from attention_drift.measure.case_study import case_study
 from attention_drift.core.data import distract_prompt
 from attention_drift.measure.drift import drift_record

@@ -18,6 +18,7 @@ from attention_drift.runs.figures import (
     variants,
 )
 from attention_drift.core.jsonl import RunFile
+from attention_drift.runs.placement import Placement
 
 
 def _scores(right: list[bool]) -> dict:
@@ -57,32 +58,35 @@ def test_cli_bad_item_is_one_clear_line(capsys):
 def test_given_runs_are_used_without_evaluating(tmp_path, monkeypatch):
     for name in ("rome", "rome-sadr"):
         _write_run(tmp_path / f"{name}.jsonl", "rome", {"efficacy": [True]})
-    monkeypatch.setattr("attention_drift.runs.evaluation.evaluate_run", lambda *a, **k: pytest.fail(f"evaluated {a}"))
+    monkeypatch.setattr("attention_drift.runs.sweep.run_sweep", lambda *a, **k: pytest.fail(f"evaluated {a}"))
     cfg = FiguresConfig(runs=str(tmp_path), out=str(tmp_path / "out"), variants=("rome", "rome-sadr"))
-    assert evaluation_runs(cfg, ["rome", "rome-sadr"]) == {n: tmp_path / f"{n}.jsonl" for n in ("rome", "rome-sadr")}
+    here = Placement("m")
+    assert evaluation_runs(cfg, ["rome", "rome-sadr"], here) == {
+        n: tmp_path / f"{n}.jsonl" for n in ("rome", "rome-sadr")}
     other = tmp_path / "other"
     other.mkdir()
     for name in ("rome", "rome-sadr-plus"):
         _write_run(other / f"{name}.jsonl", "rome", {"efficacy": [True]})
     cfg = FiguresConfig(runs=f"{tmp_path},{other}", out=str(tmp_path / "out"), variants=("rome", "rome-sadr-plus"))
-    assert evaluation_runs(cfg, ["rome", "rome-sadr-plus"]) == {  # the first folder with the file gives it
+    assert evaluation_runs(cfg, ["rome", "rome-sadr-plus"], here) == {  # the first folder with the file gives it
         "rome": tmp_path / "rome.jsonl", "rome-sadr-plus": other / "rome-sadr-plus.jsonl"}
 
 
 def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch):
+    """One sweep on the placement given: ``none`` first (its pre-edit scores shared), fluency scored."""
     calls = []
-
-    def record(handle, records, variant, out, meta, **options):
-        calls.append((variant, out, options, len(records)))
-
-    monkeypatch.setattr("attention_drift.runs.evaluation.evaluate_run", record)
+    monkeypatch.setattr("attention_drift.runs.sweep.run_sweep", lambda config, where: calls.append((config, where)))
     cfg = FiguresConfig(out=str(tmp_path), limit=3, stats_samples=50)
-    runs = evaluation_runs(cfg, ["rome-sadr-w1"])
+    placement = Placement("m", workers=2)
+    runs = evaluation_runs(cfg, ["rome-sadr-w1"], placement)
     assert runs == {"rome-sadr-w1": tmp_path / "runs" / "rome-sadr-w1.jsonl"}
-    (none, _, first, n), (variant, out, second, _) = calls
-    assert none.method == "none" and first["reuse_pre"] is None and n == 3
+    [(config, where)] = calls
+    none, variant = config.variants
+    assert where is placement and config.out == tmp_path / "runs" and config.fluency is not None
+    assert (config.selection.limit, config.selection.balanced) == (3, True)
+    assert none.method == "none"
     assert variant == variants()["rome-sadr-w1"].__class__("rome-sadr-w1", "rome", variants()["rome-sadr-w1"].sadr, 50)
-    assert variant.sadr.weight == 1.0 and second["reuse_pre"] == tmp_path / "runs" / "none.jsonl"
+    assert variant.sadr.weight == 1.0
 
 
 def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
@@ -217,13 +221,16 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
                              drifting=((2, 1),), pattern_heads=1)
     lines[2]["samples"][1]["lp_new_before"] = 0.0
 
-    def analysis(cfg, kind, limit, folder, heads_from=None):
+    def analysis(cfg, executor, kind, limit, folder):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "drift.json").write_text(json.dumps(drift_from_lines(lines[1:])))
 
     monkeypatch.setattr(figures, "_analysis", analysis)
     monkeypatch.setattr("attention_drift.views.plots.png_ok", lambda: False)
-    result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)))
+    result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)), Placement("smollm2-135m"))
+    assert list(result["config"]) == ["model", "data", "out", "limit", "drift_limit", "patch_limit", "runs", "items",
+                                      "variants", "stats_samples", "device", "dtype", "progress", "workers", "address"]
+    assert result["config"]["model"] == "smollm2-135m" and result["config"]["workers"] == 1
     item = result["items"]["drift"]
     assert item["numbers"]["failure"]["all"]["n_excluded_wrong_before"] == 1
     assert {"headline_right_before", "auroc_right_before", "definitions", "wrong_after_rate"} <= set(item["numbers"])

@@ -8,7 +8,6 @@ from attention_drift.core import tokens
 from attention_drift.core.data import Rewrite
 from attention_drift.editing import Objective, ROMEConfig, StatsConfig, apply_edit
 from attention_drift.editing import optimize
-from attention_drift.editing.config import EditError
 from attention_drift.core import runner
 from attention_drift.core.runner import LayerRunner, RunnerError, plan_packs, token_and_key_costs, unembed_rows
 from attention_drift.editing.optimize import optimize_values, rewriting_batch

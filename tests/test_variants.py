@@ -39,7 +39,7 @@ def test_flags_python_and_table_build_the_same_value():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"method": "fine-tune"}, "unknown editing method"),
     ({"method": "none", "sadr": SADRSpec()}, "needs an editing method"),
-    ({"method": "rome", "stats_samples": 0}, "stats-samples"),
+    ({"method": "rome", "stats_samples": 0}, "stats_samples must be >= 1"),
 ])
 def test_bad_variants_say_what_to_change(kwargs, needle):
     with pytest.raises(VariantError, match=needle):

@@ -76,7 +76,8 @@ def read_run(path: str | os.PathLike) -> Run:
     """Read a run file written by :class:`RunFile`."""
     path = Path(path)
     if not path.is_file():
-        raise RunFileError(f"run file {str(path)!r} does not exist; write one with 'attention-drift evaluate --out'")
+        raise RunFileError(f"run file {str(path)!r} does not exist; write one with an evaluation run "
+                           "(attention-drift evaluate)")
     meta, records, _, truncated = _parse(path)
     if meta is None:
         raise RunFileError(f"run file {path} is empty")
@@ -99,7 +100,7 @@ class RunFile:
         self._good = 0
         self._has_header = False
         if self.path.is_dir():
-            raise RunFileError(f"--out {str(self.path)!r} is a folder; give a .jsonl file path")
+            raise RunFileError(f"out {str(self.path)!r} is a folder; give a .jsonl file path", fields=("out",))
         if self.path.exists():
             old, records, self._good, _ = _parse(self.path)
             if old is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from attention_drift.core.dtypes import DTYPE_NAMES, canonical_dtype
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.core.paths import cache_root
 
@@ -165,20 +166,15 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
     return text, None
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
 def resolve_dtype(dtype: "torch.dtype | str") -> torch.dtype:
-    """``torch.float32`` / ``bfloat16`` / ``float16``, given as such or by name (``"bf16"``...)."""
-    resolved = DTYPES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    """``torch.float32`` / ``bfloat16`` / ``float16``, given as such or by a name of
+    :data:`~attention_drift.core.dtypes.DTYPE_NAMES` (``"bf16"``, ``"torch.float16"``...)."""
+    name = canonical_dtype(dtype) if isinstance(dtype, str) else None
+    resolved = getattr(torch, name) if name is not None else dtype
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
         raise ModelLoadError(
             f"unsupported model dtype {dtype!r}; use torch.float32, torch.bfloat16 or torch.float16 "
-            f"(or one of the names {', '.join(DTYPES)})"
+            f"(or one of the names {', '.join(DTYPE_NAMES)})"
         )
     return resolved
 

@@ -36,6 +36,7 @@ from attention_drift.measure.patching import PatchingError
 from attention_drift.measure.patch_record import RANDOM_DRAWS, patch_record
 from attention_drift.reports.drift import DRIFT_FORMAT, DriftReport, drift_from_lines, drift_markdown, drift_report
 from attention_drift.reports.patch import PATCH_FORMAT, PatchReport, patch_markdown
+from attention_drift.runs.variants import Variant
 from attention_drift.views.plots import png_ok
 from attention_drift.views.report_figures import drift_figures, patch_figures
 
@@ -53,12 +54,19 @@ def _progress(items, desc: str, enabled: bool, total: int | None = None):
     return tqdm(items, desc=desc, unit="record", file=sys.stderr, dynamic_ncols=True, total=total)
 
 
-def _measured(records: Sequence[Record], fn, model, edit_fn_factory, workers, desc: str, progress: bool):
-    """``(record, fn(model, edit_fn_factory, record))`` per record: in this process, or on the Ray
-    ``workers`` (:class:`attention_drift.runs.sweep.Workers`; then in the order records finish)."""
-    if workers is None:
-        return ((r, fn(model, edit_fn_factory, r)) for r in _progress(records, desc, progress))
-    return _progress(workers.map(records, fn), f"{desc} ({workers.workers} workers)", progress, total=len(records))
+def _measured(records: Sequence[Record], fn, model, edit_fn_factory, executor, edit_cache, desc: str,
+              progress: bool):
+    """``(record, fn(model, edit_fn_factory, record))`` per record, on ``executor``
+    (:class:`attention_drift.runs.executor.Executor`; None: this process, with ``model``), in the
+    order records finish; see :func:`run_drift`."""
+    from attention_drift.runs.executor import Executor
+
+    if executor is None:
+        executor = Executor.here(model)
+    results = executor.measure(records, fn, edit_fn_factory, edit_cache=edit_cache, progress=progress)
+    if not executor.in_process:
+        desc = f"{desc} ({executor.placement.workers} workers)"
+    return _progress(results, desc, progress, total=len(records))
 
 
 def _lines_of(run_path: Path, records: Sequence[Record]) -> list[dict]:
@@ -97,10 +105,11 @@ def _drift_lines(model, edit_fn_factory: EditFactory, record: Record, *, groups:
     return {**result.to_line(), "method": method}, patterns
 
 
-def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | None, out_dir, meta: dict, *,
+def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | Variant | None, out_dir, meta: dict, *,
               groups: Sequence[str] = DRIFT_GROUPS, top_k: int = 10, method: str = "edit",
               progress: bool = False, figures: bool = True,
-              capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K, workers=None) -> dict:
+              capture_heads: Sequence[tuple[int, int]] | int | str = CAPTURE_TOP_K, executor=None,
+              edit_cache: str | None = None) -> dict:
     """Measure drift record by record (:func:`~attention_drift.measure.drift.drift_record`, resumable in
     ``out_dir/drift_records.jsonl``), then write ``drift.json``, the figures and the drift
     explorer (``explorer.html``); returns the ``drift.json`` content plus ``"markdown"`` (and
@@ -111,9 +120,13 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | N
     before / inside the edit are kept, from the measurement's own forward passes, in
     ``out_dir/drift_patterns.jsonl`` for the explorer's per-head panels.
 
-    ``workers`` (:class:`attention_drift.runs.sweep.Workers`): measure the records on Ray actors that
-    load the model themselves (``model`` and ``edit_fn_factory`` are then not used; None is
-    fine); the lines are the same as in-process ones, written here in the order records finish.
+    Where the records are measured: ``executor`` (an :class:`attention_drift.runs.executor.Executor`:
+    this process or Ray workers, as its placement says), whose workers load the model themselves
+    (``model`` is then not used; None is fine) and build the editor of ``edit_fn_factory``, then a
+    :class:`~attention_drift.runs.variants.Variant` (replaying stored edits from the ``edit_cache``
+    folder), after computing its statistics once; None: in this process with ``model`` and
+    ``edit_fn_factory`` (a Variant, or an editor already built over ``model``). The lines are the
+    same either way, written here (the only writer) in the order records finish.
     """
     from attention_drift.views import explorer
 
@@ -127,7 +140,8 @@ def run_drift(model, records: Sequence[Record], edit_fn_factory: EditFactory | N
                                                    "capture_heads": capture_meta}) as patterns:
         todo = [r for r in records if not run.done(r.case_id, method)]
         fn = functools.partial(_drift_lines, groups=tuple(groups), capture_heads=capture_heads, method=method)
-        for record, (line, pattern_line) in _measured(todo, fn, model, edit_fn_factory, workers, "drift", progress):
+        for record, (line, pattern_line) in _measured(todo, fn, model, edit_fn_factory, executor, edit_cache,
+                                                      "drift", progress):
             if pattern_line is not None and not patterns.done(record.case_id, method):
                 patterns.write(pattern_line)
             run.write(line)
@@ -165,15 +179,17 @@ def _patch_line(model, edit_fn_factory: EditFactory, record: Record, *, method: 
     return {**line, "method": method}
 
 
-def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory | None, out_dir, meta: dict, *,
+def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory | Variant | None, out_dir, meta: dict, *,
               k: int = 10, heads: Sequence[tuple[int, int]] | None = None, window: int = 10,
               sweep_prompts: int = 1, contamination_prompts: int = 1, contamination_window: int = 6,
               contamination_positions: str = "key", batch_size: int = 64, method: str = "edit",
-              progress: bool = False, figures: bool = True, random_draws: int = RANDOM_DRAWS, workers=None) -> dict:
+              progress: bool = False, figures: bool = True, random_draws: int = RANDOM_DRAWS, executor=None,
+              edit_cache: str | None = None) -> dict:
     """Patch record by record (:func:`~attention_drift.measure.patch_record.patch_record`, resumable in
     ``out_dir/patch_records.jsonl``), then write ``patch.json`` and the figures; returns the
     ``patch.json`` content plus ``"markdown"`` (and ``"figures"``). ``random_draws``: draws of
-    the random-heads control of the top-k heads patch (0: none). ``workers``: as in :func:`run_drift`."""
+    the random-heads control of the top-k heads patch (0: none). ``executor``, ``edit_cache``: as in
+    :func:`run_drift`."""
     if k < 1:
         raise PatchingError(f"k must be >= 1, got {k}")
     out = Path(out_dir)
@@ -190,7 +206,7 @@ def run_patch(model, records: Sequence[Record], edit_fn_factory: EditFactory | N
                                contamination_window=contamination_window,
                                contamination_positions=contamination_positions, batch_size=batch_size,
                                random_draws=random_draws)
-        for _, line in _measured(todo, fn, model, edit_fn_factory, workers, "patch", progress):
+        for _, line in _measured(todo, fn, model, edit_fn_factory, executor, edit_cache, "patch", progress):
             run.write(line)
     result = PatchReport.from_lines(_lines_of(run_path, records)).to_dict()
     if "contamination" in result:

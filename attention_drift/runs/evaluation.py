@@ -66,13 +66,14 @@ class RecordSelection:
         from attention_drift.core.data import KINDS
 
         if self.kinds is not None and (not self.kinds or set(self.kinds) - set(KINDS)):
-            raise RunError(f"--kinds {','.join(self.kinds)!r}: choose from {', '.join(KINDS)} (comma-separated)")
+            raise RunError(f"kinds {','.join(self.kinds)!r}: choose from {', '.join(KINDS)}", fields=("kinds",))
         if self.limit is not None and self.limit < 0:
-            raise RunError(f"--limit must be >= 0, got {self.limit}")
+            raise RunError(f"limit must be >= 0, got {self.limit}", fields=("limit",))
         if self.balanced and self.limit is None:
-            raise RunError("--balanced needs --limit N (it takes N/2 records of each kind)")
+            raise RunError("balanced needs limit N (it takes N/2 records of each kind)", fields=("balanced", "limit"))
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
-            raise RunError(f"--shard must be I/K with 0 <= I < K (e.g. 0/4), got {self.shard[0]}/{self.shard[1]}")
+            raise RunError(f"shard must be I/K with 0 <= I < K (e.g. 0/4), got {self.shard[0]}/{self.shard[1]}",
+                           fields=("shard",))
 
     @property
     def label(self) -> str:
@@ -113,19 +114,24 @@ class RecordSelection:
 
 
 class ModelHandle:
-    """A model loaded on first use, once (runs that find nothing to do never load it)."""
+    """The model of a :class:`~attention_drift.runs.placement.Placement` (name, device, dtype),
+    loaded on first use, once (runs that find nothing to do never load it); ``model``: one
+    already loaded."""
 
-    def __init__(self, name: str, *, device: str = "cpu", dtype: str = "float32"):
-        self.name, self.device, self.dtype = name, device, dtype
-        self._model = None
+    def __init__(self, placement, *, model=None):
+        self.placement = placement
+        self._model = model
+
+    @property
+    def name(self) -> str:
+        return self.placement.model
 
     def get(self):
         if self._model is None:
-            import torch
-
             from attention_drift.core.models import load_model
 
-            self._model = load_model(self.name, device=self.device, dtype=getattr(torch, self.dtype))
+            p = self.placement
+            self._model = load_model(p.model, device=p.device, dtype=p.dtype)
         return self._model
 
 
@@ -144,9 +150,9 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not folder and path.is_dir():
-        raise RunError(f"--out {str(path)!r} is a folder; give a .jsonl file path")
+        raise RunError(f"out {str(path)!r} is a folder; give a .jsonl file path", fields=("out",))
     if folder and path.exists() and not path.is_dir():
-        raise RunError(f"--out {str(path)!r} is a file; give a folder")
+        raise RunError(f"out {str(path)!r} is a file; give a folder", fields=("out",))
     if not existing.is_dir():
         raise RunError(f"cannot write {str(path)!r}: {str(existing)!r} is not a folder")
     try:
@@ -154,9 +160,9 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
             pass
     except OSError as err:
         raise RunError(f"cannot write {str(path)!r}: {err.strerror or err} in {str(existing)!r}; "
-                       "choose another --out") from None
+                       "choose another out path", fields=("out",)) from None
     if not folder and path.exists() and not os.access(path, os.W_OK):
-        raise RunError(f"cannot write {str(path)!r}: the file is read-only; choose another --out")
+        raise RunError(f"cannot write {str(path)!r}: the file is read-only; choose another out path", fields=("out",))
 
 
 def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency) -> dict:
@@ -175,8 +181,9 @@ def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
     run = read_run(path)
     for key in ("model", "data", "fluency"):
         if run.meta.get(key) != meta[key]:
-            raise RunError(f"--reuse-pre {path} has {key}={run.meta.get(key)!r}, this run {meta[key]!r}; "
-                           "pre-edit scores can only be reused from the same model, data and fluency settings")
+            raise RunError(f"reuse_pre {path} has {key}={run.meta.get(key)!r}, this run {meta[key]!r}; "
+                           "pre-edit scores can only be reused from the same model, data and fluency settings",
+                           fields=("reuse_pre",))
     return {json.dumps(line["case_id"]): line["pre"] for line in run.records if "pre" in line}
 
 
@@ -234,7 +241,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
     out = Path(out)
     check_writable(out)
     if batch_size < 1:
-        raise RunError(f"--batch-size must be >= 1, got {batch_size}")
+        raise RunError(f"batch_size must be >= 1, got {batch_size}", fields=("batch_size",))
     reused = reused_pre(reuse_pre, meta)
     with RunFile(out, meta) as run:
         todo = [r for r in records if not run.done(r.case_id, variant.method)]
@@ -264,7 +271,8 @@ def check_edit_key(path: Path, key: str | None) -> None:
     old = {line.get("edit_key") for line in read_run(path).records} - {None, key}
     if old:
         raise RunError(f"{path} was written with another resolved edit configuration (edit_key "
-                       f"{sorted(old)[0]}, now {key}): a preset changed since; write to a new --out")
+                       f"{sorted(old)[0]}, now {key}): a preset changed since; write to a new out path",
+                       fields=("out",))
 
 
 def edit_key(model, variant: Variant, resolved) -> str | None:

@@ -34,6 +34,7 @@ its n, and its intervals are drawn (error bars, bands, or the hover of heatmaps)
 """
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,10 +67,10 @@ class FiguresError(AttentionDriftError):
 
 @dataclass(frozen=True)
 class FiguresConfig:
-    """What ``attention-drift figures`` regenerates.
+    """What ``attention-drift figures`` regenerates (the model, and where the work runs: the
+    :class:`~attention_drift.runs.placement.Placement` given to :func:`run_figures`).
 
     Args:
-        model: model name or path (as for ``attention-drift evaluate``).
         data: CounterFact-style JSON file, or ``"dev"`` (None: the packaged 8-record example).
         out: output folder (figures, ``figures.md``, ``figures.json``, run files).
         limit: records (balanced between the two kinds) for evaluation runs computed here.
@@ -80,14 +81,9 @@ class FiguresConfig:
         items: which of :data:`ITEMS` to make.
         variants: evaluation variants to use (names of :func:`variants`; default: all but ``none``).
         stats_samples: covariance statistics sample count (None: the model preset's).
-        device, dtype: where and in which dtype the model runs.
         progress: progress bars on stderr.
-        workers: 1: everything in this process; N > 1: evaluation runs, drift and patching on N
-            Ray actors (:func:`attention_drift.runs.sweep.run_sweep`, :class:`attention_drift.runs.sweep.Workers`).
-        address: a Ray cluster to join for them (None: a local Ray).
     """
 
-    model: str = "smollm2-135m"
     data: str | None = None
     out: str = "figures"
     limit: int = 4
@@ -97,11 +93,7 @@ class FiguresConfig:
     items: tuple[str, ...] = ITEMS
     variants: tuple[str, ...] | None = None
     stats_samples: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
     progress: bool = True
-    workers: int = 1
-    address: str | None = None
 
     def __post_init__(self):
         bad = [i for i in self.items if i not in ITEMS]
@@ -113,12 +105,12 @@ class FiguresConfig:
         bad = [v for v in self.variants if v not in table]
         if bad:
             raise FiguresError(f"unknown variants {bad}; choose from {', '.join(table)}")
-        for name in ("limit", "drift_limit", "patch_limit", "workers"):
+        for name in ("limit", "drift_limit", "patch_limit"):
             if getattr(self, name) < 1:
-                raise FiguresError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise FiguresError(f"{name} must be >= 1, got {getattr(self, name)}", fields=(name,))
         missing = [f for f in self.run_folders if not Path(f).is_dir()]
         if missing:
-            raise FiguresError(f"--runs {missing[0]!r} is not a folder of run files")
+            raise FiguresError(f"runs {missing[0]!r} is not a folder of run files", fields=("runs",))
 
     def variant(self, name: str):
         """The named variant with this configuration's statistics sample count."""
@@ -127,30 +119,27 @@ class FiguresConfig:
         return with_stats_samples(variants()[name], self.stats_samples)
 
     @property
-    def on_ray(self) -> bool:
-        return self.workers > 1 or self.address is not None
-
-    @property
     def run_folders(self) -> list[str]:
         """The ``runs`` folders (comma-separated), in the order they are searched."""
         return [f for f in (self.runs or "").split(",") if f]
 
-    def handle(self):
-        from attention_drift.runs.evaluation import ModelHandle
+    def to_json(self, placement) -> dict:
+        """``figures.json``'s ``"config"``: these settings with the placement's model, device,
+        dtype, workers and address, in the order the file has always had them."""
+        own = dataclasses.asdict(self)
+        first = ("data", "out", "limit", "drift_limit", "patch_limit", "runs", "items", "variants", "stats_samples")
+        return {"model": placement.model, **{k: own.pop(k) for k in first}, "device": placement.device,
+                "dtype": placement.dtype, "progress": own.pop("progress"), "workers": placement.workers,
+                "address": placement.address, **own}
 
-        return _handles.setdefault((self.model, self.device, self.dtype),
-                                   ModelHandle(self.model, device=self.device, dtype=self.dtype))
 
-
-_handles: dict = {}
-"""One model per (name, device, dtype) in a process: every item reuses it."""
-
-
-def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]:
+def evaluation_runs(cfg: FiguresConfig, names: Sequence[str], executor) -> dict[str, Path]:
     """``{variant: run file}``: from the first ``cfg.runs`` folder that has it, else evaluated here
-    (:func:`attention_drift.runs.evaluation.evaluate_run`, pre-edit scores shared through ``none``)."""
-    from attention_drift.runs import evaluation as runs
+    by one sweep on ``executor`` (:func:`attention_drift.runs.sweep.run_sweep`, pre-edit scores
+    shared through ``none``)."""
     from attention_drift.measure.evaluate import FluencyConfig
+    from attention_drift.runs.evaluation import RecordSelection
+    from attention_drift.runs.sweep import SweepConfig, run_sweep
 
     out = Path(cfg.out) / "runs"
     found: dict[str, Path] = {}
@@ -162,25 +151,11 @@ def evaluation_runs(cfg: FiguresConfig, names: Sequence[str]) -> dict[str, Path]
         else:
             todo.append(name)
     if todo:
-        selection = runs.RecordSelection(cfg.data, limit=cfg.limit, balanced=True)
-        records = selection.load()
-        fluency = FluencyConfig()
-        pre = out / "none.jsonl"
+        selection = RecordSelection(cfg.data, limit=cfg.limit, balanced=True)
         chosen = ["none", *[n for n in todo if n != "none"]]
-        if cfg.on_ray:
-            from attention_drift.runs.sweep import SweepConfig, run_sweep
-
-            run_sweep(SweepConfig(cfg.model, tuple(cfg.variant(n) for n in chosen), out, selection,
-                                  workers=cfg.workers, address=cfg.address, device=cfg.device, dtype=cfg.dtype,
-                                  fluency=fluency, progress=cfg.progress))
-            return {**found, **{n: out / f"{n}.jsonl" for n in todo}}
-        for name in chosen:
-            variant = cfg.variant(name)
-            path = out / f"{name}.jsonl"
-            runs.evaluate_run(cfg.handle(), records, variant, path, runs.run_meta(cfg.model, variant, selection, fluency),
-                              fluency=fluency, reuse_pre=None if name == "none" else pre, progress=cfg.progress)
-            if name in todo:
-                found[name] = path
+        run_sweep(SweepConfig(tuple(cfg.variant(n) for n in chosen), out, selection, fluency=FluencyConfig(),
+                              progress=cfg.progress), executor)
+        found.update({n: out / f"{n}.jsonl" for n in chosen if n in todo})
     return found
 
 
@@ -345,31 +320,23 @@ def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECOR
     return result
 
 
-def _analysis(cfg: FiguresConfig, kind: str, limit: int, folder: Path) -> None:
-    """ROME drift or patching (:func:`attention_drift.runs.analysis.run_drift` / ``run_patch``) on the
-    first ``limit`` records that have distract prompts, half of each kind (so both distract
-    neighbourhood and distract relation are measured), resumable in ``folder``. Patching
-    restores each record's own top-10 drifting heads (so it does not wait for the drift run)."""
+def _analysis(cfg: FiguresConfig, executor, kind: str, limit: int, folder: Path) -> None:
+    """ROME drift or patching (:func:`attention_drift.runs.analysis.run_drift` / ``run_patch``) on
+    ``executor``, on the first ``limit`` records that have distract prompts, half of each kind
+    (so both distract neighbourhood and distract relation are measured), resumable in
+    ``folder``. Patching restores each record's own top-10 drifting heads (so it does not wait
+    for the drift run)."""
     from attention_drift.runs import analysis
     from attention_drift.runs.evaluation import RecordSelection
 
     selection = RecordSelection(cfg.data, limit=limit, balanced=True, with_distract=True)
     variant = cfg.variant("rome")
-    meta = {"model": cfg.model, "data": selection.label, "edit": variant.meta()}
-    common = {"method": variant.name, "progress": cfg.progress, "figures": True}
-    model = editor = None
-    if cfg.on_ray:
-        from attention_drift.runs.sweep import Workers
-
-        common["workers"] = Workers(cfg.model, variant, workers=cfg.workers, address=cfg.address, device=cfg.device,
-                                    dtype=cfg.dtype, progress=cfg.progress)
-    else:
-        model = cfg.handle().get()
-        editor = variant.editor(model, progress=cfg.progress)
+    meta = {"model": executor.placement.model, "data": selection.label, "edit": variant.meta()}
+    common = {"method": variant.name, "progress": cfg.progress, "figures": True, "executor": executor}
     if kind == "drift":
-        analysis.run_drift(model, selection.load(), editor, folder, meta, **common)
+        analysis.run_drift(None, selection.load(), variant, folder, meta, **common)
         return
-    analysis.run_patch(model, selection.load(), editor, folder, meta, k=10, **common)
+    analysis.run_patch(None, selection.load(), variant, folder, meta, k=10, **common)
 
 
 def _read_json(path: Path) -> dict:
@@ -406,9 +373,17 @@ def pick_case(drift_records: Path) -> dict | None:
     return None
 
 
-def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
+def _edited_case(prompt: str, target_true: str, variant, worker, record):
+    """The case study of ``record`` on ``prompt`` (edited by ``variant``'s configuration), on a worker."""
+    from attention_drift.measure.case_study import case_study
+
+    model = worker.model
+    return case_study(model, record.rewrite, prompt, target_true, method=variant.method, config=variant.config(model))
+
+
+def _case_study(cfg: FiguresConfig, executor, out: Path, png: bool) -> dict:
     from attention_drift.views import viz
-    from attention_drift.measure.case_study import CaseStudy, case_study
+    from attention_drift.measure.case_study import CaseStudy
     from attention_drift.views.case_study import case_study_figure, case_study_view
     from attention_drift.runs.evaluation import RecordSelection
 
@@ -424,9 +399,8 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
     if old.get("prompt") == sample["prompt"] and old.get("request", {}).get("subject") == record.rewrite.subject:
         cs = CaseStudy.from_json(old)
     else:
-        model = cfg.handle().get()
-        config = cfg.variant("rome").config(model)
-        cs = case_study(model, record.rewrite, sample["prompt"], sample["target_true"], method="rome", config=config)
+        case = functools.partial(_edited_case, sample["prompt"], sample["target_true"], cfg.variant("rome"))
+        [(_, cs)] = executor.map([record], case)
         saved.write_text(json.dumps(cs.to_json()))
     pick = sample["pick"]
     title = (f"Case study: {record.rewrite.subject} → {cs.new_target.strip()} (rome) · 1 record, 1 prompt, "
@@ -448,28 +422,34 @@ def _case_study(cfg: FiguresConfig, out: Path, png: bool) -> dict:
     return {"numbers": numbers, "markdown": md, "files": files, "n": {"case_study": {"records": 1, "prompts": 1}}}
 
 
-def run_figures(cfg: FiguresConfig) -> dict:
-    """Make the requested items; returns (and writes to ``OUT/figures.json``) their numbers,
+def run_figures(cfg: FiguresConfig, where) -> dict:
+    """Make the requested items with the model and on the workers of ``where`` (a
+    :class:`~attention_drift.runs.placement.Placement` or an
+    :class:`~attention_drift.runs.executor.Executor`: evaluation runs, drift, patching and the
+    case study all run on it); returns (and writes to ``OUT/figures.json``) their numbers,
     markdown and files, and writes ``OUT/figures.md``."""
     from attention_drift.reports.drift import drift_markdown
     from attention_drift.reports.patch import patch_markdown
+    from attention_drift.runs.executor import as_executor
     from attention_drift.views.plots import png_ok
+
+    executor = as_executor(where)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     png = png_ok()
     items = set(cfg.items)
     previous = _read_json(out / "figures.json")
-    result: dict = {"config": dataclasses.asdict(cfg),
+    result: dict = {"config": cfg.to_json(executor.placement),
                     "items": {k: v for k, v in previous.get("items", {}).items() if k in ITEMS and k not in items}}
     if items & {"prevalence", "main_table", "ablations"}:
-        runs = evaluation_runs(cfg, list(cfg.variants))
+        runs = evaluation_runs(cfg, list(cfg.variants), executor)
         result["runs"] = {n: str(p) for n, p in runs.items()}
         for item, make in (("prevalence", _prevalence), ("main_table", _main_table), ("ablations", _ablations)):
             if item in items:
                 result["items"][item] = make(runs, out, png)
     if items & {"drift", "case_study", "contamination", "patching"}:
-        _analysis(cfg, "drift", cfg.drift_limit, out / "drift")
+        _analysis(cfg, executor, "drift", cfg.drift_limit, out / "drift")
         drift = _read_json(out / "drift" / "drift.json")
         result["items"]["drift"] = {
             "numbers": {k: drift.get(k) for k in ("records", "n_samples", "n_samples_by_group", "records_by_group",
@@ -479,7 +459,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
             "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png")),
             "n": _drift_sizes(drift)}
     if items & {"contamination", "patching"}:
-        _analysis(cfg, "patch", cfg.patch_limit, out / "patch")
+        _analysis(cfg, executor, "patch", cfg.patch_limit, out / "patch")
         patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
         md = patch_markdown(patch) if patch else ""
@@ -497,7 +477,7 @@ def run_figures(cfg: FiguresConfig) -> dict:
                 "markdown": md, "files": [f for f in files if "accuracy" in f],
                 "n": {k: v for k, v in sizes.items() if k == "patch_accuracy"}}
     if "case_study" in items:
-        result["items"]["case_study"] = _case_study(cfg, out, png)
+        result["items"]["case_study"] = _case_study(cfg, executor, out, png)
     (out / "figures.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "figures.md").write_text(figures_markdown(result))
     return result

@@ -136,11 +136,13 @@ class Variant:
             raise VariantError(f"unknown editing method {self.method!r}; choose {NONE!r} or one of "
                                f"{', '.join(editor_names())}")
         if self.method == NONE and self.sadr is not None:
-            raise VariantError("SADR needs an editing method: use --method rome, memit or pmet")
+            raise VariantError(f"SADR needs an editing method: set method to one of {', '.join(editor_names())}",
+                               fields=("method",))
         if self.method == NONE and self.stats_samples is not None:
-            raise VariantError("--stats-samples needs an editing method (--method rome, memit or pmet)")
+            raise VariantError(f"stats_samples needs an editing method (method one of {', '.join(editor_names())})",
+                               fields=("stats_samples", "method"))
         if self.stats_samples is not None and self.stats_samples < 1:
-            raise VariantError(f"--stats-samples must be >= 1, got {self.stats_samples}")
+            raise VariantError(f"stats_samples must be >= 1, got {self.stats_samples}", fields=("stats_samples",))
 
     @property
     def edits(self) -> bool:

@@ -457,7 +457,8 @@ def _lines_of(run) -> tuple[list[dict], dict, Path | None]:
         if path.is_dir():
             path = path / RUN_FILE
         if not path.is_file():
-            raise ExplorerError(f"no drift run at {str(path)!r}; give the folder of 'attention-drift drift --out' "
+            raise ExplorerError(f"no drift run at {str(path)!r}; give the output folder of a drift run (run_drift, "
+                                "attention-drift drift) "
                                 f"(it holds {RUN_FILE}) or that file")
         read = read_run(path)
         return list(read.records), dict(read.meta), folder
