@@ -471,7 +471,7 @@ def register_patch(subparsers) -> None:
         "patch", help="patch pre-edit activations into the edited model (and the reverse)",
         description="Per record, restore pre-edit attention patterns (all / top-k drifting heads / windows), "
         "MLP outputs, residual stream into the edited model on distract-neighbourhood prompts, and contaminate "
-        "the pre-edit model with edited outputs. Writes DIR/patch.json and figures (see attention_drift.measure.patching).")
+        "the pre-edit model with edited outputs. Writes DIR/patch.json and figures (see attention_drift.measure.patch_record).")
     _analysis_arguments(p, "patch")
     p.add_argument("--heads-from", default=None,
                    help="a drift.json whose top heads to patch (default: each record's own top heads)")
