@@ -44,12 +44,46 @@ def test_loss_is_zero_before_the_edit_and_positive_after():
 
 
 def test_loss_is_weighted_sum_over_selected_heads_averaged_over_prompts():
-    before = _rows(torch.rand(3, 2, 4, 6).tolist())
-    now = _rows(torch.rand(3, 2, 4, 6).tolist())
+    """The hinge selects a known, non-empty set of heads (built so: those heads' attention to the
+    subject rises above the layer's pre-edit maximum, every other head's falls), and the loss is
+    weight * (sum of their KL divergences) / number of prompts, computed here by hand. Prompt 1 has
+    no selected head and still counts in the average; other weightings give other numbers."""
+    n_prompts, n_layers, n_heads, n_keys = 3, 2, 4, 6
+    before = (0.3 * torch.randn(n_prompts, n_layers, n_heads, n_keys)).softmax(-1)
     subject = torch.tensor([0, 3, 5])
+    selected = {(0, 0, 1), (0, 1, 3), (2, 0, 0), (2, 0, 2)}
+    onehot = torch.nn.functional.one_hot(subject, n_keys).float()[:, None, None, :]
+    raised = 0.5 * before + 0.5 * onehot  # attention to the subject >= 0.5
+    lowered = before.clone()
+    lowered[torch.arange(n_prompts), ..., subject] *= 0.5
+    lowered = lowered / lowered.sum(-1, keepdim=True)  # attention to the subject falls
+    now = lowered.clone()
+    for p, l, h in selected:
+        now[p, l, h] = raised[p, l, h]
+    before_subject = before[torch.arange(n_prompts), ..., subject]
+    assert before_subject.max() < 0.5  # so the raised heads exceed every layer's pre-edit maximum
+
     loss, mask = sadr_loss(before, now, subject, SADRConfig(weight=0.5))
-    expected = 0.5 * (divergence(before, now) * mask).sum() / 3
-    torch.testing.assert_close(loss, expected)
+
+    assert mask.any() and not mask.all()
+    assert {tuple(i) for i in mask.nonzero().tolist()} == selected
+
+    def kl(p, l, h):
+        b, n = before[p, l, h].double(), now[p, l, h].double()
+        return float((b * (b.log() - n.log())).sum())
+
+    every = [(p, l, h) for p in range(n_prompts) for l in range(n_layers) for h in range(n_heads)]
+    expected = 0.5 * sum(kl(*i) for i in selected) / n_prompts
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    wrong = {
+        "every head": 0.5 * sum(kl(*i) for i in every) / n_prompts,
+        "mean over selected heads": 0.5 * sum(kl(*i) for i in selected) / len(selected),
+        "prompts with a selected head": 0.5 * sum(kl(*i) for i in selected) / 2,
+        "no prompt average": 0.5 * sum(kl(*i) for i in selected),
+        "unweighted": sum(kl(*i) for i in selected) / n_prompts,
+    }
+    for name, value in wrong.items():
+        assert abs(value - expected) > 0.1 * expected, name  # the test tells these weightings apart
 
 
 def test_loss_has_gradient_reaching_the_current_rows():
