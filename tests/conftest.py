@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+# pytester: tests of the skip policy; skip_policy: CI fails on unexpected skips (see that module)
+pytest_plugins = ("pytester", "skip_policy")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
