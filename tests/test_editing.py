@@ -542,6 +542,156 @@ def test_registry_checks_editors_and_forgets_removed_ones(tiny_llama):
         apply_edit(tiny_llama, EIFFEL, "toy", ToyConfig(layer=0))
 
 
+# ---------------------------------------------------------------- rollback when an editor fails mid-edit
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _bitwise_as(model, snapshot) -> bool:
+    """Every parameter of the model (not only the MLP projections) holds exactly its snapshot."""
+    params = dict(model.named_parameters())
+    return params.keys() == snapshot.keys() and all(torch.equal(params[n], w) for n, w in snapshot.items())
+
+
+FAILURES = {
+    "library-error": lambda: EditError("toy editor: the request cannot be inserted"),
+    "other-error": lambda: RuntimeError("toy editor: a bug"),
+    "interrupt": KeyboardInterrupt,  # Ctrl-C in the middle of an edit
+}
+RAISED: list[BaseException] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingConfig(ToyConfig):
+    """The toy editor that writes one update and then raises ``FAILURES[error]``."""
+
+    error: str = "library-error"
+    method = "failing"
+
+
+def _failing_execute(model, requests, config, prepared, apply, extra_losses):
+    from attention_drift.models import mlp_out_weight
+
+    weight = mlp_out_weight(model, config.layer)
+    before = weight.detach().clone()
+    apply(prepared["weight_name"], torch.ones_like(weight))
+    assert not torch.equal(weight, before)  # the write is in the model when the editor fails
+    RAISED.append(FAILURES[config.error]())
+    raise RAISED[-1]
+
+
+@pytest.mark.parametrize("error", list(FAILURES))
+def test_an_editor_that_fails_after_writing_leaves_every_weight_bitwise(error, tiny_llama):
+    """A registered editor writes a weight through apply() and then raises: the model holds exactly its
+    old parameters again (all of them, bitwise), and the editor's own error reaches the caller as it
+    was raised (the library's EditError with its message; anything else unchanged, not masked)."""
+    from attention_drift.editing import Editor, register, unregister
+    from attention_drift.errors import AttentionDriftError
+
+    register(Editor("failing", FailingConfig, _toy_prepare, _failing_execute))
+    try:
+        snapshot = _snapshot(tiny_llama)
+        kind = type(FAILURES[error]())
+        for requests, layer in (([EIFFEL, JORDAN], 1), (EIFFEL, 0)):
+            RAISED.clear()
+            with pytest.raises(kind) as err:
+                with edit(tiny_llama, requests, "failing", FailingConfig(layer=layer, error=error), progress=False):
+                    pytest.fail("the body must not run")
+            assert RAISED and err.value is RAISED[-1]
+            assert isinstance(err.value, AttentionDriftError) == (error == "library-error")
+            assert _bitwise_as(tiny_llama, snapshot)
+    finally:
+        unregister("failing")
+
+
+def _fail_on_call(monkeypatch, module, name: str, n: int, error, check=None):
+    """Patch ``module.name`` to run as usual except on its ``n``-th call, which (after ``check(*args,
+    **kwargs)``) raises ``error``; returns the list of calls seen."""
+    real = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == n:
+            if check is not None:
+                check(*args, **kwargs)
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_rome_failing_on_the_second_request_inside_the_sadr_loss_restores_bitwise(corpus, monkeypatch):
+    """ROME applies two requests in turn; the SADR loss term raises at the third step of the second
+    request's optimisation, after the first request's update is in the model."""
+    from attention_drift import sadr as sadr_module
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    steps = 6
+    written = []
+    error = SADRError("SADR: no attention rows")
+    calls = _fail_on_call(monkeypatch, sadr_module, "sadr_loss", steps + 3, error,
+                          check=lambda *a, **k: written.append(not _bitwise_as(model, snapshot)))
+    with pytest.raises(SADRError) as err:
+        apply_edit(model, [EIFFEL, JORDAN], "rome", _config("rome", corpus),
+                   sadr=SADRConfig(weight=1.0, selection="all", steps=steps), progress=False)
+    assert err.value is error and written == [True] and len(calls) == steps + 3
+    assert _bitwise_as(model, snapshot)
+
+
+def test_memit_failing_on_its_second_layer_restores_bitwise(corpus, monkeypatch):
+    """MEMIT writes its layers in turn; the least-squares solve of the second layer fails (a singular
+    system) after the first layer's update is in the model."""
+    from attention_drift.editing import memit
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    first_layer = model.blocks[0].mlp.out.weight
+    written = []
+    error = torch.linalg.LinAlgError("linalg.solve: the system is singular")
+    calls = _fail_on_call(monkeypatch, memit, "least_squares_update", 2, error,
+                          check=lambda model_, layer, *a: written.append((layer, not torch.equal(
+                              first_layer, snapshot[next(n for n, p in model.named_parameters() if p is first_layer)]))))
+    with pytest.raises(torch.linalg.LinAlgError) as err:
+        apply_edit(model, [EIFFEL, JORDAN], "memit", _config("memit", corpus), progress=False)
+    assert err.value is error and written == [(1, True)] and len(calls) == 2
+    assert _bitwise_as(model, snapshot)
+
+
+def test_a_failure_in_the_verify_fallback_stage_restores_bitwise(corpus, monkeypatch):
+    """SADR+ with verify on two requests that contradict each other (same prompt, swapped targets:
+    they can never both hold, so the real check sends the edit to its fallbacks); the plain fallback
+    stage writes its first request's update, then its second request's optimisation fails."""
+    from attention_drift.editing import rome
+    from attention_drift.models import tiny_model
+    from attention_drift.sadr import SADRLoss
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    back = Rewrite(JORDAN.prompt, JORDAN.subject, JORDAN.target_true, JORDAN.target_new)
+    seen = []
+
+    def check(model_, request, *args, extra_losses=(), **kwargs):
+        seen.append((request, any(isinstance(t, SADRLoss) for t in extra_losses), not _bitwise_as(model, snapshot)))
+
+    error = RuntimeError("out of memory in the fallback stage")
+    _fail_on_call(monkeypatch, rome, "optimize_values", 4, error, check=check)
+    sadr = SADRConfig(weight=0.0, steps=6, distract=True, output_weight=1.0, output="contrast", verify=True)
+    with pytest.raises(RuntimeError) as err:
+        apply_edit(model, [JORDAN, back], "rome", _config("rome", corpus), sadr=sadr, progress=False)
+    # call 4: the plain stage (no SADR term), its second request, with the first one's update written
+    assert err.value is error and seen == [(back, False, True)]
+    assert _bitwise_as(model, snapshot)
+    with edit(model, [JORDAN, back], "rome", _config("rome", corpus), sadr=sadr, progress=False) as result:
+        assert result.fallback == "plain-clamp2"  # unpatched: every stage fails the check, the last is kept
+    assert _bitwise_as(model, snapshot)
+
+
 def test_default_steps_match_the_papers_baselines():
     assert ROMEConfig(layer=0).steps == MEMITConfig(layers=(0,)).steps == PMETConfig(layers=(0,)).steps == 20
 
