@@ -21,9 +21,11 @@ step count, template, loss term, key or layer) moves them by far more than 1e-3.
 models compare at 1e-4 relative to each delta's own scale (its norm, sum of absolute values
 or largest entry) and loss traces at 1e-4 relative to their largest value (measured on the
 converging cases: one against two threads differ by <= 2.5e-7 in both; one thread reproduces
-the stored numbers exactly). SADR's own term is a KL divergence between nearly equal
-attention rows, so float32 noise in the rows is a large part of it (measured: up to 6e-5 of
-its largest value between one and two threads, up to 1e-3 on the earlier diverging cases);
+the stored numbers exactly; with other CPUs' vector kernels emulated, ``ATEN_CPU_CAPABILITY=avx2``
+or ``default`` with ``MKL_ENABLE_INSTRUCTIONS``, deltas differ by <= 2.1e-5 and losses by
+<= 1.9e-6). SADR's own term is a KL divergence between nearly equal attention rows, so
+float32 noise in the rows is a large part of it (measured: up to 6e-5 of its largest value
+between one and two threads, 1.1e-3 with the emulated kernels);
 its trace compares at 1e-2, still
 far below what another selection, divergence or weight changes. SmolLM2 (30 layers, 20
 steps, statistics sampled from the model) compares at 1e-3 relative, and 1e-3 absolute on
