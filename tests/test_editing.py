@@ -744,3 +744,50 @@ def test_memit_on_smollm2_edits_a_batch_of_three(smollm2):
         assert all(_wins(smollm2, r) for r in REAL)
         unrelated = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
         assert abs(float(unrelated - unrelated_before)) < 0.1
+
+
+def _params(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _all_bitwise(model, saved: dict) -> bool:
+    now = dict(model.named_parameters())
+    return now.keys() == saved.keys() and all(torch.equal(now[n], w) for n, w in saved.items())
+
+
+@pytest.mark.slow
+def test_pmet_on_smollm2_raises_the_target_probability_and_undo_is_bitwise(smollm2):
+    """PMET (preset layers 3-7) on a fact SmolLM2 knows: the new target's probability rises many
+    times over and wins against the old one; on exit every parameter is bitwise what it was."""
+    request = REAL[0]
+    # the first 32 sequences of the corpus shipped with the package: statistics without sampling
+    cfg = dataclasses.replace(PMETConfig.for_model(smollm2), stats=StatsConfig(n_samples=32, seq_len=128))
+    saved = _params(smollm2)
+    before = _probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true])
+    assert before[0] < 0.01 < before[1]
+    with edit(smollm2, request, "pmet", cfg) as result:
+        assert result.layers == (3, 4, 5, 6, 7) and len(result.updates) == 5
+        after = _probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true])
+        assert after[0] > 10 * before[0] and after[0] > after[1]
+        assert not _all_bitwise(smollm2, saved)
+    assert _all_bitwise(smollm2, saved)
+    assert torch.equal(_probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true]), before)
+
+
+@pytest.mark.slow
+def test_rome_on_gemma3_rewrites_and_undo_is_bitwise(gemma3):
+    """ROME with Gemma-3-270M's preset (layer 3) makes the new target win on a fact the model knows
+    and changes only that layer's MLP output projection; on exit every parameter is bitwise back.
+    Without the covariance adjustment (u = k*): no corpus is shipped for Gemma-3, and sampling one
+    takes minutes on a CPU; the optimisation and the update are ROME's."""
+    request = REAL[0]
+    cfg = dataclasses.replace(ROMEConfig.for_model(gemma3), mom2_adjustment=False, context_templates=((5, 2),))
+    saved = _params(gemma3)
+    assert not _wins(gemma3, request)
+    with edit(gemma3, request, "rome", cfg) as result:
+        assert _wins(gemma3, request)
+        changed = [n for n, p in gemma3.named_parameters() if not torch.equal(p, saved[n])]
+        assert len(changed) == 1 and ".layers.3." in changed[0] and "down_proj" in changed[0]
+        assert result.deltas["blocks.3.mlp.out.weight"].norm() > 0
+    assert _all_bitwise(gemma3, saved)
+    assert not _wins(gemma3, request)
