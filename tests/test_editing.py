@@ -543,6 +543,156 @@ def test_registry_checks_editors_and_forgets_removed_ones(tiny_llama):
         apply_edit(tiny_llama, EIFFEL, "toy", ToyConfig(layer=0))
 
 
+# ---------------------------------------------------------------- rollback when an editor fails mid-edit
+
+def _snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _bitwise_as(model, snapshot) -> bool:
+    """Every parameter of the model (not only the MLP projections) holds exactly its snapshot."""
+    params = dict(model.named_parameters())
+    return params.keys() == snapshot.keys() and all(torch.equal(params[n], w) for n, w in snapshot.items())
+
+
+FAILURES = {
+    "library-error": lambda: EditError("toy editor: the request cannot be inserted"),
+    "other-error": lambda: RuntimeError("toy editor: a bug"),
+    "interrupt": KeyboardInterrupt,  # Ctrl-C in the middle of an edit
+}
+RAISED: list[BaseException] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingConfig(ToyConfig):
+    """The toy editor that writes one update and then raises ``FAILURES[error]``."""
+
+    error: str = "library-error"
+    method = "failing"
+
+
+def _failing_execute(model, requests, config, prepared, apply, extra_losses):
+    from attention_drift.models import mlp_out_weight
+
+    weight = mlp_out_weight(model, config.layer)
+    before = weight.detach().clone()
+    apply(prepared["weight_name"], torch.ones_like(weight))
+    assert not torch.equal(weight, before)  # the write is in the model when the editor fails
+    RAISED.append(FAILURES[config.error]())
+    raise RAISED[-1]
+
+
+@pytest.mark.parametrize("error", list(FAILURES))
+def test_an_editor_that_fails_after_writing_leaves_every_weight_bitwise(error, tiny_llama):
+    """A registered editor writes a weight through apply() and then raises: the model holds exactly its
+    old parameters again (all of them, bitwise), and the editor's own error reaches the caller as it
+    was raised (the library's EditError with its message; anything else unchanged, not masked)."""
+    from attention_drift.editing import Editor, register, unregister
+    from attention_drift.errors import AttentionDriftError
+
+    register(Editor("failing", FailingConfig, _toy_prepare, _failing_execute))
+    try:
+        snapshot = _snapshot(tiny_llama)
+        kind = type(FAILURES[error]())
+        for requests, layer in (([EIFFEL, JORDAN], 1), (EIFFEL, 0)):
+            RAISED.clear()
+            with pytest.raises(kind) as err:
+                with edit(tiny_llama, requests, "failing", FailingConfig(layer=layer, error=error), progress=False):
+                    pytest.fail("the body must not run")
+            assert RAISED and err.value is RAISED[-1]
+            assert isinstance(err.value, AttentionDriftError) == (error == "library-error")
+            assert _bitwise_as(tiny_llama, snapshot)
+    finally:
+        unregister("failing")
+
+
+def _fail_on_call(monkeypatch, module, name: str, n: int, error, check=None):
+    """Patch ``module.name`` to run as usual except on its ``n``-th call, which (after ``check(*args,
+    **kwargs)``) raises ``error``; returns the list of calls seen."""
+    real = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(len(calls) + 1)
+        if len(calls) == n:
+            if check is not None:
+                check(*args, **kwargs)
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_rome_failing_on_the_second_request_inside_the_sadr_loss_restores_bitwise(corpus, monkeypatch):
+    """ROME applies two requests in turn; the SADR loss term raises at the third step of the second
+    request's optimisation, after the first request's update is in the model."""
+    from attention_drift import sadr as sadr_module
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    steps = 6
+    written = []
+    error = SADRError("SADR: no attention rows")
+    calls = _fail_on_call(monkeypatch, sadr_module, "sadr_loss", steps + 3, error,
+                          check=lambda *a, **k: written.append(not _bitwise_as(model, snapshot)))
+    with pytest.raises(SADRError) as err:
+        apply_edit(model, [EIFFEL, JORDAN], "rome", _config("rome", corpus),
+                   sadr=SADRConfig(weight=1.0, selection="all", steps=steps), progress=False)
+    assert err.value is error and written == [True] and len(calls) == steps + 3
+    assert _bitwise_as(model, snapshot)
+
+
+def test_memit_failing_on_its_second_layer_restores_bitwise(corpus, monkeypatch):
+    """MEMIT writes its layers in turn; the least-squares solve of the second layer fails (a singular
+    system) after the first layer's update is in the model."""
+    from attention_drift.editing import memit
+    from attention_drift.models import tiny_model
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    first_layer = model.blocks[0].mlp.out.weight
+    written = []
+    error = torch.linalg.LinAlgError("linalg.solve: the system is singular")
+    calls = _fail_on_call(monkeypatch, memit, "least_squares_update", 2, error,
+                          check=lambda model_, layer, *a: written.append((layer, not torch.equal(
+                              first_layer, snapshot[next(n for n, p in model.named_parameters() if p is first_layer)]))))
+    with pytest.raises(torch.linalg.LinAlgError) as err:
+        apply_edit(model, [EIFFEL, JORDAN], "memit", _config("memit", corpus), progress=False)
+    assert err.value is error and written == [(1, True)] and len(calls) == 2
+    assert _bitwise_as(model, snapshot)
+
+
+def test_a_failure_in_the_verify_fallback_stage_restores_bitwise(corpus, monkeypatch):
+    """SADR+ with verify on two requests that contradict each other (same prompt, swapped targets:
+    they can never both hold, so the real check sends the edit to its fallbacks); the plain fallback
+    stage writes its first request's update, then its second request's optimisation fails."""
+    from attention_drift.editing import rome
+    from attention_drift.models import tiny_model
+    from attention_drift.sadr import SADRLoss
+
+    model = tiny_model("llama", n_layers=3)
+    snapshot = _snapshot(model)
+    back = Rewrite(JORDAN.prompt, JORDAN.subject, JORDAN.target_true, JORDAN.target_new)
+    seen = []
+
+    def check(model_, request, *args, extra_losses=(), **kwargs):
+        seen.append((request, any(isinstance(t, SADRLoss) for t in extra_losses), not _bitwise_as(model, snapshot)))
+
+    error = RuntimeError("out of memory in the fallback stage")
+    _fail_on_call(monkeypatch, rome, "optimize_values", 4, error, check=check)
+    sadr = SADRConfig(weight=0.0, steps=6, distract=True, output_weight=1.0, output="contrast", verify=True)
+    with pytest.raises(RuntimeError) as err:
+        apply_edit(model, [JORDAN, back], "rome", _config("rome", corpus), sadr=sadr, progress=False)
+    # call 4: the plain stage (no SADR term), its second request, with the first one's update written
+    assert err.value is error and seen == [(back, False, True)]
+    assert _bitwise_as(model, snapshot)
+    with edit(model, [JORDAN, back], "rome", _config("rome", corpus), sadr=sadr, progress=False) as result:
+        assert result.fallback == "plain-clamp2"  # unpatched: every stage fails the check, the last is kept
+    assert _bitwise_as(model, snapshot)
+
+
 def test_default_steps_match_the_papers_baselines():
     assert ROMEConfig(layer=0).steps == MEMITConfig(layers=(0,)).steps == PMETConfig(layers=(0,)).steps == 20
 
@@ -595,3 +745,50 @@ def test_memit_on_smollm2_edits_a_batch_of_three(smollm2):
         assert all(_wins(smollm2, r) for r in REAL)
         unrelated = _probs(smollm2, [UNRELATED[0]], [UNRELATED[1]])[0]
         assert abs(float(unrelated - unrelated_before)) < 0.1
+
+
+def _params(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _all_bitwise(model, saved: dict) -> bool:
+    now = dict(model.named_parameters())
+    return now.keys() == saved.keys() and all(torch.equal(now[n], w) for n, w in saved.items())
+
+
+@pytest.mark.slow
+def test_pmet_on_smollm2_raises_the_target_probability_and_undo_is_bitwise(smollm2):
+    """PMET (preset layers 3-7) on a fact SmolLM2 knows: the new target's probability rises many
+    times over and wins against the old one; on exit every parameter is bitwise what it was."""
+    request = REAL[0]
+    # the first 32 sequences of the corpus shipped with the package: statistics without sampling
+    cfg = dataclasses.replace(PMETConfig.for_model(smollm2), stats=StatsConfig(n_samples=32, seq_len=128))
+    saved = _params(smollm2)
+    before = _probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true])
+    assert before[0] < 0.01 < before[1]
+    with edit(smollm2, request, "pmet", cfg) as result:
+        assert result.layers == (3, 4, 5, 6, 7) and len(result.updates) == 5
+        after = _probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true])
+        assert after[0] > 10 * before[0] and after[0] > after[1]
+        assert not _all_bitwise(smollm2, saved)
+    assert _all_bitwise(smollm2, saved)
+    assert torch.equal(_probs(smollm2, [request.prompt] * 2, [request.target_new, request.target_true]), before)
+
+
+@pytest.mark.slow
+def test_rome_on_gemma3_rewrites_and_undo_is_bitwise(gemma3):
+    """ROME with Gemma-3-270M's preset (layer 3) makes the new target win on a fact the model knows
+    and changes only that layer's MLP output projection; on exit every parameter is bitwise back.
+    Without the covariance adjustment (u = k*): no corpus is shipped for Gemma-3, and sampling one
+    takes minutes on a CPU; the optimisation and the update are ROME's."""
+    request = REAL[0]
+    cfg = dataclasses.replace(ROMEConfig.for_model(gemma3), mom2_adjustment=False, context_templates=((5, 2),))
+    saved = _params(gemma3)
+    assert not _wins(gemma3, request)
+    with edit(gemma3, request, "rome", cfg) as result:
+        assert _wins(gemma3, request)
+        changed = [n for n, p in gemma3.named_parameters() if not torch.equal(p, saved[n])]
+        assert len(changed) == 1 and ".layers.3." in changed[0] and "down_proj" in changed[0]
+        assert result.deltas["blocks.3.mlp.out.weight"].norm() > 0
+    assert _all_bitwise(gemma3, saved)
+    assert not _wins(gemma3, request)

@@ -226,6 +226,78 @@ def test_page_is_self_contained_with_one_copy_of_the_script(tmp_path, synthetic)
     assert "@import" not in text and "url(http" not in text
 
 
+HOSTILE = {
+    "comment": "<!--<script>",
+    "close": "</script>",
+    "close-upper": "</SCRIPT >",
+    "img": '<img src=x onerror="window.__pwned = 1">',
+    "quotes": "\"double\" 'single' & &amp; \\ back`tick`",
+    "separators": "line\u2028para\u2029end",
+}
+"""Strings a prompt, subject, target or token may hold that must not end or change the page's
+script elements: an HTML comment opener followed by ``<script>`` (the "double-escaped" state, in
+which the real ``</script>`` no longer ends the data block), closing tags, markup, quotes, an
+ampersand and the JavaScript line / paragraph separators."""
+
+
+def hostile_run() -> tuple[list, dict]:
+    """A synthetic run whose first record carries :data:`HOSTILE` strings in its case_id,
+    subject, targets, prompts, model name and pattern tokens."""
+    lines, patterns = synthetic_run(n_records=2, prompts_per_record=(2,), pattern_heads=2)
+    lines[0]["meta"]["model"] = "model " + HOSTILE["comment"]
+    record = lines[1]
+    old_id = record["case_id"]
+    record["case_id"] = "case " + HOSTILE["close"]
+    record["subject"] = "Acme " + HOSTILE["comment"] + " Corp"
+    record["target_new"] = HOSTILE["img"]
+    for i, sample in enumerate(record["samples"]):
+        sample["case_id"] = record["case_id"]
+        sample["target_true"] = HOSTILE["separators"]
+        sample["prompt"] = (f"{record['subject']} {HOSTILE['close']} {HOSTILE['close-upper']} {HOSTILE['quotes']} "
+                            f"{HOSTILE['separators']} #{i}")
+    out = {}
+    for (case_id, i), p in patterns.items():
+        if case_id == old_id:
+            p = {**p, "tokens": ["<|endoftext|>", *HOSTILE.values(), *p["tokens"][len(HOSTILE) + 1:]]}
+            case_id = record["case_id"]
+        out[(case_id, i)] = p
+    return lines, out
+
+
+def _data_block(fragment: str) -> str:
+    return re.search(r'<script type="application/json" id="[\w-]+">(.*?)</script>', fragment, re.S).group(1)
+
+
+def test_embedded_json_cannot_end_or_change_its_script_element():
+    """The payload's JSON holds no ``<``, ``>`` or ``&`` (nor U+2028 / U+2029) at all: they are
+    written as \\u escapes, which JSON reads back as the same characters; so the fragment has
+    exactly its four script elements and the data block parses to the original strings."""
+    strings = list(HOSTILE.values())
+    payload = {"strings": strings, "nested": {HOSTILE["comment"]: [HOSTILE["close"], {"k": HOSTILE["img"]}]}}
+    fragment = explorer.render("patterns", payload, b"\x00\x01")
+    block = _data_block(fragment)
+    assert not set(block) & set("<>&\u2028\u2029"), block
+    assert block.isascii()
+    decoded = json.loads(block)
+    assert decoded["strings"] == strings and decoded["nested"] == payload["nested"]
+    assert len(re.findall(r"<script\b", fragment, re.I)) == len(re.findall(r"</script", fragment, re.I)) == 4
+
+
+def test_hostile_strings_of_a_run_reach_the_page_payload_unchanged():
+    lines, patterns = hostile_run()
+    data = ExplorerData.from_run(lines, patterns=patterns)
+    text = explorer.document(data.title, explorer.explorer_html(data))
+    assert not set(_data_block(text)) & set("<>&")
+    payload, _ = _page_parts(text)
+    run = payload["runs"][0]
+    assert run["records"][0]["case_id"] == lines[1]["case_id"]
+    assert run["records"][0]["subject"] == lines[1]["subject"] and run["records"][0]["target_new"] == HOSTILE["img"]
+    assert [p["p"] for p in run["prompts"][:2]] == [s["prompt"] for s in lines[1]["samples"]]
+    assert run["meta"]["model"] == lines[0]["meta"]["model"]
+    tokens = [p["tokens"] for p in run["patterns"].values()]
+    assert ["<|endoftext|>", *HOSTILE.values()] in [t[: len(HOSTILE) + 1] for t in tokens]
+
+
 def test_a_100_record_run_stays_a_few_megabytes(tmp_path):
     lines, patterns = synthetic_run(n_records=100, prompts_per_record=(7,), pattern_heads=5)
     data = ExplorerData.from_run(lines, patterns=patterns)
@@ -452,6 +524,33 @@ def test_before_after_view_in_the_browser(browser, tmp_path):
     page.check("[data-role=include-first]")
     top_all = float(page.locator("section.ad-head").nth(0).locator(".ad-hi").first.inner_text())
     assert top_all == pytest.approx(max(float(before[0].max()), float(after[0].max())), abs=1e-3)
+    opened.check()
+    page.close()
+
+
+def test_hostile_strings_show_as_text_in_the_browser(browser, tmp_path):
+    """Prompts, subjects, targets, case ids, the model name and tokens holding ``<!--<script>``,
+    ``</script>``, markup, quotes and U+2028: the page finishes loading, shows each string as
+    text and runs nothing from it."""
+    lines, patterns = hostile_run()
+    data = ExplorerData.from_run(lines, patterns=patterns)
+    opened = Opened(browser, explorer.write_explorer(tmp_path / "hostile.html", data))
+    page = opened.page
+    assert page.get_attribute(".ad-explorer", "data-ready") == "1"
+    assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+    table = page.locator("[data-role=prompt-table] tbody")
+    texts = table.locator("td.ad-ptext").all_text_contents()
+    assert texts[:2] == [s["prompt"] for s in lines[1]["samples"]]
+    first = table.locator("tr").first.locator("td").all_text_contents()
+    assert first[1] == lines[1]["case_id"] and first[4] == f"{HOSTILE['separators']} / {HOSTILE['img']}"
+    assert lines[0]["meta"]["model"] in page.locator(".ad-explorer").text_content()
+    # the tokens of the first prompt's stored pattern label the matrix, as text
+    page.click('tr[data-prompt="0"]')
+    page.click('[data-role=top-table] tr[data-layer="17"][data-head="3"]')
+    panel = page.locator("[data-role=head-panel]")
+    labels = panel.locator("figure.ad-matrix[data-panel=before] text.ad-tok").all_text_contents()
+    assert [t.replace("\u2423", " ") for t in labels[1: len(HOSTILE) + 1]] == list(HOSTILE.values())
+    assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
     opened.check()
     page.close()
 

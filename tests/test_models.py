@@ -87,3 +87,29 @@ def test_bfloat16_model_holds_bfloat16_weights_and_close_logits():
         a, b = full(batch.input_ids), half(batch.input_ids).float()
     assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05 * a.abs().max()
     assert torch.equal(half.blocks[0].mlp.out.weight, full.blocks[0].mlp.out.weight.to(torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_gemma3_loads_offline_with_the_hooks_and_patterns_the_package_reads(gemma3):
+    """Gemma-3-270M (a supported model): raw HF weights under the bridge, the legacy hook names at
+    every layer, causal attention patterns whose rows sum to one, and a fact it knows."""
+    from attention_drift.hooks import act_name
+
+    assert models.model_family(gemma3) == "gemma3_text"
+    assert (gemma3.cfg.n_layers, gemma3.cfg.d_model) == (18, 640)
+    prompt = "The Eiffel Tower is located in the city of"
+    batch = tokens.batch_prompts(gemma3, [prompt])
+    n = batch.input_ids.shape[1]
+    with torch.no_grad():
+        logits, cache = gemma3.run_with_cache(batch.input_ids)
+        hf_logits = gemma3.original_model(batch.input_ids).logits
+    torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=1e-4)
+    assert gemma3.tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+    for layer in range(gemma3.cfg.n_layers):
+        pattern = cache[act_name("pattern", layer)]
+        assert pattern.shape == (1, gemma3.cfg.n_heads, n, n)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(1, gemma3.cfg.n_heads, n), atol=1e-4, rtol=0)
+        assert pattern[0].triu(1).abs().max() == 0  # causal
+        for kind in ("mlp_post", "mlp_raw", "resid_post", "attn_raw", "rot_k", "v"):
+            assert act_name(kind, layer) in cache
+        assert models.mlp_out_weight(gemma3, layer) is gemma3.original_model.model.layers[layer].mlp.down_proj.weight

@@ -44,12 +44,46 @@ def test_loss_is_zero_before_the_edit_and_positive_after():
 
 
 def test_loss_is_weighted_sum_over_selected_heads_averaged_over_prompts():
-    before = _rows(torch.rand(3, 2, 4, 6).tolist())
-    now = _rows(torch.rand(3, 2, 4, 6).tolist())
+    """The hinge selects a known, non-empty set of heads (built so: those heads' attention to the
+    subject rises above the layer's pre-edit maximum, every other head's falls), and the loss is
+    weight * (sum of their KL divergences) / number of prompts, computed here by hand. Prompt 1 has
+    no selected head and still counts in the average; other weightings give other numbers."""
+    n_prompts, n_layers, n_heads, n_keys = 3, 2, 4, 6
+    before = (0.3 * torch.randn(n_prompts, n_layers, n_heads, n_keys)).softmax(-1)
     subject = torch.tensor([0, 3, 5])
+    selected = {(0, 0, 1), (0, 1, 3), (2, 0, 0), (2, 0, 2)}
+    onehot = torch.nn.functional.one_hot(subject, n_keys).float()[:, None, None, :]
+    raised = 0.5 * before + 0.5 * onehot  # attention to the subject >= 0.5
+    lowered = before.clone()
+    lowered[torch.arange(n_prompts), ..., subject] *= 0.5
+    lowered = lowered / lowered.sum(-1, keepdim=True)  # attention to the subject falls
+    now = lowered.clone()
+    for p, l, h in selected:
+        now[p, l, h] = raised[p, l, h]
+    before_subject = before[torch.arange(n_prompts), ..., subject]
+    assert before_subject.max() < 0.5  # so the raised heads exceed every layer's pre-edit maximum
+
     loss, mask = sadr_loss(before, now, subject, SADRConfig(weight=0.5))
-    expected = 0.5 * (divergence(before, now) * mask).sum() / 3
-    torch.testing.assert_close(loss, expected)
+
+    assert mask.any() and not mask.all()
+    assert {tuple(i) for i in mask.nonzero().tolist()} == selected
+
+    def kl(p, l, h):
+        b, n = before[p, l, h].double(), now[p, l, h].double()
+        return float((b * (b.log() - n.log())).sum())
+
+    every = [(p, l, h) for p in range(n_prompts) for l in range(n_layers) for h in range(n_heads)]
+    expected = 0.5 * sum(kl(*i) for i in selected) / n_prompts
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    wrong = {
+        "every head": 0.5 * sum(kl(*i) for i in every) / n_prompts,
+        "mean over selected heads": 0.5 * sum(kl(*i) for i in selected) / len(selected),
+        "prompts with a selected head": 0.5 * sum(kl(*i) for i in selected) / 2,
+        "no prompt average": 0.5 * sum(kl(*i) for i in selected),
+        "unweighted": sum(kl(*i) for i in selected) / n_prompts,
+    }
+    for name, value in wrong.items():
+        assert abs(value - expected) > 0.1 * expected, name  # the test tells these weightings apart
 
 
 def test_loss_has_gradient_reaching_the_current_rows():
@@ -348,3 +382,107 @@ def test_output_target_term_keeps_the_new_target_from_gaining_on_distract_prompt
         restricted = target_lp()
     assert plain > before  # the plain edit pulls the distract prompts toward the new target
     assert restricted - before < 0.5 * (plain - before)
+
+
+# ------------------------------------------------------------- SADR+'s verify, with the real check
+
+JORDAN = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")  # the tiny model's new target
+JORDAN_BACK = Rewrite("Michael Jordan plays", "Michael Jordan", "basketball", "soccer")  # wins / loses before it
+
+
+def _verify_config(stats, clamp: float) -> ROMEConfig:
+    """ROME on the 3-layer tiny model with a clamp that binds: at 8 the plain edit of JORDAN_BACK
+    cannot make "basketball" win (the margin moves from -0.32 to -0.08), at 16 it can (+0.24)."""
+    return ROMEConfig(layer=1, stats=stats, steps=20, lr=0.5, clamp_norm_factor=clamp, context_templates=((4, 2),),
+                      weight_decay=0.0)
+
+
+def _margin(model, request: Rewrite) -> float:
+    """log p(new) - log p(true) on the request's prompt (mean per target token), scored directly."""
+    from attention_drift.evaluate import continuation_log_probs
+
+    lp = continuation_log_probs(model, [request.prompt] * 2, [request.target_new, request.target_true])
+    return float(lp[0] - lp[1])
+
+
+def _edited(model, request, cfg, sadr=None) -> tuple[float, list]:
+    """(margin inside the edit, the edited weights of every block) of an edit without verify."""
+    with edit(model, request, "rome", cfg, sadr=sadr, progress=False):
+        return _margin(model, request), [b.mlp.out.weight.detach().clone() for b in model.blocks]
+
+
+@pytest.mark.parametrize("request_, clamp, output_weight, stage", [
+    (JORDAN, 8.0, 1.0, None),                  # the SADR+ edit holds: kept
+    (JORDAN_BACK, 16.0, 100.0, "plain"),       # the SADR+ edit (output term x100) fails, the plain edit holds
+    (JORDAN_BACK, 8.0, 1.0, "plain-clamp2"),   # SADR+ and plain fail at clamp 8; plain at clamp 16 holds
+], ids=["kept", "plain", "plain-clamp2"])
+def test_verify_runs_the_real_check_and_keeps_the_first_edit_that_holds(request_, clamp, output_weight, stage, stats):
+    """SADR+ with ``verify`` and the real check (api._requests_hold, nothing patched): each stage's
+    edit is first made on its own (without verify) and scored directly; the expected stage is the
+    first whose edit makes the new target win, and every one of those margins is at least 0.02 from
+    the decision (float noise is ~1e-6), so which stage is kept is fixed by the construction. The
+    verified edit must keep exactly that stage: its fallback, config and weights (bitwise)."""
+    model = tiny_model("llama", n_layers=3)
+    cfg = _verify_config(stats, clamp)
+    original = [b.mlp.out.weight.detach().clone() for b in model.blocks]
+    sadr = SADRConfig(weight=0.0, steps=20, distract=True, output_weight=output_weight, output="contrast")
+    before = _margin(model, request_)
+    candidates = {None: (cfg, sadr), "plain": (cfg, None),
+                  "plain-clamp2": (dataclasses.replace(cfg, clamp_norm_factor=2 * clamp), None)}
+    stages = {}
+    for name, (stage_cfg, stage_sadr) in candidates.items():  # in order, up to the first that holds
+        stages[name] = _edited(model, request_, stage_cfg, stage_sadr)
+        if stages[name][0] > 0:
+            break
+    margins = {k: m for k, (m, _) in stages.items()}
+    assert all(abs(m) > 0.02 for m in [before, *margins.values()]), margins
+    assert list(margins)[-1] == stage and margins[stage] > 0, margins  # the construction: which stage holds first
+    assert (before > 0) == (request_ is JORDAN)
+
+    with edit(model, request_, "rome", cfg, sadr=dataclasses.replace(sadr, verify=True), progress=False) as result:
+        assert result.fallback == stage
+        assert all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, stages[stage][1]))
+        assert _margin(model, request_) == pytest.approx(margins[stage], abs=1e-6) and _margin(model, request_) > 0
+        expected_clamp = 2 * clamp if stage == "plain-clamp2" else clamp
+        assert result.config.clamp_norm_factor == expected_clamp
+        assert (result.sadr_records[0] != {}) == (stage is None)  # a fallback edit ran without the SADR term
+    assert all(torch.equal(b.mlp.out.weight, w) for b, w in zip(model.blocks, original))
+
+
+def test_evaluate_line_of_sadr_plus_carries_the_fallback(stats, monkeypatch):
+    """An evaluation run line of the SADR+ variant (``sadr_variant("plus", "rome")``, verify on) says
+    which edit was kept, here with the real check: None for JORDAN, "plain-clamp2" for JORDAN_BACK
+    (see the test above; tiny-model preset with the clamp at 8); post-edit efficacy holds for both.
+    Without verify the line has no fallback field."""
+    import json
+
+    from attention_drift.data import PromptGroup, Record
+    from attention_drift.editing import config as config_module
+    from attention_drift.runs import evaluate_record_line
+    from attention_drift.variants import Variant, sadr_variant
+
+    model = tiny_model("llama", n_layers=3)
+    rome = {k: getattr(_verify_config(stats, 8.0), k) for k in
+            ("layer", "steps", "lr", "clamp_norm_factor", "context_templates", "weight_decay")}
+    monkeypatch.setitem(config_module._PRESETS, ("llama", 3, 64), {
+        "rome": rome, "memit": dict(layers=(0, 1)), "pmet": dict(layers=(0, 1)), "stats": stats})
+    plus = Variant("rome-sadr-plus", "rome", sadr_variant("plus", "rome"))
+    assert plus.sadr.verify and plus.sadr.output_weight == 1.0
+    resolved = plus.resolve(model)
+    assert resolved[1].verify and resolved[0].clamp_norm_factor == 8.0
+
+    def record(case_id, rewrite):
+        empty = PromptGroup()
+        return Record(case_id, "counterfact", rewrite, PromptGroup((rewrite.prompt,), (rewrite.target_new,)), empty,
+                      empty, empty, PromptGroup(("The Louvre is in",), ("Paris",)), empty, None, ())
+
+    lines = {r.case_id: json.loads(json.dumps(evaluate_record_line(model, r, plus, resolved)))
+             for r in (record(1, JORDAN), record(2, JORDAN_BACK))}
+    assert lines[1]["sadr"]["fallback"] is None and "fallback" in lines[1]["sadr"]
+    assert lines[2]["sadr"]["fallback"] == "plain-clamp2"
+    efficacy = {k: (line["pre"]["groups"]["efficacy"]["scores"][0][2], line["post"]["groups"]["efficacy"]["scores"][0][2])
+                for k, line in lines.items()}
+    assert efficacy == {1: (True, True), 2: (False, True)}
+    unverified = Variant("rome-sadr-plus", "rome", sadr_variant("plus", "rome", verify=False))
+    line = evaluate_record_line(model, record(2, JORDAN_BACK), unverified, unverified.resolve(model))
+    assert "fallback" not in line["sadr"] and line["post"]["groups"]["efficacy"]["scores"][0][2] is False

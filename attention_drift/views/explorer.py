@@ -653,6 +653,20 @@ def bundle() -> str:
     return f"<style>{_asset('explorer.css')}</style>\n<script>{js}</script>"
 
 
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def script_json(value) -> str:
+    """``value`` as JSON text that can sit inside an HTML ``<script>`` element unchanged.
+
+    Every ``<``, ``>`` and ``&`` is written as a ``\\u`` escape (outside strings JSON has none,
+    and inside one the escape reads back as the same character), so no string can end the
+    element (``</script>``) or switch the HTML parser into a state where the real end tag no
+    longer ends it (``<!--<script>``); U+2028 / U+2029 are escaped too (not ASCII anyway)."""
+    return json.dumps(_json_safe(value), separators=(",", ":"), allow_nan=False).translate(_SCRIPT_ESCAPES)
+
+
 def render(kind: str, payload: Mapping, data: bytes = b"", *, compress: bool = True) -> str:
     """An HTML fragment that draws one view (``kind``: ``"explorer"`` or ``"patterns"``) of
     ``payload`` with its binary block ``data``, bundle included once."""
@@ -660,7 +674,7 @@ def render(kind: str, payload: Mapping, data: bytes = b"", *, compress: bool = T
         raise ExplorerError(f"unknown view kind {kind!r}; use 'explorer' or 'patterns'")
     packed = zlib.compress(data, 9) if compress else data
     payload = {**payload, "blob": {"deflate": bool(compress), "bytes": len(data)}}
-    text = json.dumps(_json_safe(payload), separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    text = script_json(payload)
     uid = "ad-" + secrets.token_hex(4)
     return (f'<div class="ad-explorer" id="{uid}" data-kind="{kind}">loading…</div>\n'
             f'<script type="application/json" id="{uid}-data">{text}</script>\n'
