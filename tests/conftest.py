@@ -53,7 +53,7 @@ def smollm2(_smollm2_session):
 
 @pytest.fixture(scope="session")
 def _gemma3_session():
-    from attention_drift.models import load_model
+    from attention_drift.core.models import load_model
 
     return load_model("gemma3-270m")
 

@@ -572,7 +572,7 @@ class FailingConfig(ToyConfig):
 
 
 def _failing_execute(model, requests, config, prepared, apply, extra_losses):
-    from attention_drift.models import mlp_out_weight
+    from attention_drift.core.models import mlp_out_weight
 
     weight = mlp_out_weight(model, config.layer)
     before = weight.detach().clone()
@@ -588,7 +588,7 @@ def test_an_editor_that_fails_after_writing_leaves_every_weight_bitwise(error, t
     old parameters again (all of them, bitwise), and the editor's own error reaches the caller as it
     was raised (the library's EditError with its message; anything else unchanged, not masked)."""
     from attention_drift.editing import Editor, register, unregister
-    from attention_drift.errors import AttentionDriftError
+    from attention_drift.core.errors import AttentionDriftError
 
     register(Editor("failing", FailingConfig, _toy_prepare, _failing_execute))
     try:
@@ -627,8 +627,8 @@ def _fail_on_call(monkeypatch, module, name: str, n: int, error, check=None):
 def test_rome_failing_on_the_second_request_inside_the_sadr_loss_restores_bitwise(corpus, monkeypatch):
     """ROME applies two requests in turn; the SADR loss term raises at the third step of the second
     request's optimisation, after the first request's update is in the model."""
-    from attention_drift import sadr as sadr_module
-    from attention_drift.models import tiny_model
+    from attention_drift.editing import sadr as sadr_module
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model("llama", n_layers=3)
     snapshot = _snapshot(model)
@@ -648,7 +648,7 @@ def test_memit_failing_on_its_second_layer_restores_bitwise(corpus, monkeypatch)
     """MEMIT writes its layers in turn; the least-squares solve of the second layer fails (a singular
     system) after the first layer's update is in the model."""
     from attention_drift.editing import memit
-    from attention_drift.models import tiny_model
+    from attention_drift.core.models import tiny_model
 
     model = tiny_model("llama", n_layers=3)
     snapshot = _snapshot(model)
@@ -669,8 +669,8 @@ def test_a_failure_in_the_verify_fallback_stage_restores_bitwise(corpus, monkeyp
     they can never both hold, so the real check sends the edit to its fallbacks); the plain fallback
     stage writes its first request's update, then its second request's optimisation fails."""
     from attention_drift.editing import rome
-    from attention_drift.models import tiny_model
-    from attention_drift.sadr import SADRLoss
+    from attention_drift.core.models import tiny_model
+    from attention_drift.editing.sadr import SADRLoss
 
     model = tiny_model("llama", n_layers=3)
     snapshot = _snapshot(model)

@@ -93,7 +93,7 @@ def test_bfloat16_model_holds_bfloat16_weights_and_close_logits():
 def test_gemma3_loads_offline_with_the_hooks_and_patterns_the_package_reads(gemma3):
     """Gemma-3-270M (a supported model): raw HF weights under the bridge, the legacy hook names at
     every layer, causal attention patterns whose rows sum to one, and a fact it knows."""
-    from attention_drift.hooks import act_name
+    from attention_drift.core.hooks import act_name
 
     assert models.model_family(gemma3) == "gemma3_text"
     assert (gemma3.cfg.n_layers, gemma3.cfg.d_model) == (18, 640)

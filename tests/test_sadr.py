@@ -399,7 +399,7 @@ def _verify_config(stats, clamp: float) -> ROMEConfig:
 
 def _margin(model, request: Rewrite) -> float:
     """log p(new) - log p(true) on the request's prompt (mean per target token), scored directly."""
-    from attention_drift.evaluate import continuation_log_probs
+    from attention_drift.measure.evaluate import continuation_log_probs
 
     lp = continuation_log_probs(model, [request.prompt] * 2, [request.target_new, request.target_true])
     return float(lp[0] - lp[1])
@@ -456,10 +456,10 @@ def test_evaluate_line_of_sadr_plus_carries_the_fallback(stats, monkeypatch):
     Without verify the line has no fallback field."""
     import json
 
-    from attention_drift.data import PromptGroup, Record
+    from attention_drift.core.data import PromptGroup, Record
     from attention_drift.editing import config as config_module
-    from attention_drift.runs import evaluate_record_line
-    from attention_drift.variants import Variant, sadr_variant
+    from attention_drift.runs.evaluation import evaluate_record_line
+    from attention_drift.runs.variants import Variant, sadr_variant
 
     model = tiny_model("llama", n_layers=3)
     rome = {k: getattr(_verify_config(stats, 8.0), k) for k in
