@@ -399,7 +399,7 @@ def _verify_config(stats, clamp: float) -> ROMEConfig:
 
 def _margin(model, request: Rewrite) -> float:
     """log p(new) - log p(true) on the request's prompt (mean per target token), scored directly."""
-    from attention_drift.measure.evaluate import continuation_log_probs
+    from attention_drift.core.scores import continuation_log_probs
 
     lp = continuation_log_probs(model, [request.prompt] * 2, [request.target_new, request.target_true])
     return float(lp[0] - lp[1])
@@ -486,3 +486,16 @@ def test_evaluate_line_of_sadr_plus_carries_the_fallback(stats, monkeypatch):
     unverified = Variant("rome-sadr-plus", "rome", sadr_variant("plus", "rome", verify=False))
     line = evaluate_record_line(model, record(2, JORDAN_BACK), unverified, unverified.resolve(model))
     assert "fallback" not in line["sadr"] and line["post"]["groups"]["efficacy"]["scores"][0][2] is False
+
+
+def test_verify_fallbacks_of_an_editor_without_a_clamp_are_the_plain_edit_only():
+    """A registered editor whose config has no ``clamp_norm_factor`` still gets the ``plain`` stage."""
+    from attention_drift.editing.api import _fallbacks
+
+    @dataclasses.dataclass(frozen=True)
+    class NoClamp:
+        steps: int = 3
+
+    assert _fallbacks(NoClamp(), ()) == [("plain", NoClamp(), ())]
+    clamped = _fallbacks(ROMEConfig(layer=1, clamp_norm_factor=4.0), ())
+    assert [name for name, _, _ in clamped] == ["plain", "plain-clamp2"] and clamped[1][1].clamp_norm_factor == 8.0

@@ -340,9 +340,14 @@ win on its prompt: the editor without the SADR term, then also with its clamp do
 
 
 def _fallbacks(config, extra_losses: Sequence[ExtraLoss]) -> list[tuple[str, object, tuple]]:
+    """The :data:`FALLBACKS` stages this editor has, as (name, config, extra losses): ``plain-clamp2``
+    only where its config has a clamp (``clamp_norm_factor``; an editor without one has ``plain``)."""
     plain = tuple(t for t in extra_losses if not isinstance(t, SADRLoss))
-    wider = dataclasses.replace(config, clamp_norm_factor=2 * config.clamp_norm_factor)
-    return [("plain", config, plain), ("plain-clamp2", wider, plain)]
+    stages = [("plain", config, plain)]
+    if hasattr(config, "clamp_norm_factor"):
+        wider = dataclasses.replace(config, clamp_norm_factor=2 * config.clamp_norm_factor)
+        stages.append(("plain-clamp2", wider, plain))
+    return stages
 
 
 def _requests_hold(model, requests: Sequence[Rewrite]) -> bool:
