@@ -45,7 +45,8 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
 
 
 def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
-
+    """The drift report's figures from ``drift.json``'s content into ``out`` (the per-head drift
+    heatmap, drift vs failure), as HTML and, with ``png``, PNG; returns the files written."""
     written = []
     before = torch.tensor(result["subject_last_attention"]["before"])
     after = torch.tensor(result["subject_last_attention"]["after"])
@@ -66,7 +67,9 @@ def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
 
 
 def patch_figures(result: dict, out: Path, png: bool) -> list[str]:
-
+    """The patch report's figures from ``patch.json``'s content into ``out`` (restoration accuracy,
+    the layer x component sweep, the windows, contamination), as HTML and, with ``png``, PNG;
+    returns the files written."""
     written = []
     n = f"{result['n_prompts']} prompts, {result['records']} records"
 
