@@ -36,6 +36,7 @@ from attention_drift.reports.stats import (
     auroc,
     auroc_ci,
     binned_curve,
+    distinct_records,
     pearson,
     proportion,
     spearman,
@@ -88,10 +89,6 @@ class HeadStats:
 HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last", "max_kl")
 """The factors the reports show: the attention-mass factors (the paper's strongest, and its
 sum) and the KL factor (the strongest on SmolLM2-135M)."""
-
-
-def _records(samples: Sequence[DriftSample]) -> int:
-    return len({repr(s.case_id) for s in samples})
 
 
 def _pearson_spearman(correlations: dict, outcome: str) -> dict:
@@ -171,7 +168,8 @@ class DriftReport:
         p = proportion([s.flipped for s in kept])
         return {"rate": p["accuracy"], "ci95": p["ci95"], "half_width": p["half_width"], "n_kept": len(kept),
                 "n_failed": sum(s.flipped for s in kept), "n_excluded_wrong_before": len(chosen) - len(kept),
-                "n_prompts": len(chosen), "n_records": _records(chosen), "n_records_kept": _records(kept)}
+                "n_prompts": len(chosen), "n_records": distinct_records(s.case_id for s in chosen),
+                "n_records_kept": distinct_records(s.case_id for s in kept)}
 
     def headline_right_before(self) -> dict:
         """Per group and :data:`HEADLINE_FACTORS` factor, over the prompts right before the edit:
@@ -186,7 +184,7 @@ class DriftReport:
                 c = self.correlations_right_before[group][factor]
                 out[group][factor] = {**_pearson_spearman(c, "failure"), **_pearson_spearman(c, "logodds_drop"),
                                       "auroc": self.auroc_right_before[group][factor].to_dict(),
-                                      "n_prompts": len(kept), "n_records": _records(kept)}
+                                      "n_prompts": len(kept), "n_records": distinct_records(s.case_id for s in kept)}
         return out
 
     def headline(self) -> dict:
@@ -240,7 +238,7 @@ class DriftReport:
                                        "after": rounded(self.subject_last_after).tolist()},
             "records": self.records,
             "n_samples_by_group": {g: sum(s.group == g for s in self.samples) for g in self.groups},
-            "records_by_group": {g: _records(self._chosen(g)) for g in self.groups},
+            "records_by_group": {g: distinct_records(s.case_id for s in self._chosen(g)) for g in self.groups},
             "headline": self.headline(),
             "correlations_right_before": {
                 g: {f: {o: {m: c.to_dict() for m, c in by_m.items()} for o, by_m in by_o.items()}
