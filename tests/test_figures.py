@@ -112,7 +112,8 @@ def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
     assert paired["n_records"] == 2 and paired["diff"] == pytest.approx(0.25)
     assert result["shared"]["numbers"]["records"]["rome"] == 2  # restricted to the records both runs have
     assert (tmp_path / "main_table.html").is_file()
-    assert titles == ["Editors with and without SADR (95% CI) · records pre-edit 4, rome 4, rome-sadr 2"]
+    assert titles == ["Editors with and without SADR (95% CI) · records pre-edit 4, rome 4, rome-sadr 2; "
+                      "records / prompts: ES 2 / 2 or 4 / 4, DNS 2 / 8 or 4 / 16"]
     n = result["n"]["main_table"]
     assert n["records"] == {"pre-edit": 4, "rome": 4, "rome-sadr": 2}
     assert n["prompts"]["rome"] == {"efficacy": 4, "distract_neighborhood": 16}
@@ -239,3 +240,28 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
     assert "kept 7 of 8 prompts (1 excluded)" in text
     assert "n per figure: drift_heatmap: records 3, prompts 8; drift_vs_failure: records 3, prompts 7" in text
     assert json.loads((tmp_path / "figures.json").read_text())["items"]["drift"]["n"] == item["n"]
+
+
+def test_captions_state_the_n_of_each_group_from_the_data(tmp_path, monkeypatch):
+    """A group that only some records have (NS / DNS on CounterFact-type records) is captioned
+    with its own records / prompts, not the run's record count."""
+    from attention_drift.runs import figures
+
+    titles = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text) or [])
+    with RunFile(tmp_path / "rome.jsonl", {"model": "m", "method": "rome", "data": "d", "fluency": None,
+                                           "edit": None}) as run:
+        for case_id in range(5):
+            groups = {"efficacy": _scores([True])}
+            if case_id < 2:
+                groups |= {"neighborhood": _scores([True] * 3), "distract_neighborhood": _scores([False] * 3)}
+            run.write({"case_id": case_id, "kind": "counterfact", "method": "rome",
+                       "pre": {"groups": groups, "fluency": None}, "post": {"groups": groups, "fluency": None},
+                       "edit_seconds": 1.0})
+    result = figures._prevalence({"rome": tmp_path / "rome.jsonl"}, tmp_path, png=False)
+    assert titles == ["Specificity failure: plain vs distract prompts (95% CI) · 5 records per run; "
+                      "records / prompts: NS 2 / 6, DNS 2 / 6"]
+    n = result["n"]["prevalence"]
+    assert n["group_records"]["rome"] == {"efficacy": 5, "neighborhood": 2, "distract_neighborhood": 2}
+    assert n["prompts"]["rome"]["neighborhood"] == 6
+    assert "NS 2 / 6, DNS 2 / 6" in result["markdown"]

@@ -85,8 +85,10 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
         group_stats = aggregate(scores, per_record=per_record)
         for name, s in group_stats.items():
             entry = s.to_json()
-            ci = bootstrap_ci(*_counts(lines, phase, name))
+            counts = _counts(lines, phase, name)
+            ci = bootstrap_ci(*counts)
             entry["ci95_bootstrap"] = None if ci is None else list(ci)
+            entry["n_records"] = len(counts[1])
             groups.setdefault(name, {})[phase] = entry
         fl = fluency_stats(scores, per_record=per_record)
         if fl is not None:
@@ -289,7 +291,32 @@ def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPAR
     first = next(iter(summaries.values()))
     rows.append(_row("pre-edit", first, "pre", groups, fluency))
     rows += [_row(label, result, "post", groups, fluency) for label, result in summaries.items()]
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + sizes_markdown(summaries, groups)
+
+
+def group_sizes(result: dict, phase: str, groups: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``{group: (records, prompts)}`` of one phase of a :func:`summary`: the records that have
+    prompts of the group and the prompts scored, counted from the run's lines."""
+    out = {}
+    for g in groups:
+        entry = result["groups"].get(g, {}).get(phase)
+        if entry and "n" in entry:
+            out[g] = (entry.get("n_records"), entry["n"])
+    return out
+
+
+def sizes_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPARE_GROUPS) -> str:
+    """The n behind each column of :func:`table_markdown`, taken from the runs: ``records /
+    prompts`` per group, once when every row has the same, else per row."""
+    rows = {"pre-edit": group_sizes(next(iter(summaries.values())), "pre", groups)}
+    rows |= {label: group_sizes(result, "post", groups) for label, result in summaries.items()}
+
+    def text(sizes):
+        return ", ".join(f"{GROUPS[g].abbrev or g} {r if r is not None else '?'} / {p}" for g, (r, p) in sizes.items())
+
+    if len({tuple(sorted(s.items())) for s in rows.values()}) == 1:
+        return f"n (records / prompts) per column, every row: {text(rows['pre-edit'])}."
+    return "n (records / prompts) per column: " + "; ".join(f"{label}: {text(s)}" for label, s in rows.items()) + "."
 
 
 def _points(x: float | None) -> str:

@@ -177,7 +177,7 @@ def _against(base: str, names: Sequence[str]) -> list[tuple[str, str]]:
 
 def _row(summary: dict, phase: str = "post") -> dict:
     """``{group: {accuracy, ci95, n}}`` (and fluency) of one phase of a summary."""
-    row = {g: {k: v[phase][k] for k in ("accuracy", "ci95", "n", "half_width")}
+    row = {g: {k: v[phase].get(k) for k in ("accuracy", "ci95", "n", "n_records", "half_width")}
            for g, v in summary["groups"].items() if phase in v and "accuracy" in v[phase]}
     fluency = summary["groups"].get("fluency", {}).get(phase)
     if fluency:
@@ -202,18 +202,34 @@ def _table(compared: dict) -> tuple[dict, str]:
 
 
 def _sizes(numbers: dict) -> dict:
-    """The n of a :func:`_table` result's figure: records per run and prompts per run and group."""
-    return {"records": dict(numbers["records"]),
-            "prompts": {run: {g: v["n"] for g, v in row.items() if isinstance(v, dict) and "n" in v}
-                        for run, row in numbers["rows"].items()}}
+    """The n of a :func:`_table` result's figure: records per run, and per run and group the
+    records that have the group's prompts and the prompts."""
+    def per_group(key):
+        return {run: {g: v[key] for g, v in row.items() if isinstance(v, dict) and key in v}
+                for run, row in numbers["rows"].items()}
+
+    return {"records": dict(numbers["records"]), "group_records": per_group("n_records"), "prompts": per_group("n")}
 
 
-def _records_text(numbers: dict) -> str:
-    """``"100 records per run"``, or each run's count when they differ."""
+def _records_text(numbers: dict, groups: Sequence[str] | None = None) -> str:
+    """The n of a figure from its data: ``"100 records per run"`` (each run's count when they
+    differ) and, with ``groups``, the records / prompts behind each group's bars (per run where
+    the runs differ)."""
     counts = numbers["records"]
-    if len(set(counts.values())) == 1:
-        return f"{next(iter(counts.values()))} records per run"
-    return "records " + ", ".join(f"{run} {n}" for run, n in counts.items())
+    text = (f"{next(iter(counts.values()))} records per run" if len(set(counts.values())) == 1
+            else "records " + ", ".join(f"{run} {n}" for run, n in counts.items()))
+    if not groups:
+        return text
+    from attention_drift.measure.evaluate import GROUPS
+
+    parts = []
+    for g in groups:
+        sizes = {(v[g].get("n_records"), v[g]["n"]) for v in numbers["rows"].values() if g in v}
+        if not sizes:
+            continue
+        shown = " or ".join(f"{r if r is not None else '?'} / {p}" for r, p in sorted(sizes, key=str))
+        parts.append(f"{GROUPS[g].abbrev or g.replace('_', ' ')} {shown}")
+    return f"{text}; records / prompts: " + ", ".join(parts)
 
 
 def _save(fig, out: Path, name: str, png: bool) -> list[str]:
@@ -242,7 +258,7 @@ def _prevalence(runs, out: Path, png: bool) -> dict:
     numbers, md = _table(summaries)
     groups = ("neighborhood", "distract_neighborhood", "relation", "distract_relation")
     bars = {label: {g: row[g] for g in groups if g in row} for label, row in numbers["rows"].items()}
-    fig = plots.metric_bars(bars, f"Specificity failure: plain vs distract prompts (95% CI) · {_records_text(numbers)}",
+    fig = plots.metric_bars(bars, f"Specificity failure: plain vs distract prompts (95% CI) · {_records_text(numbers, groups)}",
                             metrics=list(groups))
     return {"numbers": numbers, "markdown": md, "files": _save(fig, out, "prevalence", png),
             "n": {"prevalence": _sizes(numbers)}}
@@ -258,7 +274,7 @@ def _main_table(runs, out: Path, png: bool) -> dict:
         return {}
     numbers, md = _table(summaries)
     bars = {label: {g: row[g] for g in SHOWN if g in row} for label, row in numbers["rows"].items()}
-    fig = plots.metric_bars(bars, f"Editors with and without SADR (95% CI) · {_records_text(numbers)}",
+    fig = plots.metric_bars(bars, f"Editors with and without SADR (95% CI) · {_records_text(numbers, SHOWN)}",
                             metrics=list(SHOWN))
     result = {"numbers": numbers, "markdown": md, "files": _save(fig, out, "main_table", png),
               "n": {"main_table": _sizes(numbers)}}
