@@ -190,3 +190,39 @@ def test_bootstrap_mean_and_ratio():
         bootstrap_ratio([1.0], [1.0, 2.0])
     low, high = bootstrap_interval(lambda w: w @ np.arange(5.0) / w.sum(1), 5, n_boot=500)
     assert 0 <= low < 2 < high <= 4
+
+
+def test_weighted_coefficients_are_those_of_the_pooled_items():
+    from attention_drift.reports.stats import weighted_pearson, weighted_spearman
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, 15).astype(float), rng.normal(size=15)   # x with ties
+    w = rng.integers(0, 4, (6, 15)).astype(float)
+    for row, r, rho in zip(w, weighted_pearson(x, y, w), weighted_spearman(x, y, w)):
+        px, py = np.repeat(x, row.astype(int)), np.repeat(y, row.astype(int))
+        assert r == pytest.approx(pearson(px, py).r) and rho == pytest.approx(spearman(px, py).r)
+    ones = np.ones((1, 15))
+    assert weighted_pearson(x, y, ones)[0] == pytest.approx(pearson(x, y).r)
+    assert math.isnan(weighted_pearson(x, y, np.eye(15)[:1] * 3)[0]), "one item drawn: constant, NaN"
+
+
+def test_correlation_ci_and_paired_bootstrap():
+    from attention_drift.reports.stats import bootstrap_p_value, correlation_ci, paired_bootstrap, weighted_pearson
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=60)
+    y = x + rng.normal(size=60)
+    clusters = np.repeat(np.arange(20), 3)
+    c = correlation_ci(x, y, clusters, n_boot=500)
+    assert c.value == pytest.approx(pearson(x, y).r) and c.ci_low < c.value < c.ci_high
+    assert c.p_value == pytest.approx(pearson(x, y).p_value) and c.n_clusters == 20 and c.p_bootstrap < 0.01
+    assert correlation_ci(x, y, clusters, n_boot=500) == c
+    with pytest.raises(StatsError):
+        correlation_ci(x, y, method="kendall")
+    assert bootstrap_p_value(np.zeros(9)) == 1.0 and bootstrap_p_value(np.ones(9)) == pytest.approx(0.2)
+    assert math.isnan(bootstrap_p_value(np.zeros(0)))
+    d = paired_bootstrap(lambda w: weighted_pearson(x, y, w), lambda w: weighted_pearson(-x, y, w), 60, clusters,
+                         n_boot=300)
+    assert d.value == pytest.approx(2 * c.value) and d.a == pytest.approx(c.value) and d.ci_low > 0
+    same = paired_bootstrap(lambda w: weighted_pearson(x, y, w), lambda w: weighted_pearson(x, y, w), 60, clusters)
+    assert (same.value, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)

@@ -28,6 +28,7 @@ from attention_drift.measure.drift import (
     ranked_heads,
     rounded,
 )
+from attention_drift.reports.drift_failure import HEADLINE_FACTORS, failure_links_markdown, with_failure_links
 from attention_drift.reports.markdown import fmt, interval
 from attention_drift.reports.stats import (
     AurocEstimate,
@@ -84,11 +85,6 @@ class HeadStats:
                 "quantiles": self.quantiles.tolist(), "threshold": self.threshold,
                 "frac_above": self.frac_above.tolist(), "top": [list(t) for t in self.top()],
                 "sem": None if self.sem is None else self.sem.tolist()}
-
-
-HEADLINE_FACTORS = ("max_drift_subject_last", "sum_drift_subject_last", "max_kl")
-"""The factors the reports show: the attention-mass factors (the paper's strongest, and its
-sum) and the KL factor (the strongest on SmolLM2-135M)."""
 
 
 def _pearson_spearman(correlations: dict, outcome: str) -> dict:
@@ -215,9 +211,12 @@ class DriftReport:
         :meth:`wrong_after_rate`) and, with the same numbers, ``"failure_rate"``, kept under its
         old name for readers of older files; ``"correlations"``, ``"auroc"``, ``"curves"``,
         ``"headline"``: the all-prompt statistics of "fails" (wrong after the edit).
+        ``"failure_links"``, ``"max_vs_sum"``: the record-clustered bootstrap statistics of
+        :func:`~attention_drift.reports.drift_failure.with_failure_links` (three failure
+        measures; the paired test of max vs summed drift).
         """
         every = ("all", *self.groups)
-        return {
+        return with_failure_links({
             "groups": list(self.groups),
             "n_samples": len(self.samples),
             "definitions": dict(DEFINITIONS),
@@ -249,7 +248,7 @@ class DriftReport:
                                    for g, by_f in self.auroc_right_before.items()},
             "curves_right_before": {k: v.to_dict() for k, v in self.curves_right_before.items()},
             "headline_right_before": self.headline_right_before(),
-        }
+        })
 
 
 def drift_report(
@@ -339,7 +338,10 @@ def drift_markdown(result: dict, title: str = "") -> str:
     """The drift section: sizes, the failure definition and rate, the top heads, and per group and
     :data:`HEADLINE_FACTORS` factor the Pearson and Spearman correlations
     (Fisher-z 95% CIs) with failure and with the log-odds drop and the AUROC for failure
-    (record-clustered bootstrap 95% CI), over the prompts right before the edit."""
+    (record-clustered bootstrap 95% CI), over the prompts right before the edit; then the
+    three-measure table with record-clustered CIs and the paired max-vs-sum test
+    (:func:`~attention_drift.reports.drift_failure.failure_links_markdown`, computed from the
+    samples when ``result`` predates them)."""
     rows = [f"## attention drift{' · ' + title if title else ''}", "",
             f"{result['records']} records, {result['n_samples']} prompts "
             f"({', '.join(f'{g}: {n}' for g, n in result['n_samples_by_group'].items())}).", "",
@@ -362,4 +364,4 @@ def drift_markdown(result: dict, title: str = "") -> str:
             cells += [f"{fmt(h[k]['r'])} {interval(h[k])} (p {fmt(h[k]['p_value'], '.2g')})"
                       for k in ("pearson_logodds_drop", "spearman_logodds_drop")]
             rows.append(f"| {group} | {factor} | " + " | ".join(cells) + f" | {h['n_prompts']} / {h['n_records']} |")
-    return "\n".join(rows)
+    return "\n".join([*rows, "", failure_links_markdown(result)])

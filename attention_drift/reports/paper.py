@@ -15,6 +15,8 @@ REPORTED: dict[str, str] = {
                   "0.762 with the pre-edit attention of layers 20-47 restored.",
     "drift_vs_failure": "Paper (GPT-J-6B, ROME): Pearson r 0.49-0.62 (p < 1e-5) of the max drift to the subject's last "
                         "token with failure severity, on DNS and RS prompts.",
+    "drift_failure_links": "Paper (GPT-J-6B, ROME): Pearson r 0.49-0.62 (p < 1e-5) of the max drift to the subject's "
+                           "last token with failure severity, on DNS and RS prompts.",
     "patch_accuracy": "Paper (GPT-J-6B, ROME): restoring the pre-edit attention of a 10-layer window raises P(true) by "
                       "28.6% to 739.2% (relative; measured as P(true), not accuracy).",
     "patch_windows": "Paper (GPT-J-6B, ROME): restoring the pre-edit attention of a 10-layer window raises P(true) by "

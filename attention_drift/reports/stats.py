@@ -12,6 +12,10 @@ curves and proportion intervals (scipy underneath).
   intervals of a record-clustered bootstrap. Prompts of one record share its edit, so they are
   not independent draws: resampling whole records (clusters) keeps that dependence in the
   interval, where resampling prompts would make it too narrow;
+* :func:`correlation_ci`: Pearson / Spearman with such an interval and a bootstrap p-value
+  (:func:`weighted_pearson` / :func:`weighted_spearman`: the coefficient of each resample's
+  pooled items); :func:`paired_bootstrap`: the difference of two statistics under the same
+  resamples, with its interval and two-sided p-value (:func:`bootstrap_p_value`);
 * :func:`binned_curve`: failure rate and mean severity per quantile bin of a factor;
 * :func:`proportion`: a proportion with its normal-approximation 95% interval.
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.stats
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from attention_drift.core.errors import AttentionDriftError
@@ -323,7 +328,8 @@ def bootstrap_mean(values: ArrayLike, clusters: ArrayLike | None = None, *, conf
     return bootstrap_ratio(x, np.ones_like(x), clusters, name="mean", confidence=confidence, n_boot=n_boot, seed=seed)
 
 
-def _weighted_auroc(s: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_auroc(s: Float[np.ndarray, " n"], positive: Bool[np.ndarray, " n"],
+                   weights: Float[np.ndarray, "b n"]) -> Float[np.ndarray, " b"]:
     """AUROC per row of ``weights`` [b, n]: the Mann-Whitney statistic with every item counted
     as often as its weight (ties one half)."""
     order = np.argsort(s, kind="stable")
@@ -373,12 +379,12 @@ def auroc_ci(scores: ArrayLike, labels: ArrayLike, clusters: ArrayLike | None = 
         raise StatsError("DeLong's interval assumes independent items; use method='bootstrap' with clusters")
     s, positive, codes = _auroc_parts(scores, labels, clusters)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    value = float(_weighted_auroc(s, positive, np.ones((1, s.size)))[0]) if s.size else math.nan
+    value = float(weighted_auroc(s, positive, np.ones((1, s.size)))[0]) if s.size else math.nan
     if method == "delong":
         low, high = _delong(s, positive, confidence) if math.isfinite(value) else (math.nan, math.nan)
         how, boots = "delong", 0
     else:
-        low, high = (bootstrap_interval(lambda w: _weighted_auroc(s, positive, w), s.size, codes,
+        low, high = (bootstrap_interval(lambda w: weighted_auroc(s, positive, w), s.size, codes,
                                         confidence=confidence, n_boot=n_boot, seed=seed)
                      if math.isfinite(value) else (math.nan, math.nan))
         how, boots = _method(clusters), n_boot
@@ -389,3 +395,139 @@ def auroc_ci(scores: ArrayLike, labels: ArrayLike, clusters: ArrayLike | None = 
 def distinct_records(case_ids) -> int:
     """How many distinct records ``case_ids`` (one per prompt) name."""
     return len({json.dumps(c) for c in case_ids})
+
+
+# ---------------------------------------------------------------------------------------------
+# Correlations and paired differences under the (cluster) bootstrap
+
+
+def bootstrap_p_value(values: Float[np.ndarray, " b"], null: float = 0.0) -> float:
+    """Two-sided p-value of ``null`` from bootstrap values of a statistic: twice the smaller
+    share of values at or below / at or above ``null``, with one pseudo-count
+    (``2 (k + 1) / (B + 1)``, capped at 1; so at least ``2 / (B + 1)``). It is the level at which
+    the percentile interval just reaches ``null``: p < 0.05 where the 95% interval excludes it.
+    NaN without values."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan
+    k = min(int((v <= null).sum()), int((v >= null).sum()))
+    return float(min(1.0, 2 * (k + 1) / (v.size + 1)))
+
+
+def _rows_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted Pearson r per row of ``w`` [b, n]; ``x``, ``y``: [n] or [b, n]. NaN where
+    either variable is constant over the items drawn (weight > 0)."""
+    x, y = np.broadcast_to(x, w.shape), np.broadcast_to(y, w.shape)
+    total = w.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dx = x - (w * x).sum(1, keepdims=True) / total
+        dy = y - (w * y).sum(1, keepdims=True) / total
+        sxy, sxx, syy = (w * dx * dy).sum(1), (w * dx * dx).sum(1), (w * dy * dy).sum(1)
+        r = np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0)
+    drawn = w > 0
+
+    def varies(v):
+        low = np.where(drawn, v, np.inf).min(1, initial=np.inf)
+        return low < np.where(drawn, v, -np.inf).max(1, initial=-np.inf)
+
+    return np.where(varies(x) & varies(y), r, np.nan)
+
+
+def _rows_midranks(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based, ties share their mean rank) of ``x`` [n] in the pooled sample
+    of each row of ``w`` [b, n], where item i appears ``w[:, i]`` times."""
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    counts = np.add.reduceat(w[:, order], np.flatnonzero(new), axis=1)
+    mid = np.cumsum(counts, axis=1) - counts + (counts + 1) / 2
+    ranks = np.empty(w.shape)
+    ranks[:, order] = mid[:, np.cumsum(new) - 1]
+    return ranks
+
+
+def weighted_pearson(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"],
+                     weights: Float[np.ndarray, "b n"]) -> Float[np.ndarray, " b"]:
+    """Pearson r per row of ``weights``, every item counted as often as its weight (with the
+    integer weights of :func:`bootstrap_values`: the r of the resample's pooled items): the
+    weighted covariance over the square root of the weighted variances. NaN where either
+    variable is constant over the items drawn."""
+    return _rows_pearson(_array(x), _array(y), np.atleast_2d(np.asarray(weights, dtype=np.float64)))
+
+
+def weighted_spearman(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " n"],
+                      weights: Float[np.ndarray, "b n"]) -> Float[np.ndarray, " b"]:
+    """Spearman rho per row of ``weights``: :func:`weighted_pearson` of the average ranks each
+    variable takes in the pooled sample (item i counted ``weights[:, i]`` times; ties share
+    their mean rank, as :func:`spearman`)."""
+    x, y = _array(x), _array(y)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    return _rows_pearson(_rows_midranks(x, w), _rows_midranks(y, w), w)
+
+
+@dataclass(frozen=True)
+class CorrelationEstimate(Estimate):
+    """A correlation (:func:`correlation_ci`; ``name``: ``"pearson"`` or ``"spearman"``) with a
+    bootstrap interval. ``p_value``: scipy's two-sided Student-t p of r = 0, which takes the
+    items as independent; ``p_bootstrap``: :func:`bootstrap_p_value` of 0 under the same
+    resamples as the interval (clusters kept together)."""
+
+    p_value: float = math.nan
+    p_bootstrap: float = math.nan
+
+
+CORRELATIONS = {"pearson": weighted_pearson, "spearman": weighted_spearman}
+
+
+def correlation_ci(x: ArrayLike, y: ArrayLike, clusters: ArrayLike | None = None, *, method: str = "pearson",
+                   confidence: float = 0.95, n_boot: int = BOOTSTRAP_SAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> CorrelationEstimate:
+    """:func:`pearson` or :func:`spearman` (``method``) of paired values with a percentile
+    interval of a (cluster) bootstrap: ``clusters`` (e.g. each prompt's record) are drawn with
+    replacement and the coefficient recomputed on the pooled items of the drawn clusters
+    (:func:`weighted_pearson` / :func:`weighted_spearman`); without, items are drawn. Pairs with
+    a NaN are dropped first; the same data and ``seed`` give the same draws, so statistics of
+    the same items share their resamples. NaN below 4 pairs or for a constant variable."""
+    if method not in CORRELATIONS:
+        raise StatsError(f"method must be one of {tuple(CORRELATIONS)}, not {method!r}")
+    a, b = _array(x), _array(y)
+    if a.shape != b.shape:
+        raise StatsError(f"correlation needs paired data: got {a.size} and {b.size} values")
+    keep = np.isfinite(a) & np.isfinite(b)
+    codes = _codes(clusters, a.size)[keep]
+    a, b = a[keep], b[keep]
+    point = _correlation(method, a, b, confidence)
+    values = (bootstrap_values(lambda w: CORRELATIONS[method](a, b, w), a.size, codes, n_boot=n_boot, seed=seed)
+              if math.isfinite(point.r) else np.zeros(0))
+    low, high = percentile_interval(values, confidence)
+    return CorrelationEstimate(method, point.r, low, high, int(a.size), int(np.unique(codes).size),
+                               _method(clusters), confidence, n_boot, point.p_value, bootstrap_p_value(values))
+
+
+@dataclass(frozen=True)
+class PairedDifference(Estimate):
+    """``value`` = ``a`` - ``b``, two statistics of the same items (:func:`paired_bootstrap`),
+    with the percentile interval and the two-sided :func:`bootstrap_p_value` of 0 from
+    resamples that draw the same items (clusters) for both."""
+
+    a: float = math.nan
+    b: float = math.nan
+    p_value: float = math.nan
+
+
+def paired_bootstrap(statistic_a, statistic_b, n: int, clusters: ArrayLike | None = None, *,
+                     name: str = "difference", confidence: float = 0.95, n_boot: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> PairedDifference:
+    """The paired bootstrap of ``statistic_a - statistic_b``: each takes the ``[b, n]`` weights
+    of :func:`bootstrap_values` (and ``[1, n]`` ones for the data as given) and returns ``b``
+    values; both are evaluated on the same resamples, so what the two share (the items, the
+    records) cancels in the difference. Resamples where either is NaN are dropped."""
+    if n == 0:
+        return PairedDifference(name, math.nan, math.nan, math.nan, 0, 0, _method(clusters), confidence, n_boot)
+    ones = np.ones((1, n))
+    a, b = float(np.asarray(statistic_a(ones))[0]), float(np.asarray(statistic_b(ones))[0])
+    values = bootstrap_values(lambda w: np.asarray(statistic_a(w)) - np.asarray(statistic_b(w)), n, clusters,
+                              n_boot=n_boot, seed=seed)
+    low, high = percentile_interval(values, confidence)
+    return PairedDifference(name, a - b, low, high, n, int(np.unique(_codes(clusters, n)).size) if n else 0,
+                            _method(clusters), confidence, n_boot, a, b, bootstrap_p_value(values))

@@ -395,6 +395,70 @@ def drift_vs_failure_panels(
     return style(fig, title, fig.layout.xaxis.title.text, ylabel)
 
 
+def _lines(text: str) -> str:
+    return "<br>".join(html.escape(line) for line in text.split("\n"))
+
+
+def forest(
+    panels: Mapping[str, Sequence[Mapping]],
+    *,
+    title: str,
+    xlabel: str = "estimate",
+    reference: float | None = 0.0,
+    row_height: int = 46,
+    width: int | None = None,
+) -> go.Figure:
+    """Point estimates with their intervals (a forest plot), one panel per key of ``panels``
+    side by side on shared rows. Each row is a mapping: ``label`` (its row; a ``\\n`` breaks
+    the line; the first label seen is the top row), ``value``, ``ci_low``, ``ci_high``,
+    ``series`` (legend entry and colour) and optionally ``hover`` (more hover text). The
+    interval is drawn as an error bar (none where it is not finite); rows with a non-finite
+    value are left out. Every panel has the same x range (all values, intervals and
+    ``reference``), so panels compare by eye. A dotted line marks ``reference`` (None: none)."""
+    if not panels:
+        raise PlotError("forest needs at least one panel")
+    every = [row for rows in panels.values() for row in rows]
+    labels = list(dict.fromkeys(_lines(row["label"]) for row in every))
+    series = list(dict.fromkeys(row["series"] for row in every))
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[html.escape(name) for name in panels])
+    shown = set()
+    for col, (name, rows) in enumerate(panels.items(), start=1):
+        for k, s in enumerate(series):
+            chosen = [r for r in rows if r["series"] == s and math.isfinite(r["value"])]
+            if not chosen:
+                continue
+            values = [float(r["value"]) for r in chosen]
+
+            def side(r, key, sign):
+                return sign * (r[key] - r["value"]) if math.isfinite(r[key]) else 0.0
+
+            text = [f"{_lines(r['label'])}<br>{html.escape(name)}: {r['value']:.3f}"
+                    f"{_fmt_ci(r['ci_low'], r['ci_high'])}" + (f"<br>{_lines(r['hover'])}" if r.get("hover") else "")
+                    for r in chosen]
+            fig.add_trace(go.Scatter(
+                x=values, y=[_lines(r["label"]) for r in chosen], mode="markers", name=html.escape(s), legendgroup=s,
+                showlegend=s not in shown, marker={"size": 9, "color": PALETTE[k % len(PALETTE)]},
+                error_x={"type": "data", "symmetric": False, "array": [side(r, "ci_high", 1) for r in chosen],
+                         "arrayminus": [side(r, "ci_low", -1) for r in chosen], "thickness": 1.5},
+                hovertext=text, hoverinfo="text"), row=1, col=col)
+            shown.add(s)
+        if reference is not None:
+            fig.add_vline(x=reference, line_dash="dot", line_color="grey", row=1, col=col)
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=labels[::-1])
+    ends = [v for r in every for v in (r["value"], r["ci_low"], r["ci_high"]) if math.isfinite(v)]
+    if reference is not None:
+        ends.append(reference)
+    if ends:
+        pad = 0.05 * (max(ends) - min(ends) or 1.0)
+        fig.update_xaxes(range=[min(ends) - pad, max(ends) + pad])
+    fig.update_layout(height=180 + row_height * len(labels), width=width or max(600, 380 * len(panels)),
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.12, "x": 0})
+    style(fig, title, xlabel, "")
+    fig.update_xaxes(title_text=html.escape(xlabel))
+    return fig
+
+
 def _interval(entry: Mapping, where: str) -> tuple[float, float, float]:
     if "accuracy" not in entry:
         raise PlotError(f"{where} has no 'accuracy'; expected {{'accuracy': a, 'ci95': [lo, hi]}}")

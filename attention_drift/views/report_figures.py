@@ -1,12 +1,15 @@
 """The figures of the drift and patch reports, drawn from their JSON content (``drift.json``,
 ``patch.json``) so a committed report redraws without re-running anything."""
 
+import html
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
+from attention_drift.reports.drift_failure import MEASURE_LABELS, comparison_label, failure_links, max_vs_sum
 from attention_drift.reports.patch import variant_label
 from attention_drift.reports.stats import distinct_records
 from attention_drift.views import plots
@@ -44,9 +47,62 @@ def drift_failure_figure(result: dict, factors: dict[str, str] = FIGURE_FACTORS)
         f"({failure['n_excluded_wrong_before']} wrong before the edit excluded)"))
 
 
+LINKS_WIDTH = 1200
+"""Width of the :func:`drift_failure_links` figure, in pixels."""
+
+
+def drift_failure_links(result: dict, coefficient: str = "pearson"):
+    """The forest plot of a ``drift.json`` content's ``"failure_links"`` (computed from its
+    samples when absent): per failure measure (one panel each: pass/fail, log-odds drop, P(true)
+    drop), the ``coefficient`` (``"pearson"`` or ``"spearman"``) of every factor in every group
+    with its record-clustered bootstrap 95% CI, over the prompts right before the edit. The
+    title gives the prompts / records per group and the paired max-vs-sum verdict on all
+    prompts (``"max_vs_sum"``); hover gives n, the Student-t and the bootstrap p. None when no
+    group has prompts right before the edit."""
+    links = result.get("failure_links") or failure_links(result["samples"], result.get("groups"))
+    paired = result.get("max_vs_sum") or max_vs_sum(result["samples"], result.get("groups"))
+    groups = {g: v for g, v in links["groups"].items() if v["n_prompts"]}
+    if not groups:
+        return None
+    series = {g: f"{g} ({v['n_prompts']} prompts / {v['n_records']} records)" for g, v in groups.items()}
+    symbol = {"pearson": "Pearson r", "spearman": "Spearman ρ"}[coefficient]
+    panels = {}
+    for measure in links["measures"]:
+        rows = []
+        for factor in next(iter(groups.values()))["factors"]:
+            for group, g in groups.items():
+                e = g["factors"][factor][measure][coefficient]
+                rows.append({"label": f"{factor}\n{group}", "value": e["value"], "ci_low": e["ci_low"],
+                             "ci_high": e["ci_high"], "series": series[group],
+                             "hover": f"n = {e['n']} prompts, {e['n_clusters']} records\nStudent-t p = "
+                                      f"{e['p_value']:.2g}, bootstrap p = {e['p_bootstrap']:.2g}"})
+        biserial = " (point-biserial)" if measure == "failure" and coefficient == "pearson" else ""
+        panels[f"{symbol} vs {MEASURE_LABELS[measure]}{biserial}"] = rows
+    st = links["settings"]
+    sizes = ", ".join(f"{g} {v['n_prompts']} / {v['n_records']}" for g, v in groups.items())
+    head = (f"Drift vs three failure measures · {symbol} with record-clustered bootstrap 95% CI ({st['n_boot']} "
+            f"draws of records), prompts right before the edit; prompts / records: {sizes}")
+    everyone = paired["groups"].get("all", {})
+    tests = "; ".join(f"{comparison_label(k)} {c['value']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+                      for k, c in everyone.get("comparisons", {}).items())
+    tail = (f"{paired['a']} − {paired['b']} (paired bootstrap, all prompts): {tests}. "
+            f"Verdict: {everyone.get('verdict', 'not testable')}")
+    head = textwrap.wrap(head, LINKS_WIDTH // 10)
+    tail = textwrap.wrap(tail, LINKS_WIDTH // 7)
+    fig = plots.forest(panels, title="\n".join(head), xlabel=symbol, width=LINKS_WIDTH)
+    fig.update_layout(title={"text": fig.layout.title.text + "<br><span style='font-size:12px;color:#444'>"
+                                     + "<br>".join(html.escape(line) for line in tail) + "</span>",
+                             "automargin": True, "yref": "paper", "y": 1, "yanchor": "bottom", "pad": {"b": 36}},
+                      margin={"t": 50 + 24 * len(head) + 17 * len(tail)},
+                      height=fig.layout.height + 24 * len(head) + 17 * len(tail) + 40)
+    fig.update_xaxes(dtick=0.2)
+    return fig
+
+
 def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
     """The drift report's figures from ``drift.json``'s content into ``out`` (the per-head drift
-    heatmap, drift vs failure), as HTML and, with ``png``, PNG; returns the files written."""
+    heatmap, drift vs failure, the forest plot of drift vs the three failure measures), as HTML
+    and, with ``png``, PNG; returns the files written."""
     written = []
     before = torch.tensor(result["subject_last_attention"]["before"])
     after = torch.tensor(result["subject_last_attention"]["after"])
@@ -63,6 +119,9 @@ def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
               "before the edit, 2 needed", file=sys.stderr)
     else:
         written += plots.save_figure(fig, out / "drift_vs_failure", png)
+    fig = drift_failure_links(result)
+    if fig is not None:
+        written += plots.save_figure(fig, out / "drift_failure_links", png)
     return written
 
 
