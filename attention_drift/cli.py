@@ -72,7 +72,7 @@ FLAGS = {
     "deadline": "--deadline", "batch_size": "--batch-size", "variants": "--variants", "out": "--out",
     "kinds": "--kinds", "limit": "--limit", "balanced": "--balanced", "shard": "--shard", "reuse_pre": "--reuse-pre",
     "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
-    "stats_samples": "--stats-samples",
+    "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports",
 }
 """Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
 -> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""
@@ -580,6 +580,10 @@ def register_figures(subparsers) -> None:
                    "(default: all)")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
+    p.add_argument("--reuse-reports", action="store_true",
+                   help="build drift, contamination, patching and the case study from OUT/drift/drift.json and "
+                   "OUT/patch/patch.json as they are (figures redrawn) instead of measuring; they must match the "
+                   "model, --data, --drift-limit / --patch-limit asked for")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_workers_arguments(p)
     p.set_defaults(run=run_figures)
@@ -590,7 +594,7 @@ def run_figures(args) -> int:
 
     options = {"data": args.data, "out": args.out, "limit": args.limit, "drift_limit": args.drift_limit,
                "patch_limit": args.patch_limit, "runs": args.runs, "stats_samples": args.stats_samples,
-               "progress": not args.no_progress}
+               "progress": not args.no_progress, "reuse_reports": args.reuse_reports}
     if args.items:
         options["items"] = tuple(args.items.split(","))
     if args.variants:

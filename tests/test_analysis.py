@@ -143,8 +143,10 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
         assert by["subject_last"]["logodds_drop"] == pytest.approx(drop.mean(0).tolist())
         assert len(by["subject_last"]["share_ci95"]) == tiny_gpt2.cfg.n_layers
     assert damage["p_true_before"] == pytest.approx(np.mean([math.exp(e["pre"][0]) for e in entries]))
-    assert "Contamination as log-odds damage (2 prompts, 2 records" in result["markdown"]
-    assert "Why log-odds and not the paper's P(true) drop" in result["markdown"]
+    assert "Contamination (2 prompts, 2 records" in result["markdown"]
+    assert "By P(true): the full edit lowers mean P(true) by" in result["markdown"]
+    by = damage["components"]["mlp_out"]["by_position"]["subject_last"]
+    assert len(by["p_true_drop"]) == len(by["p_true_drop_ci95"]) == tiny_gpt2.cfg.n_layers
     # substituting the edited MLP outputs over a window holding layer 0 at the subject reproduces damage
     assert c["components"]["mlp_out"]["max_drop"]["drop"] >= 0
     # resume: nothing is edited again
@@ -166,8 +168,8 @@ def test_patch_restores_and_reports_accuracy(tiny_gpt2, tmp_path, monkeypatch):
         100 * (v[protocol.RANDOM_VARIANT]["recovery_pooled_ci95"][1] - v[protocol.RANDOM_VARIANT]["recovery_pooled"]))
     assert "95% CI" in drawn["patch_layer_component"].data[0].hovertemplate
     contamination = drawn["patch_contamination"]
-    assert "log-odds" in contamination.layout.yaxis.title.text and "P(true)" not in contamination.layout.title.text
-    assert sum(t.fill == "toself" for t in contamination.data) == len(protocol.CONTAMINATION_COMPONENTS) * 3
+    assert "log-odds" in contamination.layout.yaxis.title.text and "P(true)" in contamination.layout.yaxis2.title.text
+    assert sum(t.fill == "toself" for t in contamination.data) == 2 * len(protocol.CONTAMINATION_COMPONENTS) * 3
 
 
 def test_patch_skips_records_without_distract_prompts(tiny_llama, tmp_path):

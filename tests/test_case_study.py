@@ -12,10 +12,12 @@ from attention_drift.core import tokens
 from attention_drift.measure.case_study import (
     CaseStudy,
     CaseStudyError,
+    STATES,
     HeadChange,
     case_study,
 )
-from attention_drift.views.case_study import case_study_figure, case_study_view
+from attention_drift.views.case_study import STATE_LABELS, TITLE_CHARS, case_study_figure, case_study_view
+from attention_drift.views.plots import token_label
 from attention_drift.core.data import Rewrite, distract_prompt
 from attention_drift.editing import ROMEConfig, StatsConfig
 from attention_drift.views.viz import AttentionView
@@ -185,23 +187,30 @@ def test_to_json_is_plain_and_round_trips(tiny_llama):
 # ---------------------------------------------------------------- figure and view
 
 
-def test_figure_has_before_and_after_heatmaps_of_the_top_heads(tiny_gpt2):
+def test_figure_draws_the_three_states_and_the_top_heads_rows(tiny_gpt2):
     cs = case_study(tiny_gpt2, EIFFEL, PROMPT, "Paris", edit_fn=lambda: push_subject(tiny_gpt2, EIFFEL), top_k=3)
-    fig = case_study_figure(cs)
+    fig = case_study_figure(cs, title="Case study: a long title that has to wrap " * 4)
     assert isinstance(fig, go.Figure)
-    assert [type(t).__name__ for t in fig.data] == ["Heatmap", "Heatmap"]
-    assert [t.name for t in fig.data] == ["before", "after"]
+    assert [type(t).__name__ for t in fig.data] == ["Bar", "Bar", "Heatmap", "Heatmap"]
+    p_true, p_new, before, after = fig.data
+    assert (p_true.name, p_new.name) == ("P(Paris)", f"P({EIFFEL.target_new.strip()})")
+    # three states, each with its top-1 token and its P(true) / P(new)
+    assert len(p_true.x) == 3 and [x.split("<br>")[0] for x in p_true.x] == [STATE_LABELS[s] for s in STATES]
+    for x, state in zip(p_true.x, STATES):
+        assert token_label(repr(cs.predictions[state].top_token)) in x
+    assert list(p_true.y) == [cs.predictions[s].p_true for s in STATES]
+    assert list(p_new.y) == [cs.predictions[s].p_new for s in STATES]
+    assert list(p_true.text) == [f"{cs.predictions[s].p_true:.3f}" for s in STATES]
     layers, heads = [h.layer for h in cs.top_heads], [h.head for h in cs.top_heads]
-    torch.testing.assert_close(torch.tensor(fig.data[0].z, dtype=torch.float32), cs.rows_before[layers, heads])
-    torch.testing.assert_close(torch.tensor(fig.data[1].z, dtype=torch.float32), cs.rows_after[layers, heads])
-    assert len(fig.layout.xaxis.ticktext) == len(cs.tokens)
-    assert "Tower" in fig.layout.xaxis.ticktext[cs.subject_last]
-    assert list(fig.layout.yaxis.ticktext) == [h.label for h in cs.top_heads]
+    assert [before.name, after.name] == ["before", "after"]
+    torch.testing.assert_close(torch.tensor(before.z, dtype=torch.float32), cs.rows_before[layers, heads])
+    torch.testing.assert_close(torch.tensor(after.z, dtype=torch.float32), cs.rows_after[layers, heads])
+    assert len(fig.layout.xaxis2.ticktext) == len(cs.tokens)
+    assert "Tower" in fig.layout.xaxis2.ticktext[cs.subject_last]
+    assert list(fig.layout.yaxis2.ticktext) == [h.label for h in cs.top_heads]
     assert fig.layout.template.layout.paper_bgcolor is not None  # plotly_white applied
-    notes = " ".join(a.text for a in fig.layout.annotations)
-    for state in cs.predictions.values():
-        assert f"{state.p_true:.3f}" in notes and f"{state.p_new:.3f}" in notes
-    assert "restored" in notes
+    assert "attention restored" in " ".join(a.text for a in fig.layout.annotations)  # the panel titles
+    assert all(len(line) <= TITLE_CHARS for line in fig.layout.title.text.split("<br>"))
     assert len(fig.layout.shapes) == 2 and fig.layout.shapes[0].x0 == cs.subject_last - 0.5
 
 

@@ -18,6 +18,7 @@ from attention_drift.runs.figures import (
     variants,
 )
 from attention_drift.core.jsonl import RunFile
+from attention_drift.reports.case_pick import CasePickError
 from attention_drift.runs.placement import Placement
 
 
@@ -168,6 +169,121 @@ def test_pick_case_follows_the_stated_rule(tmp_path):
     assert "right" in CASE_RULE and "largest log-odds" in CASE_RULE
 
 
+def test_pick_case_excludes_prompts_that_hold_their_true_answer(tmp_path):
+    """A true answer copied from the context (the subject 'London ... Festival') is no case study."""
+    right = (-1.0, -3.0)
+    copied = {**_sample("Where is London Independent Film Festival? It is located in Pasadena. Royal Historical "
+                        "Society is located in", right, (-9.0, 0.0), top1=True), "target_true": " london "}
+    clean = {**_sample("The headquarters of Green Party is in Seattle. The headquarter of Home Office is in", right,
+                       (-2.0, -1.0), top1=True), "target_true": "London"}
+    pick = _pick(tmp_path, [copied, clean])
+    assert pick["prompt"] == clean["prompt"] and pick["pick"]["tier"] == CASE_TIERS[0]
+    assert (pick["pick"]["answer_in_prompt"], pick["pick"]["right_before"], pick["pick"]["prompts"]) == (1, 1, 2)
+    assert _pick(tmp_path, [copied]) is None
+    assert "does not occur in the prompt itself" in CASE_RULE
+    # drift.json's samples (content or path) pick the same prompt as the run file
+    content = {"samples": [copied, clean]}
+    (tmp_path / "drift.json").write_text(json.dumps(content))
+    assert pick_case(content) == pick_case(tmp_path / "drift.json") == pick
+    with pytest.raises(CasePickError, match="no 'samples'"):
+        pick_case({"records": 3})
+    with pytest.raises(CasePickError, match="no drift run file"):
+        pick_case(tmp_path / "missing.jsonl")
+
+
+def _reports(tmp_path, cfg: FiguresConfig, **meta) -> list:
+    """drift.json and patch.json of a synthetic run on ``cfg``'s records into ``cfg.out``, with the
+    run header ``_analysis`` writes (``meta`` overrides it); returns the records' case ids."""
+    from attention_drift.reports.drift import drift_from_lines
+    from attention_drift.reports.patch import patch_from_lines
+    from attention_drift.runs.evaluation import RecordSelection
+    from synthetic_drift import synthetic_run
+    from synthetic_patch import synthetic_patch_lines
+
+    ids = [r.case_id for r in RecordSelection(cfg.data, limit=cfg.drift_limit, balanced=True, with_distract=True).load()]
+    lines, _ = synthetic_run(n_records=len(ids), prompts_per_record=(3, 3), n_layers=4, n_heads=3,
+                             drifting=((2, 1),), pattern_heads=1)
+    for line, case_id in zip(lines[1:], ids):
+        line["case_id"] = case_id
+        for sample in line["samples"]:
+            sample["case_id"] = case_id
+    header = {"model": "smollm2-135m", "data": "example", "edit": cfg.variant("rome").meta(), **meta}
+    out = Path(cfg.out)
+    for kind, content in (("drift", drift_from_lines(lines[1:])), ("patch", patch_from_lines(synthetic_patch_lines(ids)))):
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        (out / kind / f"{kind}.json").write_text(json.dumps({**content, "meta": header}))
+    (out / "drift" / "explorer.html").write_text("<html>the committed explorer</html>")
+    return ids
+
+
+def test_reuse_reports_builds_items_from_the_json_without_measuring(tmp_path, monkeypatch):
+    import math
+
+    import torch
+
+    from attention_drift.measure.case_study import CaseStudy, HeadChange, Prediction
+    from attention_drift.runs import analysis, figures
+    from attention_drift.runs.executor import Executor
+
+    cfg = FiguresConfig(out=str(tmp_path), drift_limit=4, patch_limit=4, reuse_reports=True,
+                        items=("case_study", "contamination", "drift", "patching"))
+    _reports(tmp_path, cfg)
+    for name in ("run_drift", "run_patch"):
+        monkeypatch.setattr(analysis, name, lambda *a, **k: pytest.fail("measured although reuse_reports"))
+    monkeypatch.setattr(figures, "_analysis", lambda *a, **k: pytest.fail("measured although reuse_reports"))
+    monkeypatch.setattr("attention_drift.views.plots.png_ok", lambda: False)
+    executor = Executor(Placement("smollm2-135m"))
+    picked = []
+
+    def one_edit(items, fn):  # the case study's one edit, without a model
+        [record] = items
+        prompt, true = fn.args[:2]
+        picked.append(prompt)
+
+        def state(top, p_true, p_new):
+            return Prediction(top, 0.5, p_true, p_new, math.log(p_true / p_new))
+
+        rows = torch.rand(2, 2, 3)
+        return [(record, CaseStudy(record.rewrite, prompt, true, record.rewrite.target_new, ("a", "b", "c"), 1,
+                                   state(" " + true, 0.4, 0.1), state(" x", 0.1, 0.5), state(" " + true, 0.3, 0.2),
+                                   rows, rows.flip(-1), (HeadChange(0, 1, 0.1, 0.5),)))]
+
+    monkeypatch.setattr(executor, "map", one_edit)
+    result = figures.run_figures(cfg, executor)
+    assert set(result["items"]) == {"case_study", "contamination", "drift", "patching"}
+    assert not list(tmp_path.glob("*/*.jsonl"))  # no run file: nothing was measured
+    drift_files = result["items"]["drift"]["files"]
+    assert str(tmp_path / "drift" / "explorer.html") in drift_files  # kept
+    assert (tmp_path / "drift" / "explorer.html").read_text() == "<html>the committed explorer</html>"
+    assert str(tmp_path / "drift" / "drift_heatmap.html") in drift_files
+    assert any(f.endswith("patch_contamination.html") for f in result["items"]["contamination"]["files"])
+    assert "By P(true): the full edit lowers mean P(true) by" in result["items"]["contamination"]["markdown"]
+    case = result["items"]["case_study"]
+    assert case["numbers"]["prompt"] == picked[0] and "brings the true answer" in case["markdown"]
+    assert "## 1. case study" in (tmp_path / "figures.md").read_text()
+    assert result["config"]["reuse_reports"] is True
+
+
+def test_reuse_reports_refuses_missing_or_other_reports(tmp_path, capsys):
+    from attention_drift.runs import figures
+
+    here = Placement("smollm2-135m")
+    cfg = FiguresConfig(out=str(tmp_path / "none"), items=("drift",), drift_limit=4, reuse_reports=True)
+    with pytest.raises(FiguresError, match="drift.json, which is missing"):
+        figures.run_figures(cfg, here)
+    cfg = FiguresConfig(out=str(tmp_path), items=("patching",), drift_limit=4, patch_limit=4, reuse_reports=True)
+    _reports(tmp_path, cfg, model="gpt2-small")
+    with pytest.raises(FiguresError, match="model 'gpt2-small' \\(asked: 'smollm2-135m'\\)"):
+        figures.run_figures(cfg, here)
+    _reports(tmp_path, cfg)
+    with pytest.raises(FiguresError, match="records: 4 .*asked 2 \\(patch_limit 2\\)"):
+        figures.run_figures(FiguresConfig(out=str(tmp_path), items=("patching",), drift_limit=4, patch_limit=2,
+                                          reuse_reports=True), here)
+    assert cli.main(["figures", "--out", str(tmp_path / "none"), "--items", "drift", "--reuse-reports"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reuse-reports needs" in err[0] and "missing" in err[0]
+
+
 def test_markdown_lists_items_in_paper_order():
     result = {"config": {}, "items": {"main_table": {"markdown": "T", "files": ["f.html"]},
                                       "case_study": {"markdown": "C", "files": [],
@@ -230,7 +346,8 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
     monkeypatch.setattr("attention_drift.views.plots.png_ok", lambda: False)
     result = figures.run_figures(FiguresConfig(out=str(tmp_path), items=("drift",)), Placement("smollm2-135m"))
     assert list(result["config"]) == ["model", "data", "out", "limit", "drift_limit", "patch_limit", "runs", "items",
-                                      "variants", "stats_samples", "device", "dtype", "progress", "workers", "address"]
+                                      "variants", "stats_samples", "device", "dtype", "progress", "workers", "address",
+                                      "reuse_reports"]
     assert result["config"]["model"] == "smollm2-135m" and result["config"]["workers"] == 1
     item = result["items"]["drift"]
     assert item["numbers"]["failure"]["all"]["n_excluded_wrong_before"] == 1

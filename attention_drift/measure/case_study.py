@@ -14,8 +14,9 @@ records, for that one prompt:
   (:meth:`~attention_drift.measure.drift.HeadDrift.top`).
 
 The edit is entered once and the weights are restored on exit. :func:`~attention_drift.views.case_study.case_study_figure`
-(plotly) and :func:`~attention_drift.views.case_study.case_study_view` (circuitsvis, offline) draw the top heads' rows before vs
-after; :meth:`CaseStudy.to_json` gives the numbers file of the figure.
+(plotly: the three states' predictions and the top heads' rows before vs after) and
+:func:`~attention_drift.views.case_study.case_study_view` (circuitsvis, offline: the rows) draw it;
+:meth:`CaseStudy.to_json` gives the numbers file of the figure.
 
 Typical use::
 

@@ -22,6 +22,11 @@ REPORTED: dict[str, str] = {
     "patch_windows": "Paper (GPT-J-6B, ROME): restoring the pre-edit attention of a 10-layer window raises P(true) by "
                      "28.6% to 739.2% (relative; measured as P(true), not log-odds).",
     "patch_contamination": "Paper (GPT-J-6B, ROME): edited outputs over 6 layers at one position lower P(correct) by up "
-                           "to 4.59% (MLP), 3.74% (attention), 5.26% (whole model); measured as P(true), not log-odds.",
+                           "to 4.59% (MLP), 3.74% (attention), 5.26% (whole model); measured as P(true) (the right panel).",
 }
 """Reference line per figure name (the file stem); figures without an entry have no paper value."""
+
+CONTAMINATION: dict[str, float] = {"mlp_out": 4.59, "attn_out": 3.74, "whole model": 5.26}
+"""The paper's contamination numbers (GPT-J-6B, ROME): the largest drop of P(correct), in %, that the
+edited MLP / attention outputs over 6 layers at one position (and the whole edited model) cause."""
+

@@ -6,8 +6,8 @@ mean log-odds(true vs new), the fraction of the post- to pre-edit log-odds gap i
 (pooled: gap of the means; and the mean / median of per-prompt fractions over prompts with a gap)
 and the distract accuracy after patching, next to the pre- and post-edit accuracy; the top-k
 heads against the random-heads control (k random heads in the same layers, averaged over draws);
-the sweeps' pooled recovery per cell; the contamination as log-odds damage (see
-:data:`CONTAMINATION_WHY`). Intervals are record-clustered bootstrap 95% CIs except the
+the sweeps' pooled recovery per cell; the contamination as log-odds damage beside the paper's
+P(true) drop (see :data:`CONTAMINATION_MEASURES`, :func:`contamination_p_true`). Intervals are record-clustered bootstrap 95% CIs except the
 accuracies' normal intervals. :func:`patch_markdown` is its markdown section; the figures are in
 :mod:`attention_drift.views.report_figures`.
 """
@@ -115,17 +115,19 @@ CONTAMINATION_METRIC = (
     "drop / mean edit drop; 1 = the whole edit's damage), with record-clustered bootstrap 95% CIs")
 
 
-CONTAMINATION_WHY = (
-    "A prompt fails when the new target overtakes the true answer, so the measure is the log-odds of the two; on a "
-    "small model P(true) is small to begin with, and an edit or a substitution can raise P(new) past it without "
-    "lowering P(true) much, so a P(true) drop (the paper's measure, kept in patch.json) understates the damage and "
-    "is not comparable to the paper's GPT-J percentages.")
+CONTAMINATION_MEASURES = (
+    "Two measures, side by side. Log-odds(true vs new) is what decides failure (a prompt fails when the new target "
+    "overtakes the true answer). The mean drop of P(true) is the paper's measure; on a small model P(true) is small "
+    "to begin with, and a substitution can raise P(new) past it without lowering P(true) much, so the two can rank "
+    "the components differently.")
+"""What ``patch.json``'s contamination measures and why both are reported."""
 
 
 def _contamination_damage(contamination: list[dict], clusters: list) -> dict:
     """The contamination measured as log-odds damage (:data:`CONTAMINATION_METRIC`), per
-    component, key position and window centre layer; plus the full edit's log-odds drop and
-    P(true) before / after, which say why P(true) is not the measure (:data:`CONTAMINATION_WHY`)."""
+    component, key position and window centre layer, beside the mean P(true) drop there
+    (``p_true_drop``, probability, with its interval); plus the full edit's log-odds drop and
+    P(true) before / after (:data:`CONTAMINATION_MEASURES`)."""
     lo_pre = np.array([c["pre"][0] - c["pre"][1] for c in contamination])
     lo_post = np.array([c["post"][0] - c["post"][1] for c in contamination])
     p_pre = np.exp([c["pre"][0] for c in contamination])
@@ -141,24 +143,58 @@ def _contamination_damage(contamination: list[dict], clusters: list) -> dict:
             drop = np.array([lo_pre[i] - (np.array(contamination[i]["components"][component]["lp_true"][j])
                                           - np.array(contamination[i]["components"][component]["lp_new"][j]))
                              for i, j in rows])
+            p_drop = np.array([p_pre[i] - np.exp(contamination[i]["components"][component]["lp_true"][j])
+                               for i, j in rows])
             ids = [clusters[i] for i in keep]
             share = [bootstrap_ratio(drop[:, l], edit_drop[keep], ids) for l in range(drop.shape[1])]
             nats = [bootstrap_mean(drop[:, l], ids) for l in range(drop.shape[1])]
+            probs = [bootstrap_mean(p_drop[:, l], ids) for l in range(p_drop.shape[1])]
             by_label[label] = {"share": [e.value for e in share], "share_ci95": [[e.ci_low, e.ci_high] for e in share],
                                "logodds_drop": [e.value for e in nats],
                                "logodds_drop_ci95": [[e.ci_low, e.ci_high] for e in nats],
+                               "p_true_drop": [e.value for e in probs],
+                               "p_true_drop_ci95": [[e.ci_low, e.ci_high] for e in probs],
                                "n_prompts": len(keep), "n_records": share[0].n_clusters if share else 0}
         best = max(((lab, l, v) for lab, e in by_label.items() for l, v in enumerate(e["share"]) if math.isfinite(v)),
                    key=lambda t: t[2], default=None)
         components[component] = {"by_position": by_label, "best": None if best is None else {
             "label": best[0], "layer": best[1], "share": best[2], "ci95": by_label[best[0]]["share_ci95"][best[1]],
             "logodds_drop": by_label[best[0]]["logodds_drop"][best[1]]}}
-    return {"metric": CONTAMINATION_METRIC, "why_not_p_true": CONTAMINATION_WHY,
+    return {"metric": CONTAMINATION_METRIC, "measures": CONTAMINATION_MEASURES,
             "n_prompts": len(contamination), "n_records": distinct_records(clusters),
             "edit_logodds_drop": bootstrap_mean(edit_drop, clusters).to_dict(),
             "p_true_before": float(p_pre.mean()), "p_true_after": float(p_post.mean()),
             "p_true_change": bootstrap_mean(p_post - p_pre, clusters).to_dict(),
             "components": components}
+
+
+def contamination_p_true(contamination: dict) -> dict:
+    """Per component of ``patch.json``'s ``"contamination"``: the mean P(true) drop (probability)
+    per key position and window centre layer (``{"by_position": {label: {"drop": [...], "ci95":
+    [[low, high], ...] or None}}``), the largest (``"best"``: label, layer, drop, ci95) and the drop
+    where the log-odds damage is largest (``"at_logodds_best"``). Intervals (record-clustered
+    bootstrap 95%) where the file stores them (``damage``'s ``p_true_drop``); older files store
+    the means only (``"ci95"`` None)."""
+    damage = contamination.get("damage") or {}
+    out = {}
+    for component, v in contamination["components"].items():
+        stored = damage.get("components", {}).get(component, {})
+        by = {label: {"drop": e["p_true_drop"], "ci95": e["p_true_drop_ci95"]}
+              for label, e in stored.get("by_position", {}).items() if "p_true_drop" in e}
+        if not by:
+            by = {label: {"drop": list(d), "ci95": None} for label, d in v["mean_drop_by_position"].items()}
+        label, layer = max(((lab, l) for lab, e in by.items() for l, x in enumerate(e["drop"]) if math.isfinite(x)),
+                           key=lambda t: by[t[0]]["drop"][t[1]])
+
+        def at(lab, l):
+            return {"label": lab, "layer": l, "drop": by[lab]["drop"][l],
+                    "ci95": None if by[lab]["ci95"] is None else by[lab]["ci95"][l]}
+
+        worst = stored.get("best")
+        out[component] = {"by_position": by, "best": at(label, layer),
+                          "at_logodds_best": at(worst["label"], worst["layer"]) if worst and worst["label"] in by
+                          else None}
+    return out
 
 
 def patch_from_lines(lines: Sequence[dict]) -> dict:
@@ -290,6 +326,84 @@ def _est(e: dict, spec: str = ".3f") -> str:
     return f"{fmt(e['value'], spec)} [{fmt(e['ci_low'], spec)}, {fmt(e['ci_high'], spec)}]"
 
 
+COMPONENT_NAMES = {"mlp_out": "MLP", "attn_out": "attention"}
+
+
+def _points(drop: float, ci: list | None) -> str:
+    """A P(true) drop (probability) in percentage points, with its interval when there is one."""
+    return f"{100 * drop:.2f}" + ("" if ci is None else f" [{fmt(100 * ci[0], '.2f')}, {fmt(100 * ci[1], '.2f')}]")
+
+
+def _lead(best: dict, key: str, spec: str, unit: str, scale: float = 1.0) -> str:
+    """``"MLP (MLP 0.743, attention 0.585 of ...; the intervals do not overlap)"``: which component
+    of ``best`` (component -> estimate with ``key`` and ``ci95``) is largest, and by how much."""
+    if not best:
+        return "none"
+    lead = max(best, key=lambda comp: best[comp][key])
+    values = ", ".join(f"{COMPONENT_NAMES.get(k, k)} {format(scale * b[key], spec)}" for k, b in best.items())
+    cis = [b.get("ci95") for b in best.values()]
+    overlap = ""
+    if len(cis) == 2 and all(ci is not None for ci in cis):
+        apart = cis[0][1] < cis[1][0] or cis[1][1] < cis[0][0]
+        overlap = "; the intervals do not overlap" if apart else "; the intervals overlap"
+    return f"{COMPONENT_NAMES.get(lead, lead)} ({values}{unit}{overlap})"
+
+
+def contamination_markdown(c: dict) -> str:
+    """The contamination paragraph of a ``patch.json`` ``"contamination"`` with its ``damage``: the
+    log-odds damage beside the P(true) drop (:func:`contamination_p_true`), which component leads
+    by each, and the paper's numbers (:data:`attention_drift.reports.paper.CONTAMINATION`)."""
+    from attention_drift.reports.paper import CONTAMINATION as PAPER
+
+    d = c["damage"]
+    p_true = contamination_p_true(c)
+    name = {comp: f"{COMPONENT_NAMES.get(comp, comp)} ({comp})" for comp in d["components"]}
+    shares = {comp: v["best"] for comp, v in d["components"].items() if v["best"] is not None}
+    logodds = "; ".join(f"{name[comp]} at most {b['share']:.3f} [{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}] of it "
+                        f"({b['logodds_drop']:+.3f} nats) at {b['label']}, window centred on layer {b['layer']}"
+                        for comp, b in shares.items())
+    change = d["p_true_change"]
+    full, full_ci = -change["value"], [-change["ci_high"], -change["ci_low"]]
+    parts = []
+    for comp, v in p_true.items():
+        b, at = v["best"], v["at_logodds_best"]
+        parts.append(f"{name[comp]} at most {_points(b['drop'], b['ci95'])} points at {b['label']}, window centred "
+                     f"on layer {b['layer']} ({100 * b['drop'] / full:.0f}% of the full edit's)"
+                     + ("" if at is None else f", {_points(at['drop'], at['ci95'])} where its log-odds damage peaks"))
+    has_ci = all(v["best"]["ci95"] is not None for v in p_true.values())
+    windows = sum(len(e["drop"]) for e in next(iter(p_true.values()))["by_position"].values())
+    lead_lo = max(shares, key=lambda comp: shares[comp]["share"]) if shares else None
+    lead_p = max(p_true, key=lambda comp: p_true[comp]["best"]["drop"])
+    paper_lead = max(("mlp_out", "attn_out"), key=PAPER.get)
+    whole = PAPER["whole model"]
+    text = [
+        f"Contamination ({d['n_prompts']} prompts, {d['n_records']} records; the edited model's outputs substituted "
+        f"into the unedited model over {c.get('window') or '?'}-layer windows at key positions; record-clustered "
+        f"bootstrap 95% CIs). {d.get('measures', CONTAMINATION_MEASURES)}",
+        f"By log-odds: the full edit lowers log-odds(true vs new) by {_est(d['edit_logodds_drop'])}; substituting "
+        f"reproduces, {logodds}.",
+        f"By P(true): the full edit lowers mean P(true) by {_points(full, full_ci)} points (from "
+        f"{100 * d['p_true_before']:.2f}% to {100 * d['p_true_after']:.2f}%); substituting lowers it, "
+        + "; ".join(parts) + "."
+        + ("" if has_ci else " These component drops are means only: this patch.json keeps no per-prompt P(true) "
+           "drop per window, so they have no CI (a run made with this version stores them)."),
+        "Which leads: by log-odds " + _lead(shares, "share", ".3f", " of the edit's drop") + "; by P(true) "
+        + _lead({k: v["best"] for k, v in p_true.items()}, "drop", ".2f", " points", scale=100.0)
+        + ("" if has_ci else f", without CIs: the full edit's own interval is {100 * (full_ci[1] - full_ci[0]):.2f} "
+           "points wide, so an order this close is not established") + ". "
+        f"The paper (GPT-J-6B) reports P(correct) -{PAPER['mlp_out']}% (MLP), -{PAPER['attn_out']}% (attention), "
+        f"-{whole}% (whole model): {COMPONENT_NAMES[paper_lead]} ahead, MLP {100 * PAPER['mlp_out'] / whole:.0f}% and "
+        f"attention {100 * PAPER['attn_out'] / whole:.0f}% of the whole model's drop; here "
+        + ", ".join(f"{COMPONENT_NAMES.get(k, k)} {100 * v['best']['drop'] / full:.0f}%" for k, v in p_true.items())
+        + " of the full edit's, " + ("the paper's order" if lead_p == paper_lead else "the reverse of the paper's order")
+        + " by P(true)" + ("" if lead_lo is None else (", the paper's order" if lead_lo == paper_lead
+                                                         else ", the reverse") + " by log-odds") + ". "
+        f"Each 'at most' is the largest of {windows} window and position means, so it is biased upward; the paper's "
+        "whole-model number is set here beside the real edit's drop; and mean P(true) before the edit, "
+        f"{100 * d['p_true_before']:.2f}% here, bounds every P(true) drop while the log-odds has no such ceiling."]
+    return "\n\n".join(text)
+
+
 def patch_markdown(result: dict, title: str = "") -> str:
     """The patching section: per restoration variant the accuracy on the distract prompts (95% CI), mean P(true) and
     log-odds, and the pooled recovery of the log-odds gap (record-clustered 95% CI); the top-k
@@ -339,21 +453,7 @@ def patch_markdown(result: dict, title: str = "") -> str:
                      for comp, v in c["components"].items()]
             rows += ["", f"Contamination ({c['n_prompts']} prompts): " + "; ".join(parts)]
         else:
-            parts = []
-            for comp, v in d["components"].items():
-                b = v["best"]
-                if b is not None:
-                    parts.append(f"{comp}: at most {b['share']:.3f} [{fmt(b['ci95'][0])}, {fmt(b['ci95'][1])}] "
-                                 f"of the edit's log-odds drop ({b['logodds_drop']:+.3f} nats) at {b['label']}, "
-                                 f"window centred on layer {b['layer']}")
-            e = d["edit_logodds_drop"]
-            rows += ["", f"Contamination as log-odds damage ({d['n_prompts']} prompts, {d['n_records']} records; "
-                     f"{c.get('window') or '?'}-layer windows; record-clustered bootstrap 95% CIs): the full edit "
-                     f"lowers log-odds(true vs new) by {_est(e)} on average; substituting the edited model's outputs "
-                     "into the unedited model reproduces, " + "; ".join(parts) + ". "
-                     f"Why log-odds and not the paper's P(true) drop: mean P(true) is {d['p_true_before']:.4f} before "
-                     f"and {d['p_true_after']:.4f} after the edit (change {_est(d['p_true_change'], '+.4f')}). "
-                     + d["why_not_p_true"]]
+            rows += ["", contamination_markdown(c)]
     return "\n".join(rows)
 
 

@@ -5,8 +5,8 @@ Items (``ITEMS``) and where their numbers come from:
 1. ``case_study`` -- one edit and one distract prompt: predictions before, after, and after
    with every attention pattern restored, plus the prediction row of the most drifting heads
    (:mod:`attention_drift.measure.case_study`). The prompt is picked from the drift run by the stated
-   rule :data:`CASE_RULE` (:func:`pick_case`), among the prompts the model got right before
-   the edit.
+   rule :data:`CASE_RULE` (:func:`pick_case`, from ``drift.json``'s samples), among the prompts
+   the model got right before the edit whose true answer does not occur in the prompt.
 2. ``prevalence`` (RQ1) -- neighbourhood vs distract neighbourhood and relation vs distract
    relation accuracy, pre-edit and after ROME, MEMIT and PMET (evaluation runs).
 3. ``contamination`` (RQ2) -- the pre-edit model with the edited model's MLP / attention
@@ -26,7 +26,9 @@ Evaluation runs are ``attention-drift evaluate`` run files named after :func:`va
 records (balanced). Drift and patching use the first ``drift_limit`` / ``patch_limit``
 records that have distract prompts, balanced between the kinds (distract-neighbourhood prompts
 come from CounterFact-type records, distract-relation prompts from WikiData-type ones). Every stage writes
-resumable run files, so an interrupted command continues where it stopped. The result is
+resumable run files, so an interrupted command continues where it stopped; with
+``reuse_reports`` (``--reuse-reports``) the drift and patching items are built from the
+``drift.json`` / ``patch.json`` already in ``OUT`` instead (their run files are not needed). The result is
 ``OUT/figures.md`` and ``OUT/figures.json`` (every number behind every figure, the file list,
 and per item ``"n"``: the records and prompts behind each figure) next to the figures (HTML
 that opens offline, and PNG when a browser for kaleido is there). Every figure's title gives
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attention_drift.core.errors import AttentionDriftError
+from attention_drift.reports.case_pick import CASE_RULE, CASE_TIERS, pick_case  # noqa: F401 (the gallery's rule)
 from attention_drift.reports.evaluation import COMPARE_GROUPS
 
 ITEMS = ("case_study", "prevalence", "contamination", "drift", "patching", "main_table", "ablations")
@@ -82,6 +85,10 @@ class FiguresConfig:
         variants: evaluation variants to use (names of :func:`variants`; default: all but ``none``).
         stats_samples: covariance statistics sample count (None: the model preset's).
         progress: progress bars on stderr.
+        reuse_reports: build the drift, contamination, patching and case-study items from
+            ``OUT/drift/drift.json`` and ``OUT/patch/patch.json`` as they are (markdown and figures
+            redrawn, ``explorer.html`` kept) instead of measuring; they must exist and their run must
+            match the model, data, limits and edit asked for (:func:`reused_report`).
     """
 
     data: str | None = None
@@ -94,6 +101,7 @@ class FiguresConfig:
     variants: tuple[str, ...] | None = None
     stats_samples: int | None = None
     progress: bool = True
+    reuse_reports: bool = False
 
     def __post_init__(self):
         bad = [i for i in self.items if i not in ITEMS]
@@ -355,38 +363,39 @@ def _analysis(cfg: FiguresConfig, executor, kind: str, limit: int, folder: Path)
     analysis.run_patch(None, selection.load(), variant, folder, meta, k=10, **common)
 
 
+def reused_report(cfg: FiguresConfig, model: str, kind: str) -> dict:
+    """``OUT/<kind>/<kind>.json`` (``kind``: ``"drift"`` or ``"patch"``) for ``reuse_reports``,
+    after checking that its run is the one :func:`_analysis` would make here: the same model,
+    data, edit and records (the first ``drift_limit`` / ``patch_limit`` with distract prompts).
+    Raises :class:`FiguresError` saying what differs, or that the file is missing."""
+    from attention_drift.runs.evaluation import RecordSelection
+
+    path = Path(cfg.out) / kind / f"{kind}.json"
+    if not path.is_file():
+        raise FiguresError(f"reuse_reports needs {path}, which is missing; copy the committed report there or "
+                           "leave reuse_reports off to measure it", fields=("reuse_reports",))
+    content = json.loads(path.read_text())
+    meta = content.get("meta") or {}
+    name = "drift_limit" if kind == "drift" else "patch_limit"
+    selection = RecordSelection(cfg.data, limit=getattr(cfg, name), balanced=True, with_distract=True)
+    asked = {"model": model, "data": selection.label, "edit": json.loads(json.dumps(cfg.variant("rome").meta()))}
+    wrong = [f"{k} {meta.get(k)!r} (asked: {v!r})" for k, v in asked.items() if meta.get(k) != v]
+    expected = {json.dumps(r.case_id) for r in selection.load()}
+    if kind == "drift":
+        ids = {json.dumps(s["case_id"]) for s in content.get("samples", [])}
+    else:
+        ids = set(content.get("top_heads", {}))
+    if ids - expected or content.get("records") != len(expected):
+        wrong.append(f"records: {content.get('records')} ({len(ids - expected)} not among the asked ones), asked "
+                     f"{len(expected)} ({name} {getattr(cfg, name)})")
+    if wrong:
+        raise FiguresError(f"reuse_reports: {path} was made for another request: " + "; ".join(wrong),
+                           fields=("reuse_reports", name))
+    return content
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-CASE_RULE = (
-    "the distract-neighbourhood prompt with the largest log-odds(true vs new) drop among those the unedited model "
-    "got right (P(true) ≥ P(new)): taken first from the prompts whose true answer was the unedited model's top-1 "
-    "token and that the edit made fail, else from those the edit made fail, else from all prompts right before "
-    "the edit")
-"""How :func:`pick_case` chooses the case study (stated in ``figures.md``)."""
-CASE_TIERS = ("knew it (top-1) and failed", "right before and failed", "right before")
-
-
-def pick_case(drift_records: Path) -> dict | None:
-    """The drift-run sample for the case study, chosen by :data:`CASE_RULE` (failure as
-    :class:`attention_drift.measure.drift.Outcome` defines it); None when no distract-neighbourhood
-    prompt was right before the edit. The sample dict gains ``"pick"``: ``{"rule", "tier"
-    (of :data:`CASE_TIERS`), "candidates" (prompts in that tier), "right_before", "prompts"}``."""
-    from attention_drift.measure.drift import DriftSample
-    from attention_drift.core.jsonl import read_run
-
-    samples = [s for line in read_run(drift_records).records for s in line.get("samples", [])
-               if s["group"] == "distract_neighborhood"]
-    right = [(s, d) for s, d in ((s, DriftSample.from_dict(s)) for s in samples) if d.right_before]
-    tiers = ([(s, d) for s, d in right if d.flipped and d.true_top1_before], [(s, d) for s, d in right if d.flipped],
-             right)
-    for tier, candidates in zip(CASE_TIERS, tiers):
-        if candidates:
-            best, _ = max(candidates, key=lambda sd: sd[1].severity["logodds_drop"])
-            return {**best, "pick": {"rule": CASE_RULE, "tier": tier, "candidates": len(candidates),
-                                     "right_before": len(right), "prompts": len(samples)}}
-    return None
 
 
 def _edited_case(prompt: str, target_true: str, variant, worker, record):
@@ -397,13 +406,13 @@ def _edited_case(prompt: str, target_true: str, variant, worker, record):
     return case_study(model, record.rewrite, prompt, target_true, method=variant.method, config=variant.config(model))
 
 
-def _case_study(cfg: FiguresConfig, executor, out: Path, png: bool) -> dict:
+def _case_study(cfg: FiguresConfig, executor, out: Path, png: bool, drift: dict) -> dict:
     from attention_drift.views import viz
-    from attention_drift.measure.case_study import CaseStudy
+    from attention_drift.measure.case_study import STATE_NAMES, CaseStudy
     from attention_drift.views.case_study import case_study_figure, case_study_view
     from attention_drift.runs.evaluation import RecordSelection
 
-    sample = pick_case(out / "drift" / "drift_records.jsonl") if (out / "drift" / "drift_records.jsonl").exists() else None
+    sample = pick_case(drift) if drift.get("samples") else None
     if sample is None:
         return {}
     records = RecordSelection(cfg.data).load()
@@ -426,12 +435,17 @@ def _case_study(cfg: FiguresConfig, executor, out: Path, png: bool) -> dict:
     numbers = {k: v for k, v in cs.to_json().items() if k not in ("rows_before", "rows_after")}
     numbers["pick"] = pick
     md = "| state | top-1 | P(true) | P(new) |\n|---|---|---|---|\n" + "\n".join(
-        f"| {state} | {p['top_token']!r} | {p['p_true']:.3f} | {p['p_new']:.3f} |"
+        f"| {STATE_NAMES[state]} | {p['top_token']!r} | {p['p_true']:.3f} | {p['p_new']:.3f} |"
         for state, p in numbers["predictions"].items())
+    top = cs.restored.top_token.strip()
+    back = bool(top) and sample["target_true"].strip().startswith(top)
+    md += (f"\n\nRestoring every attention pattern to its pre-edit value {'brings' if back else 'does not bring'} the "
+           f"true answer (its first token) back to top-1 (top-1 {cs.restored.top_token!r}, P(true) {cs.restored.p_true:.3f} vs "
+           f"P(new) {cs.restored.p_new:.3f}).")
     heads = ", ".join(f"L{h['layer']}H{h['head']} {h['before']:.3f}→{h['after']:.3f}" for h in numbers["top_heads"])
     md = (f"Chosen by rule: {pick['rule']}. Tier used: {pick['tier']} ({pick['candidates']} candidates; "
           f"{pick['right_before']} of {pick['prompts']} distract-neighbourhood prompts of the drift run were right "
-          f"before the edit).\n\n"
+          f"before the edit and eligible, {pick['answer_in_prompt']} excluded for holding their true answer).\n\n"
           f"Edit: {record.rewrite.edit_sentence!r} (was {record.rewrite.target_true!r}); "
           f"prompt {sample['prompt']!r}, true {sample['target_true']!r}.\n\n{md}\n\n"
           f"Attention of the prediction position to the subject's last token, top heads: {heads}")
@@ -443,11 +457,14 @@ def run_figures(cfg: FiguresConfig, where) -> dict:
     :class:`~attention_drift.runs.placement.Placement` or an
     :class:`~attention_drift.runs.executor.Executor`: evaluation runs, drift, patching and the
     case study all run on it); returns (and writes to ``OUT/figures.json``) their numbers,
-    markdown and files, and writes ``OUT/figures.md``."""
+    markdown and files, and writes ``OUT/figures.md``. With ``cfg.reuse_reports`` the drift and
+    patch reports are read (:func:`reused_report`) and redrawn, not measured; the case study
+    still runs its one edit unless ``OUT/case_study.json`` holds the picked prompt."""
     from attention_drift.reports.drift import drift_markdown
     from attention_drift.reports.patch import patch_markdown
     from attention_drift.runs.executor import as_executor
     from attention_drift.views.plots import png_ok
+    from attention_drift.views.report_figures import drift_figures, patch_figures
 
     executor = as_executor(where)
 
@@ -464,9 +481,15 @@ def run_figures(cfg: FiguresConfig, where) -> dict:
         for item, make in (("prevalence", _prevalence), ("main_table", _main_table), ("ablations", _ablations)):
             if item in items:
                 result["items"][item] = make(runs, out, png)
+    model = executor.placement.model
+    drift: dict = {}
     if items & {"drift", "case_study", "contamination", "patching"}:
-        _analysis(cfg, executor, "drift", cfg.drift_limit, out / "drift")
-        drift = _read_json(out / "drift" / "drift.json")
+        if cfg.reuse_reports:
+            drift = reused_report(cfg, model, "drift")
+            drift_figures(drift, out / "drift", png)
+        else:
+            _analysis(cfg, executor, "drift", cfg.drift_limit, out / "drift")
+            drift = _read_json(out / "drift" / "drift.json")
         result["items"]["drift"] = {
             "numbers": {k: drift.get(k) for k in ("records", "n_samples", "n_samples_by_group", "records_by_group",
                                                   "definitions", "failure", "wrong_after_rate", "top_heads",
@@ -475,15 +498,21 @@ def run_figures(cfg: FiguresConfig, where) -> dict:
             "files": sorted(str(p) for p in (out / "drift").iterdir() if p.suffix in (".html", ".png")),
             "n": _drift_sizes(drift)}
     if items & {"contamination", "patching"}:
-        _analysis(cfg, executor, "patch", cfg.patch_limit, out / "patch")
-        patch = _read_json(out / "patch" / "patch.json")
+        if cfg.reuse_reports:
+            patch = reused_report(cfg, model, "patch")
+            patch_figures(patch, out / "patch", png)
+        else:
+            _analysis(cfg, executor, "patch", cfg.patch_limit, out / "patch")
+            patch = _read_json(out / "patch" / "patch.json")
         files = sorted(str(p) for p in (out / "patch").iterdir() if p.suffix in (".html", ".png"))
         md = patch_markdown(patch) if patch else ""
         sizes = _patch_sizes(patch)
         if "contamination" in items:
+            at = md.find("\n\nContamination")  # the last section: its paragraphs to the end
+            windows = [p for p in md.split("\n\n") if p.startswith("10-layer")]
             result["items"]["contamination"] = {
                 "numbers": {k: patch.get(k) for k in ("contamination", "sweep", "windows") if k in patch},
-                "markdown": "\n\n".join(p for p in md.split("\n\n") if p.startswith(("Contamination", "10-layer"))),
+                "markdown": "\n\n".join(windows + ([md[at + 2:]] if at >= 0 else [])),
                 "files": [f for f in files if any(k in f for k in ("contamination", "layer_component", "windows"))],
                 "n": {k: v for k, v in sizes.items() if k != "patch_accuracy"}}
         if "patching" in items:
@@ -493,7 +522,7 @@ def run_figures(cfg: FiguresConfig, where) -> dict:
                 "markdown": md, "files": [f for f in files if "accuracy" in f],
                 "n": {k: v for k, v in sizes.items() if k == "patch_accuracy"}}
     if "case_study" in items:
-        result["items"]["case_study"] = _case_study(cfg, executor, out, png)
+        result["items"]["case_study"] = _case_study(cfg, executor, out, png, drift)
     (out / "figures.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "figures.md").write_text(figures_markdown(result))
     return result

@@ -1,5 +1,8 @@
-"""The case study drawn: the top heads' prediction rows before vs after the edit, as plotly
-heatmaps (:func:`case_study_figure`) and offline circuitsvis panels (:func:`case_study_view`)."""
+"""The case study drawn: the three states' predictions (pre-edit, post-edit, attention restored)
+and the top heads' prediction rows before vs after the edit, as one plotly figure
+(:func:`case_study_figure`), and offline circuitsvis panels of the rows (:func:`case_study_view`)."""
+
+import textwrap
 
 import plotly.graph_objects as go
 import torch
@@ -12,12 +15,16 @@ from attention_drift.views.plots import PALETTE, SEQUENTIAL, token_label, style
 from attention_drift.views.viz import AttentionView
 
 
-def _probabilities(cs: CaseStudy, sep: str = "<br>") -> str:
-    return sep.join(
-        f"{STATE_NAMES[k]}: P({cs.true_target.strip()}) = {p.p_true:.3f}, "
-        f"P({cs.new_target.strip()}) = {p.p_new:.3f}, top-1 {p.top_token!r}"
-        for k, p in cs.predictions.items()
-    )
+STATE_LABELS = {"pre": "pre-edit", "post": "post-edit", "restored": "attention restored"}
+"""Short names of the three states on the figure's prediction panel."""
+WIDTH = 900
+"""Figure width in px; titles wrap at :data:`TITLE_CHARS` (about 8 px a character in the title font)."""
+TITLE_CHARS = 95
+
+
+def _state_tick(state: str, cs: CaseStudy) -> str:
+    p = cs.predictions[state]
+    return f"{STATE_LABELS[state]}<br>top-1 {token_label(repr(p.top_token))} ({p.top_prob:.3f})"
 
 
 def _top_rows(cs: CaseStudy) -> tuple[Tensor, Tensor, list[str]]:
@@ -29,20 +36,34 @@ def _top_rows(cs: CaseStudy) -> tuple[Tensor, Tensor, list[str]]:
 
 
 def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
-    """Two heatmaps, before and after the edit: the top heads' (rows) attention from the
-    prediction position over the prompt's tokens (columns), on one colour scale.
+    """The three states and the attention that separates them.
 
-    The edited subject's last token is outlined; the annotation gives P(true) / P(new) and the
-    top-1 token of the pre-edit, post-edit and attention-restored states. Hover shows the head,
-    token, position and both values.
+    Top: P(true) and P(new) of the pre-edit, post-edit and attention-restored states (bars,
+    values on them), each state's top-1 token and its probability under its name. Bottom: two
+    heatmaps of the top heads' (rows) attention from the prediction position over the prompt's
+    tokens (columns), before and after the edit, on one colour scale; the attention-restored
+    state's rows are the before rows (every pattern is restored). The edited subject's last token
+    is outlined. Hover shows the head, token, position and both values. The title wraps at
+    :data:`TITLE_CHARS` characters.
     """
     before, after, labels = _top_rows(cs)
     before, after = before.detach().double().cpu(), after.detach().double().cpu()
     k, n = before.shape
     ticks = [token_label(t) for t in cs.tokens]
     zmax = max(float(before.max()), float(after.max()), 1e-6)
-    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=("before the edit", "after the edit"))
+    fig = make_subplots(rows=2, cols=2, specs=[[{"colspan": 2}, None], [{}, {}]], row_heights=[0.32, 0.68],
+                        horizontal_spacing=0.04, vertical_spacing=0.2, subplot_titles=(
+                            "predictions of the three states", "before the edit (= attention restored)",
+                            "after the edit"))
+    states = list(cs.predictions)
+    x = [_state_tick(s, cs) for s in states]
+    for i, (name, attr) in enumerate(((cs.true_target.strip(), "p_true"), (cs.new_target.strip(), "p_new"))):
+        values = [getattr(cs.predictions[s], attr) for s in states]
+        fig.add_trace(go.Bar(x=x, y=values, name=f"P({name})", marker_color=PALETTE[2 * i],
+                             text=[f"{v:.3f}" for v in values], textposition="outside",
+                             hovertemplate=f"%{{x}}<br>P({name}) = %{{y:.4f}}<extra></extra>"), row=1, col=1)
+    top = max(max(p.p_true, p.p_new) for p in cs.predictions.values())
+    fig.update_yaxes(range=[0, 1.25 * max(top, 1e-6)], row=1, col=1)
     for col, (name, z, other) in enumerate((("before", before, after), ("after", after, before)), start=1):
         custom = [[[labels[i], ticks[j], j, float(other[i, j])] for j in range(n)] for i in range(k)]
         other_name = "after" if name == "before" else "before"
@@ -51,21 +72,22 @@ def case_study_figure(cs: CaseStudy, *, title: str | None = None) -> go.Figure:
             coloraxis="coloraxis",
             hovertemplate=("head %{customdata[0]}<br>token %{customdata[1]} (position %{customdata[2]})"
                            f"<br>{name}: %{{z:.4f}}<br>{other_name}: %{{customdata[3]:.4f}}<extra></extra>"),
-        ), row=1, col=col)
+        ), row=2, col=col)
         fig.add_shape(type="rect", x0=cs.subject_last - 0.5, x1=cs.subject_last + 0.5, y0=-0.5, y1=k - 0.5,
-                      line={"color": PALETTE[1], "width": 2}, row=1, col=col)
+                      line={"color": PALETTE[1], "width": 2}, row=2, col=col)
         fig.update_xaxes(tickmode="array", tickvals=list(range(n)), ticktext=ticks, tickangle=-60,
-                         title_text="key token", row=1, col=col)
-    fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(k)), ticktext=labels)
+                         title_text="key token", row=2, col=col)
+        fig.update_yaxes(autorange="reversed", tickmode="array", tickvals=list(range(k)), ticktext=labels,
+                         showticklabels=col == 1, title_text="head" if col == 1 else None, row=2, col=col)
+    fig.update_yaxes(matches="y2", row=2, col=2)
     fig.update_layout(coloraxis={"colorscale": SEQUENTIAL, "cmin": 0.0, "cmax": zmax,
-                                 "colorbar": {"title": "attention"}},
-                      height=max(480, 40 * k + 380))
+                                 "colorbar": {"title": "attention", "len": 0.6, "y": 0.3}},
+                      height=max(760, 40 * k + 620), width=WIDTH, barmode="group",
+                      legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.0, "yanchor": "bottom"})
     title = title or (f"Case study: {cs.request.subject} → {cs.new_target.strip()} ({cs.method}), "
                       f"top {k} drifting heads")
-    fig = style(fig, title, "key token", "head")
-    fig.update_layout(margin={"t": 190})
-    fig.add_annotation(text=_probabilities(cs), xref="paper", yref="paper", x=0.0, y=1.08,
-                       showarrow=False, xanchor="left", yanchor="bottom", align="left", font={"size": 12})
+    fig = style(fig, "\n".join(textwrap.wrap(title, TITLE_CHARS)), "", "probability")
+    fig.update_layout(margin={"t": 100 + 24 * len(textwrap.wrap(title, TITLE_CHARS))})
     return fig
 
 
@@ -98,4 +120,4 @@ def case_study_view(cs: CaseStudy) -> AttentionView:
     return AttentionView(title, panels, side_by_side=True)
 
 
-__all__ = ["case_study_figure", "case_study_view"]
+__all__ = ["STATE_LABELS", "case_study_figure", "case_study_view"]

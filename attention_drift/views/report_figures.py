@@ -165,19 +165,69 @@ def patch_figures(result: dict, out: Path, png: bool) -> list[str]:
             ci=None if ci is None else {label: tuple(torch.tensor(ci, dtype=torch.float64).unbind(-1))},
             xlabel="window centre layer")
         written += plots.save_figure(fig, out / "patch_windows", png)
-    damage = result.get("contamination", {}).get("damage")
-    if damage:
-        curves, bands = {}, {}
-        for comp, c in damage["components"].items():
-            for label, e in c["by_position"].items():
-                name = f"{comp} @ {label}"
-                curves[name] = torch.tensor(e["share"], dtype=torch.float64)
-                bands[name] = tuple(torch.tensor(e["share_ci95"], dtype=torch.float64).unbind(-1))
-        if curves:
-            fig = plots.recovery_curves(
-                curves, f"Contamination: share of the edit's log-odds drop reproduced (95% CI), "
-                f"{result['contamination'].get('window') or '?'}-layer windows · {damage['n_prompts']} prompts, "
-                f"{damage['n_records']} records", ci=bands, xlabel="window centre layer",
-                ylabel="log-odds damage (share of the edit's)")
-            written += plots.save_figure(fig, out / "patch_contamination", png)
+    fig = contamination_figure(result)
+    if fig is not None:
+        written += plots.save_figure(fig, out / "patch_contamination", png)
     return written
+
+
+CONTAMINATION_WIDTH = 1000
+"""The contamination figure's width in px; its title wraps at about 8 px a character (title font)."""
+
+
+def contamination_figure(result: dict):
+    """The contamination of a ``patch.json`` content, two panels over the window centre layer, one
+    curve per component and key position with its 95% CI band: the share of the edit's log-odds
+    drop that substituting the edited outputs reproduces (left), and the mean P(true) drop in
+    points (right; bands where the file stores intervals, see
+    :func:`attention_drift.reports.patch.contamination_p_true`) with the full edit's own P(true)
+    drop and its CI as a line and a band. None without ``damage``."""
+    import textwrap
+
+    from plotly.subplots import make_subplots
+
+    from attention_drift.reports.patch import contamination_p_true
+
+    c = result.get("contamination", {})
+    damage = c.get("damage")
+    if not damage:
+        return None
+    left, right, left_ci, right_ci = {}, {}, {}, {}
+    p_true = contamination_p_true(c)
+    for comp, entry in damage["components"].items():
+        for label, e in entry["by_position"].items():
+            name = f"{comp} @ {label}"
+            left[name] = torch.tensor(e["share"], dtype=torch.float64)
+            left_ci[name] = tuple(torch.tensor(e["share_ci95"], dtype=torch.float64).unbind(-1))
+            drop = p_true[comp]["by_position"].get(label)
+            if drop is not None:
+                right[name] = 100 * torch.tensor(drop["drop"], dtype=torch.float64)
+                if drop["ci95"] is not None:
+                    right_ci[name] = tuple((100 * torch.tensor(drop["ci95"], dtype=torch.float64)).unbind(-1))
+    if not left:
+        return None
+    window = c.get("window") or "?"
+    change = damage["p_true_change"]
+    full, low, high = (-100 * change[k] for k in ("value", "ci_high", "ci_low"))
+    panels = (plots.recovery_curves(left, "", ci=left_ci), plots.recovery_curves(right, "", ci=right_ci))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.09, subplot_titles=(
+        "log-odds damage (share of the edit's drop)",
+        "P(true) drop, points" + ("" if right_ci else " (means only: no CIs stored)")))
+    for col, panel in enumerate(panels, start=1):
+        for trace in panel.data:
+            trace.showlegend = col == 1 and trace.showlegend is not False
+            fig.add_trace(trace, row=1, col=col)
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "grey"}, annotation_text="full edit", row=1, col=1)
+    fig.add_hrect(y0=low, y1=high, fillcolor="grey", opacity=0.12, line_width=0, row=1, col=2)
+    fig.add_hline(y=full, line={"dash": "dot", "color": "grey"}, row=1, col=2,
+                  annotation_text=f"full edit {full:.2f} [{low:.2f}, {high:.2f}]")
+    title = (f"Contamination: edited outputs substituted over {window}-layer windows, by log-odds damage and by P(true) "
+             f"drop (95% CI) · {damage['n_prompts']} prompts, {damage['n_records']} records")
+    fig = plots.style(fig, "\n".join(textwrap.wrap(title, (CONTAMINATION_WIDTH - 200) // 8)),
+                      "window centre layer", "log-odds damage (share of the edit's)")
+    fig.update_xaxes(title_text="window centre layer")
+    fig.update_yaxes(title_text="P(true) drop (points)", row=1, col=2)
+    fig.update_layout(width=CONTAMINATION_WIDTH, height=600, margin={"t": 150},
+                      legend={"orientation": "h", "yanchor": "top", "y": -0.18, "x": 0})
+    return fig
+
