@@ -500,7 +500,7 @@ def _bars(summary: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str], 
                 down.append(None)
         traces.append(go.Bar(
             name=setting, x=[m.replace("_", " ") for m in metrics], y=acc, marker_color=colours[setting],
-            legendgroup=setting, error_y={"type": "data", "array": up, "arrayminus": down, "visible": True},
+            error_y={"type": "data", "array": up, "arrayminus": down, "visible": True},
             hovertemplate=f"{html.escape(setting)}<br>%{{x}}: %{{y:.1f}}<extra></extra>" if percent
             else f"{html.escape(setting)}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
         ))
@@ -556,14 +556,14 @@ def metric_bar_panels(
     shown = set()
     for col, summary in enumerate(panels.values(), start=1):
         for trace in _bars(summary, metrics, percent, colours):
-            trace.showlegend = trace.name not in shown
+            trace.update(legendgroup=trace.name, showlegend=trace.name not in shown)  # one entry toggles all panels
             shown.add(trace.name)
             fig.add_trace(trace, row=1, col=col)
     labels = [m.replace("_", " ") for m in metrics]
     fig.update_xaxes(tickmode="array", tickvals=labels, ticktext=["<br>".join(textwrap.wrap(m, 18)) for m in labels],
                      tickangle=0)
     fig.update_annotations(font_size=14)  # the panel titles
-    fig.update_layout(barmode="group")
+    fig.update_layout(barmode="group", legend_tracegroupgap=0)
     return style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
 
 
