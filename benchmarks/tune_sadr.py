@@ -114,12 +114,11 @@ def figure(tuning, report_dir: Path, path: Path) -> None:
             family = {n: r for n, r in reported.items() if n == base or n.startswith(f"{base}-")}
             points[f"report half ({base.upper()})"] = tradeoff(family, base)
     shown = {k: v for k, v in points.items() if v}
-    fig = plots.recovery_tradeoff(shown, "SADR variants: distract loss recovered vs paraphrase cost (95% CIs; hover "
-                                  "for the tuning-half and earlier points)",
-                                  labelled=[k for k in shown if k.startswith("report half")])
-    fig.update_layout(width=1300, height=750)
-    for suffix in (".html", ".png"):
-        plots.save(fig, path.with_suffix(suffix))
+    fig = plots.recovery_tradeoff(shown, "SADR variants: distract-neighbourhood loss recovered vs paraphrase cost "
+                                  "(95% CIs; each number's variant and records in the legend)")
+    fig.update_layout(width=1300, height=800)
+    plots.save(fig, path.with_suffix(".html"), plotlyjs="directory")
+    plots.save(fig, path.with_suffix(".png"))
     return 0
 
 

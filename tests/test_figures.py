@@ -95,7 +95,7 @@ def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
 
     titles = []
     save = figures._save
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text)
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " "))
                         or save(fig, out, name, png))
     groups = {"efficacy": [True], "distract_neighborhood": [True, False, False, False]}
     runs = {"rome": _write_run(tmp_path / "rome.jsonl", "rome", groups, seconds=2.0),
@@ -132,6 +132,31 @@ def test_weight_sweep_is_ordered_by_weight_on_shared_records(tmp_path):
     assert [rows[n]["distract_neighborhood"]["accuracy"] for n in ("rome", "rome-sadr", "rome-sadr-w1")] == [0, 1, 1]
     assert "selection" not in result and "layers" not in result  # no ablation variant of either family ran
     assert any(f.endswith("ablation_weight.html") for f in result["files"])
+
+
+def test_weight_sweep_figure_has_categories_and_intervals(tmp_path, monkeypatch):
+    """γ on a categorical axis (plain ROME is "0 (ROME)", not a point at 0.001 on a log axis), with the
+    rows' 95% CIs as whiskers."""
+    from attention_drift.views import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, png: drawn.update({path.name: fig}) or [])
+    runs = {name: _write_run(tmp_path / f"{name}.jsonl", "rome",
+                             {"efficacy": [True], "paraphrase": [i < 2, True], "distract_neighborhood": [i > 0, False]})
+            for i, name in enumerate(("rome", "rome-sadr", "rome-sadr-w0.1", "rome-sadr-w1"))}
+    result = _ablations(runs, tmp_path, png=False, min_records=4)
+    fig = drawn["ablation_weight"]
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.type != "log"
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["distract neighborhood"].x) == ["0 (ROME)", "0.01 (published)", "0.1", "1"]
+    rows = result["weight"]["numbers"]["rows"]
+    for i, name in enumerate(("rome", "rome-sadr", "rome-sadr-w0.1", "rome-sadr-w1")):
+        entry, trace = rows[name]["distract_neighborhood"], traces["distract neighborhood"]
+        assert trace.y[i] == pytest.approx(100 * entry["accuracy"])
+        assert trace.error_y.array[i] == pytest.approx(100 * (entry["ci95"][1] - entry["accuracy"]))
+        assert trace.error_y.arrayminus[i] == pytest.approx(100 * (entry["accuracy"] - entry["ci95"][0]))
+    assert any(v > 0 for v in traces["distract neighborhood"].error_y.array)  # real intervals, not zeros
+    assert "95% CI" in fig.layout.title.text
 
 
 def _sample(prompt, before, after, top1=None, group="distract_neighborhood"):
@@ -284,12 +309,15 @@ def test_reuse_reports_refuses_missing_or_other_reports(tmp_path, capsys):
     assert len(err) == 1 and "--reuse-reports needs" in err[0] and "missing" in err[0]
 
 
-def test_markdown_lists_items_in_paper_order():
-    result = {"config": {}, "items": {"main_table": {"markdown": "T", "files": ["f.html"]},
+def test_markdown_lists_items_in_paper_order(tmp_path):
+    written = tmp_path / "f.html"
+    written.write_text("<html></html>")
+    result = {"config": {}, "items": {"main_table": {"markdown": "T", "files": [str(written), str(tmp_path / "g.png")]},
                                       "case_study": {"markdown": "C", "files": [],
                                                      "n": {"case_study": {"records": 1, "prompts": 1}}}}}
     text = figures_markdown(result)
-    assert text.index("## 1. case study") < text.index("## 6. main table") and "`f.html`" in text
+    assert text.index("## 1. case study") < text.index("## 6. main table") and f"Files: `{written}`\n" in text
+    assert "g.png" not in text  # not written (e.g. no PNG export here): not named
     assert "n per figure: case_study: records 1, prompts 1" in text
     assert len(ITEMS) == 7
 
@@ -365,7 +393,7 @@ def test_captions_state_the_n_of_each_group_from_the_data(tmp_path, monkeypatch)
     from attention_drift.runs import figures
 
     titles = []
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text) or [])
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " ")) or [])
     with RunFile(tmp_path / "rome.jsonl", {"model": "m", "method": "rome", "data": "d", "fluency": None,
                                            "edit": None}) as run:
         for case_id in range(5):

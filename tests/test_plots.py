@@ -225,6 +225,24 @@ def test_tradeoff_curve():
         tradeoff_curve([0.0, 0.1], {"e": [1]}, "γ", "t")
 
 
+def test_tradeoff_curve_on_categories_with_intervals():
+    """γ = 0 sits on the axis as a labelled category (no fake position on a log scale), with CI whiskers."""
+    labels = ["0 (ROME)", "0.01 (published)", "0.1", "1"]
+    fig = tradeoff_curve(labels, {"DNS": [20, 30, 31, 32], "PS": [97, 93, 92, 83]},
+                         ci={"DNS": [[15, 26], [24, 36], 6.0, [25, 38]]})
+    assert fig.layout.xaxis.type == "category"  # "0.1" and "1" stay labels, evenly spaced, in the given order
+    dns, ps = fig.data
+    assert list(dns.x) == labels
+    assert list(dns.error_y.array) == pytest.approx([6, 6, 6, 6]) and list(dns.error_y.arrayminus) == [5, 6, 6, 7]
+    assert ps.error_y.array is None  # no interval given: none drawn
+    with pytest.raises(PlotError, match="log_x"):
+        tradeoff_curve(labels, {"DNS": [1, 2, 3, 4]}, log_x=True)
+    with pytest.raises(PlotError, match="intervals but xs has 4"):
+        tradeoff_curve(labels, {"DNS": [1, 2, 3, 4]}, ci={"DNS": [1.0]})
+    with pytest.raises(PlotError, match="not in series"):
+        tradeoff_curve(labels, {"DNS": [1, 2, 3, 4]}, ci={"PS": [1.0] * 4})
+
+
 def test_save_html_is_self_contained(tmp_path):
     before, after = _drift_inputs()
     (path,) = save(drift_heatmap(before, after), tmp_path / "sub" / "drift.html")
@@ -272,12 +290,33 @@ def test_recovery_tradeoff_marks_every_variant_with_its_intervals():
                               {"variant": "b", "n_records": 12, "recovered": 0.8, "recovered_ci95": None,
                                "cost_diff": -0.1, "cost_ci95": None, "efficacy": 0.9}]}
     fig = recovery_tradeoff(points)
-    (trace,) = fig.data
-    assert list(trace.x) == [-2.0, -10.0] and list(trace.y) == [50.0, 80.0]
-    assert list(trace.error_y.array) == pytest.approx([20.0, 0.0])
-    assert list(trace.error_x.arrayminus) == pytest.approx([3.0, 0.0])
+    a, b = fig.data
+    assert (list(a.x), list(a.y), list(b.x), list(b.y)) == ([-2.0], [50.0], [-10.0], [80.0])
+    assert list(a.error_y.array) == pytest.approx([20.0]) and list(b.error_y.array) == [0.0]
+    assert list(a.error_x.arrayminus) == pytest.approx([3.0])
+    # every marker carries its number; the legend is the key, grouped by series
+    assert (list(a.text), list(b.text)) == (["1"], ["2"])
+    assert a.name == "1  a (12 records)" and a.legendgrouptitle.text == "tuning half" and a.mode == "markers+text"
     with pytest.raises(PlotError, match="at least one point"):
         recovery_tradeoff({"x": []})
+
+
+def test_label_positions_keep_numbers_apart():
+    from attention_drift.views.plots import LABEL_SPOTS, label_positions
+
+    # three points almost on top of each other, one far away
+    spots = label_positions([(0.0, 90.0), (0.0, 92.0), (0.0, 88.0), (50.0, 0.0)], (-10.0, 60.0), (-60.0, 170.0))
+    assert spots[3] == next(iter(LABEL_SPOTS))  # alone: the first spot
+    assert len(set(spots[:3])) == 3  # crowded: three different spots
+    w, h = 0.02, 0.04
+
+    def box(i, spot):
+        x, y = [(0.0, 90.0), (0.0, 92.0), (0.0, 88.0)][i]
+        dx, dy = LABEL_SPOTS[spot]
+        return (x + 10) / 70 + dx * w, (y + 60) / 230 + dy * h
+
+    boxes = [box(i, s) for i, s in enumerate(spots[:3])]
+    assert all(abs(p[0] - q[0]) >= w or abs(p[1] - q[1]) >= h for i, p in enumerate(boxes) for q in boxes[i + 1:])
 
 
 def test_heatmaps_show_intervals_in_the_hover():

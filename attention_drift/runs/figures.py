@@ -304,6 +304,21 @@ def _too_small(numbers: dict, name: str, result: dict, min_records: int) -> bool
     return True
 
 
+def _weight_label(name: str, weight: float) -> str:
+    """The weight sweep's x label of a run: ``"0 (ROME)"``, ``"0.01 (published)"``, ``"0.1"``."""
+    if weight == 0:
+        return "0 (ROME)"
+    return f"{weight:g} (published)" if name == "rome-sadr" else f"{weight:g}"
+
+
+def _ci_percent(entry: dict) -> list[float] | float:
+    """A row entry's 95% CI in points: [low, high], or the half-width where it has no bounds."""
+    ci = entry.get("ci95")
+    if isinstance(ci, (list, tuple)):
+        return [100 * float(b) for b in ci]
+    return 100 * float(entry["half_width"] if ci is None else ci)
+
+
 def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECORDS) -> dict:
     from attention_drift.views import plots
 
@@ -316,11 +331,13 @@ def _ablations(runs, out: Path, png: bool, min_records: int = ABLATION_MIN_RECOR
         rows = numbers["rows"]
         names = [n for n in rows if n != "pre-edit"]
         xs = [sweep[n] for n in names]
-        series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in names]
-                  for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in names)}
-        fig = plots.tradeoff_curve([max(x, 1e-3) for x in xs], series, "SADR weight γ (plain ROME drawn at 0.001)",
-                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood\n"
-                                   f"{_records_text(numbers)} (shared records; CIs in figures.md)", log_x=True,
+        groups = [g for g in ("efficacy", "paraphrase", "distract_neighborhood") if all(g in rows[n] for n in names)]
+        series = {g.replace("_", " "): [100 * rows[n][g]["accuracy"] for n in names] for g in groups}
+        ci = {g.replace("_", " "): [_ci_percent(rows[n][g]) for n in names] for g in groups}
+        fig = plots.tradeoff_curve([_weight_label(n, w) for n, w in zip(names, xs)], series,
+                                   "SADR weight γ (categories, not to scale)",
+                                   "ROME + SADR: efficacy / paraphrase vs distract neighbourhood as γ grows · "
+                                   f"{_records_text(numbers)} (shared records, 95% CIs)", ci=ci,
                                    ylabel="accuracy (%)")
         result["weight"] = {"weights": dict(zip(names, xs)), "numbers": numbers, "markdown": md}
         result["n"]["ablation_weight"] = _sizes(numbers)
@@ -560,7 +577,8 @@ def _sizes_markdown(sizes: dict) -> str:
 
 
 def figures_markdown(result: dict) -> str:
-    """The numbers file: one section per item with its tables and files."""
+    """The numbers file: one section per item with its tables and the files of it that exist (paths as
+    written, relative to where the command ran; plotly pages load ``plotly.min.js`` from their folder)."""
     parts = ["# attention-drift figures", "", f"Configuration: `{json.dumps(result['config'])}`", ""]
     for item in ITEMS:
         entry = result["items"].get(item)
@@ -576,6 +594,7 @@ def figures_markdown(result: dict) -> str:
         sizes = _sizes_markdown(entry.get("n") or {})
         if sizes:
             parts += [sizes, ""]
-        if entry.get("files"):
-            parts += ["Files: " + ", ".join(f"`{f}`" for f in entry["files"]), ""]
+        files = [f for f in entry.get("files") or [] if Path(f).is_file()]
+        if files:
+            parts += ["Files: " + ", ".join(f"`{f}`" for f in files), ""]
     return "\n".join(parts)

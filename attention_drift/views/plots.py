@@ -6,7 +6,8 @@ the same way (template ``plotly_white``, titled axes, hover text with the exact 
 Heatmaps draw the first row at the top, like a printed matrix, and use numeric axes with
 tick labels so that repeated labels (two `` the`` tokens) stay separate rows.
 
-:func:`save` writes self-contained HTML (plotly.js inlined, opens offline) and/or PNG.
+:func:`save` writes HTML that opens offline (plotly.js inlined, or one ``plotly.min.js`` per folder)
+and/or PNG; titles are wrapped to the figure's width (:func:`fit_title`).
 PNG goes through kaleido >= 1, which drives a Chrome/Chromium binary; on Debian/Ubuntu
 ``apt-get install chromium`` and ``pip install "kaleido>=1"`` are all it needs (kaleido
 finds ``/usr/bin/chromium`` itself; set ``BROWSER_PATH`` for a binary elsewhere).
@@ -16,8 +17,10 @@ import html
 import importlib.metadata
 import math
 import os
+import re
 import shutil
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -50,31 +53,100 @@ def _values(x: Tensor) -> Tensor:
     return x.detach().to("cpu", torch.float64)
 
 
+TITLE_SIZE = 16
+"""Font size (px) of figure titles; the reference line under a title (:func:`add_reference`) is 11 px."""
+REFERENCE_SIZE = 11
+CHAR_EM = 0.5
+"""Estimated width of one title character in units of its font size (8 px at 16 px; Arial text
+averages ~0.45), used to wrap titles to the figure's width."""
+LINE_HEIGHT = 1.3
+"""plotly's spacing of title lines, in units of the title's font size (every line, small ones too)."""
+TITLE_PAD, TITLE_GAP = 12, 20
+"""Space (px) above the title, and between the title's last line and the plot."""
+DEFAULT_WIDTH = 700
+"""The width (px) plotly exports a figure at when its layout sets none (HTML pages fill the window)."""
+_SOFT_BREAK = "\u200b<br>"  # a break fit_title inserted (zero-width space marks it), undone before re-wrapping
+_REFERENCE = re.compile(r"<br><span style='font-size:(\d+)px;color:#666'>(.*)</span>$", re.S)
+
+
 def style(fig: go.Figure, title: str, xlabel: str, ylabel: str) -> go.Figure:
-    """The package's look: template, a left-aligned title (a ``\\n`` breaks its line, text escaped),
-    axis titles, font size."""
+    """The package's look: template, a left-aligned title at the top (a ``\\n`` breaks its line, text
+    escaped, long lines wrapped to the figure's width by :func:`fit_title`), axis titles, font size."""
     fig.update_layout(
         template=TEMPLATE,
-        title={"text": "<br>".join(html.escape(line) for line in title.split("\n")), "x": 0.02, "xanchor": "left"},
+        title={"text": "<br>".join(html.escape(line) for line in title.split("\n")), "x": 0.02, "xanchor": "left",
+               "y": 1.0, "yref": "container", "yanchor": "top", "pad": {"t": TITLE_PAD},
+               "font": {"size": TITLE_SIZE}},
         xaxis_title=xlabel,
         yaxis_title=ylabel,
         font={"size": 13},
         hoverlabel={"align": "left"},
     )
+    return fit_title(fig)
+
+
+def _title_parts(text: str) -> tuple[list[list[str]], tuple[list[str], int] | None]:
+    """The title's paragraphs (``<br>``-separated), each a list of plain-text lines, and the reference's
+    (lines, font size) or None; a break :func:`fit_title` inserted separates lines of one paragraph."""
+    def lines(part: str) -> list[str]:
+        return [html.unescape(line) for line in part.split(_SOFT_BREAK)]
+
+    match = _REFERENCE.search(text)
+    main = text[:match.start()] if match else text
+    paragraphs = [lines(p) for p in re.split(f"(?<!{_SOFT_BREAK[0]})<br>", main)]
+    return paragraphs, (lines(match.group(2)), int(match.group(1))) if match else None
+
+
+def title_lines(fig: go.Figure) -> list[tuple[str, int]]:
+    """Every line of ``fig``'s title as drawn: (plain text, font size in px)."""
+    paragraphs, reference = _title_parts(fig.layout.title.text or "")
+    size = fig.layout.title.font.size or TITLE_SIZE
+    return [(line, size) for p in paragraphs for line in p] + ([(line, reference[1]) for line in reference[0]]
+                                                               if reference else [])
+
+
+def title_margin(lines: int) -> int:
+    """The top margin (px) that holds ``lines`` title lines above the plot."""
+    return math.ceil(TITLE_PAD + lines * LINE_HEIGHT * TITLE_SIZE + TITLE_GAP)
+
+
+def fit_title(fig: go.Figure) -> go.Figure:
+    """Wrap the title's lines (and its reference line) at spaces to the figure's width (``layout.width``,
+    else plotly's export width 700 px; :data:`CHAR_EM` x the font size per character) and make the
+    top margin hold them: a margin this function set follows the new line count, a larger one a
+    figure chose is kept. Idempotent; :func:`style` and :func:`save` call it."""
+    text = fig.layout.title.text
+    if not text:
+        return fig
+    before = len(title_lines(fig))
+    room = (fig.layout.width or DEFAULT_WIDTH) * (1 - (fig.layout.title.x or 0.0)) - 16
+
+    def wrap(lines: list[str], size: int) -> list[str]:
+        chars = max(20, int(room / (CHAR_EM * size)))
+        return textwrap.wrap(" ".join(lines), chars, break_long_words=False, break_on_hyphens=False) or [""]
+
+    paragraphs, reference = _title_parts(text)
+    size = fig.layout.title.font.size or TITLE_SIZE
+    wrapped = [wrap(p, size) for p in paragraphs] + ([wrap(*reference)] if reference else [])
+    joined = [_SOFT_BREAK.join(html.escape(line) for line in p) for p in wrapped]
+    if reference:
+        joined[-1] = f"<span style='font-size:{reference[1]}px;color:#666'>{joined[-1]}</span>"
+    lines = sum(map(len, wrapped))
+    chosen, needed = fig.layout.margin.t, title_margin(lines)
+    top = needed if chosen is None or chosen == title_margin(before) else max(chosen, needed)
+    # plotly draws a title of several lines half a line higher than a one-line title: pad it down
+    pad = TITLE_PAD + (LINE_HEIGHT * TITLE_SIZE / 2 if lines > 1 else 0)
+    fig.update_layout(title_text="<br>".join(joined), title_pad_t=pad, margin_t=top)
     return fig
 
 
-def add_reference(fig: go.Figure, text: str, width: int = 110) -> go.Figure:
-    """A grey line under the title (e.g. the paper's value for the same analysis), wrapped at
-    ``width`` characters."""
-    import textwrap
-
-    lines = textwrap.wrap(text, width)
-    top = (fig.layout.margin.t or 100) + 18 * len(lines)
+def add_reference(fig: go.Figure, text: str) -> go.Figure:
+    """A grey line under the title (e.g. the paper's value for the same analysis), wrapped to the
+    figure's width."""
     title = fig.layout.title.text or ""
-    fig.update_layout(margin={"t": top}, title_text=title + "<br><span style='font-size:11px;color:#666'>"
-                      + "<br>".join(html.escape(line) for line in lines) + "</span>")
-    return fig
+    fig.update_layout(title_text=title + f"<br><span style='font-size:{REFERENCE_SIZE}px;color:#666'>"
+                      + html.escape(text) + "</span>")
+    return fit_title(fig)
 
 
 def token_label(text: object) -> str:
@@ -473,6 +545,41 @@ def _interval(entry: Mapping, where: str) -> tuple[float, float, float]:
     return acc, float(ci[0]), float(ci[1])
 
 
+def _bars(summary: Mapping[str, Mapping[str, Mapping]], metrics: Sequence[str], percent: bool,
+          colours: Mapping[str, str]) -> list[go.Bar]:
+    """One bar trace per setting of ``summary`` (x: the metrics), with its 95% CI error bars."""
+    scale = 100.0 if percent else 1.0
+    traces = []
+    for setting, groups in summary.items():
+        acc, up, down = [], [], []
+        for metric in metrics:
+            if metric in groups and groups[metric].get("accuracy", 0.0) is not None:
+                a, lo, hi = _interval(groups[metric], f"summary[{setting!r}][{metric!r}]")
+                acc.append(a * scale)
+                up.append((hi - a) * scale)
+                down.append((a - lo) * scale)
+            else:
+                acc.append(None)
+                up.append(None)
+                down.append(None)
+        traces.append(go.Bar(
+            name=setting, x=[m.replace("_", " ") for m in metrics], y=acc, marker_color=colours[setting],
+            error_y={"type": "data", "array": up, "arrayminus": down, "visible": True},
+            hovertemplate=f"{html.escape(setting)}<br>%{{x}}: %{{y:.1f}}<extra></extra>" if percent
+            else f"{html.escape(setting)}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+        ))
+    return traces
+
+
+def _metrics_and_colours(summaries: Sequence[Mapping], metrics: Sequence[str] | None):
+    if not summaries or not all(summaries):
+        raise PlotError("summary is empty: give {setting: {metric: {'accuracy': a, 'ci95': [lo, hi]}}}")
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for s in summaries for groups in s.values() for m in groups))
+    settings = list(dict.fromkeys(name for s in summaries for name in s))
+    return metrics, {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(settings)}
+
+
 def metric_bars(
     summary: Mapping[str, Mapping[str, Mapping]],
     title: str = "Editing metrics",
@@ -489,31 +596,38 @@ def metric_bars(
     in what order (default: every metric, in order of first appearance); a setting lacking
     a metric (or with accuracy None) leaves a gap.
     """
-    if not summary:
-        raise PlotError("summary is empty: give {setting: {metric: {'accuracy': a, 'ci95': [lo, hi]}}}")
-    if metrics is None:
-        metrics = list(dict.fromkeys(m for groups in summary.values() for m in groups))
-    scale = 100.0 if percent else 1.0
-    fig = go.Figure()
-    for i, (setting, groups) in enumerate(summary.items()):
-        acc, up, down = [], [], []
-        for metric in metrics:
-            if metric in groups and groups[metric].get("accuracy", 0.0) is not None:
-                a, lo, hi = _interval(groups[metric], f"summary[{setting!r}][{metric!r}]")
-                acc.append(a * scale)
-                up.append((hi - a) * scale)
-                down.append((a - lo) * scale)
-            else:
-                acc.append(None)
-                up.append(None)
-                down.append(None)
-        fig.add_trace(go.Bar(
-            name=setting, x=[m.replace("_", " ") for m in metrics], y=acc, marker_color=PALETTE[i % len(PALETTE)],
-            error_y={"type": "data", "array": up, "arrayminus": down, "visible": True},
-            hovertemplate=f"{html.escape(setting)}<br>%{{x}}: %{{y:.1f}}<extra></extra>" if percent
-            else f"{html.escape(setting)}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
-        ))
+    metrics, colours = _metrics_and_colours([summary], metrics)
+    fig = go.Figure(_bars(summary, metrics, percent, colours))
     fig.update_layout(barmode="group")
+    return style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
+
+
+def metric_bar_panels(
+    panels: Mapping[str, Mapping[str, Mapping[str, Mapping]]],
+    title: str = "Editing metrics",
+    *,
+    metrics: Sequence[str] | None = None,
+    percent: bool = True,
+    ylabel: str | None = None,
+) -> go.Figure:
+    """:func:`metric_bars` side by side on one y axis, one panel per ``{panel title: summary}`` (e.g.
+    the results beside the sanity checks), each as wide as its number of settings; a setting keeps
+    its colour in every panel and has one legend entry."""
+    metrics, colours = _metrics_and_colours(list(panels.values()), metrics)
+    widths = [len(s) for s in panels.values()]
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.06,
+                        column_widths=[w / sum(widths) for w in widths], subplot_titles=list(panels))
+    shown = set()
+    for col, summary in enumerate(panels.values(), start=1):
+        for trace in _bars(summary, metrics, percent, colours):
+            trace.update(legendgroup=trace.name, showlegend=trace.name not in shown)  # one entry toggles all panels
+            shown.add(trace.name)
+            fig.add_trace(trace, row=1, col=col)
+    labels = [m.replace("_", " ") for m in metrics]
+    fig.update_xaxes(tickmode="array", tickvals=labels, ticktext=["<br>".join(textwrap.wrap(m, 18)) for m in labels],
+                     tickangle=0)
+    fig.update_annotations(font_size=14)  # the panel titles
+    fig.update_layout(barmode="group", legend_tracegroupgap=0)
     return style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
 
 
@@ -548,36 +662,87 @@ def bars_from_summaries(named_summaries: Mapping[str, Mapping]) -> dict[str, dic
 
 
 def tradeoff_curve(
-    xs: Sequence[int | float],
+    xs: Sequence[int | float | str],
     series: Mapping[str, Sequence[int | float]],
     xlabel: str = "SADR weight γ",
     title: str = "Efficacy vs specificity trade-off",
     *,
     log_x: bool = False,
     ylabel: str = "accuracy",
+    ci: Mapping[str, Sequence[Sequence[int | float] | int | float]] | None = None,
 ) -> go.Figure:
     """Lines of several metrics (e.g. efficacy, paraphrase, distract neighbourhood) over a
-    swept setting ``xs`` (e.g. the SADR weight); ``log_x`` puts x on a log scale."""
-    xs = [float(v) for v in xs]
+    swept setting ``xs`` (e.g. the SADR weight); ``log_x`` puts x on a log scale. ``xs`` given as
+    strings are categories, evenly spaced in the given order (e.g. ``"0 (ROME)"`` beside
+    ``"0.01"``: no scale claimed). ``ci`` maps a series to one interval per x, ``(low, high)`` or a
+    half-width in the series' units, drawn as error bars."""
     if not xs or not series:
         raise PlotError("tradeoff_curve needs at least one x value and one series")
-    if log_x and min(xs) <= 0:
+    categorical = any(isinstance(v, str) for v in xs)
+    xs = [str(v) for v in xs] if categorical else [float(v) for v in xs]
+    if log_x and (categorical or min(xs) <= 0):
         raise PlotError(
-            f"log_x needs positive x values but got {min(xs)}; drop the x <= 0 point "
-            "(e.g. the γ = 0 baseline) or set log_x=False"
+            f"log_x needs positive numeric x values but got {min(xs)!r}; drop the x <= 0 point "
+            "(e.g. the γ = 0 baseline), give the x values as category labels, or set log_x=False"
         )
+    ci = ci or {}
+    unknown = set(ci) - set(series)
+    if unknown:
+        raise PlotError(f"ci has series {sorted(unknown)} that are not in series {sorted(series)}")
     fig = go.Figure()
     for i, (name, ys) in enumerate(series.items()):
         if len(ys) != len(xs):
             raise PlotError(f"series {name!r} has {len(ys)} values but xs has {len(xs)}")
+        ys = [float(v) for v in ys]
+        error = None
+        if name in ci:
+            if len(ci[name]) != len(xs):
+                raise PlotError(f"ci[{name!r}] has {len(ci[name])} intervals but xs has {len(xs)}")
+            bounds = [(y - c, y + c) if isinstance(c, (int, float)) else (float(c[0]), float(c[1]))
+                      for y, c in zip(ys, ci[name])]
+            error = {"type": "data", "array": [hi - y for y, (_, hi) in zip(ys, bounds)],
+                     "arrayminus": [y - lo for y, (lo, _) in zip(ys, bounds)], "visible": True}
         fig.add_trace(go.Scatter(
-            x=xs, y=[float(v) for v in ys], mode="lines+markers", name=name,
-            line={"color": PALETTE[i % len(PALETTE)]},
-            hovertemplate=f"{html.escape(name)}<br>{xlabel} %{{x:.4g}}: %{{y:.4g}}<extra></extra>",
+            x=xs, y=ys, mode="lines+markers", name=name, line={"color": PALETTE[i % len(PALETTE)]}, error_y=error,
+            hovertemplate=(f"{html.escape(name)}<br>{xlabel} %{{x{'' if categorical else ':.4g'}}}: %{{y:.4g}}"
+                           "<extra></extra>"),
         ))
     if log_x:
         fig.update_xaxes(type="log")
+    if categorical:
+        fig.update_xaxes(type="category")
     return style(fig, title, xlabel, ylabel)
+
+
+LABEL_SPOTS = {"top right": (1, 1), "bottom right": (1, -1), "top left": (-1, 1), "bottom left": (-1, -1),
+               "middle right": (1, 0), "middle left": (-1, 0), "top center": (0, 1), "bottom center": (0, -1)}
+"""Where a point's number may sit (plotly ``textposition``: unit offsets in x and y), in the order tried:
+the corners first, off the point's own error bars."""
+
+
+def label_positions(points: Sequence[tuple[float, float]], x_range: tuple[float, float],
+                    y_range: tuple[float, float], size: tuple[float, float] = (0.02, 0.04)) -> list[str]:
+    """A ``textposition`` per point, so that short labels (numbers) beside markers neither overlap
+    each other nor sit on another marker: the first spot of :data:`LABEL_SPOTS` whose label box
+    (``size``: width, height as fractions of the axes) is free, else the least crowded one."""
+    def norm(x, y):
+        return (x - x_range[0]) / ((x_range[1] - x_range[0]) or 1), (y - y_range[0]) / ((y_range[1] - y_range[0]) or 1)
+
+    w, h = size
+    marks = [norm(*p) for p in points]
+    boxes, chosen = [], []
+    for mx, my in marks:
+        def clashes(spot):
+            dx, dy = LABEL_SPOTS[spot]
+            cx, cy = mx + dx * w, my + dy * h
+            hits = sum(abs(cx - bx) < w and abs(cy - by) < h for bx, by in boxes)
+            return hits + sum(abs(cx - px) < w * 0.75 and abs(cy - py) < h * 0.75
+                              for px, py in marks if (px, py) != (mx, my))
+        spot = min(LABEL_SPOTS, key=lambda k: (clashes(k), list(LABEL_SPOTS).index(k)))
+        dx, dy = LABEL_SPOTS[spot]
+        boxes.append((mx + dx * w, my + dy * h))
+        chosen.append(spot)
+    return chosen
 
 
 def recovery_tradeoff(
@@ -585,44 +750,55 @@ def recovery_tradeoff(
     title: str = "SADR variants: distract loss recovered vs paraphrase cost",
     *,
     cost_label: str = "paraphrase",
-    labelled: Sequence[str] | None = None,
     y_range: tuple[float, float] | None = (-60, 170),
 ) -> go.Figure:
     """One marker per variant: x = its paraphrase accuracy minus the plain editor's (points),
     y = the share of the plain editor's distract-neighbourhood loss it wins back (%), both with
-    95% CIs, labelled with the variant and its number of records; one series per key of
-    ``points`` (e.g. the tuning and the report half). Points are
-    :func:`attention_drift.reports.evaluation.tradeoff` entries. ``labelled``: the series whose markers carry
-    their label as text (None: all; the others show it on hover); ``y_range``: the y axis shown
+    95% CIs; one colour per key of ``points`` (e.g. the tuning and the report half). Every marker
+    carries a number, placed so that numbers do not overlap (:func:`label_positions`), and the
+    legend is the key: per series, ``number variant (records)``. Points are
+    :func:`attention_drift.reports.evaluation.tradeoff` entries. ``y_range``: the y axis shown
     (longer intervals run off it; None: fit everything)."""
     if not points or not any(points.values()):
         raise PlotError("recovery_tradeoff needs at least one point: {series: [report.tradeoff entries]}")
-    fig = go.Figure()
-    for i, (series, entries) in enumerate(points.items()):
-        def bars(key, value):
-            lo_hi = [e[key] or [e[value]] * 2 for e in entries]
-            return ([100 * (hi - e[value]) for e, (lo, hi) in zip(entries, lo_hi)],
-                    [100 * (e[value] - lo) for e, (lo, hi) in zip(entries, lo_hi)])
+    flat = [(i, series, e) for i, (series, entries) in enumerate(points.items()) for e in entries]
 
-        x_up, x_down = bars("cost_ci95", "cost_diff")
-        y_up, y_down = bars("recovered_ci95", "recovered")
+    def interval(e, key, value):
+        lo, hi = e[key] or [e[value]] * 2
+        return 100 * (hi - e[value]), 100 * (e[value] - lo)
+
+    xy = [(100 * e["cost_diff"], 100 * e["recovered"]) for _, _, e in flat]
+
+    def extent(value, key):  # every point and interval end, in points / %
+        return [100 * v for _, _, e in flat for v in [e[value], *(e[key] or [])]]
+
+    xs, ys = extent("cost_diff", "cost_ci95"), extent("recovered", "recovered_ci95")
+    shown_y = (float(y_range[0]), float(y_range[1])) if y_range is not None else (min(ys), max(ys))
+    spots = label_positions(xy, (min(xs), max(xs)), shown_y)
+    fig = go.Figure()
+    for number, ((i, series, e), (x, y), spot) in enumerate(zip(flat, xy, spots), start=1):
+        x_up, x_down = interval(e, "cost_ci95", "cost_diff")
+        y_up, y_down = interval(e, "recovered_ci95", "recovered")
+        colour = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(
-            x=[100 * e["cost_diff"] for e in entries], y=[100 * e["recovered"] for e in entries],
-            mode="markers+text" if labelled is None or series in labelled else "markers", name=series, text=[f"{e['variant']} ({e['n_records']})" for e in entries],
-            textposition="top center",
-            marker={"color": PALETTE[i % len(PALETTE)], "size": 10},
-            error_x={"type": "data", "array": x_up, "arrayminus": x_down, "visible": True, "thickness": 1},
-            error_y={"type": "data", "array": y_up, "arrayminus": y_down, "visible": True, "thickness": 1},
-            customdata=[[e["n_records"], 100 * (e["efficacy"] or 0)] for e in entries],
-            hovertemplate=(f"{html.escape(series)}: %{{text}}<br>{cost_label} %{{x:+.1f}} points<br>"
-                           "recovered %{y:.0f}%<br>records %{customdata[0]}, efficacy %{customdata[1]:.1f}%<extra></extra>"),
+            x=[x], y=[y], mode="markers+text", text=[str(number)], textposition=spot,
+            textfont={"color": colour, "size": 12}, name=f"{number}  {e['variant']} ({e['n_records']} records)",
+            legendgroup=series, legendgrouptitle_text=series, marker={"color": colour, "size": 9},
+            error_x={"type": "data", "array": [x_up], "arrayminus": [x_down], "visible": True, "thickness": 1},
+            error_y={"type": "data", "array": [y_up], "arrayminus": [y_down], "visible": True, "thickness": 1},
+            customdata=[[e["variant"], e["n_records"], 100 * (e["efficacy"] or 0)]],
+            hovertemplate=(f"{number}. {html.escape(series)}: %{{customdata[0]}}<br>{cost_label} %{{x:+.1f}} points<br>"
+                           "recovered %{y:.0f}%<br>records %{customdata[1]}, efficacy %{customdata[2]:.1f}%"
+                           "<extra></extra>"),
         ))
     fig.add_hline(y=60, line_dash="dot", line_color="grey", annotation_text="60% recovered")
-    fig.add_vline(x=-3, line_dash="dot", line_color="grey", annotation_text=f"{cost_label} -3")
+    fig.add_vline(x=-3, line_dash="dot", line_color="grey", annotation_text=f"{cost_label} -3",
+                  annotation_position="top left")
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
+    fig.update_layout(legend={"groupclick": "toggleitem", "tracegroupgap": 12})
     return style(fig, title, f"{cost_label} accuracy minus the plain editor's (points)",
-                  "distract-neighbourhood loss recovered (%)")
+                 "distract-neighbourhood loss recovered (%)")
 
 
 def _browser() -> str | None:
@@ -675,10 +851,27 @@ def _write_static(fig: go.Figure, path: Path, fmt: str, scale: int | float) -> N
     path.write_bytes(data)
 
 
-def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2) -> list[Path]:
-    """Write ``fig`` and return the written paths.
+PLOTLY_BUNDLE = "plotly.min.js"
+"""The file name of plotly.js beside pages saved with ``plotlyjs="directory"``."""
 
-    ``.html``: self-contained page with plotly.js inlined (opens offline, ~4.8 MB);
+
+def write_bundle(folder: Path) -> Path:
+    """``folder/plotly.min.js``: this plotly's bundle, written when missing or different (plotly itself
+    keeps any file of that name, even another version's)."""
+    from plotly.offline import get_plotlyjs
+
+    bundle, js = folder / PLOTLY_BUNDLE, get_plotlyjs()
+    if not bundle.is_file() or bundle.read_text(encoding="utf-8") != js:
+        bundle.write_text(js, encoding="utf-8")
+    return bundle
+
+
+def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2, plotlyjs: str = "inline") -> list[Path]:
+    """Write ``fig`` (its title first fitted to its width, :func:`fit_title`) and return the written paths.
+
+    ``.html``: a page that opens offline, plotly.js inlined (``plotlyjs="inline"``, ~4.8 MB) or
+    loaded from ``plotly.min.js`` in the page's folder (``"directory"``: written there by
+    :func:`write_bundle`, so a folder of figures holds plotly.js once and each page is a few kB);
     ``.png`` (also ``.svg``/``.pdf``): static image via kaleido, ``scale`` x the layout
     size; any other name (no suffix, or e.g. ``gamma-0.01``): both ``<name>.html`` and
     ``<name>.png``. Static export needs kaleido >= 1 and Chromium; without them a
@@ -686,6 +879,8 @@ def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2) -> 
     Each static image starts a headless browser (a few seconds); for many images run
     ``kaleido.start_sync_server()`` first.
     """
+    if plotlyjs not in ("inline", "directory"):
+        raise PlotError(f"plotlyjs must be 'inline' or 'directory', not {plotlyjs!r}")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
@@ -699,23 +894,27 @@ def save(fig: go.Figure, path: str | os.PathLike, *, scale: int | float = 2) -> 
         if problem:
             raise PngExportError(f"cannot write {targets[-1][0]}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    fit_title(fig)
     for target, fmt in targets:
         if fmt == "html":
-            fig.write_html(target, include_plotlyjs=True, full_html=True)
+            if plotlyjs == "directory":
+                write_bundle(target.parent)
+            fig.write_html(target, include_plotlyjs=True if plotlyjs == "inline" else "directory", full_html=True)
         else:
             _write_static(fig, target, fmt, scale)
     return [target for target, _ in targets]
 
 
 def save_figure(fig, path: Path, png: bool) -> list[str]:
-    """Write ``fig`` as HTML (and PNG), with the paper's value for this figure
-    (:data:`attention_drift.reports.paper.REPORTED`, by file stem) below it where the paper gives one."""
+    """Write ``fig`` as HTML (plotly.js from ``plotly.min.js`` in the same folder, so the page is small
+    enough to commit) and, with ``png``, PNG, with the paper's value for this figure
+    (:data:`attention_drift.reports.paper.REPORTED`, by file stem) under its title where the paper gives one."""
     from attention_drift.reports.paper import REPORTED
 
     if path.name in REPORTED:
         add_reference(fig, REPORTED[path.name])
 
-    written = save(fig, path.with_suffix(".html"))
+    written = save(fig, path.with_suffix(".html"), plotlyjs="directory")
     if png:
         try:
             written += save(fig, path.with_suffix(".png"))

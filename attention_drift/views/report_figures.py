@@ -125,11 +125,16 @@ def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
     return written
 
 
-def patch_figures(result: dict, out: Path, png: bool) -> list[str]:
-    """The patch report's figures from ``patch.json``'s content into ``out`` (restoration accuracy,
-    the layer x component sweep, the windows, contamination), as HTML and, with ``png``, PNG;
-    returns the files written."""
-    written = []
+SANITY_CHECKS = ("attn_out_all", "mlp_out_all")
+"""Restoration variants that give back the pre-edit prediction by construction (every MLP output, or
+every attention output, at every layer and position): checks of the patching, drawn apart from
+the results."""
+
+
+def patch_accuracy_figure(result: dict):
+    """The restoration figure of a ``patch.json`` content: accuracy on the distract prompts and the
+    pooled share of the log-odds gap recovered (95% CIs) per restoration variant, beside a panel of
+    the :data:`SANITY_CHECKS` (with pre-edit for reference)."""
     n = f"{result['n_prompts']} prompts, {result['records']} records"
 
     def recovery(s):
@@ -139,11 +144,23 @@ def patch_figures(result: dict, out: Path, png: bool) -> list[str]:
 
     accuracy = "accuracy on the distract prompts"
     bars = {"pre-edit": {accuracy: result["pre"], "log-odds gap recovered": recovery(result["pre"])}}
+    checks = {}
     for name, s in result["variants"].items():
-        bars[variant_label(name, s)] = {accuracy: s, "log-odds gap recovered": recovery(s)}
-    fig = plots.metric_bars(bars, f"Restoring pre-edit activations · {n} (95% CIs)", ylabel="%")
-    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0}, height=760)
-    written += plots.save_figure(fig, out / "patch_accuracy", png)
+        (checks if name in SANITY_CHECKS else bars)[variant_label(name, s)] = {
+            accuracy: s, "log-odds gap recovered": recovery(s)}
+    panels = {"restoring pre-edit activations": bars}
+    if checks:
+        panels["sanity checks: ≈100% by construction"] = {"pre-edit": bars["pre-edit"], **checks}
+    fig = plots.metric_bar_panels(panels, f"Restoring pre-edit activations · {n} (95% CIs)", ylabel="%")
+    fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.25, "x": 0}, height=760, width=900)
+    return plots.fit_title(fig)
+
+
+def patch_figures(result: dict, out: Path, png: bool) -> list[str]:
+    """The patch report's figures from ``patch.json``'s content into ``out`` (restoration accuracy,
+    the layer x component sweep, the windows, contamination), as HTML and, with ``png``, PNG;
+    returns the files written."""
+    written = plots.save_figure(patch_accuracy_figure(result), out / "patch_accuracy", png)
     if "sweep" in result:
         s = result["sweep"]
         rec = torch.tensor(s["recovery_pooled"], dtype=torch.float64)
