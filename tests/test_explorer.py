@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import zlib
 from pathlib import Path
 
@@ -357,34 +356,7 @@ def test_viz_explorer_view(tmp_path, synthetic):
 # in a real browser
 
 
-def _chromium() -> str | None:
-    for name in (os.environ.get("ATTENTION_DRIFT_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _no_browser(reason: str):
-    """Skip, or fail where ATTENTION_DRIFT_REQUIRE_BROWSER=1 (CI: the browser tests must run)."""
-    if os.environ.get("ATTENTION_DRIFT_REQUIRE_BROWSER") == "1":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _no_browser("playwright is not installed: pip install playwright (the dev extra has it; it drives the "
-                    "system Chromium and downloads no browser)")
-    executable = _chromium()
-    if executable is None:
-        _no_browser("no Chromium browser found: apt-get install -y chromium (or set ATTENTION_DRIFT_CHROMIUM)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield b
-        b.close()
+# the `browser` fixture (headless Chromium, or a skip / CI failure with the reason) is in conftest.py
 
 
 class Opened:
