@@ -1,4 +1,4 @@
-"""Frozen reference: what ROME, MEMIT, PMET and ROME+SADR compute, pinned to stored numbers.
+"""Frozen reference: what ROME, MEMIT, PMET, AlphaEdit and ROME+SADR compute, pinned to stored numbers.
 
 ``tests/fixtures/reference_editing.json`` holds, per seeded 3-layer tiny model
 (``tiny_model("llama", n_layers=3)`` and ``"gpt2"``) and editor, summaries of every weight
@@ -8,7 +8,8 @@ of SmolLM2-135M (delta norm, loss trace, target probability before and after). E
 a change of presets or defaults does not move these numbers; only a change of what an
 editor computes does. It was written by this module from the code before the editing
 redesign (issue 12); the tiny cases were rewritten with settings under which the optimisation
-converges (see :func:`tiny_case`; the code was unchanged). Regenerate it only for an intended
+converges (see :func:`tiny_case`; the code was unchanged). The AlphaEdit case was added with
+the editor (the other cases' numbers unchanged by that rewrite). Regenerate it only for an intended
 change of results, and say why in the commit message:
 
     OMP_NUM_THREADS=1 python tests/test_reference_editing.py          # tiny models
@@ -46,7 +47,7 @@ TINY_RTOL = 1e-4
 SLOW_RTOL = 1e-3
 SADR_RTOL = 1e-2
 ENTRIES = ((0, 0), (7, 13), (31, 63), (63, 5))
-METHODS_CASES = ("rome", "memit", "pmet", "rome_sadr")
+METHODS_CASES = ("rome", "memit", "pmet", "rome_sadr", "alphaedit")
 TINY_LAYERS = 3
 
 
@@ -74,7 +75,7 @@ def tiny_case(name: str):
     comparison, so a 1e-7 change can flip one head in or out and move the result by more
     than any tolerance; it has exact unit tests in ``test_sadr.py``. The weight is large
     because the tiny random model's attention hardly moves."""
-    from attention_drift.editing import MEMITConfig, PMETConfig, ROMEConfig, StatsConfig
+    from attention_drift.editing import AlphaEditConfig, MEMITConfig, PMETConfig, ROMEConfig, StatsConfig
     from attention_drift.editing.sadr import SADRConfig
 
     stats = StatsConfig(corpus="model", n_samples=32, seq_len=24, batch_size=32, seed=0)
@@ -93,6 +94,10 @@ def tiny_case(name: str):
         cfg = MEMITConfig(layers=(0, 1), lr=0.1, steps=8, clamp_norm_factor=50.0, mom2_update_weight=50.0,
                           context_templates=((4, 3),), **common)
         return "memit", cfg, [eiffel, jordan], None
+    if name == "alphaedit":  # threshold and L2 at the scale of the tiny models' keys (see AlphaEditConfig)
+        cfg = AlphaEditConfig(layers=(0, 1), lr=0.1, steps=8, clamp_norm_factor=50.0, nullspace_threshold=1e-4,
+                              l2=1e-4, context_templates=((4, 3),), **common)
+        return "alphaedit", cfg, [eiffel, jordan], None
     if name == "pmet":
         cfg = PMETConfig(layers=(0, 1), lr=0.1, steps=8, clamp_norm_factor=50.0, nll_factor=1.0,
                          mom2_update_weight=50.0, context_templates=((4, 3),),

@@ -1,4 +1,4 @@
-"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT and PMET.
+"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT, PMET and AlphaEdit.
 
 ``edit(model, rewrite, method=...)`` edits inside a ``with`` block and restores the weights
 exactly on exit; ``apply_edit`` returns an :class:`EditResult` to restore, re-apply
@@ -11,9 +11,11 @@ hook) in :mod:`~attention_drift.editing.optimize`; :func:`edit_key` identifies a
 resolved configuration and :class:`EditCache` replays stored edits from disk.
 """
 
+from attention_drift.editing.alphaedit import PreviousKeys
 from attention_drift.editing.api import EditContext, EditResult, apply_edit, check_request, edit
 from attention_drift.editing.cache import EditCache
 from attention_drift.editing.config import (
+    AlphaEditConfig,
     ConfigError,
     EditError,
     MEMITConfig,
@@ -38,6 +40,7 @@ from attention_drift.editing.registry import (
 from attention_drift.editing.stats import key_second_moments
 
 __all__ = [
+    "AlphaEditConfig",
     "CONFIG_TYPES",
     "EDITORS",
     "METHODS",
@@ -53,6 +56,7 @@ __all__ = [
     "Objective",
     "OptimizationTrace",
     "PMETConfig",
+    "PreviousKeys",
     "RequestError",
     "ROMEConfig",
     "StatsConfig",

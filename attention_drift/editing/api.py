@@ -6,6 +6,9 @@
     with result:
         ...  # the same edit again, bit for bit, without recomputing it
 
+A stateful editor (AlphaEdit: the keys of earlier edits) takes its state as ``state=`` and
+hands the state after the edit back as ``EditResult.state``, for the next edit of a sequence.
+
 Everything that can be wrong with a request or a configuration is checked before any
 weight is touched; the editor's preparation (covariance statistics, context templates) runs
 before too. The editor is looked up in :data:`~attention_drift.editing.registry.EDITORS`.
@@ -63,7 +66,10 @@ class EditResult:
             SADR did not make a request's new target win on its prompt; None: the SADR edit.
         restored: whether the original weights are in the model now.
         key: :func:`~attention_drift.editing.identity.edit_key` of the configuration; None
-            when extra loss terms took part (they are not part of a key).
+            when extra loss terms or a ``state`` took part (they are not part of a key).
+        state: a stateful editor's state after this edit (e.g. AlphaEdit's
+            :class:`~attention_drift.editing.alphaedit.PreviousKeys` with this edit's keys
+            added), to pass as ``state=`` to the next edit of a sequence; None for the others.
     """
 
     method: str
@@ -77,6 +83,7 @@ class EditResult:
     restored: bool = False
     key: str | None = None
     fallback: str | None = None
+    state: typing.Any = None
     _params: dict[str, torch.nn.Parameter] = field(default_factory=dict, repr=False)
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _updates: list[tuple[str, Tensor]] = field(default_factory=list, repr=False)
@@ -155,6 +162,8 @@ class EditResult:
             "originals": weights_fingerprint(self._originals),
             "updates": [(name, upd.detach().cpu().clone()) for name, upd in self._updates],
             "traces": [_portable(dataclasses.asdict(t), f"trace {i}") for i, t in enumerate(self.traces)],
+            "state": None if self.state is None else _portable(
+                {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}, "state"),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -197,10 +206,15 @@ class EditResult:
                 edited[name].add_(upd)
             deltas = {name: edited[name] - originals[name] for name in params}
         traces = [_trace(t) for t in data["traces"]]
+        state = data.get("state")
+        if state is not None:
+            if editor.state_type is None:
+                raise EditError(f"{path} holds a state, but editor {editor.name!r} keeps none")
+            state = editor.state_type(**state)
         return cls(
             data["method"], tuple(Rewrite(**r) for r in data["requests"]), config, layers, deltas, traces,
             data["seconds"], sadr=sadr, restored=True, key=data["key"], fallback=data.get("fallback"),
-            _params=params, _originals=originals,
+            state=state, _params=params, _originals=originals,
             _updates=updates, _model=identity,
         )
 
@@ -209,13 +223,14 @@ class EditContext:
     """Context manager returned by :func:`edit`: edits on entry, restores on exit."""
 
     def __init__(self, model, requests, method: str, config: EditorConfig | None, sadr, extra_losses: Sequence[ExtraLoss],
-                 progress: bool = True):
-        self._args = (model, requests, method, config, sadr, tuple(extra_losses), progress)
+                 progress: bool = True, state=None):
+        self._args = (model, requests, method, config, sadr, tuple(extra_losses), progress, state)
         self.result: EditResult | None = None
 
     def __enter__(self) -> EditResult:
-        model, requests, method, config, sadr, extra, progress = self._args
-        self.result = apply_edit(model, requests, method, config, sadr=sadr, extra_losses=extra, progress=progress)
+        model, requests, method, config, sadr, extra, progress, state = self._args
+        self.result = apply_edit(model, requests, method, config, sadr=sadr, extra_losses=extra, progress=progress,
+                                 state=state)
         return self.result
 
     def __exit__(self, *exc) -> None:
@@ -232,6 +247,7 @@ def edit(
     *,
     extra_losses: Sequence[ExtraLoss] = (),
     progress: bool = True,
+    state=None,
 ) -> EditContext:
     """``with edit(model, rewrite, method="rome") as result:`` the model is edited inside the block.
 
@@ -239,11 +255,11 @@ def edit(
     :class:`~attention_drift.editing.sadr.SADRConfig`) adds the SADR regulariser to the value
     optimisation; its unset weight and steps are the published ones for ``method``
     (``SADRConfig()`` is the paper's protocol: ROME 80 steps, MEMIT 20, PMET 40).
-    ``extra_losses`` adds any other terms; ``progress`` as in :func:`apply_edit`. On exit the
-    original weights are restored exactly, even when the block raises.
+    ``extra_losses`` adds any other terms; ``progress`` and ``state`` as in :func:`apply_edit`.
+    On exit the original weights are restored exactly, even when the block raises.
     """
     _check_sadr(sadr)
-    return EditContext(model, requests, method, config, sadr, tuple(extra_losses), progress)
+    return EditContext(model, requests, method, config, sadr, tuple(extra_losses), progress, state)
 
 
 def _check_sadr(sadr) -> None:
@@ -263,6 +279,7 @@ def apply_edit(
     sadr: SADRConfig | None = None,
     extra_losses: Sequence[ExtraLoss] = (),
     progress: bool = True,
+    state=None,
 ) -> EditResult:
     """Edit ``model`` in place and return the :class:`EditResult` (call ``.restore()`` to undo).
 
@@ -270,18 +287,25 @@ def apply_edit(
     batch. ``config``, ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics
     are computed (once per model, layer and corpus; cached on disk) and over each value
     optimisation's steps (a bar that clears when the edit is done). Works on whatever
-    device the model is on.
+    device the model is on. ``state``: a stateful editor's state from the previous edit of a
+    sequence (``previous_result.state``; AlphaEdit: the keys of earlier edits); None for a first
+    edit. The result's ``state`` is the state after this edit; an edit given a state has no key.
     """
     with on_model_device(model):
-        return _apply_edit(model, requests, method, config, sadr, extra_losses, progress)
+        return _apply_edit(model, requests, method, config, sadr, extra_losses, progress, state)
 
 
-def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -> EditResult:
+def _apply_edit(model, requests, method, config, sadr, extra_losses, progress, state=None) -> EditResult:
     start = time.perf_counter()
     reqs = _requests(requests)
     _check_sadr(sadr)
     editor, config, sadr = resolve_edit(model, method, config, sadr)
-    key = None if extra_losses else resolved_key(model, editor.name, config, sadr)
+    if state is not None and (editor.state_type is None or not isinstance(state, editor.state_type)):
+        wanted = "keeps no state between edits" if editor.state_type is None else \
+            f"takes a {editor.state_type.__name__} as state"
+        raise EditError(f"editor {editor.name!r} {wanted}, got state={type(state).__name__}; pass state=None "
+                        "or the .state of this editor's previous EditResult")
+    key = None if extra_losses or state is not None else resolved_key(model, editor.name, config, sadr)
     if sadr is not None:
         extra_losses = (*extra_losses, SADRLoss(sadr))
     for request in reqs:
@@ -312,17 +336,22 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
             for name, param in params.items():
                 param.copy_(originals[name])
 
+    def execute(run_config, losses):
+        if editor.state_type is None:
+            return editor.execute(model, reqs, run_config, prepared, apply, losses), None
+        return editor.execute(model, reqs, run_config, prepared, apply, losses, state=state)
+
     fallback = None
     try:
         with step_progress(progress):
-            traces = editor.execute(model, reqs, config, prepared, apply, extra_losses)
+            traces, new_state = execute(config, extra_losses)
             if sadr is not None and sadr.verify:
                 for stage, stage_config, stage_losses in _fallbacks(config, extra_losses):
                     if _requests_hold(model, reqs):
                         break
                     restore()
                     updates.clear()
-                    traces = editor.execute(model, reqs, stage_config, prepared, apply, stage_losses)
+                    traces, new_state = execute(stage_config, stage_losses)
                     config, fallback = stage_config, stage
     except BaseException:
         restore()
@@ -330,7 +359,7 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress) -
     deltas = {name: (p.detach() - originals[name]) for name, p in params.items()}
     return EditResult(
         editor.name, reqs, config, layers, deltas, list(traces), time.perf_counter() - start, sadr=sadr, key=key,
-        fallback=fallback, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
+        fallback=fallback, state=new_state, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
     )
 
 

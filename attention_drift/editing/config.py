@@ -1,4 +1,4 @@
-"""Editor configurations (ROME, MEMIT, PMET), their per-model presets, and editing errors.
+"""Editor configurations (ROME, MEMIT, PMET, AlphaEdit), their per-model presets, and editing errors.
 
 Every hyper-parameter of an edit lives in one frozen dataclass, so a result records exactly
 what produced it. ``XConfig.for_model(model)`` picks the preset of the model's family and
@@ -38,6 +38,18 @@ Presets and where their numbers come from:
   paraphrase 86.7, neighbourhood 40.7 (44.4 unedited), relation 33.3 (66.7 unedited)).
 * Gemma-3-270M (18 layers, d_model 640): the SmolLM2 choice scaled by depth (ROME layer 3
   = 5/30 of the depth; MEMIT / PMET 2-5, lambda scaled to d_mlp 2048), not swept.
+
+* AlphaEdit: MEMIT's preset of the model for every field the two share (layers, value
+  optimisation, templates, statistics), so that AlphaEdit and MEMIT differ only by the
+  null-space projection and its regulariser (the authors' AlphaEdit files equal their MEMIT
+  files in these fields for GPT-2 XL and GPT-J; their Llama3-8B file has lr 0.1, clamp 0.75,
+  where our Llama preset keeps EasyEdit's MEMIT values). Null-space threshold 2e-2 and L2 10:
+  the authors' values for all three of their models (``hparams/AlphaEdit/*.json``), in the same
+  units as ours (see :class:`AlphaEditConfig`). The tiny random models' keys are far smaller
+  (the tiny Llama's key second moment has every eigenvalue below 2e-3, trace 0.02; the tiny
+  GPT-2's trace is 1.7), so their wiring presets scale both down: Llama threshold 1e-4 (about
+  half the directions null) and L2 1e-4, GPT-2 threshold 2e-2 (~85% null) and L2 1e-2; with
+  L2 10 the tiny Llama's update was ~1000 times smaller than MEMIT's.
 
 Statistics: the offline models' presets use 300 sequences of 128 tokens sampled from the
 model itself. The official baseline used 1000, but sampling is the slow part on CPU
@@ -318,7 +330,70 @@ class PMETConfig:
         return _preset(model, cls)
 
 
-EditConfig = ROMEConfig | MEMITConfig | PMETConfig
+@dataclass(frozen=True)
+class AlphaEditConfig:
+    """AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved keys.
+
+    Args:
+        layers, v_loss_layer, lr, steps, weight_decay, clamp_norm_factor, kl_factor,
+            early_stop_loss, context_templates, stats, template_seed: as :class:`MEMITConfig`
+            (the value optimisation is MEMIT's).
+        nullspace_threshold: eigenvalues of the key second moment ``C = E[k k^T]`` below this
+            span the null space the update is projected onto (``P = U_hat U_hat^T``). The
+            authors threshold the singular values of ``mom2.moment()``, which is the raw sum of
+            ``k k^T`` divided by the token count: the same per-token mean as our ``C``, so their
+            value applies unchanged (2e-2 in every released AlphaEdit file; it is an absolute
+            scale of the model's keys: on SmolLM2-135M with the 300-sequence statistics it
+            leaves 1052-1325 of the 1536 directions of layers 3-7 in the null space). On 3
+            CounterFact development records of SmolLM2 (single edits, MEMIT's preset otherwise)
+            2e-2 and 1e-2 kept efficacy 3/3, 5e-3 dropped it to 1/3; none of them moved the
+            statistics' keys' outputs less than MEMIT (lambda 1400) per unit of change on the
+            edited key: MEMIT's ``C^-1`` already puts its update in the low-variance directions.
+        l2: the ridge term ``L2 * I`` of the update (the authors' ``L2``, 10), in the units of
+            ``K K^T`` (a sum over the batch's keys, not a mean).
+    """
+
+    layers: tuple[int, ...]
+    v_loss_layer: int | None = None
+    lr: float = 0.5
+    steps: int = 20
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0
+    context_templates: tuple[tuple[int, int], ...] = MEMIT_TEMPLATES
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    template_seed: int = 0
+
+    method = "alphaedit"
+
+    def __post_init__(self):
+        _check_common(self, "AlphaEditConfig")
+        _check_range(self.layers, "AlphaEditConfig")
+        if not self.nullspace_threshold > 0:
+            raise ConfigError(
+                f"AlphaEditConfig.nullspace_threshold must be > 0, got {self.nullspace_threshold}: it is the "
+                "eigenvalue of C = E[k k^T] below which a direction counts as null (the authors use 2e-2)"
+            )
+        if not self.l2 > 0:
+            raise ConfigError(
+                f"AlphaEditConfig.l2 must be > 0, got {self.l2}: without the ridge term the projected system "
+                "is singular (the authors use 10)"
+            )
+
+    def check(self, model) -> None:
+        """Raise a :class:`ConfigError` when the layers do not exist in ``model``."""
+        _check_layers(model, self.layers, self.v_loss_layer, "AlphaEdit")
+
+    @classmethod
+    def for_model(cls, model) -> "AlphaEditConfig":
+        """The preset for ``model``'s family and size (see the module docstring)."""
+        return _preset(model, cls)
+
+
+EditConfig = ROMEConfig | MEMITConfig | PMETConfig | AlphaEditConfig
 """The built-in editors' configs; any registered editor's config follows
 :class:`~attention_drift.editing.registry.EditorConfig`."""
 
@@ -346,12 +421,14 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "rome": dict(layer=0, steps=5),
         "memit": dict(layers=(0, 1), steps=5),
         "pmet": dict(layers=(0, 1), steps=5),
+        "alphaedit": dict(layers=(0, 1), steps=5, nullspace_threshold=1e-4, l2=1e-4),
         "stats": TINY_STATS,
     },
     ("gpt2", 2, 64): {  # models.tiny_model("gpt2")
         "rome": dict(layer=0, steps=5),
         "memit": dict(layers=(0, 1), steps=5),
         "pmet": dict(layers=(0, 1), steps=5),
+        "alphaedit": dict(layers=(0, 1), steps=5, l2=1e-2),
         "stats": TINY_STATS,
     },
     ("gemma3_text", 18, 640): {  # Gemma-3-270M
@@ -420,4 +497,8 @@ def _preset(model, cls):
             f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls.__name__}({example}) (pick the "
             f"layer with benchmarks/sweep_edit_layer.py, or a causal trace); presets exist for: {known}"
         )
-    return cls(**entry[method], stats=entry["stats"])
+    if method == "alphaedit" and method not in entry:  # MEMIT's preset less its covariance weight
+        kwargs = {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
+    else:
+        kwargs = entry[method]
+    return cls(**kwargs, stats=entry["stats"])

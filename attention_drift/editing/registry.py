@@ -14,6 +14,12 @@ An :class:`Editor` holds a method's name, its config class and two functions:
 The config class is a frozen dataclass following :class:`EditorConfig`; the parameters an
 editor may change are the MLP output projections of ``config.layers``.
 
+An editor that carries state from one edit to the next (AlphaEdit's keys of earlier edits)
+names its state's type in ``state_type`` (a frozen dataclass of tensors and plain values); its
+``execute`` then takes ``state=`` (None for a first edit) and returns ``(traces, new state)``,
+which :func:`~attention_drift.editing.apply_edit` takes as ``state=`` and hands back as
+``EditResult.state``.
+
 A new editor is one module (its config class, ``prepare`` and ``execute``) and one line in
 the tuple at the end of this module (or :func:`register` at run time, e.g. in a notebook).
 """
@@ -22,8 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, is_dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from attention_drift.editing import memit, pmet, rome
-from attention_drift.editing.config import ConfigError, EditError, MEMITConfig, PMETConfig, ROMEConfig
+from attention_drift.editing import alphaedit, memit, pmet, rome
+from attention_drift.editing.config import AlphaEditConfig, ConfigError, EditError, MEMITConfig, PMETConfig, ROMEConfig
 from attention_drift.core.models import n_layers
 from attention_drift.editing.sadr import SADRConfig
 
@@ -57,13 +63,16 @@ class Editor:
         name: the method name (``apply_edit(..., method=name)``); equals ``config_type.method``.
         config_type: its config class, a frozen dataclass following :class:`EditorConfig`.
         prepare: ``prepare(model, config, *, progress) -> prepared``.
-        execute: ``execute(model, requests, config, prepared, apply, extra_losses) -> traces``.
+        execute: ``execute(model, requests, config, prepared, apply, extra_losses) -> traces``;
+            with a ``state_type``: ``execute(..., extra_losses, state=state) -> (traces, state)``.
+        state_type: the type of the state a stateful editor carries from edit to edit, or None.
     """
 
     name: str
     config_type: type
     prepare: Callable[..., Any]
-    execute: Callable[..., list]
+    execute: Callable[..., Any]
+    state_type: type | None = None
 
 
 EDITORS: dict[str, Editor] = {}
@@ -82,6 +91,9 @@ def register(editor: Editor) -> Editor:
             f"editor {editor.name!r}: {cls.__name__}.method is {getattr(cls, 'method', None)!r}; "
             "set the class attribute method to the editor's name"
         )
+    state = editor.state_type
+    if state is not None and not (isinstance(state, type) and is_dataclass(state)):
+        raise ConfigError(f"editor {editor.name!r}: its state_type must be a dataclass or None, got {state!r}")
     missing = [m for m in ("check", "for_model") if not callable(getattr(cls, m, None))]
     if missing:
         raise ConfigError(f"editor {editor.name!r}: {cls.__name__} lacks {', '.join(missing)} (see EditorConfig)")
@@ -183,6 +195,7 @@ for _editor in (
     Editor("rome", ROMEConfig, rome.prepare, rome.execute),
     Editor("memit", MEMITConfig, memit.prepare, memit.execute),
     Editor("pmet", PMETConfig, pmet.prepare, pmet.execute),
+    Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys),
 ):
     register(_editor)
 

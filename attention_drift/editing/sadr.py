@@ -134,7 +134,8 @@ class SADRConfig:
         own); ``weight`` must then be given.
         """
         family = str(model.original_model.config.model_type) if hasattr(model, "original_model") else str(model)
-        preset = PRESETS.get((family, method), PUBLISHED.get(method))
+        source = INHERITED.get(method, method)
+        preset = PRESETS.get((family, method), PRESETS.get((family, source), PUBLISHED.get(source)))
         if preset is None and self.weight is None:
             raise SADRError(
                 f"no published SADR weight for editing method {method!r} (published: {', '.join(PUBLISHED)}); "
@@ -181,6 +182,10 @@ PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
 """(weight, steps) per method: the paper's GPT-J settings (its run scripts ``examples/scripts/
 {rome,memit,pmet}.sh``: ``--v_num_grad_steps`` 80 / 20 / 40 with SADR against 20 / 20 / 20
 without, ``--attn_W_loss_weight`` 100 / 50 / 800 times 1e-4)."""
+
+INHERITED = {"alphaedit": "memit"}
+"""Editors without published SADR values whose value optimisation is another editor's, verbatim:
+they take that editor's (weight, steps) (AlphaEdit optimises MEMIT's z with MEMIT's objective)."""
 
 PRESETS: dict[tuple[str, str], tuple[float, int]] = {}
 """(weight, steps) per (HF model_type, method) where a sweep found better values than :data:`PUBLISHED`.

@@ -1,5 +1,7 @@
 """Second-moment statistics C = E[k k^T] of the MLP keys, computed once and cached on disk.
 
+AlphaEdit's null-space projections of ``C`` (:func:`null_space_projection`) are cached beside them.
+
 The key ``k`` at a layer is the input of its MLP output projection (``blocks.L.mlp.hook_post``,
 the vector ROME/MEMIT/PMET treat as a key of a linear associative memory). ``C`` is the mean
 of ``k k^T`` over every non-padding token of a corpus (:mod:`~attention_drift.editing.corpus`),
@@ -46,7 +48,7 @@ from attention_drift.core.paths import cache_dir
 
 __all__ = [
     "OPENERS", "SAMPLE_CHUNK", "clear_memory_cache", "corpus_sequences", "inverse_second_moment",
-    "key_second_moments", "model_key", "sample_corpus", "stats_path",
+    "key_second_moments", "model_key", "null_space_projection", "projection_path", "sample_corpus", "stats_path",
 ]
 _MEMORY: dict[str, Tensor] = {}
 
@@ -159,9 +161,10 @@ def _accumulate(
 
 
 def clear_memory_cache() -> None:
-    """Forget matrices loaded in this session (the disk cache stays)."""
+    """Forget matrices loaded or computed in this session (the disk cache stays)."""
     _MEMORY.clear()
     _INVERSES.clear()
+    _PROJECTIONS.clear()
 
 
 _INVERSES: dict[str, Tensor] = {}
@@ -174,3 +177,58 @@ def inverse_second_moment(model, layer: int, stats: StatsConfig, *, progress: bo
         mom2 = key_second_moments(model, [layer], stats, progress=progress)[layer]
         _INVERSES[key] = torch.linalg.inv(mom2.double())
     return _INVERSES[key]
+
+
+_PROJECTIONS: dict[str, Tensor] = {}
+
+
+def projection_path(model, layer: int, stats: StatsConfig, threshold: float) -> Path:
+    """Where :func:`null_space_projection` keeps ``P``: beside the statistics it comes from."""
+    path = stats_path(model, layer, stats)
+    return path.with_name(f"{path.stem}_null{float(threshold)!r}.safetensors")
+
+
+def null_space_projection(
+    model, layer: int, stats: StatsConfig, threshold: float, *, progress: bool = True
+) -> Float[Tensor, "d_mlp d_mlp"]:
+    """AlphaEdit's ``P = U_hat U_hat^T`` (float64) for one layer, cached on disk and in memory.
+
+    ``U_hat`` are the eigenvectors of :func:`key_second_moments`'s ``C`` whose eigenvalues are
+    below ``threshold`` (``torch.linalg.eigh`` of ``C`` in float64; ``P`` is made exactly
+    symmetric). Stored at :func:`projection_path` with the eigenvalues and a sha256 of the ``C``
+    it came from; a file made from other statistics is recomputed. A loaded ``P`` is bitwise
+    the ``P`` that was computed and saved.
+    """
+    import hashlib
+
+    if not threshold > 0:
+        raise ConfigError(f"the null-space threshold must be > 0, got {threshold}")
+    path = projection_path(model, layer, stats, threshold)
+    if str(path) in _PROJECTIONS:
+        return _PROJECTIONS[str(path)]
+    mom2 = key_second_moments(model, [layer], stats, progress=progress)[layer]
+    source = hashlib.sha256(mom2.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+    device = model_device(model)
+    if path.exists():
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            if (f.metadata() or {}).get("source") == source:
+                return _PROJECTIONS.setdefault(str(path), f.get_tensor("projection").to(device))
+    evals, evecs = torch.linalg.eigh(mom2.double().cpu())
+    null = evecs[:, evals < threshold]
+    proj = null @ null.T
+    proj = (proj + proj.T) / 2
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"projection": proj.contiguous(), "eigenvalues": evals.contiguous()}, tmp, metadata={"source": source})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps({
+        "model_key": model_key(model), "layer": layer, "threshold": float(threshold),
+        "null_dim": int(null.shape[1]), "d_mlp": int(mom2.shape[0]),
+        "eigenvalue_min": evals[0].item(), "eigenvalue_max": evals[-1].item(),
+        "statistics": str(stats_path(model, layer, stats)), "statistics_sha256": source,
+    }, indent=1))
+    return _PROJECTIONS.setdefault(str(path), proj.to(device))
