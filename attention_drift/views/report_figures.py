@@ -1,15 +1,13 @@
 """The figures of the drift and patch reports, drawn from their JSON content (``drift.json``,
 ``patch.json``) so a committed report redraws without re-running anything."""
 
-import html
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
 
-from attention_drift.reports.drift_failure import MEASURE_LABELS, comparison_label, failure_links, max_vs_sum
+from attention_drift.reports.drift_failure import MEASURE_LABELS, failure_links, max_vs_sum
 from attention_drift.reports.patch import variant_label
 from attention_drift.reports.stats import distinct_records
 from attention_drift.views import plots
@@ -83,18 +81,9 @@ def drift_failure_links(result: dict, coefficient: str = "pearson"):
     head = (f"Drift vs three failure measures · {symbol} with record-clustered bootstrap 95% CI ({st['n_boot']} "
             f"draws of records), prompts right before the edit; prompts / records: {sizes}")
     everyone = paired["groups"].get("all", {})
-    tests = "; ".join(f"{comparison_label(k)} {c['value']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
-                      for k, c in everyone.get("comparisons", {}).items())
-    tail = (f"{paired['a']} − {paired['b']} (paired bootstrap, all prompts): {tests}. "
-            f"Verdict: {everyone.get('verdict', 'not testable')}")
-    head = textwrap.wrap(head, LINKS_WIDTH // 10)
-    tail = textwrap.wrap(tail, LINKS_WIDTH // 7)
-    fig = plots.forest(panels, title="\n".join(head), xlabel=symbol, width=LINKS_WIDTH)
-    fig.update_layout(title={"text": fig.layout.title.text + "<br><span style='font-size:12px;color:#444'>"
-                                     + "<br>".join(html.escape(line) for line in tail) + "</span>",
-                             "automargin": True, "yref": "paper", "y": 1, "yanchor": "bottom", "pad": {"b": 36}},
-                      margin={"t": 50 + 24 * len(head) + 17 * len(tail)},
-                      height=fig.layout.height + 24 * len(head) + 17 * len(tail) + 40)
+    head += (f". Paired record-clustered test of {paired['a']} − {paired['b']} (all prompts; CIs in figures.md): "
+             f"{everyone.get('verdict', 'not testable')}")
+    fig = plots.forest(panels, title=head, xlabel=symbol, width=LINKS_WIDTH)
     fig.update_xaxes(dtick=0.2)
     return fig
 
