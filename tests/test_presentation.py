@@ -7,13 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from attention_drift.views import plots, report_figures
 
 from synthetic_drift import synthetic_run  # noqa: E402
-from test_explorer import _chromium, _no_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PX_PER_CHAR = 7 / 16
@@ -193,22 +191,6 @@ def test_directory_html_is_small_and_shares_one_bundle(tmp_path):
     from plotly.offline import get_plotlyjs
 
     assert bundle.read_text() == get_plotlyjs()  # a stale bundle is replaced (plotly itself would keep it)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright import sync_api
-    except ImportError:
-        _no_browser("playwright is not installed: pip install playwright (the dev extra has it; it drives the "
-                    "system Chromium and downloads no browser)")
-    executable = _chromium()
-    if executable is None:
-        _no_browser("no Chromium browser found: apt-get install -y chromium (or set ATTENTION_DRIFT_CHROMIUM)")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def _open(browser, page_path: Path) -> tuple[str | None, list[str], list[str]]:
