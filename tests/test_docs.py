@@ -47,7 +47,7 @@ def test_every_public_module_gets_a_page_and_a_nav_entry():
     nav = gen_ref.summary(modules)
     linked = re.findall(r"\]\(([^)]+)\)", nav)
     assert sorted(linked) == sorted(pages)
-    assert "* editing\n    * [attention_drift.editing](attention_drift/editing/index.md)\n    * [api](" in nav
+    assert "* editing\n    * [attention_drift.editing](attention_drift/editing/index.md)\n    * [alphaedit](" in nav
 
 
 def test_generator_skips_private_modules_and_data_folders(tmp_path):
