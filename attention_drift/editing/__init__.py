@@ -1,4 +1,4 @@
-"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT, PMET and AlphaEdit.
+"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT, PMET, AlphaEdit and FT (FT-L).
 
 ``edit(model, rewrite, method=...)`` edits inside a ``with`` block and restores the weights
 exactly on exit; ``apply_edit`` returns an :class:`EditResult` to restore, re-apply
@@ -18,6 +18,7 @@ from attention_drift.editing.config import (
     AlphaEditConfig,
     ConfigError,
     EditError,
+    FTConfig,
     MEMITConfig,
     PMETConfig,
     RequestError,
@@ -52,6 +53,7 @@ __all__ = [
     "Editor",
     "EditorConfig",
     "ExtraLoss",
+    "FTConfig",
     "MEMITConfig",
     "Objective",
     "OptimizationTrace",

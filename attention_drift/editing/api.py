@@ -36,7 +36,7 @@ from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import EditError, RequestError
 from attention_drift.editing.identity import FORMAT_VERSION, model_identity, resolved_key, weights_fingerprint
 from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace, step_progress
-from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, get_editor, resolve_edit
+from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, clamp_field, get_editor, resolve_edit
 from attention_drift.core.hooks import mlp_weight_name
 from attention_drift.core.models import mlp_out_weight, on_model_device
 from attention_drift.editing.sadr import SADRConfig, SADRLoss
@@ -53,7 +53,8 @@ class EditResult:
     original weights, so the edited weights are bitwise those of the first application.
 
     Attributes:
-        method: the editor's name (``"rome"``, ``"memit"``, ``"pmet"`` or a registered one).
+        method: the editor's name (``"rome"``, ``"memit"``, ``"pmet"``, ``"alphaedit"``, ``"ft"`` or a
+            registered one).
         requests: the edited requests.
         config: the configuration used (every default resolved; SADR's steps applied).
         layers: the layers whose MLP output projection the edit may change.
@@ -283,8 +284,8 @@ def apply_edit(
 ) -> EditResult:
     """Edit ``model`` in place and return the :class:`EditResult` (call ``.restore()`` to undo).
 
-    ROME applies several requests one after the other; MEMIT and PMET insert them as one
-    batch. ``config``, ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics
+    ROME and FT apply several requests one after the other; MEMIT, PMET and AlphaEdit insert
+    them as one batch. ``config``, ``sadr`` as in :func:`edit`. ``progress`` shows bars while statistics
     are computed (once per model, layer and corpus; cached on disk) and over each value
     optimisation's steps (a bar that clears when the edit is done). Works on whatever
     device the model is on. ``state``: a stateful editor's state from the previous edit of a
@@ -370,11 +371,13 @@ win on its prompt: the editor without the SADR term, then also with its clamp do
 
 def _fallbacks(config, extra_losses: Sequence[ExtraLoss]) -> list[tuple[str, object, tuple]]:
     """The :data:`FALLBACKS` stages this editor has, as (name, config, extra losses): ``plain-clamp2``
-    only where its config has a clamp (``clamp_norm_factor``; an editor without one has ``plain``)."""
+    only where its config has a clamp (:func:`~attention_drift.editing.registry.clamp_field`:
+    ``clamp_norm_factor``, FT's ``norm_constraint``; an editor without one has ``plain``)."""
     plain = tuple(t for t in extra_losses if not isinstance(t, SADRLoss))
     stages = [("plain", config, plain)]
-    if hasattr(config, "clamp_norm_factor"):
-        wider = dataclasses.replace(config, clamp_norm_factor=2 * config.clamp_norm_factor)
+    name = clamp_field(config)
+    if name is not None:
+        wider = dataclasses.replace(config, **{name: 2 * getattr(config, name)})
         stages.append(("plain-clamp2", wider, plain))
     return stages
 

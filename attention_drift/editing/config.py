@@ -1,4 +1,4 @@
-"""Editor configurations (ROME, MEMIT, PMET, AlphaEdit), their per-model presets, and editing errors.
+"""Editor configurations (ROME, MEMIT, PMET, AlphaEdit, FT), their per-model presets, and editing errors.
 
 Every hyper-parameter of an edit lives in one frozen dataclass, so a result records exactly
 what produced it. ``XConfig.for_model(model)`` picks the preset of the model's family and
@@ -51,6 +51,15 @@ Presets and where their numbers come from:
   half the directions null) and L2 1e-4, GPT-2 threshold 2e-2 (~85% null) and L2 1e-2; with
   L2 10 the tiny Llama's update was ~1000 times smaller than MEMIT's.
 
+* FT (constrained fine-tuning, the ROME paper's FT-L baseline): the authors' ``hparams/FT/*_constr.json``
+  where they have one (GPT-2 medium / large / XL and GPT-J: layer 0, lr 5e-4, 25 steps,
+  L-infinity constraint 2e-3 / 1e-3 / 5e-4 / 5e-5). SmolLM2-135M: ROME's layer 5 (the layer
+  ROME edits, so that FT and ROME change the same matrix), the authors' lr and steps, and
+  constraint 2e-3, GPT-2 medium's (the published model nearest in width, d_model 1024 against
+  576; not swept). Gemma-3-270M: its ROME layer 3 and the same values; GPT-2 small: layer 0 and
+  GPT-2 medium's values (both analogous choices, not swept). Llama-2 / Llama-3 / TinyLlama have
+  no FT preset (no published values): build an :class:`FTConfig`.
+
 Statistics: the offline models' presets use 300 sequences of 128 tokens sampled from the
 model itself. The official baseline used 1000, but sampling is the slow part on CPU
 (300 sequences and the statistics of 10 layers took 15 minutes on the shared 2-core
@@ -61,7 +70,7 @@ sequences on 10 development records (``benchmarks/sweep_stats_samples.py``; numb
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from attention_drift.core.models import model_family, n_layers
 from attention_drift.core.errors import AttentionDriftError
@@ -393,7 +402,58 @@ class AlphaEditConfig:
         return _preset(model, cls)
 
 
-EditConfig = ROMEConfig | MEMITConfig | PMETConfig | AlphaEditConfig
+@dataclass(frozen=True)
+class FTConfig:
+    """FT-L (the ROME paper's constrained fine-tuning baseline): Adam on one MLP output projection.
+
+    Args:
+        layer: the layer whose MLP output projection is fine-tuned.
+        lr: Adam learning rate (the authors' 5e-4 in every FT file).
+        steps: optimisation steps at most, each a forward, a backward and an update (the
+            authors' ``num_steps``, 25).
+        norm_constraint: after every update each weight is clamped into
+            ``[W0 - norm_constraint, W0 + norm_constraint]`` (an L-infinity ball around the
+            weights before the edit; the authors' ``norm_constraint``); None: unconstrained
+            fine-tuning (their ``*_unconstr.json`` files, ``false`` there).
+        early_stop_loss: stop, without updating, as soon as the loss is below this (the
+            authors' 1e-2).
+    """
+
+    layer: int
+    lr: float = 5e-4
+    steps: int = 25
+    norm_constraint: float | None = 5e-4
+    early_stop_loss: float = 1e-2
+
+    method = "ft"
+    clamp_field = "norm_constraint"  # what SADR's clamp_scale and the verify fallback's doubled clamp scale
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"FTConfig.steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"FTConfig.lr must be > 0, got {self.lr}")
+        if self.norm_constraint is not None and not self.norm_constraint > 0:
+            raise ConfigError(
+                f"FTConfig.norm_constraint must be > 0 (the L-infinity radius around the original weights) or "
+                f"None (unconstrained), got {self.norm_constraint}"
+            )
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def check(self, model) -> None:
+        """Raise a :class:`ConfigError` when the layer does not exist in ``model``."""
+        _check_layers(model, self.layers, None, "FT")
+
+    @classmethod
+    def for_model(cls, model) -> "FTConfig":
+        """The preset for ``model``'s family and size (see the module docstring)."""
+        return _preset(model, cls)
+
+
+EditConfig = ROMEConfig | MEMITConfig | PMETConfig | AlphaEditConfig | FTConfig
 """The built-in editors' configs; any registered editor's config follows
 :class:`~attention_drift.editing.registry.EditorConfig`."""
 
@@ -415,6 +475,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "rome": dict(layer=5, lr=0.5, steps=20, weight_decay=0.5, clamp_norm_factor=2.0, kl_factor=0.0625),
         "memit": dict(layers=_span(3, 7), mom2_update_weight=1400.0),
         "pmet": dict(layers=_span(3, 7), mom2_update_weight=1400.0),
+        "ft": dict(layer=5, norm_constraint=2e-3),
         "stats": OFFLINE_STATS,
     },
     ("llama", 2, 64): {  # models.tiny_model("llama"): cheap settings for tests of the wiring, not of editing
@@ -422,6 +483,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "memit": dict(layers=(0, 1), steps=5),
         "pmet": dict(layers=(0, 1), steps=5),
         "alphaedit": dict(layers=(0, 1), steps=5, nullspace_threshold=1e-4, l2=1e-4),
+        "ft": dict(layer=0, steps=5, norm_constraint=2e-3),
         "stats": TINY_STATS,
     },
     ("gpt2", 2, 64): {  # models.tiny_model("gpt2")
@@ -429,12 +491,14 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "memit": dict(layers=(0, 1), steps=5),
         "pmet": dict(layers=(0, 1), steps=5),
         "alphaedit": dict(layers=(0, 1), steps=5, l2=1e-2),
+        "ft": dict(layer=0, steps=5, norm_constraint=2e-3),
         "stats": TINY_STATS,
     },
     ("gemma3_text", 18, 640): {  # Gemma-3-270M
         "rome": dict(layer=3, lr=0.5, steps=20, weight_decay=0.5, clamp_norm_factor=2.0, kl_factor=0.0625),
         "memit": dict(layers=_span(2, 5), mom2_update_weight=1900.0),
         "pmet": dict(layers=_span(2, 5), mom2_update_weight=1900.0),
+        "ft": dict(layer=3, norm_constraint=2e-3),
         "stats": OFFLINE_STATS,
     },
     ("llama", 22, 2048): {  # TinyLlama-1.1B: borrows Llama-2-7B's values
@@ -453,30 +517,35 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "rome": dict(layer=5, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(3, 8)),
         "pmet": dict(layers=_span(3, 8)),
+        "ft": dict(layer=0, norm_constraint=5e-5),
         "stats": HUB_STATS,
     },
     ("gpt2", 12, None): {  # GPT-2 small (analogous choice)
         "rome": dict(layer=5, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(3, 5), steps=20),
         "pmet": dict(layers=_span(3, 5)),
+        "ft": dict(layer=0, norm_constraint=2e-3),
         "stats": HUB_STATS,
     },
     ("gpt2", 24, None): {  # GPT-2 medium
         "rome": dict(layer=8, clamp_norm_factor=3.0),
         "memit": dict(layers=_span(4, 8), steps=20, mom2_update_weight=20000.0),
         "pmet": dict(layers=_span(4, 8)),
+        "ft": dict(layer=0, norm_constraint=2e-3),
         "stats": HUB_STATS,
     },
     ("gpt2", 36, None): {  # GPT-2 large
         "rome": dict(layer=12, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(8, 12), steps=20, mom2_update_weight=20000.0),
         "pmet": dict(layers=_span(8, 12)),
+        "ft": dict(layer=0, norm_constraint=1e-3),
         "stats": HUB_STATS,
     },
     ("gpt2", 48, None): {  # GPT-2 XL
         "rome": dict(layer=17, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(13, 17), steps=20, mom2_update_weight=20000.0),
         "pmet": dict(layers=_span(13, 17)),
+        "ft": dict(layer=0, norm_constraint=5e-4),
         "stats": HUB_STATS,
     },
 }
@@ -499,6 +568,13 @@ def _preset(model, cls):
         )
     if method == "alphaedit" and method not in entry:  # MEMIT's preset less its covariance weight
         kwargs = {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
-    else:
+    elif method in entry:
         kwargs = entry[method]
-    return cls(**kwargs, stats=entry["stats"])
+    else:
+        raise ConfigError(
+            f"no {method.upper()} preset for model family {family!r} with {depth} layers and d_model {d_model} "
+            f"(no published values); build a config yourself, e.g. attention_drift.editing.{cls.__name__}(layer=...)"
+        )
+    if any(f.name == "stats" for f in fields(cls)):
+        kwargs = {**kwargs, "stats": entry["stats"]}
+    return cls(**kwargs)

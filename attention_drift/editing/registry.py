@@ -12,7 +12,10 @@ An :class:`Editor` holds a method's name, its config class and two functions:
   :class:`~attention_drift.editing.optimize.OptimizationTrace` per request.
 
 The config class is a frozen dataclass following :class:`EditorConfig`; the parameters an
-editor may change are the MLP output projections of ``config.layers``.
+editor may change are the MLP output projections of ``config.layers``. Its radius of change (the
+"clamp" SADR's ``clamp_scale`` and the verify fallback scale) is its ``clamp_norm_factor`` field,
+or the field its class attribute ``clamp_field`` names (FT: ``norm_constraint``); see
+:func:`clamp_field`.
 
 An editor that carries state from one edit to the next (AlphaEdit's keys of earlier edits)
 names its state's type in ``state_type`` (a frozen dataclass of tensors and plain values); its
@@ -25,11 +28,12 @@ the tuple at the end of this module (or :func:`register` at run time, e.g. in a 
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from attention_drift.editing import alphaedit, memit, pmet, rome
-from attention_drift.editing.config import AlphaEditConfig, ConfigError, EditError, MEMITConfig, PMETConfig, ROMEConfig
+from attention_drift.editing import alphaedit, ft, memit, pmet, rome
+from attention_drift.editing.config import (AlphaEditConfig, ConfigError, EditError, FTConfig, MEMITConfig, PMETConfig,
+                                            ROMEConfig)
 from attention_drift.core.models import n_layers
 from attention_drift.editing.sadr import SADRConfig
 
@@ -156,12 +160,24 @@ CONFIG_TYPES: Mapping[str, type] = _ConfigTypes()
 """``{method name: config class}`` (a live view of :data:`EDITORS`)."""
 
 
+def clamp_field(config) -> str | None:
+    """The name of ``config``'s clamp (the radius of change that SADR's ``clamp_scale`` multiplies
+    and the verify fallback doubles): ``clamp_norm_factor`` where the config has it, else the field
+    its class attribute ``clamp_field`` names; None when it has none or it is unset (None:
+    e.g. unconstrained fine-tuning)."""
+    names = [f.name for f in fields(config)]
+    name = "clamp_norm_factor" if "clamp_norm_factor" in names else getattr(type(config), "clamp_field", None)
+    if name not in names or getattr(config, name) is None:
+        return None
+    return name
+
+
 def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None) -> tuple[Editor, Any, SADRConfig | None]:
     """``(editor, config, sadr)`` exactly as an edit of ``model`` would use them.
 
     ``config=None`` is the editor's preset for ``model``; a SADR config gets its unset
     weight and steps from the published protocol (:meth:`SADRConfig.resolved`), its
-    steps replace the config's and its ``clamp_scale`` multiplies the config's clamp. Raises a :class:`ConfigError` (or an ``EditError``) for a
+    steps replace the config's and its ``clamp_scale`` multiplies the config's clamp (:func:`clamp_field`). Raises a :class:`ConfigError` (or an ``EditError``) for a
     method, config or SADR config that does not fit; nothing is computed.
     """
     editor = get_editor(method)
@@ -187,7 +203,13 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         if sadr.steps is not None:
             config = replace(config, steps=sadr.steps)
         if sadr.clamp_scale != 1.0:
-            config = replace(config, clamp_norm_factor=config.clamp_norm_factor * sadr.clamp_scale)
+            name = clamp_field(config)
+            if name is None:
+                raise ConfigError(
+                    f"SADR clamp_scale {sadr.clamp_scale} scales the editor's clamp, but this {type(config).__name__} "
+                    "has none (e.g. unconstrained fine-tuning); leave clamp_scale at 1"
+                )
+            config = replace(config, **{name: getattr(config, name) * sadr.clamp_scale})
     return editor, config, sadr
 
 
@@ -196,6 +218,7 @@ for _editor in (
     Editor("memit", MEMITConfig, memit.prepare, memit.execute),
     Editor("pmet", PMETConfig, pmet.prepare, pmet.execute),
     Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys),
+    Editor("ft", FTConfig, ft.prepare, ft.execute),
 ):
     register(_editor)
 

@@ -58,7 +58,8 @@ class SADRConfig:
 
     Args:
         weight: gamma, the loss weight; None: the preset for the model family and editing
-            method (published GPT-J values: ROME 0.01, MEMIT 0.005, PMET 0.08). It multiplies
+            method (published GPT-J values: ROME 0.01, MEMIT 0.005, PMET 0.08; FT 0.01 by our
+            choice, :data:`CHOSEN`). It multiplies
             a sum over layers and heads, so its scale depends on model depth.
         layers: the layers regularised; None means every layer at or above the edit layer
             (layers below the injected delta cannot drift).
@@ -66,7 +67,7 @@ class SADRConfig:
         divergence: "kl" (published), "js" or "l2".
         steps: optimisation steps to use instead of the editor's own; None: the preset for
             the method (published: ROME 80 against plain ROME's 20, MEMIT 20, PMET 40 against
-            plain PMET's 20), or the editor's own steps for a method without one.
+            plain PMET's 20), or the editor's own steps for a method without one (FT).
         distract: also regularise distract-style prompts (the edit sentence followed by
             unrelated prompts), where specificity failure happens; our extension, off in the
             published variant.
@@ -131,11 +132,11 @@ class SADRConfig:
 
         ``model`` is a model (its HF ``model_type`` selects :data:`PRESETS`) or a family name.
         ``steps`` stays None for a method without published values (the editor keeps its
-        own); ``weight`` must then be given.
+        own); ``weight`` must then be given, except for the methods in :data:`CHOSEN` (FT).
         """
         family = str(model.original_model.config.model_type) if hasattr(model, "original_model") else str(model)
         source = INHERITED.get(method, method)
-        preset = PRESETS.get((family, method), PRESETS.get((family, source), PUBLISHED.get(source)))
+        preset = PRESETS.get((family, method), PRESETS.get((family, source), PUBLISHED.get(source, CHOSEN.get(source))))
         if preset is None and self.weight is None:
             raise SADRError(
                 f"no published SADR weight for editing method {method!r} (published: {', '.join(PUBLISHED)}); "
@@ -186,6 +187,16 @@ without, ``--attn_W_loss_weight`` 100 / 50 / 800 times 1e-4)."""
 INHERITED = {"alphaedit": "memit"}
 """Editors without published SADR values whose value optimisation is another editor's, verbatim:
 they take that editor's (weight, steps) (AlphaEdit optimises MEMIT's z with MEMIT's objective)."""
+
+CHOSEN: dict[str, tuple[float, int | None]] = {"ft": (0.01, None)}
+"""(weight, steps) of editors that have no published SADR values, by our stated choice (steps None:
+the editor's own). FT (constrained fine-tuning of one MLP output projection,
+:mod:`~attention_drift.editing.ft`): ROME's published weight 0.01, because FT-L changes one MLP
+layer as ROME does, SADR then regularises the same layers (the edited one and those above it) and
+FT's loss is the same kind of per-token target NLL that the weight was set against; and FT's own
+25 steps, so that FT+SADR differs from FT only by the term (the extra steps the paper gives ROME+SADR
+are for the value optimisation, which stops early; FT runs its steps at a fixed small learning rate
+inside its L-infinity ball). Not swept."""
 
 PRESETS: dict[tuple[str, str], tuple[float, int]] = {}
 """(weight, steps) per (HF model_type, method) where a sweep found better values than :data:`PUBLISHED`.

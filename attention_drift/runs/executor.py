@@ -98,7 +98,7 @@ class Worker:
         for variant in variants:
             resolved = self.resolve(variant)
             config = resolved[0]
-            if config is not None:
+            if getattr(config, "stats", None) is not None:  # FT uses no statistics
                 key_second_moments(self.model, config.layers, config.stats, progress=progress)
             keys[variant.name] = edit_key(self.model, variant, resolved)
         return keys
