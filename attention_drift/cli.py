@@ -38,6 +38,11 @@ runs, so ``--help`` and argument errors answer at once.
                 "post": {... same keys ...}},                 # post absent for --method none
         "fluency": {"pre": {"ngram_entropy": x, "n": k}, "post": {...}}   # only with --fluency
      },
+     "metrics": {
+        METRIC: {"pre":  {"mean": m, "ci95": [lo, hi], "half_width": h, "n": k,
+                          "ci95_bootstrap": [lo, hi] | null, "n_records": r},
+                 "post": {... same keys ...}}                  # {} for run files without them
+     },
      "meta": {"model": ..., "method": ..., "variant": ..., "data": ..., "records": N, "per_record": bool,
               "seconds_per_edit": mean seconds or null, "avg_s": {"pre": x|null, "post": y|null}}}
 
@@ -45,9 +50,13 @@ GROUP is one of efficacy, paraphrase, reasoning, subject_alias, neighborhood,
 distract_neighborhood, relation, distract_relation, commonsense, distract_commonsense (see
 :data:`attention_drift.measure.evaluate.GROUPS` for how each is computed). Accuracies and intervals
 are fractions: ``ci95`` is the paper's pooled normal interval over prompts, ``ci95_bootstrap``
-a record-clustered bootstrap (:mod:`attention_drift.reports.evaluation`). ``compare --json`` prints
-``{"runs": {label: summary}, "paired": {"A -> B": {GROUP: {"diff", "ci95", "p_value",
-"mcnemar_p", "n_records", "n_prompts", "recovered"}}}}``.
+a record-clustered bootstrap (:mod:`attention_drift.reports.evaluation`). METRIC is one of nkl,
+rewrite_token_acc, paraphrase_token_acc, locality_token_acc, the field's metrics (see
+:data:`attention_drift.measure.field_metrics.METRICS`): means over prompts, NKL in nats (no
+pre-edit value for nkl and locality_token_acc, which compare with the unedited model).
+``compare --json`` prints ``{"runs": {label: summary}, "paired": {"A -> B": {GROUP or METRIC:
+{"diff", "ci95", "p_value", "mcnemar_p", "n_records", "n_prompts", "recovered"}}}}`` (for a
+METRIC, ``mcnemar_p`` and ``recovered`` are null).
 
 New commands: write ``register_<name>(subparsers)`` that adds a parser and sets
 ``run=<function(args) -> int>``, and append it to :data:`COMMANDS`.

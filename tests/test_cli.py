@@ -46,7 +46,7 @@ def test_evaluate_none_then_summarize_json(tiny_folder, tmp_path, capsys):
 
     assert cli.main(["summarize", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"groups", "meta"}
+    assert set(result) == {"groups", "metrics", "meta"}
     assert result["meta"]["records"] == 3 and result["meta"]["method"] == "none"
     assert result["meta"]["seconds_per_edit"] is None
     eff = result["groups"]["efficacy"]

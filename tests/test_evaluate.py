@@ -85,7 +85,7 @@ def test_record_pairs_right_and_wrong_per_group():
 def test_distract_prompts_are_scored_exactly(monkeypatch):
     calls = []
 
-    def fake_score_pairs(model, prompts, rights, wrongs, *, batch_size):
+    def fake_score_pairs(model, prompts, rights, wrongs, *, batch_size, next_token=()):
         calls.append((list(prompts), list(rights), list(wrongs)))
         n = len(prompts)
         return PairScores(torch.zeros(n, dtype=torch.float64), torch.full((n,), -1.0, dtype=torch.float64))

@@ -2,11 +2,14 @@
 
 :func:`continuation_log_probs` and :func:`score_pairs` score continuations in shared batches (the
 evaluation's metrics and SADR+'s check on an edit both read them here, below editing and
-measurement); :class:`Scores` holds the true answer against the edit's new target per prompt.
+measurement); :func:`score_continuations` also hands back, from the same forward passes, the
+argmax token at each teacher-forced target position and the full next-token distribution after
+chosen prompts (token-level accuracies, neighbourhood KL); :class:`Scores` holds the true answer
+against the edit's new target per prompt.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Bool, Float
@@ -54,10 +57,18 @@ class Scores:
 
 @dataclass(frozen=True)
 class PairScores:
-    """Scores of prompt pairs: mean log-probability per target token of each continuation."""
+    """Scores of prompt pairs: mean log-probability per target token of each continuation.
+
+    From :func:`score_pairs`, also the right continuations' token ids and teacher-forced argmax
+    tokens (:class:`Continuations`, one entry per pair) and the next-token distributions of the
+    prompts asked for (empty where not asked, or where built by hand).
+    """
 
     log_p_right: Float[Tensor, " pair"]
     log_p_wrong: Float[Tensor, " pair"]
+    right_ids: tuple[tuple[int, ...], ...] | None = None
+    right_argmax: tuple[tuple[int, ...], ...] | None = None
+    next_token: dict[str, Float[Tensor, " vocab"]] = field(default_factory=dict)
 
     @property
     def p_right(self) -> Float[Tensor, " pair"]:
@@ -82,21 +93,43 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
+@dataclass(frozen=True)
+class Continuations:
+    """What :func:`score_continuations` reads from its forward passes, one entry per (prompt, target).
+
+    ``log_probs``: mean log-probability per target token of ``f"{prompt} {target}"``.
+    ``target_ids`` / ``argmax_ids``: the target's token ids and, teacher-forced (the prompt and the
+    target's earlier tokens given), the argmax of the logits at each position that predicts one
+    of them. ``next_token``: for each prompt asked for, the log-softmax over the vocabulary at the
+    prompt's last position (float32, on the CPU): the next-token distribution after the prompt.
+    """
+
+    log_probs: Float[Tensor, " row"]
+    target_ids: tuple[tuple[int, ...], ...]
+    argmax_ids: tuple[tuple[int, ...], ...]
+    next_token: dict[str, Float[Tensor, " vocab"]]
+
+
 @torch.no_grad()
-def continuation_log_probs(
-    model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
-) -> Float[Tensor, " row"]:
-    """Mean log-probability per target token of each ``f"{prompt} {target}"``.
+def score_continuations(
+    model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32,
+    next_token: Collection[str] = (),
+) -> Continuations:
+    """Score each ``f"{prompt} {target}"`` (see :class:`Continuations`) in shared batches.
 
     Each distinct prompt is run once per multi-token target (at least once); single-token
     targets are read from the last prompt position of one of the prompt's rows, which is the
     same number as a row of their own (causal attention), at a fraction of the cost. Rows are
     sorted by length before batching (less padding); right padding and the attention mask make
-    every result independent of its batch.
+    every result independent of its batch. ``next_token`` prompts must be among ``prompts``;
+    their distributions come from those same rows (no extra forward pass).
     """
     check_batch_size(batch_size)
     if len(prompts) != len(targets):
         raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets; they pair one to one")
+    missing = set(next_token) - set(prompts)
+    if missing:
+        raise ValueError(f"next_token prompts must be among the scored prompts; not there: {sorted(missing)[:3]}")
     by_prompt: dict[str, dict[str, list[int]]] = {}
     for prompt, target in zip(prompts, targets):
         by_prompt.setdefault(prompt, {})[target] = tokens.continuation_ids(model, prompt, target)[1]
@@ -106,6 +139,8 @@ def continuation_log_probs(
         rows += [(prompt, t) for t in multi] or [(prompt, next(iter(ids)))]
     rows.sort(key=lambda pt: (-len(pt[0]) - len(pt[1]), pt))
     found: dict[tuple[str, str], float] = {}
+    argmax: dict[tuple[str, str], tuple[int, ...]] = {}
+    dists: dict[str, Tensor] = {}
     read: set[str] = set()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -114,24 +149,47 @@ def continuation_log_probs(
         own = tokens.target_log_probs(logits, batch).tolist()
         for i, (prompt, target) in enumerate(chunk):
             found[(prompt, target)] = own[i]
+            first = int(batch.last_prompt_index[i])
+            argmax[(prompt, target)] = tuple(
+                logits[i, first : first + int(batch.target_lengths[i])].argmax(-1).tolist())
             if prompt in read:
                 continue
             read.add(prompt)
-            last = logits[i, int(batch.last_prompt_index[i])].float().log_softmax(-1)
+            last = logits[i, first].float().log_softmax(-1)
+            if prompt in next_token:
+                dists[prompt] = last.detach().cpu()
+            best = int(logits[i, first].argmax())
             for other, t_ids in by_prompt[prompt].items():
                 if len(t_ids) == 1 and other != target:
                     found[(prompt, other)] = float(last[t_ids[0]])
-    return torch.tensor([found[key] for key in zip(prompts, targets)], dtype=torch.float64)
+                    argmax[(prompt, other)] = (best,)
+    keys = list(zip(prompts, targets))
+    return Continuations(
+        torch.tensor([found[key] for key in keys], dtype=torch.float64),
+        tuple(tuple(by_prompt[p][t]) for p, t in keys), tuple(argmax[key] for key in keys), dists,
+    )
+
+
+def continuation_log_probs(
+    model, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32
+) -> Float[Tensor, " row"]:
+    """Mean log-probability per target token of each ``f"{prompt} {target}"``
+    (:func:`score_continuations`' ``log_probs``)."""
+    return score_continuations(model, prompts, targets, batch_size=batch_size).log_probs
 
 
 def score_pairs(
-    model, prompts: Sequence[str], rights: Sequence[str], wrongs: Sequence[str], *, batch_size: int = 32
+    model, prompts: Sequence[str], rights: Sequence[str], wrongs: Sequence[str], *, batch_size: int = 32,
+    next_token: Collection[str] = (),
 ) -> PairScores:
-    """Score prompt pairs with all right and wrong continuations in shared batches."""
+    """Score prompt pairs with all right and wrong continuations in shared batches
+    (:func:`score_continuations`; ``next_token``: prompts whose next-token distribution to keep)."""
     if not len(prompts) == len(rights) == len(wrongs):
         raise ValueError(
             f"prompts, rights and wrongs must have the same length, got {len(prompts)}, {len(rights)}, {len(wrongs)}"
         )
     n = len(prompts)
-    log_probs = continuation_log_probs(model, list(prompts) * 2, list(rights) + list(wrongs), batch_size=batch_size)
-    return PairScores(log_probs[:n], log_probs[n:])
+    scored = score_continuations(model, list(prompts) * 2, list(rights) + list(wrongs), batch_size=batch_size,
+                                 next_token=next_token)
+    return PairScores(scored.log_probs[:n], scored.log_probs[n:], scored.target_ids[:n], scored.argmax_ids[:n],
+                      scored.next_token)

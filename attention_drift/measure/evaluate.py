@@ -13,8 +13,10 @@ ROME's CounterFact evaluation):
   see :func:`aggregate`; Avg.S is the harmonic mean of ES, PS, NS, RS and DNS (:func:`avg_s`).
 * Fluency (FL) is ROME's n-gram entropy of sampled generations (:func:`ngram_entropy`).
 
-This is not EasyEdit's token-level "rewrite accuracy" (argmax match per teacher-forced target
-token), which some papers also call efficacy.
+Beside the paper's groups, the field's metrics (:data:`~attention_drift.measure.field_metrics.METRICS`:
+CounterFact+'s neighbourhood KL, EasyEdit's token-level rewrite / paraphrase / locality accuracy)
+are read from the same forward passes; the ones that compare with the unedited model need the
+pre-edit pass (``evaluate_record(..., pre=...)``).
 """
 
 import copy
@@ -22,7 +24,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -31,6 +33,8 @@ from attention_drift.core import tokens
 from attention_drift.core.scores import check_batch_size, score_pairs
 from attention_drift.core.data import Record, distract_prompt
 from attention_drift.core.models import on_model_device
+from attention_drift.measure import field_metrics
+from attention_drift.measure.field_metrics import METRICS, MetricScores, MetricStats, metric_stats
 
 
 @dataclass(frozen=True)
@@ -207,46 +211,102 @@ class FluencyScores:
 
 @dataclass(frozen=True)
 class RecordScores:
-    """All results of one record in one model state (pre- or post-edit)."""
+    """All results of one record in one model state (pre- or post-edit).
+
+    ``metrics``: the field's metrics (:data:`~attention_drift.measure.field_metrics.METRICS`);
+    ``reference``: what a post-edit pass reads from this pre-edit one's run line
+    (:func:`~attention_drift.measure.field_metrics.record_reference`), None in a post-edit pass;
+    both absent from run files written before they existed. ``next_token``: a pre-edit pass's
+    next-token distributions of the distract-neighbourhood prompts (NKL's reference), in memory
+    only, never written (:mod:`~attention_drift.measure.field_metrics` says why).
+    """
 
     case_id: int | str
     groups: dict[str, GroupScores] = field(default_factory=dict)
     fluency: FluencyScores | None = None
+    metrics: dict[str, MetricScores] = field(default_factory=dict)
+    reference: dict | None = None
+    next_token: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return {"groups": {name: g.to_json() for name, g in self.groups.items()},
-                "fluency": None if self.fluency is None else self.fluency.to_json()}
+        out = {"groups": {name: g.to_json() for name, g in self.groups.items()},
+               "fluency": None if self.fluency is None else self.fluency.to_json()}
+        if self.metrics:
+            out["metrics"] = {name: m.to_json() for name, m in self.metrics.items()}
+        if self.reference:
+            out["reference"] = self.reference
+        return out
 
     @classmethod
     def from_json(cls, case_id: int | str, obj: dict) -> "RecordScores":
         fluency = obj.get("fluency")
         return cls(case_id, {name: GroupScores.from_json(g) for name, g in obj.get("groups", {}).items()},
-                   None if fluency is None else FluencyScores.from_json(fluency))
+                   None if fluency is None else FluencyScores.from_json(fluency),
+                   {name: MetricScores.from_json(m) for name, m in (obj.get("metrics") or {}).items()},
+                   obj.get("reference") or None)
 
 
 def evaluate_record(
-    model, record: Record, *, batch_size: int = 32, fluency: bool | FluencyConfig = False
+    model, record: Record, *, batch_size: int = 32, fluency: bool | FluencyConfig = False,
+    pre: "RecordScores | dict | None" = None, metrics: bool = True,
 ) -> RecordScores:
     """Score every group of ``record`` on ``model`` as it is now (pre- or post-edit).
 
     All prompt pairs of all groups go through shared batched forwards. Groups without prompts
     are left out. ``fluency=True`` (or a :class:`FluencyConfig`) also samples generations from
     the record's generation prompts and scores their n-gram entropy (slow on CPU).
+
+    ``metrics`` (default on: no extra forward pass, a few ints per neighbourhood prompt in a run
+    file): the field's metrics (:data:`~attention_drift.measure.field_metrics.METRICS`) from the
+    same forwards. Without ``pre`` this is a pre-edit pass: it also keeps what a post-edit pass
+    compares with (``reference``, and in memory ``next_token``). With ``pre`` (the pre-edit
+    :class:`RecordScores`, or its JSON, e.g. a run line's ``"pre"``) it is a post-edit pass and
+    also scores locality token accuracy (needs ``pre``'s reference, absent from older run files)
+    and NKL (needs ``pre.next_token``: a :class:`RecordScores` from a pre-edit pass of this
+    process, or one given them by :func:`pre_edit_distributions`).
     """
     with on_model_device(model):
-        return _evaluate_record(model, record, batch_size, fluency)
+        return _evaluate_record(model, record, batch_size, fluency, pre, metrics)
 
 
-def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | FluencyConfig) -> RecordScores:
+def _pre_fields(pre: "RecordScores | dict | None") -> tuple[list | None, dict]:
+    """``pre``'s argmax reference and next-token distributions (None / {} where it has none)."""
+    if pre is None:
+        return None, {}
+    if isinstance(pre, RecordScores):
+        return (pre.reference or {}).get("argmax"), pre.next_token
+    return (pre.get("reference") or {}).get("argmax"), {}
+
+
+def pre_edit_distributions(model, record: Record, pre: "RecordScores | dict", *, batch_size: int = 32) -> RecordScores:
+    """``pre`` as a :class:`RecordScores` with the next-token distributions NKL compares with,
+    read now from ``model`` (which must be unedited) when ``pre`` has none: for pre-edit scores
+    reused from a run file. One forward of the record's distract-neighbourhood pairs (the same
+    reading as in a full pass; batched differently, so equal to it up to float rounding)."""
+    scores = pre if isinstance(pre, RecordScores) else RecordScores.from_json(record.case_id, pre)
+    pairs = record_pairs(record)[0]["distract_neighborhood"]
+    if scores.next_token or not pairs:
+        return scores
+    prompts = [p.prompt for p in pairs]
+    with on_model_device(model):
+        read = score_pairs(model, prompts, [p.right for p in pairs], [p.wrong for p in pairs],
+                           batch_size=batch_size, next_token=prompts)
+    return replace(scores, next_token=read.next_token)
+
+
+def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | FluencyConfig,
+                     pre: "RecordScores | dict | None" = None, metrics: bool = True) -> RecordScores:
     check_batch_size(batch_size)
     pairs, skipped = record_pairs(record)
     flat = [(name, p) for name, ps in pairs.items() for p in ps]
+    distract = [p.prompt for p in pairs["distract_neighborhood"]] if metrics else []
     scores = score_pairs(
         model, [p.prompt for _, p in flat], [p.right for _, p in flat], [p.wrong for _, p in flat],
-        batch_size=batch_size,
+        batch_size=batch_size, next_token=distract,
     )
     p_right, p_wrong, correct = scores.p_right.tolist(), scores.p_wrong.tolist(), scores.correct.tolist()
     groups: dict[str, GroupScores] = {}
+    slices: dict[str, range] = {}
     start = 0
     for name in GROUPS:
         n = len(pairs[name])
@@ -254,14 +314,23 @@ def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | Flu
             stop = start + n
             groups[name] = GroupScores(tuple(p_right[start:stop]), tuple(p_wrong[start:stop]),
                                        tuple(correct[start:stop]), skipped[name])
+            slices[name] = range(start, stop)
             start = stop
+    field_scores: dict[str, MetricScores] = {}
+    reference, kept = None, {}
+    if metrics:
+        field_scores = field_metrics.record_metrics(slices, scores.right_ids, scores.right_argmax, scores.next_token,
+                                                    distract, *_pre_fields(pre))
+        if pre is None:
+            reference = field_metrics.record_reference(slices, scores.right_argmax) or None
+            kept = scores.next_token
     fluency_scores = None
     if fluency is not False and record.generation:
         config = fluency if isinstance(fluency, FluencyConfig) else FluencyConfig()
         prompts = list(record.generation[: config.max_prompts])
         texts = generate_texts(model, prompts, config)
         fluency_scores = FluencyScores(tuple(texts), tuple(ngram_entropy(t) for t in texts))
-    return RecordScores(record.case_id, groups, fluency_scores)
+    return RecordScores(record.case_id, groups, fluency_scores, field_scores, reference, kept)
 
 
 # --- fluency -------------------------------------------------------------------------------
@@ -448,6 +517,18 @@ def aggregate(scores: Sequence[RecordScores], *, per_record: bool = False) -> di
             out[name] = _stats([float(c) for g in present for c in g.correct],
                                [p for g in present for p in g.p_right], [p for g in present for p in g.p_wrong],
                                skipped)
+    return out
+
+
+def aggregate_metrics(scores: Sequence[RecordScores], *, per_record: bool = False) -> dict[str, MetricStats]:
+    """Mean of each field metric over ``scores`` (pooled over prompts, or per record; see
+    :class:`~attention_drift.measure.field_metrics.MetricStats`); metrics no record has are left out."""
+    out: dict[str, MetricStats] = {}
+    for name, metric in METRICS.items():
+        stats = metric_stats(metric, [s.metrics[name].values for s in scores if name in s.metrics],
+                             per_record=per_record)
+        if stats is not None:
+            out[name] = stats
     return out
 
 

@@ -9,11 +9,17 @@ Two kinds of interval, always labelled:
   (:data:`N_BOOTSTRAP` times, fixed seed; :func:`attention_drift.reports.stats.bootstrap_values`) and the
   pooled accuracy recomputed; the 2.5 / 97.5 percentiles.
 
+The field's metrics (:data:`~attention_drift.measure.field_metrics.METRICS`: NKL, token-level
+accuracies) are means of per-prompt values, under ``"metrics"``: ``ci95`` / ``half_width`` the
+normal interval over prompts (1.96 * std / sqrt(n)), ``ci95_bootstrap`` the same record-clustered
+bootstrap of the pooled mean.
+
 Two runs on the same data are compared on the records they share, paired
 (:func:`paired_difference`): the difference of pooled accuracies with a record-clustered
 paired bootstrap interval and p-value, McNemar's exact test on the prompts, and -- when the
 first run has pre-edit scores -- the fraction of the first run's loss (pre minus post) that the
-second run recovers.
+second run recovers; for the field's metrics the difference of pooled means with the same
+paired bootstrap (:func:`paired_metric_difference`).
 """
 
 import json
@@ -22,7 +28,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from attention_drift.reports import stats
-from attention_drift.measure.evaluate import GROUPS, RecordScores, aggregate, avg_s, fluency_stats
+from attention_drift.measure.evaluate import (GROUPS, RecordScores, aggregate, aggregate_metrics, avg_s,
+                                               fluency_stats)
+from attention_drift.measure.field_metrics import METRICS
 from attention_drift.core.jsonl import Run
 
 COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
@@ -40,6 +48,17 @@ def _key(line: dict) -> str:
 def _correct(line: dict, phase: str, group: str) -> list[bool] | None:
     scores = line.get(phase, {}).get("groups", {}).get(group, {}).get("scores")
     return None if not scores else [bool(row[2]) for row in scores]
+
+
+def _values(line: dict, phase: str, metric: str) -> list[float] | None:
+    values = (line.get(phase, {}).get("metrics") or {}).get(metric, {}).get("values")
+    return None if not values else [float(v) for v in values]
+
+
+def _sums(lines: Sequence[dict], phase: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the metric's values, prompts) per record that has the metric in ``phase``."""
+    values = [v for v in (_values(line, phase, metric) for line in lines) if v]
+    return np.array([sum(v) for v in values], dtype=float), np.array([len(v) for v in values], dtype=float)
 
 
 def _counts(lines: Sequence[dict], phase: str, group: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +82,8 @@ def _interval(values: np.ndarray) -> list[float] | None:
 
 
 def bootstrap_ci(correct: np.ndarray, n: np.ndarray) -> tuple[float, float] | None:
-    """Record-clustered bootstrap 95% interval of the pooled accuracy ``sum(correct) / sum(n)``."""
+    """Record-clustered bootstrap 95% interval of the pooled accuracy ``sum(correct) / sum(n)``
+    (or pooled mean: ``correct`` the per-record sums of values)."""
     interval = _interval(_ratio_values(correct, n))
     return None if interval is None else tuple(interval)
 
@@ -73,13 +93,15 @@ def bootstrap_ci(correct: np.ndarray, n: np.ndarray) -> tuple[float, float] | No
 def summary(run: Run, *, per_record: bool = False) -> dict:
     """The summary dict of a run (shape in :mod:`attention_drift.cli`'s docstring): per group and
     phase the paper's pooled interval (``ci95``) and the record-clustered bootstrap
-    (``ci95_bootstrap``)."""
+    (``ci95_bootstrap``); per field metric and phase its mean with the same two intervals (an
+    empty ``"metrics"`` for run files written before they existed)."""
     phases = {}
     for phase in ("pre", "post"):
         lines = [line for line in run.records if phase in line]
         if lines:
             phases[phase] = (lines, [RecordScores.from_json(line["case_id"], line[phase]) for line in lines])
     groups: dict[str, dict] = {}
+    metrics: dict[str, dict] = {}
     avg: dict[str, float | None] = {}
     for phase, (lines, scores) in phases.items():
         group_stats = aggregate(scores, per_record=per_record)
@@ -90,6 +112,13 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
             entry["ci95_bootstrap"] = None if ci is None else list(ci)
             entry["n_records"] = len(counts[1])
             groups.setdefault(name, {})[phase] = entry
+        for name, s in aggregate_metrics(scores, per_record=per_record).items():
+            entry = s.to_json()
+            sums = _sums(lines, phase, name)
+            ci = bootstrap_ci(*sums)
+            entry["ci95_bootstrap"] = None if ci is None else list(ci)
+            entry["n_records"] = len(sums[1])
+            metrics.setdefault(name, {})[phase] = entry
         fl = fluency_stats(scores, per_record=per_record)
         if fl is not None:
             groups.setdefault("fluency", {})[phase] = fl.to_json()
@@ -100,7 +129,7 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
         "data": run.meta.get("data"), "records": len(run.records), "per_record": per_record,
         "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "avg_s": avg,
     }
-    return {"groups": groups, "meta": meta}
+    return {"groups": groups, "metrics": {m: metrics[m] for m in METRICS if m in metrics}, "meta": meta}
 
 
 def _pct(stats: dict | None) -> str:
@@ -116,6 +145,44 @@ def _boot(stats: dict | None) -> str:
 
 def _prob(stats: dict | None) -> str:
     return "–" if stats is None else f"{stats['mean_p_right']:.3g}"
+
+
+def _metric_label(name: str) -> str:
+    metric = METRICS[name]
+    return (f"{name} ({metric.abbrev})" if metric.abbrev else name) + (" ↓" if metric.lower_is_better else "")
+
+
+def _num(name: str, x: float, *, signed: bool = False) -> str:
+    """A metric's number: NKL in nats (3 significant digits), accuracies in % (1 decimal)."""
+    sign = "+" if signed else ""
+    return f"{x:{sign}.3g}" if METRICS[name].lower_is_better else f"{100 * x:{sign}.1f}"
+
+
+def _metric_mean(name: str, stats: dict | None) -> str:
+    return "–" if stats is None else f"{_num(name, stats['mean'])} ± {_num(name, stats['half_width'])}"
+
+
+def _metric_boot(name: str, stats: dict | None) -> str:
+    ci = None if stats is None else stats.get("ci95_bootstrap")
+    return "–" if ci is None else f"[{_num(name, ci[0])}, {_num(name, ci[1])}]"
+
+
+def metrics_markdown(metrics: Mapping[str, dict]) -> str:
+    """The field's metrics of a :func:`summary` as a markdown table ("" when there are none)."""
+    if not metrics:
+        return ""
+    rows = ["| field metric | n (records / prompts) | pre mean ± normal CI | pre bootstrap CI | "
+            "post mean ± normal CI | post bootstrap CI |", "|---|---:|---:|---:|---:|---:|"]
+    for name, by_phase in metrics.items():
+        pre, post = by_phase.get("pre"), by_phase.get("post")
+        any_ = post or pre
+        rows.append(f"| {_metric_label(name)} | {any_['n_records']} / {any_['n']} | {_metric_mean(name, pre)} | "
+                    f"{_metric_boot(name, pre)} | {_metric_mean(name, post)} | {_metric_boot(name, post)} |")
+    rows += ["", "NKL in nats (KL(post || pre) of the next-token distribution on the distract-neighbourhood "
+             "prompts, CounterFact+; lower is better), the token accuracies in %, EasyEdit's teacher-forced "
+             "definitions; NKL and locality token accuracy compare with the unedited model, so they have no "
+             "pre-edit value (see attention_drift.measure.field_metrics.METRICS)."]
+    return "\n".join(rows)
 
 
 def markdown(result: dict) -> str:
@@ -144,6 +211,8 @@ def markdown(result: dict) -> str:
     if any(v is not None for v in avg.values()):
         cells = ", ".join(f"{p} {100 * v:.1f}" if v is not None else f"{p} –" for p, v in avg.items())
         rows += ["", f"Avg.S (harmonic mean of ES, PS, NS, RS, DNS): {cells}"]
+    if result.get("metrics"):
+        rows += ["", metrics_markdown(result["metrics"])]
     rows += ["", "normal CI: the paper's pooled interval 1.96·sqrt(p(1-p)/n) over prompts; bootstrap CI: "
              f"records resampled {N_BOOTSTRAP} times (95%)."]
     return "\n".join(rows)
@@ -221,14 +290,42 @@ def paired_difference(a: Run, b: Run, group: str) -> dict | None:
     return out
 
 
+def paired_metric_difference(a: Run, b: Run, metric: str) -> dict | None:
+    """Post-edit mean of field metric ``metric`` of ``b`` minus ``a``, over the records both
+    scored with the same number of prompts: the keys of :func:`paired_difference`, ``diff`` the
+    difference of pooled means with its record-clustered paired bootstrap ``ci95`` and
+    ``p_value``; ``mcnemar_p`` and ``recovered`` are None (no flags)."""
+    by_b = {_key(line): line for line in b.records}
+    rows = []
+    for line in a.records:
+        other = by_b.get(_key(line))
+        va = _values(line, "post", metric)
+        vb = None if other is None else _values(other, "post", metric)
+        if va and vb and len(va) == len(vb):
+            rows.append((va, vb))
+    if not rows:
+        return None
+    sa, sb = (np.array([sum(r[i]) for r in rows], dtype=float) for i in (0, 1))
+    n = np.array([len(r[0]) for r in rows], dtype=float)
+    diff = float((sb.sum() - sa.sum()) / n.sum())
+    out = {"diff": diff, "ci95": None, "p_value": None, "n_records": len(rows), "n_prompts": int(n.sum()),
+           "mcnemar_p": None, "recovered": None}
+    boot = _ratio_values(sb - sa, n)
+    if boot.size:
+        out["ci95"] = _interval(boot)
+        extreme = float(np.mean(np.abs(boot - diff) >= abs(diff))) if diff != 0 else 1.0
+        out["p_value"] = max(extreme, 1 / N_BOOTSTRAP)
+    return out
+
+
 def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = COMPARE_GROUPS,
-            pairs: Sequence[tuple[str, str]] | None = None) -> dict:
+            pairs: Sequence[tuple[str, str]] | None = None, metrics: Sequence[str] = tuple(METRICS)) -> dict:
     """Several runs side by side: ``{"runs": {label: summary}, "paired": {"A -> B": {group: ...}}}``.
 
     With ``shared`` every summary is restricted to the case_ids all runs have. ``paired`` holds,
     for each pair ``(A, B)`` of ``pairs`` (default: every ordered pair, first -> later),
-    :func:`paired_difference` of each group (post-edit scores; always on the shared records of
-    that pair).
+    :func:`paired_difference` of each group and :func:`paired_metric_difference` of each field
+    metric in ``metrics`` (post-edit scores; always on the shared records of that pair).
     """
     keys = shared_records(runs) if shared else None
     restricted = {label: Run(run.meta, [line for line in run.records if keys is None or _key(line) in keys])
@@ -239,6 +336,7 @@ def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[st
     paired = {}
     for first, second in pairs:
         entry = {g: paired_difference(runs[first], runs[second], g) for g in groups}
+        entry |= {m: paired_metric_difference(runs[first], runs[second], m) for m in metrics}
         paired[f"{first} -> {second}"] = {g: v for g, v in entry.items() if v is not None}
     return {"runs": {label: summary(run) for label, run in restricted.items()}, "paired": paired}
 
@@ -269,9 +367,11 @@ def tradeoff(runs: Mapping[str, Run], baseline: str, *, group: str = "distract_n
     return points
 
 
-def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: bool) -> str:
+def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: bool,
+         metrics: Sequence[str] = ()) -> str:
     cells = [label, str(result["meta"]["records"])]
     cells += [_pct(result["groups"].get(g, {}).get(phase)) for g in groups]
+    cells += [_metric_mean(m, result.get("metrics", {}).get(m, {}).get(phase)) for m in metrics]
     if fluency:
         f = result["groups"].get("fluency", {}).get(phase)
         cells.append(f"{100 * f['ngram_entropy']:.1f}" if f else "–")
@@ -282,15 +382,18 @@ def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: b
 
 def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPARE_GROUPS) -> str:
     """Rows: the first run's pre-edit scores, then each run's post-edit scores (pooled, ± the
-    paper's normal half-width)."""
+    paper's normal half-width), then the field's metrics any run has (mean ± normal half-width;
+    NKL in nats, accuracies in %)."""
     groups = [g for g in groups if any(g in r["groups"] for r in summaries.values())]
+    metrics = [m for m in METRICS if any(m in r.get("metrics", {}) for r in summaries.values())]
     fluency = any("fluency" in r["groups"] for r in summaries.values())
     head = ["run", "records"] + [f"{g} ({GROUPS[g].abbrev})" if GROUPS[g].abbrev else g for g in groups]
+    head += [_metric_label(m) for m in metrics]
     head += (["FL"] if fluency else []) + ["s/edit"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first = next(iter(summaries.values()))
-    rows.append(_row("pre-edit", first, "pre", groups, fluency))
-    rows += [_row(label, result, "post", groups, fluency) for label, result in summaries.items()]
+    rows.append(_row("pre-edit", first, "pre", groups, fluency, metrics))
+    rows += [_row(label, result, "post", groups, fluency, metrics) for label, result in summaries.items()]
     return "\n".join(rows) + "\n\n" + sizes_markdown(summaries, groups)
 
 
@@ -319,18 +422,20 @@ def sizes_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPAR
     return "n (records / prompts) per column: " + "; ".join(f"{label}: {text(s)}" for label, s in rows.items()) + "."
 
 
-def _points(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:+.1f}"
+def _points(x: float | None, name: str = "") -> str:
+    if x is None:
+        return "–"
+    return _num(name, x, signed=True) if name in METRICS else f"{100 * x:+.1f}"
 
 
 def paired_markdown(paired: Mapping[str, Mapping[str, dict]]) -> str:
-    """One row per pair and group: difference (points) with its paired bootstrap CI and p-values,
-    and the fraction of the first run's loss recovered."""
+    """One row per pair and group (or field metric): difference (points; NKL in nats) with its
+    paired bootstrap CI and p-values, and the fraction of the first run's loss recovered."""
     rows = ["| pair | group | records / prompts | diff (points) | paired bootstrap 95% CI | p (bootstrap) | "
             "p (McNemar) | loss recovered [95% CI] |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for pair, by_group in paired.items():
         for group, d in by_group.items():
-            ci = "–" if d["ci95"] is None else f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+            ci = "–" if d["ci95"] is None else f"[{_points(d['ci95'][0], group)}, {_points(d['ci95'][1], group)}]"
             p = "–" if d["p_value"] is None else f"{d['p_value']:.3g}"
             rec = d.get("recovered")
             rec_cell = "–"
@@ -338,8 +443,10 @@ def paired_markdown(paired: Mapping[str, Mapping[str, dict]]) -> str:
                 rec_cell = f"{100 * rec['fraction']:.0f}%"
                 if rec["ci95"] is not None:
                     rec_cell += f" [{100 * rec['ci95'][0]:.0f}, {100 * rec['ci95'][1]:.0f}]"
-            rows.append(f"| {pair} | {group} | {d['n_records']} / {d['n_prompts']} | {_points(d['diff'])} | {ci} | "
-                        f"{p} | {d['mcnemar_p']:.3g} | {rec_cell} |")
+            mcnemar = "–" if d.get("mcnemar_p") is None else f"{d['mcnemar_p']:.3g}"
+            label = _metric_label(group) if group in METRICS else group
+            rows.append(f"| {pair} | {label} | {d['n_records']} / {d['n_prompts']} | {_points(d['diff'], group)} | "
+                        f"{ci} | {p} | {mcnemar} | {rec_cell} |")
     return "\n".join(rows)
 
 

@@ -11,7 +11,12 @@ Run file lines (see :mod:`attention_drift.core.jsonl`): a header ``{"meta": {"fo
 "method", "model", "subject", "target_new", "target_true", "pre": SCORES, "post": SCORES
 (editing variants only), "edit_key", "edit_seconds", "eval_seconds"}`` where SCORES is
 ``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}}, "fluency":
-{...}|null}`` and ``edit_key`` the hash of the whole resolved edit configuration
+{...}|null, "metrics": {METRIC: {"values": [v, ...]}}, "reference": {...}}`` (``metrics``: the
+field's metrics, :data:`attention_drift.measure.field_metrics.METRICS`, one value per prompt;
+``reference``, pre-edit only: the pre-edit argmax tokens the post-edit locality compares with,
+:func:`attention_drift.measure.field_metrics.record_reference`; NKL's pre-edit distributions are
+not written but kept in memory, or re-read before the edit where ``pre`` is reused;
+both absent from older files, which still summarize) and ``edit_key`` the hash of the whole resolved edit configuration
 (:func:`attention_drift.editing.edit_key`): a run file never mixes two resolved
 configurations, so a changed preset cannot silently resume an old run.
 """
@@ -190,14 +195,18 @@ def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
 def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_size: int = 32, fluency=None,
                          pre: dict | None = None, key: str | None = None, progress: bool = False) -> dict:
     """One record's run line: pre-edit scores (or ``pre``), then for an editing variant the edit
-    (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores; weights restored after.
+    (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores, which compare with the
+    pre-edit pass for NKL and locality token accuracy (with a reused ``pre``, NKL's pre-edit
+    distributions are read from the model before the edit: one small forward); weights restored after.
     ``progress``: a bar over the edit's optimisation steps."""
-    from attention_drift.measure.evaluate import evaluate_record
+    from attention_drift.measure.evaluate import evaluate_record, pre_edit_distributions
 
     start = time.perf_counter()
     options = {"batch_size": batch_size, "fluency": fluency if fluency is not None else False}
+    pre_scores = None
     if pre is None:
-        pre = evaluate_record(model, record, **options).to_json()
+        pre_scores = evaluate_record(model, record, **options)
+        pre = pre_scores.to_json()
     line = {"case_id": record.case_id, "kind": record.kind, "method": variant.method, "model": model.model_name,
             "subject": record.rewrite.subject, "target_new": record.rewrite.target_new,
             "target_true": record.rewrite.target_true, "pre": pre, "edit_key": key, "edit_seconds": None}
@@ -205,8 +214,10 @@ def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_siz
         from attention_drift.editing import edit
 
         config, sadr = resolved
+        if pre_scores is None:  # reused: NKL's pre-edit distributions are read now, before the edit
+            pre_scores = pre_edit_distributions(model, record, pre, batch_size=batch_size)
         with edit(model, record.rewrite, method=variant.method, config=config, sadr=sadr, progress=progress) as result:
-            post = evaluate_record(model, record, **options)
+            post = evaluate_record(model, record, **options, pre=pre_scores)
         if sadr is not None:
             trace = result.sadr_records[0]
             line["sadr"] = {"loss": trace["loss"][-1] if trace else None, "steps": result.traces[0].steps_run,
