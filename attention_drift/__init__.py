@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_counterfact": "core.data", "load_dev": "core.data", "load_example": "core.data",
     "AlphaEditConfig": "editing", "EDITORS": "editing", "EditResult": "editing", "MEMITConfig": "editing",
     "PMETConfig": "editing", "ROMEConfig": "editing", "apply_edit": "editing", "edit": "editing",
+    "load_edited": "editing.external", "WeightSwap": "editing.external", "drift_pair": "runs.analysis",
     "aggregate": "measure.evaluate", "evaluate_record": "measure.evaluate",
     "DEFAULT_MODEL": "core.models", "OFFLINE_MODELS": "core.models", "load_model": "core.models",
     "tiny_model": "core.models",

@@ -11,6 +11,7 @@ Commands::
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
     attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR]
                                 [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
+    attention-drift drift --edited FOLDER|EDIT.pt|ADAPTER [--model NAME] [--data PATH|dev] [--out DIR]
     attention-drift explore DIR [--comparison DIR]
     attention-drift figures [--model NAME] [--data PATH|dev] [--out figures] [--runs DIR] ...
     attention-drift models
@@ -81,7 +82,8 @@ FLAGS = {
     "deadline": "--deadline", "batch_size": "--batch-size", "variants": "--variants", "out": "--out",
     "kinds": "--kinds", "limit": "--limit", "balanced": "--balanced", "shard": "--shard", "reuse_pre": "--reuse-pre",
     "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
-    "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports",
+    "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports", "edited": "--edited",
+    "allow_other_base": "--allow-other-base",
 }
 """Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
 -> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""
@@ -472,6 +474,13 @@ def register_drift(subparsers) -> None:
         "token moves (distract neighbourhood / relation prompts), and correlate drift with specificity "
         "failure. Writes DIR/drift.json and figures.")
     _analysis_arguments(p, "drift")
+    p.add_argument("--edited", default=None, metavar="SOURCE",
+                   help="measure an edit made elsewhere instead of --method: a Hugging Face folder of the same "
+                   "architecture (save_pretrained output, e.g. EditResult.save_pretrained), a saved edit "
+                   "(EditResult.save) or a PEFT LoRA adapter folder (merged into the --model weights); its changed "
+                   "weights are swapped in for each record's edited pass")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="with --edited ADAPTER: accept an adapter whose base_model_name_or_path names another model")
     p.set_defaults(run=run_analysis, analysis="drift")
 
 
@@ -509,6 +518,8 @@ def run_analysis(args) -> int:
     for name in ("sweep_prompts", "contamination_prompts", "random_draws"):
         if getattr(args, name, 0) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if getattr(args, "edited", None):
+        return run_edited_drift(args)
     variant = variant_from_args(args)
     if not variant.edits:
         raise CliError(f"{args.analysis} needs an editing method: --method rome, memit or pmet")
@@ -534,6 +545,41 @@ def run_analysis(args) -> int:
     print(result["markdown"])
     print(f"\n{out}/{args.analysis}.json written" + (f"; figures: {', '.join(result['figures'])}"
                                                      if result.get("figures") else ""), file=sys.stderr)
+    return 0
+
+
+def run_edited_drift(args) -> int:
+    """``drift --edited SOURCE``: the edit SOURCE holds, swapped into ``--model`` record by record
+    (:func:`attention_drift.editing.external.load_edited`), through the same
+    :func:`~attention_drift.runs.analysis.run_drift` as an in-process edit."""
+    from attention_drift.runs import evaluation as runs
+
+    if args.workers != 1 or args.address:
+        raise CliError("--edited runs in this process: drop --workers / --address")
+    if args.edit_cache:
+        raise CliError("--edited measures a given edit: drop --edit-cache")
+    if not Path(args.edited).expanduser().exists():
+        raise CliError(f"--edited {args.edited} does not exist; give a Hugging Face folder, a saved edit "
+                       "(EditResult.save) or a PEFT adapter folder")
+    label = "edited-" + (Path(args.edited.rstrip("/")).name or "source")
+    selection = selection_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / f"drift-{runs.default_out(args.model, label).stem}"
+    runs.check_writable(out, folder=True)
+    from attention_drift.editing.external import load_edited
+    from attention_drift.runs import analysis
+
+    records = selection.load()
+    executor = executor_from_args(args)
+    model = executor.worker.model
+    swap = load_edited(model, args.edited, allow_other_base=args.allow_other_base)
+    print(f"attention-drift: {args.edited} changes {len(swap.names)} parameter(s) of {args.model}", file=sys.stderr)
+    meta = {"model": args.model, "data": selection.label,
+            "edit": {"edited": str(args.edited), "changed": list(swap.names)}}
+    result = analysis.run_drift(model, records, swap, out, meta, top_k=args.top_k, method=label,
+                                progress=not args.no_progress, figures=not args.no_figures, executor=executor)
+    print(result["markdown"])
+    print(f"\n{out}/drift.json written" + (f"; figures: {', '.join(result['figures'])}"
+                                           if result.get("figures") else ""), file=sys.stderr)
     return 0
 
 

@@ -346,3 +346,83 @@ def _tiny_tokenizer():
         pad_token="<|endoftext|>",
     )
     return fast
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapped Hugging Face model's own names (checkpoints, adapters and saved folders use them)
+
+
+def hf_parameters(model: TransformerBridge) -> dict[str, torch.nn.Parameter]:
+    """``{Hugging Face checkpoint name: the live parameter}`` of the model a bridge wraps.
+
+    The bridge renames the HF model's modules (``model.layers.0._original_component.mlp...``);
+    these are the names a ``save_pretrained`` folder, a PEFT adapter and ``from_pretrained``
+    use (``model.layers.0.mlp.down_proj.weight``), read off a meta-device skeleton of the same
+    config. Tied weights appear under each of their names (the same parameter).
+    """
+    from transformers import AutoModelForCausalLM
+
+    hf = model.original_model
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf.config)
+    wanted = dict.fromkeys(n for n, _ in skeleton.named_parameters(remove_duplicate=False))
+    found: dict[str, torch.nn.Parameter] = {}
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        clean = name.replace("._original_component", "")
+        if clean in wanted:
+            found.setdefault(clean, param)
+    missing = [n for n in wanted if n not in found]
+    if missing:  # a tied name the bridge does not list (lm_head under tied embeddings)
+        tied = getattr(hf.config, "tie_word_embeddings", False)
+        for name in missing:
+            if tied and name.endswith("lm_head.weight"):
+                found[name] = hf.get_input_embeddings().weight
+    return {n: found[n] for n in wanted if n in found}
+
+
+def save_hf_folder(model: TransformerBridge, folder: str | os.PathLike) -> Path:
+    """Write the weights the bridge holds now as a Hugging Face folder (``model.safetensors``,
+    config, tokenizer, generation config) that ``from_pretrained`` and :func:`load_model` read.
+
+    ``save_pretrained`` on the wrapped model itself fails (the bridge's aliases share tensors),
+    so the state dict under :func:`hf_parameters`' names is written with safetensors, tied
+    weights once, as :func:`_gguf_to_folder` does.
+    """
+    from safetensors.torch import save_file
+
+    hf = model.original_model
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, seen = {}, set()
+    for name, param in hf_parameters(model).items():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        state[name] = param.detach().to("cpu").contiguous().clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = hf.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(hf).__name__]
+    config.save_pretrained(folder)
+    if getattr(hf, "generation_config", None) is not None:
+        hf.generation_config.save_pretrained(folder)
+    _save_tokenizer(model, folder)
+    return folder
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def _save_tokenizer(model: TransformerBridge, folder: Path) -> None:
+    """The tokenizer files of the folder the model was loaded from, as they are (the bridge switches
+    BOS-adding on in its tokenizer object; a copy keeps the model's own default); else the object's."""
+    import shutil
+
+    source = Path(str(getattr(model.original_model.config, "_name_or_path", "") or ""))
+    files = [source / f for f in _TOKENIZER_FILES if source.is_dir() and (source / f).is_file()]
+    if files:
+        for f in files:
+            shutil.copyfile(f, folder / f.name)
+    elif getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save_pretrained(folder)

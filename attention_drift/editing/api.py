@@ -24,6 +24,7 @@ import dataclasses
 import os
 import time
 import typing
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from attention_drift.editing.identity import FORMAT_VERSION, model_identity, res
 from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace, step_progress
 from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, clamp_field, get_editor, resolve_edit
 from attention_drift.core.hooks import mlp_weight_name
-from attention_drift.core.models import mlp_out_weight, on_model_device
+from attention_drift.core.models import mlp_out_weight, on_model_device, save_hf_folder
 from attention_drift.editing.sadr import SADRConfig, SADRLoss
 
 __all__ = ["CONFIG_TYPES", "METHODS", "EditContext", "EditResult", "apply_edit", "check_request", "edit"]
@@ -89,6 +90,7 @@ class EditResult:
     _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _updates: list[tuple[str, Tensor]] = field(default_factory=list, repr=False)
     _model: dict = field(default_factory=dict, repr=False)
+    _owner: typing.Any = field(default=None, repr=False, compare=False)
 
     @property
     def loss_trace(self) -> list[list[float]]:
@@ -172,6 +174,30 @@ class EditResult:
         os.replace(tmp, path)
         return path
 
+    def save_pretrained(self, path: str | os.PathLike, model=None) -> Path:
+        """Write the edited model as a Hugging Face folder (``model.safetensors``, config, tokenizer)
+        that ``from_pretrained``, :func:`~attention_drift.core.models.load_model` and
+        ``attention-drift drift --edited`` read, to hand the edit to others. Returns the folder.
+
+        ``model``: the bridge the edit was made on or loaded for (default: that one, while it is
+        alive). A restored edit is applied for the writing and restored after (bitwise); an
+        applied one stays applied.
+        """
+        model = model if model is not None else (self._owner() if self._owner is not None else None)
+        if model is None:
+            raise EditError("save_pretrained needs the model the edit was made on: pass model=")
+        held = {id(p) for p in model.parameters()}
+        if any(id(p) not in held for p in self._params.values()):
+            raise EditError(f"the {self.method} edit was made on another model than the one given to save_pretrained")
+        applied_here = self.restored
+        if applied_here:
+            self.apply()
+        try:
+            return save_hf_folder(model, path)
+        finally:
+            if applied_here:
+                self.restore()
+
     @classmethod
     def load(cls, path: str | os.PathLike, model) -> "EditResult":
         """The edit saved at ``path``, ready for ``model`` and restored (``with result:`` or
@@ -216,7 +242,7 @@ class EditResult:
             data["method"], tuple(Rewrite(**r) for r in data["requests"]), config, layers, deltas, traces,
             data["seconds"], sadr=sadr, restored=True, key=data["key"], fallback=data.get("fallback"),
             state=state, _params=params, _originals=originals,
-            _updates=updates, _model=identity,
+            _updates=updates, _model=identity, _owner=weakref.ref(model),
         )
 
 
@@ -361,6 +387,7 @@ def _apply_edit(model, requests, method, config, sadr, extra_losses, progress, s
     return EditResult(
         editor.name, reqs, config, layers, deltas, list(traces), time.perf_counter() - start, sadr=sadr, key=key,
         fallback=fallback, state=new_state, _params=params, _originals=originals, _updates=updates, _model=model_identity(model),
+        _owner=weakref.ref(model),
     )
 
 

@@ -251,3 +251,31 @@ def dataset_drift(
         raise DriftError(f"no record has prompts containing its subject in groups {tuple(groups)}")
     return drift_report([m for m in measured if m is not None], groups, threshold=threshold, levels=levels,
                         n_bins=n_bins)
+
+
+def drift_pair(
+    model_before,
+    model_after,
+    records: Iterable[Record],
+    groups: Sequence[str] = DEFAULT_GROUPS,
+    *,
+    allow_other_base: bool = False,
+    **report_options,
+) -> DriftReport:
+    """Per-head drift between two models of the same architecture on the same prompts: the
+    :class:`~attention_drift.reports.drift.DriftReport` an in-process edit gives, with
+    ``model_after`` in the role of the edit.
+
+    ``model_after`` is a model (bridge or Hugging Face) or any source of
+    :func:`~attention_drift.editing.external.load_edited` (a Hugging Face folder, a saved edit, a
+    PEFT adapter). Its changed tensors become a :class:`~attention_drift.editing.external.WeightSwap`
+    over ``model_before``, the edit factory of :func:`dataset_drift`: every record goes through
+    :func:`~attention_drift.measure.drift.drift_record` exactly as an in-process edit does, the
+    weights swapped in for the edited pass and restored bitwise after. ``report_options`` as in
+    :func:`dataset_drift` (``threshold``, ``levels``, ``n_bins``, ``progress``). ``run_drift(model,
+    records, load_edited(model, source), ...)`` writes the same report as ``drift.json``.
+    """
+    from attention_drift.editing.external import load_edited
+
+    swap = load_edited(model_before, model_after, allow_other_base=allow_other_base)
+    return dataset_drift(model_before, records, swap, groups, **report_options)
