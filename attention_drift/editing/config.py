@@ -1,5 +1,8 @@
 """Editor configurations (ROME, MEMIT, PMET, AlphaEdit), their per-model presets, and editing errors.
 
+(The configs of r-ROME and EMMET live in their modules, :mod:`~attention_drift.editing.r_rome`
+and :mod:`~attention_drift.editing.emmet`; their presets are built here from the same table.)
+
 Every hyper-parameter of an edit lives in one frozen dataclass, so a result records exactly
 what produced it. ``XConfig.for_model(model)`` picks the preset of the model's family and
 size; :func:`dataclasses.replace` derives variants (``replace(cfg, steps=40)``).
@@ -50,6 +53,19 @@ Presets and where their numbers come from:
   GPT-2's trace is 1.7), so their wiring presets scale both down: Llama threshold 1e-4 (about
   half the directions null) and L2 1e-4, GPT-2 threshold 2e-2 (~85% null) and L2 1e-2; with
   L2 10 the tiny Llama's update was ~1000 times smaller than MEMIT's.
+
+* r-ROME: ROME's preset of the model, unchanged (the r-ROME hyper-parameter files equal the
+  ROME files except for the key flags), so that r-ROME and ROME differ only by the key.
+* EMMET: the authors edit one layer, the ROME layer, in every released file (GPT-J 5, GPT-2
+  XL 17, Llama-2-7B 5), with MEMIT's value optimisation; so the EMMET preset of every model is
+  the ROME preset's layer alone, with the MEMIT preset's value optimisation (steps, lr, weight
+  decay, clamp relative to the residual, KL factor), ``mom2_update_weight`` 1 and
+  ``emmet_lambda`` 0.1 (the authors' GPT-J and Llama-2 values). SmolLM2-135M: layer 5 (its ROME
+  layer) rather than MEMIT's 3-7, following the authors' single-layer choice, so that EMMET on
+  one request is the equality-constrained rank-one edit of ROME's layer and differs from
+  ROME by the key (MEMIT's template mean), the value site (the residual, MEMIT's objective) and
+  the clamp. GPT-J and GPT-2 XL have their own entries from the authors' files (25 steps;
+  GPT-2 XL ``mom2_update_weight`` 1000); Llama-2's borrowed values equal the authors' file.
 
 Statistics: the offline models' presets use 300 sequences of 128 tokens sampled from the
 model itself. The official baseline used 1000, but sampling is the slow part on CPU
@@ -453,6 +469,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "rome": dict(layer=5, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(3, 8)),
         "pmet": dict(layers=_span(3, 8)),
+        "emmet": dict(layers=(5,), steps=25),  # the authors' hparams/EMMET/EleutherAI_gpt-j-6B.json
         "stats": HUB_STATS,
     },
     ("gpt2", 12, None): {  # GPT-2 small (analogous choice)
@@ -477,6 +494,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "rome": dict(layer=17, clamp_norm_factor=4.0),
         "memit": dict(layers=_span(13, 17), steps=20, mom2_update_weight=20000.0),
         "pmet": dict(layers=_span(13, 17)),
+        "emmet": dict(layers=(17,), steps=20, mom2_update_weight=1000.0),  # the authors' hparams/EMMET/gpt2-xl.json
         "stats": HUB_STATS,
     },
 }
@@ -497,8 +515,17 @@ def _preset(model, cls):
             f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls.__name__}({example}) (pick the "
             f"layer with benchmarks/sweep_edit_layer.py, or a causal trace); presets exist for: {known}"
         )
-    if method == "alphaedit" and method not in entry:  # MEMIT's preset less its covariance weight
-        kwargs = {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
-    else:
-        kwargs = entry[method]
+    kwargs = entry[method] if method in entry else _borrowed(method, entry)
     return cls(**kwargs, stats=entry["stats"])
+
+
+def _borrowed(method: str, entry: dict[str, dict]) -> dict:
+    """The preset of an editor without an entry of its own, from the editors it builds on."""
+    if method == "alphaedit":  # MEMIT's preset less its covariance weight
+        return {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
+    if method == "r-rome":  # ROME's preset
+        return dict(entry["rome"])
+    if method == "emmet":  # the ROME layer alone, MEMIT's value optimisation (see emmet.py)
+        shared = {k: v for k, v in entry["memit"].items() if k not in ("layers", "mom2_update_weight")}
+        return {**shared, "layers": (entry["rome"]["layer"],)}
+    raise ConfigError(f"no {method!r} preset in this model's entry; build the config yourself")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, is_dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from attention_drift.editing import alphaedit, memit, pmet, rome
+from attention_drift.editing import alphaedit, emmet, memit, pmet, r_rome, rome
 from attention_drift.editing.config import AlphaEditConfig, ConfigError, EditError, MEMITConfig, PMETConfig, ROMEConfig
 from attention_drift.core.models import n_layers
 from attention_drift.editing.sadr import SADRConfig
@@ -196,6 +196,8 @@ for _editor in (
     Editor("memit", MEMITConfig, memit.prepare, memit.execute),
     Editor("pmet", PMETConfig, pmet.prepare, pmet.execute),
     Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys),
+    Editor("r-rome", r_rome.RROMEConfig, r_rome.prepare, r_rome.execute),
+    Editor("emmet", emmet.EMMETConfig, emmet.prepare, emmet.execute),
 ):
     register(_editor)
 
