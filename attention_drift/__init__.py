@@ -3,7 +3,7 @@
 Data flows load -> edit -> measure -> report -> view, one subpackage a layer (ARCHITECTURE.md):
 
 * :mod:`attention_drift.core`: models, tokens, hook names, records, run files, the layer runner;
-* :mod:`attention_drift.editing`: the editors (ROME, MEMIT, PMET, AlphaEdit), SADR, the edit cache;
+* :mod:`attention_drift.editing`: the editors (ROME, MEMIT, PMET, AlphaEdit, r-ROME, EMMET), SADR, the edit cache;
 * :mod:`attention_drift.measure`: evaluation metrics, attention drift, causal patching, case study;
 * :mod:`attention_drift.reports`: evaluation / drift / patch reports, statistics;
 * :mod:`attention_drift.views`: plotly figures, circuitsvis views, the explorer page;
@@ -19,7 +19,8 @@ _EXPORTS = {
     "Record": "core.data", "Rewrite": "core.data", "balanced_subset": "core.data", "distract_prompt": "core.data",
     "load_counterfact": "core.data", "load_dev": "core.data", "load_example": "core.data",
     "AlphaEditConfig": "editing", "EDITORS": "editing", "EditResult": "editing", "MEMITConfig": "editing",
-    "PMETConfig": "editing", "ROMEConfig": "editing", "apply_edit": "editing", "edit": "editing",
+    "PMETConfig": "editing", "ROMEConfig": "editing", "RROMEConfig": "editing", "EMMETConfig": "editing",
+    "apply_edit": "editing", "edit": "editing",
     "load_edited": "editing.external", "WeightSwap": "editing.external", "drift_pair": "runs.analysis",
     "aggregate": "measure.evaluate", "evaluate_record": "measure.evaluate",
     "DEFAULT_MODEL": "core.models", "OFFLINE_MODELS": "core.models", "load_model": "core.models",

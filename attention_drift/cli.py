@@ -176,7 +176,8 @@ def add_variant_arguments(p, *, allow_none: bool = True) -> None:
                    "of --method / --sadr options")
     p.add_argument("--method", default=default,
                    help=("'none' or " if allow_none else "")
-                   + "an editor of attention_drift.editing.EDITORS: rome, memit, pmet, alphaedit, ft (default: %(default)s)")
+                   + "an editor of attention_drift.editing.EDITORS: rome, memit, pmet, alphaedit, emmet, r-rome, ft "
+                   "(default: %(default)s)")
     p.add_argument("--stats-samples", type=int, default=None,
                    help="covariance statistics sample count (default: the model preset's)")
     g = p.add_argument_group("SADR", "regularise attention drift during the edit (attention_drift.SADRConfig)")

@@ -11,7 +11,8 @@ beforehand (as for every edit after the first; a warm-up edit runs first):
   official code's figures and the ratios (official / ours: > 1 means we are faster); then the
   published SADR with distract rows (``distract=True``, the batch holds three more, longer rows)
   and SADR+ (``--sadr-variant plus``), with the distract-row / published ratio;
-* with ``--all-methods``, MEMIT and PMET too; with ``--stats``, the throughput of sampling
+* with ``--all-methods``, every other registered editor too (``attention_drift.editing.EDITORS``,
+  each with its preset for the model); with ``--stats``, the throughput of sampling
   the statistics corpus and of accumulating ``k k^T``;
 * with ``--step-costs``: one value-optimisation step (forward + backward) done four ways on the
   same ROME batch: (a) as the official code: full forward and full-vocabulary logits at every
@@ -46,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="the official figures used 2")
     parser.add_argument("--records", type=int, default=3)
-    parser.add_argument("--all-methods", action="store_true", help="also MEMIT and PMET")
+    parser.add_argument("--all-methods", action="store_true", help="also every other registered editor")
     parser.add_argument("--stats", action="store_true", help="also the statistics throughput")
     parser.add_argument("--step-costs", action="store_true", help="also the per-step comparison")
     parser.add_argument("--step-repeats", type=int, default=4)
@@ -55,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from attention_drift.core.data import load_example
-    from attention_drift.editing import MEMITConfig, PMETConfig, ROMEConfig, apply_edit
+    from attention_drift.editing import EDITORS, ROMEConfig, apply_edit
     from attention_drift.core.models import load_model
     from attention_drift.editing.sadr import SADRConfig
     from attention_drift.runs.variants import sadr_variant
@@ -68,7 +69,8 @@ def main() -> None:
             ("+distract", "rome", rome, SADRConfig(weight=0.01, steps=80, distract=True)),
             ("ROME+SADR+", "rome", rome, sadr_variant("plus", "rome").resolve(model, "rome", rome.layer))]
     if args.all_methods:
-        runs += [(c.method.upper(), c.method, c, None) for c in (MEMITConfig.for_model(model), PMETConfig.for_model(model))]
+        runs += [(name.upper(), name, editor.config_type.for_model(model), None)
+                 for name, editor in EDITORS.items() if name != "rome"]
     if args.stats:
         stats_throughput(model, dataclasses.replace(rome.stats, n_samples=32))
     print(f"{'':10s} {'ours s/edit':>11s} {'s/step':>7s} {'steps':>5s} | {'official s/edit':>15s} {'s/step':>7s} "

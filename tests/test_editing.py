@@ -1,4 +1,5 @@
-"""ROME / MEMIT / PMET on tiny random models (fast) and on SmolLM2 (slow); AlphaEdit in test_alphaedit.py, FT in test_ft.py."""
+"""ROME / MEMIT / PMET on tiny random models (fast) and on SmolLM2 (slow); AlphaEdit, EMMET, r-ROME and FT in
+test_alphaedit.py, test_emmet.py, test_r_rome.py and test_ft.py."""
 
 import dataclasses
 import pytest
@@ -507,7 +508,7 @@ def test_a_registered_editor_runs_through_apply_edit_and_leaves_again(toy_editor
     from attention_drift.editing import CONFIG_TYPES, EDITORS, METHODS
 
     assert EDITORS["toy"] is toy_editor and "toy" in METHODS
-    assert tuple(METHODS) == ("rome", "memit", "pmet", "alphaedit", "ft", "toy") and CONFIG_TYPES["toy"] is ToyConfig
+    assert tuple(METHODS) == ("rome", "memit", "pmet", "alphaedit", "emmet", "r-rome", "ft", "toy") and CONFIG_TYPES["toy"] is ToyConfig
     original = _weights(tiny_llama)
     with edit(tiny_llama, [EIFFEL, JORDAN], "toy") as result:  # config None: ToyConfig.for_model
         assert result.method == "toy" and result.layers == (1,) and len(result.updates) == 2
@@ -540,8 +541,8 @@ def test_registry_checks_editors_and_forgets_removed_ones(tiny_llama):
         register(Editor("toy", ToyConfig, _toy_prepare, _toy_execute, state_type=dict))
     register(Editor("toy", ToyConfig, _toy_prepare, _toy_execute))
     unregister("toy")
-    assert "toy" not in EDITORS and "toy" not in METHODS and list(EDITORS) == ["rome", "memit", "pmet", "alphaedit", "ft"]
-    with pytest.raises(ConfigError, match="unknown editing method 'toy'; choose one of rome, memit, pmet, alphaedit, ft"):
+    assert "toy" not in EDITORS and "toy" not in METHODS and list(EDITORS) == ["rome", "memit", "pmet", "alphaedit", "emmet", "r-rome", "ft"]
+    with pytest.raises(ConfigError, match="unknown editing method 'toy'; choose one of rome, memit, pmet, alphaedit, emmet, r-rome, ft"):
         apply_edit(tiny_llama, EIFFEL, "toy", ToyConfig(layer=0))
 
 

@@ -1,4 +1,4 @@
-"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT, PMET, AlphaEdit and FT (FT-L).
+"""Knowledge editing on the TransformerLens bridge: ROME, MEMIT, PMET, AlphaEdit, EMMET, r-ROME and FT (FT-L).
 
 ``edit(model, rewrite, method=...)`` edits inside a ``with`` block and restores the weights
 exactly on exit; ``apply_edit`` returns an :class:`EditResult` to restore, re-apply
@@ -14,6 +14,7 @@ resolved configuration and :class:`EditCache` replays stored edits from disk.
 from attention_drift.editing.alphaedit import PreviousKeys
 from attention_drift.editing.api import EditContext, EditResult, apply_edit, check_request, edit
 from attention_drift.editing.cache import EditCache
+from attention_drift.editing.emmet import EMMETConfig
 from attention_drift.editing.config import (
     AlphaEditConfig,
     ConfigError,
@@ -26,6 +27,7 @@ from attention_drift.editing.config import (
     StatsConfig,
 )
 from attention_drift.editing.identity import edit_key
+from attention_drift.editing.r_rome import RROMEConfig
 from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, StepInfo
 from attention_drift.editing.registry import (
     CONFIG_TYPES,
@@ -52,6 +54,7 @@ __all__ = [
     "EditResult",
     "Editor",
     "EditorConfig",
+    "EMMETConfig",
     "ExtraLoss",
     "FTConfig",
     "MEMITConfig",
@@ -60,6 +63,7 @@ __all__ = [
     "PMETConfig",
     "PreviousKeys",
     "RequestError",
+    "RROMEConfig",
     "ROMEConfig",
     "StatsConfig",
     "StepInfo",

@@ -1,5 +1,8 @@
 """Editor configurations (ROME, MEMIT, PMET, AlphaEdit, FT), their per-model presets, and editing errors.
 
+(The configs of r-ROME and EMMET live in their modules, :mod:`~attention_drift.editing.r_rome`
+and :mod:`~attention_drift.editing.emmet`; their presets are built here from the same table.)
+
 Every hyper-parameter of an edit lives in one frozen dataclass, so a result records exactly
 what produced it. ``XConfig.for_model(model)`` picks the preset of the model's family and
 size; :func:`dataclasses.replace` derives variants (``replace(cfg, steps=40)``).
@@ -51,14 +54,16 @@ Presets and where their numbers come from:
   half the directions null) and L2 1e-4, GPT-2 threshold 2e-2 (~85% null) and L2 1e-2; with
   L2 10 the tiny Llama's update was ~1000 times smaller than MEMIT's.
 
-* FT (constrained fine-tuning, the ROME paper's FT-L baseline): the authors' ``hparams/FT/*_constr.json``
-  where they have one (GPT-2 medium / large / XL and GPT-J: layer 0, lr 5e-4, 25 steps,
-  L-infinity constraint 2e-3 / 1e-3 / 5e-4 / 5e-5). SmolLM2-135M: ROME's layer 5 (the layer
-  ROME edits, so that FT and ROME change the same matrix), the authors' lr and steps, and
-  constraint 2e-3, GPT-2 medium's (the published model nearest in width, d_model 1024 against
-  576; not swept). Gemma-3-270M: its ROME layer 3 and the same values; GPT-2 small: layer 0 and
-  GPT-2 medium's values (both analogous choices, not swept). Llama-2 / Llama-3 / TinyLlama have
-  no FT preset (no published values): build an :class:`FTConfig`.
+* FT (FT-L): the authors' ``hparams/FT/*_constr.json`` (GPT-2 medium / large / XL, GPT-J: layer 0,
+  lr 5e-4, 25 steps, L-infinity constraint 2e-3 / 1e-3 / 5e-4 / 5e-5); SmolLM2-135M / Gemma-3-270M:
+  their ROME layer with GPT-2 medium's values, GPT-2 small: layer 0 with them (analogous, not
+  swept); Llama-2 / Llama-3 / TinyLlama: none published, build an :class:`FTConfig`.
+* r-ROME: ROME's preset of the model, unchanged (the r-ROME hyper-parameter files equal the
+  ROME files except for the key flags), so that r-ROME and ROME differ only by the key.
+* EMMET: every released file of the authors edits the ROME layer alone (GPT-J 5, GPT-2 XL 17,
+  Llama-2-7B 5) with MEMIT's value optimisation; so every model's EMMET preset is its ROME layer
+  with its MEMIT value settings, ``mom2_update_weight`` 1, ``emmet_lambda`` 0.1 (SmolLM2: layer 5,
+  not MEMIT's 3-7); GPT-J and GPT-2 XL have the authors' own entries.
 
 Statistics: the offline models' presets use 300 sequences of 128 tokens sampled from the
 model itself. The official baseline used 1000, but sampling is the slow part on CPU
@@ -518,6 +523,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "memit": dict(layers=_span(3, 8)),
         "pmet": dict(layers=_span(3, 8)),
         "ft": dict(layer=0, norm_constraint=5e-5),
+        "emmet": dict(layers=(5,), steps=25),  # the authors' hparams/EMMET/EleutherAI_gpt-j-6B.json
         "stats": HUB_STATS,
     },
     ("gpt2", 12, None): {  # GPT-2 small (analogous choice)
@@ -546,6 +552,7 @@ _PRESETS: dict[tuple[str, int, int | None], dict[str, dict]] = {
         "memit": dict(layers=_span(13, 17), steps=20, mom2_update_weight=20000.0),
         "pmet": dict(layers=_span(13, 17)),
         "ft": dict(layer=0, norm_constraint=5e-4),
+        "emmet": dict(layers=(17,), steps=20, mom2_update_weight=1000.0),  # the authors' hparams/EMMET/gpt2-xl.json
         "stats": HUB_STATS,
     },
 }
@@ -566,15 +573,23 @@ def _preset(model, cls):
             f"{d_model}. Build a config yourself, e.g. attention_drift.editing.{cls.__name__}({example}) (pick the "
             f"layer with benchmarks/sweep_edit_layer.py, or a causal trace); presets exist for: {known}"
         )
-    if method == "alphaedit" and method not in entry:  # MEMIT's preset less its covariance weight
-        kwargs = {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
-    elif method in entry:
-        kwargs = entry[method]
-    else:
-        raise ConfigError(
-            f"no {method.upper()} preset for model family {family!r} with {depth} layers and d_model {d_model} "
-            f"(no published values); build a config yourself, e.g. attention_drift.editing.{cls.__name__}(layer=...)"
-        )
+    kwargs = entry[method] if method in entry else _borrowed(method, entry)
+    if kwargs is None:
+        raise ConfigError(f"no {method.upper()} preset for model family {family!r} with {depth} layers and d_model "
+                          f"{d_model} (no published values); build a config yourself, e.g. "
+                          f"attention_drift.editing.{cls.__name__}(layer=...)")
     if any(f.name == "stats" for f in fields(cls)):
         kwargs = {**kwargs, "stats": entry["stats"]}
     return cls(**kwargs)
+
+
+def _borrowed(method: str, entry: dict[str, dict]) -> dict | None:
+    """The preset of an editor without an entry of its own, from the editors it builds on (None: none)."""
+    if method == "alphaedit":  # MEMIT's preset less its covariance weight
+        return {k: v for k, v in entry["memit"].items() if k != "mom2_update_weight"}
+    if method == "r-rome":  # ROME's preset
+        return dict(entry["rome"])
+    if method == "emmet":  # the ROME layer alone, MEMIT's value optimisation (see emmet.py)
+        shared = {k: v for k, v in entry["memit"].items() if k not in ("layers", "mom2_update_weight")}
+        return {**shared, "layers": (entry["rome"]["layer"],)}
+    return None

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from attention_drift.editing import alphaedit, ft, memit, pmet, rome
+from attention_drift.editing import alphaedit, emmet, ft, memit, pmet, r_rome, rome
 from attention_drift.editing.config import (AlphaEditConfig, ConfigError, EditError, FTConfig, MEMITConfig, PMETConfig,
                                             ROMEConfig)
 from attention_drift.core.models import n_layers
@@ -218,6 +218,8 @@ for _editor in (
     Editor("memit", MEMITConfig, memit.prepare, memit.execute),
     Editor("pmet", PMETConfig, pmet.prepare, pmet.execute),
     Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys),
+    Editor("emmet", emmet.EMMETConfig, emmet.prepare, emmet.execute),
+    Editor("r-rome", r_rome.RROMEConfig, r_rome.prepare, r_rome.execute),
     Editor("ft", FTConfig, ft.prepare, ft.execute),
 ):
     register(_editor)

@@ -184,9 +184,11 @@ PUBLISHED = {"rome": (0.01, 80), "memit": (0.005, 20), "pmet": (0.08, 40)}
 {rome,memit,pmet}.sh``: ``--v_num_grad_steps`` 80 / 20 / 40 with SADR against 20 / 20 / 20
 without, ``--attn_W_loss_weight`` 100 / 50 / 800 times 1e-4)."""
 
-INHERITED = {"alphaedit": "memit"}
+INHERITED = {"alphaedit": "memit", "emmet": "memit", "r-rome": "rome"}
 """Editors without published SADR values whose value optimisation is another editor's, verbatim:
-they take that editor's (weight, steps) (AlphaEdit optimises MEMIT's z with MEMIT's objective)."""
+they take that editor's (weight, steps). AlphaEdit and EMMET optimise MEMIT's z with MEMIT's
+objective (MEMIT's 0.005, 20 steps); r-ROME optimises ROME's v* with ROME's objective (ROME's
+0.01, 80 steps). No SADR paper gives values for these three: these are borrowed, not published."""
 
 CHOSEN: dict[str, tuple[float, int | None]] = {"ft": (0.01, None)}
 """(weight, steps) of editors that have no published SADR values, by our stated choice (steps None:
