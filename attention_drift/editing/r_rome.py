@@ -18,8 +18,9 @@ that key exactly to ``v*``:
   everywhere, ``u = C^-1 k``.
 
 In both, ``v* = v_init + delta``: ``v_init`` the bare prompt's MLP output at the subject's last
-token and ``delta`` optimised by ROME's objective (:func:`~attention_drift.editing.optimize.
-optimize_values`, so SADR / SADR+ plug in as for ROME), and several requests are applied one
+token and ``delta`` optimised by ROME's objective
+(:func:`~attention_drift.editing.optimize.optimize_values`, so SADR / SADR+ plug in as for
+ROME), and several requests are applied one
 after the other, each on the model holding the previous ones.
 
 Where this differs from the authors' code (the r-ROME branch of ``compute_u.py`` /

@@ -1,8 +1,8 @@
 """The field's editing metrics beside the paper's: CounterFact+'s neighbourhood KL and EasyEdit's
 token-level accuracies (:data:`METRICS`; each one's description says exactly how it is computed).
 
-They are read from the forward passes the paper's groups already make (:func:`~attention_drift.
-measure.evaluate.evaluate_record` asks :func:`~attention_drift.core.scores.score_pairs` for the
+They are read from the forward passes the paper's groups already make
+(:func:`~attention_drift.measure.evaluate.evaluate_record` asks :func:`~attention_drift.core.scores.score_pairs` for the
 argmax tokens and the few next-token distributions they need), so they cost no extra forward pass
 and are on by default. Two compare the edited model with the unedited one and need the pre-edit pass:
 
