@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from attention_drift.core.data import Rewrite
-from attention_drift.core.hooks import act_name, mlp_weight_name
+from attention_drift.core.hooks import mlp_weight_name
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
 from attention_drift.editing.config import (
     MEMIT_TEMPLATES,
@@ -64,8 +64,8 @@ from attention_drift.editing.config import (
     _check_range,
     _preset,
 )
-from attention_drift.editing.memit import Prepared, grouped_keys_and_outputs
-from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.editing.memit import Prepared, grouped_keys_and_outputs, optimize_targets
+from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace
 from attention_drift.editing.stats import key_second_moments
 from attention_drift.editing.templates import context_templates
 
@@ -165,19 +165,7 @@ def execute(
 ) -> list[OptimizationTrace]:
     """Optimise each request's target residual, then write the batch into ``config.layers``."""
     groups, covs = prepared.groups, prepared.covs
-    z_layer = config.layers[-1]
-    site = act_name("resid_post", z_layer)
-    objective = Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
-    flat = [t for group in groups for t in group]
-    solutions = [
-        optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
-                        loss_layer=config.v_loss_layer, extra_losses=extra_losses)
-        for r in requests
-    ]
+    site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions]).double()
     for i, layer in enumerate(config.layers):
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, site)

@@ -119,6 +119,22 @@ def spread_updates(
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
 
 
+def optimize_targets(model, requests: Sequence[Rewrite], config, groups, extra_losses: Sequence[ExtraLoss] = ()):
+    """MEMIT's value optimisation, shared by the editors built on it (AlphaEdit, EMMET): each
+    request's target residual at the output of ``config.layers[-1]``; returns the site's hook
+    name and the solutions (:func:`~attention_drift.editing.optimize.optimize_values`)."""
+    z_layer = config.layers[-1]
+    site = act_name("resid_post", z_layer)
+    objective = Objective(
+        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
+        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
+        early_stop_loss=config.early_stop_loss,
+    )
+    flat = [t for group in groups for t in group]
+    return site, [optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
+                                  loss_layer=config.v_loss_layer, extra_losses=extra_losses) for r in requests]
+
+
 def execute(
     model,
     requests: Sequence[Rewrite],
@@ -129,19 +145,7 @@ def execute(
 ) -> list[OptimizationTrace]:
     """Optimise each request's target residual, then spread the batch over ``config.layers``."""
     groups, covs = prepared.groups, prepared.covs
-    z_layer = config.layers[-1]
-    site = act_name("resid_post", z_layer)
-    objective = Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
-    flat = [t for group in groups for t in group]
-    solutions = [
-        optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
-                        loss_layer=config.v_loss_layer, extra_losses=extra_losses)
-        for r in requests
-    ]
+    site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, site, float, groups, covs,
                    config.mom2_update_weight, apply)
