@@ -125,11 +125,7 @@ def optimize_targets(model, requests: Sequence[Rewrite], config, groups, extra_l
     name and the solutions (:func:`~attention_drift.editing.optimize.optimize_values`)."""
     z_layer = config.layers[-1]
     site = act_name("resid_post", z_layer)
-    objective = Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
+    objective = Objective.of(config)
     flat = [t for group in groups for t in group]
     return site, [optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
                                   loss_layer=config.v_loss_layer, extra_losses=extra_losses) for r in requests]

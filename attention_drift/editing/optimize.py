@@ -91,6 +91,15 @@ class Objective:
     nll_factor: float = 1.0
     argmax_schedule: bool = False
 
+    @classmethod
+    def of(cls, config, **extra) -> "Objective":
+        """The objective of an editor config with the usual value-optimisation fields
+        (``lr``, ``steps``, ``weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
+        ``early_stop_loss``), plus ``extra`` fields."""
+        return cls(lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
+                   clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
+                   early_stop_loss=config.early_stop_loss, **extra)
+
 
 @dataclass(frozen=True)
 class StepInfo:

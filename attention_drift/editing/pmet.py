@@ -43,11 +43,7 @@ def execute(
     groups, covs = prepared.groups, prepared.covs
     z_layer = config.layers[-1]
     attn_site, mlp_site = act_name("attn_raw", z_layer), act_name("mlp_raw", z_layer)
-    objective = Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss, nll_factor=config.nll_factor, argmax_schedule=True,
-    )
+    objective = Objective.of(config, nll_factor=config.nll_factor, argmax_schedule=True)
     flat = [t for group in groups for t in group]
     solutions = [
         optimize_values(model, r, flat, sites=[attn_site, mlp_site], layer=z_layer, objective=objective,

@@ -38,7 +38,6 @@ Where this differs from the authors' code (the r-ROME branch of ``compute_u.py``
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from attention_drift.core.data import Rewrite
@@ -144,11 +143,7 @@ def execute(
     """Edit ``requests`` in turn; ``apply(param_name, delta)`` adds each weight delta."""
     layer = config.layer
     site, key_hook = act_name("mlp_raw", layer), act_name("mlp_post", layer)
-    objective = Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
+    objective = Objective.of(config)
     traces = []
     for request in requests:
         solution = optimize_values(

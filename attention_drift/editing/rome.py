@@ -35,11 +35,7 @@ from attention_drift.core.hooks import act_name, mlp_weight_name
 
 
 def objective(config: ROMEConfig) -> Objective:
-    return Objective(
-        lr=config.lr, steps=config.steps, weight_decay=config.weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor, kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
+    return Objective.of(config)
 
 
 def rank_one_update(model, layer: int, key: Tensor, u: Tensor, value: Tensor, current: Tensor) -> Tensor:
