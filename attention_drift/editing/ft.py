@@ -65,20 +65,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attention_drift.core import tokens
 from attention_drift.core.data import Rewrite
 from attention_drift.core.hooks import OUTPUT_LOG_PROBS, mlp_weight_name
-from attention_drift.core.models import mlp_out_weight, n_layers
+from attention_drift.core.models import mlp_out_weight
 from attention_drift.core.runner import LayerRunner, unembed_rows
 from attention_drift.editing.config import EditError, FTConfig
 from attention_drift.editing.optimize import (
     _STEP_PROGRESS,
     ExtraLoss,
     OptimizationTrace,
-    StepInfo,
-    _none,
-    hook_layer,
-    rewriting_batch,
+    rewriting_setup,
 )
 
 
@@ -131,24 +127,9 @@ def fine_tune(
     the L-infinity ball of radius ``config.norm_constraint`` around the weights before the edit.
     """
     start_time = time.perf_counter()
-    layer, total_layers = config.layer, n_layers(model)
-    extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
-    batch, n_rw, subj = rewriting_batch(model, request, ["{}"], extra_prompts)
-    rows = torch.arange(len(batch))
-    first_true = tokens.continuation_ids(model, request.prompt, request.target_true)[1][:1] or [-1]
-    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total_layers,
-                    extra_rows=rows[n_rw + 1:],
-                    target_ids=(int(batch.input_ids[0, batch.prompt_lengths[0]]), int(first_true[0])))
-
-    live_names: dict[str, None] = {}
-    const_names: dict[str, None] = {}
-    for term in extra_losses:
-        for name in term.hook_names(info):
-            if name not in model.hook_dict:
-                raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
-            (live_names if hook_layer(name) >= layer else const_names)[name] = None
-    out_rows = sorted({r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()})
-    out_rows_t = torch.tensor(out_rows, dtype=torch.long)
+    layer = config.layer
+    batch, n_rw, subj, rows, info, live_names, const_names, out_rows_t = rewriting_setup(
+        model, request, ["{}"], layer, extra_losses)
     # full rows: a weight change reaches every position from block ``layer`` on
     runner = LayerRunner(model, batch, layer, list(const_names))
     constants = {n: runner.saved[n].float() for n in const_names}

@@ -46,7 +46,7 @@ import contextvars
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +288,46 @@ def step_progress(enabled: bool):
         _STEP_PROGRESS.reset(token)
 
 
+class RewritingSetup(NamedTuple):
+    """What a value optimisation or a fine-tune of ``request`` builds before its first step
+    (:func:`rewriting_setup`): the batch and its rows, the :class:`StepInfo` the extra terms
+    read, the hook names they read split at the edited layer (``live``: changed by the edit,
+    ``const``: before it), and the rows whose output distribution a term reads."""
+
+    batch: Batch
+    n_rewriting: int
+    subject_last: Tensor
+    rows: Tensor
+    info: "StepInfo"
+    live_names: dict[str, None]
+    const_names: dict[str, None]
+    output_rows: Tensor
+
+
+def rewriting_setup(model, request: Rewrite, templates: Sequence[str], layer: int,
+                    extra_losses: Sequence[ExtraLoss] = ()) -> RewritingSetup:
+    """The rewriting batch of ``request`` under ``templates`` (plus the rows the extra terms ask
+    for), its :class:`StepInfo` for an edit of block ``layer``, and the hooks and output rows the
+    extra terms read (an unknown hook is an :class:`EditError`)."""
+    extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
+    batch, n_rw, subj = rewriting_batch(model, request, templates, extra_prompts)
+    rows = torch.arange(len(batch))
+    first_true = tokens.continuation_ids(model, request.prompt, request.target_true)[1][:1] or [-1]
+    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, n_layers(model),
+                    extra_rows=rows[n_rw + 1:],
+                    target_ids=(int(batch.input_ids[0, batch.prompt_lengths[0]]), int(first_true[0])))
+    live_names: dict[str, None] = {}
+    const_names: dict[str, None] = {}
+    for term in extra_losses:
+        for name in term.hook_names(info):
+            if name not in model.hook_dict:
+                raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
+            (live_names if hook_layer(name) >= layer else const_names)[name] = None
+    out_rows = {r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()}
+    return RewritingSetup(batch, n_rw, subj, rows, info, live_names, const_names,
+                          torch.tensor(sorted(out_rows), dtype=torch.long))
+
+
 def optimize_values(
     model,
     request: Rewrite,
@@ -311,24 +351,8 @@ def optimize_values(
     loss_layer = total - 1 if loss_layer is None else loss_layer
     if templates[0] != "{}":
         raise EditError("the first context template must be '{}' (the bare prompt); init values are read there")
-    extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
-    batch, n_rw, subj = rewriting_batch(model, request, templates, extra_prompts)
-    rows = torch.arange(len(batch))
-    first_true = tokens.continuation_ids(model, request.prompt, request.target_true)[1][:1] or [-1]
-    info = StepInfo(request, batch, n_rw, batch.last_prompt_index.clone(), subj, layer, layer, total,
-                    extra_rows=rows[n_rw + 1:],
-                    target_ids=(int(batch.input_ids[0, batch.prompt_lengths[0]]), int(first_true[0])))
-
-    live_names: dict[str, None] = {}
-    const_names: dict[str, None] = {}
-    for term in extra_losses:
-        for name in term.hook_names(info):
-            if name not in model.hook_dict:
-                raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
-            (live_names if hook_layer(name) >= layer else const_names)[name] = None
-
-    out_rows = [r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()]
-    out_rows_t = torch.tensor(sorted(set(out_rows)), dtype=torch.long)
+    batch, n_rw, subj, rows, info, live_names, const_names, out_rows_t = rewriting_setup(
+        model, request, templates, layer, extra_losses)
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
                          changes_from=subj if suffix_ok else None, ends=read_ends(batch, n_rw, subj))
