@@ -83,7 +83,7 @@ FLAGS = {
     "kinds": "--kinds", "limit": "--limit", "balanced": "--balanced", "shard": "--shard", "reuse_pre": "--reuse-pre",
     "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
     "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports", "edited": "--edited",
-    "allow_other_base": "--allow-other-base",
+    "allow_other_base": "--allow-other-base", "edit_batch": "--edit-batch",
 }
 """Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
 -> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""

@@ -70,6 +70,10 @@ class Editor:
         execute: ``execute(model, requests, config, prepared, apply, extra_losses) -> traces``;
             with a ``state_type``: ``execute(..., extra_losses, state=state) -> (traces, state)``.
         state_type: the type of the state a stateful editor carries from edit to edit, or None.
+        batched: whether the editor inserts several requests as one update (MEMIT, PMET,
+            AlphaEdit, EMMET); False: it applies them one after the other (ROME, r-ROME, FT), so
+            batch editing (``edit_batch`` > 1: ``evaluate --edit-batch``, ``sequence --edit-batch``)
+            refuses it (:func:`check_batch`).
     """
 
     name: str
@@ -77,6 +81,7 @@ class Editor:
     prepare: Callable[..., Any]
     execute: Callable[..., Any]
     state_type: type | None = None
+    batched: bool = False
 
 
 EDITORS: dict[str, Editor] = {}
@@ -116,6 +121,19 @@ def get_editor(method: str) -> Editor:
         return EDITORS[method]
     except (KeyError, TypeError):
         raise ConfigError(f"unknown editing method {method!r}; choose one of {', '.join(EDITORS)}") from None
+
+
+def check_batch(method: str, size: int) -> Editor:
+    """The editor ``method`` when it can insert ``size`` requests as one update; a
+    :class:`ConfigError` for a size below 1, or above 1 for an editor that edits one fact at a time."""
+    editor = get_editor(method)
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"edit_batch must be an integer >= 1, got {size!r}", fields=("edit_batch",))
+    if size > 1 and not editor.batched:
+        batched = ", ".join(e.name for e in EDITORS.values() if e.batched)
+        raise ConfigError(f"{editor.name} edits one fact at a time, so edit_batch {size} does not fit it; use "
+                          f"edit_batch 1, or a batch editor: {batched}", fields=("edit_batch",))
+    return editor
 
 
 class _Methods(Sequence):
@@ -215,10 +233,11 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
 
 for _editor in (
     Editor("rome", ROMEConfig, rome.prepare, rome.execute),
-    Editor("memit", MEMITConfig, memit.prepare, memit.execute),
-    Editor("pmet", PMETConfig, pmet.prepare, pmet.execute),
-    Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys),
-    Editor("emmet", emmet.EMMETConfig, emmet.prepare, emmet.execute),
+    Editor("memit", MEMITConfig, memit.prepare, memit.execute, batched=True),
+    Editor("pmet", PMETConfig, pmet.prepare, pmet.execute, batched=True),
+    Editor("alphaedit", AlphaEditConfig, alphaedit.prepare, alphaedit.execute, state_type=alphaedit.PreviousKeys,
+           batched=True),
+    Editor("emmet", emmet.EMMETConfig, emmet.prepare, emmet.execute, batched=True),
     Editor("r-rome", r_rome.RROMEConfig, r_rome.prepare, r_rome.execute),
     Editor("ft", FTConfig, ft.prepare, ft.execute),
 ):
