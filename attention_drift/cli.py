@@ -84,6 +84,8 @@ FLAGS = {
     "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
     "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports", "edited": "--edited",
     "allow_other_base": "--allow-other-base", "edit_batch": "--edit-batch",
+    "n_edits": "--edits", "every": "--every", "probes": "--probes", "drift_records": "--drift-records",
+    "fluency_records": "--fluency-records", "explorer_at": "--explorer-at",
 }
 """Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
 -> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""
@@ -698,11 +700,99 @@ def run_demo(args) -> int:
     return demo(placement.model, edit_demo=not args.no_edit, device=placement.device, dtype=placement.dtype)
 
 
+# --- sequence -------------------------------------------------------------------------------
+
+def register_sequence(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sequence", help="apply many edits one after another and monitor retention, specificity and head drift",
+        description="Apply --edits records one after another (--edit-batch at a time) without restoring, and every "
+        "--every edits measure: efficacy / paraphrase of every edit so far, NS / DNS / NKL / fluency on a fixed "
+        "probe set no edit touches, and per-head attention drift against the unedited model. Writes "
+        "OUT/sequence.jsonl as it goes, OUT/sequence.json and a figure; checkpoints the edited weights every "
+        "--every edits, so re-running the same command resumes (see attention_drift.runs.sequence).")
+    add_model_arguments(p)
+    add_record_arguments(p)
+    add_variant_arguments(p, allow_none=False)
+    p.add_argument("--edits", type=int, required=True, help="number of edits to apply")
+    p.add_argument("--every", type=int, default=20, help="edits between checkpoints (default: %(default)s)")
+    p.add_argument("--edit-batch", type=int, default=1,
+                   help="requests per edit call, for editors that insert several at once (default: %(default)s)")
+    p.add_argument("--probes", type=int, default=50,
+                   help="probe records (the first with neighbourhood or relation prompts, half of each kind; never "
+                   "edited; default: %(default)s)")
+    p.add_argument("--drift-records", type=int, default=10,
+                   help="edited records (first and latest, each) whose head drift each checkpoint measures "
+                   "(default: %(default)s)")
+    p.add_argument("--fluency-records", type=int, default=10,
+                   help="probes whose fluency each checkpoint samples (default: %(default)s)")
+    p.add_argument("--explorer-at", default="", metavar="T,T",
+                   help="checkpoints (numbers of edits) at which to also write a drift run with the explorer page")
+    p.add_argument("--out", required=True, help="output folder; re-running with it resumes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=run_sequence)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CliError(f"{flag} takes comma-separated numbers of edits, e.g. 20,200; got {text!r}") from None
+
+
+def run_sequence(args) -> int:
+    from attention_drift.measure.monitor import MonitorConfig
+    from attention_drift.runs import evaluation as runs
+    from attention_drift.runs.sequence import SequenceConfig, check_sequence, run_sequence as sequence, split_records
+
+    variant = variant_from_args(args)
+    monitor = MonitorConfig(every=args.every, drift_records=args.drift_records, fluency_records=args.fluency_records)
+    config = SequenceConfig(variant, args.edits, args.edit_batch, monitor, _ints(args.explorer_at, "--explorer-at"))
+    out = Path(args.out)
+    runs.check_writable(out, folder=True)
+    edits, probes = split_records(selection_from_args(args).load(), args.probes)
+    check_sequence(edits, probes, config)
+    summary = sequence(_handle(args).get(), edits, probes, out, config, progress=not args.no_progress)
+    timing = summary["timing"]
+    print(f"{out}/sequence.json written ({summary['edits'][-1]} edits, {timing['edit_seconds']:.0f} s editing, "
+          f"{timing['monitor_seconds']:.0f} s monitoring); figures: {', '.join(summary.get('figures', []))}",
+          file=sys.stderr)
+    return 0
+
+
+def register_sequence_figure(subparsers) -> None:
+    p = subparsers.add_parser("sequence-figure", help="overlay the curves of several sequence runs",
+                              description="Draw the sequence.json of several 'sequence' output folders in one figure.")
+    p.add_argument("runs", nargs="+", metavar="DIR", help="sequence output folders (their sequence.json)")
+    p.add_argument("--labels", default=None, help="comma-separated labels (default: each run's variant)")
+    p.add_argument("--out", required=True, help="figure path without suffix (writes .html, and .png where possible)")
+    p.set_defaults(run=run_sequence_figure)
+
+
+def run_sequence_figure(args) -> int:
+    from attention_drift.views.plots import png_ok, save_figure
+    from attention_drift.views.sequence_plot import sequence_figure
+
+    import json
+
+    summaries = []
+    for folder in args.runs:
+        path = Path(folder) / "sequence.json"
+        if not path.is_file():
+            raise CliError(f"{path} does not exist: give folders written by 'attention-drift sequence'")
+        summaries.append(json.loads(path.read_text()))
+    labels = args.labels.split(",") if args.labels else [s["meta"]["variant"] for s in summaries]
+    if len(labels) != len(summaries) or len(set(labels)) != len(labels):
+        raise CliError(f"--labels needs {len(summaries)} distinct labels, one per run, got {labels}")
+    written = save_figure(sequence_figure(dict(zip(labels, summaries))), Path(args.out), png=png_ok())
+    print(f"written: {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [register_evaluate, register_sweep, register_summarize, register_compare,
-                            register_merge, register_drift, register_patch, register_explore, register_figures,
-                            register_models, register_demo]
+                            register_merge, register_drift, register_patch, register_sequence,
+                            register_sequence_figure, register_explore, register_figures, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

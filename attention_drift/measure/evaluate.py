@@ -248,7 +248,7 @@ class RecordScores:
 
 def evaluate_record(
     model, record: Record, *, batch_size: int = 32, fluency: bool | FluencyConfig = False,
-    pre: "RecordScores | dict | None" = None, metrics: bool = True,
+    pre: "RecordScores | dict | None" = None, metrics: bool = True, groups: Sequence[str] | None = None,
 ) -> RecordScores:
     """Score every group of ``record`` on ``model`` as it is now (pre- or post-edit).
 
@@ -264,9 +264,14 @@ def evaluate_record(
     also scores locality token accuracy (needs ``pre``'s reference, absent from older run files)
     and NKL (needs ``pre.next_token``: a :class:`RecordScores` from a pre-edit pass of this
     process, or one given them by :func:`pre_edit_distributions`).
+
+    ``groups``: score only these of :data:`GROUPS` (default: all; the field's metrics read the
+    groups they need where present, e.g. NKL needs ``distract_neighborhood``).
     """
+    if groups is not None and (not groups or set(groups) - set(GROUPS)):
+        raise ValueError(f"groups {list(groups)}: choose one or more of {', '.join(GROUPS)}")
     with on_model_device(model):
-        return _evaluate_record(model, record, batch_size, fluency, pre, metrics)
+        return _evaluate_record(model, record, batch_size, fluency, pre, metrics, groups)
 
 
 def _pre_fields(pre: "RecordScores | dict | None") -> tuple[list | None, dict]:
@@ -295,9 +300,13 @@ def pre_edit_distributions(model, record: Record, pre: "RecordScores | dict", *,
 
 
 def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | FluencyConfig,
-                     pre: "RecordScores | dict | None" = None, metrics: bool = True) -> RecordScores:
+                     pre: "RecordScores | dict | None" = None, metrics: bool = True,
+                     only: Sequence[str] | None = None) -> RecordScores:
     check_batch_size(batch_size)
     pairs, skipped = record_pairs(record)
+    if only is not None:
+        pairs = {name: ps if name in only else [] for name, ps in pairs.items()}
+        skipped = {name: k if name in only else 0 for name, k in skipped.items()}
     flat = [(name, p) for name, ps in pairs.items() for p in ps]
     distract = [p.prompt for p in pairs["distract_neighborhood"]] if metrics else []
     scores = score_pairs(
