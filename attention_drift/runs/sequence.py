@@ -9,7 +9,8 @@ The output folder holds:
   case_ids, the resolved edit key), then one line per checkpoint as soon as it is measured:
   ``{"case_id": edits so far, "method", "edits", "edit_seconds": [seconds of each edit call since
   the previous checkpoint], "edits_per_call", "monitor_seconds", "retention", "probes",
-  "drift": {"first": ..., "latest": ...}}`` (checkpoint 0 is the unedited model);
+  "drift": {"first": ..., "latest": ...}}`` (checkpoint 0 is the unedited model; its
+  ``monitor_seconds`` include the probes' unedited baseline);
 * ``checkpoint.pt``: the edited layers' current weights, the editor's state (AlphaEdit's keys of
   earlier edits) and the number of edits, rewritten at every checkpoint. An interrupted run
   resumes from it with the same numbers: the weights are stored exactly (not as differences,
@@ -204,11 +205,16 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
     weights = _Weights(model, editor_config.layers)
     ckpt = out / CHECKPOINT
     try:
+        start = time.perf_counter()
         baseline = monitor.probe_baseline(model, probes, config.monitor)
+        baseline_seconds = time.perf_counter() - start
         done, state = (_load_checkpoint(ckpt, weights, meta, editor.state_type) if ckpt.exists() else (0, None))
         with RunFile(out / RUN_FILE, meta) as run:
             if not run.done(done, editor.name):
-                run.write(_checkpoint_line(model, edits, probes, baseline, weights, done, [], config, editor.name, out))
+                line = _checkpoint_line(model, edits, probes, baseline, weights, done, [], config, editor.name, out)
+                if done == 0:
+                    line["monitor_seconds"] += baseline_seconds
+                run.write(line)
             seconds: list[float] = []
             bar = tqdm(total=config.n_edits, initial=done, desc=f"sequence {config.variant.name}", unit="edit",
                        file=sys.stderr, disable=not progress, dynamic_ncols=True)
