@@ -85,7 +85,7 @@ FLAGS = {
     "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports", "edited": "--edited",
     "allow_other_base": "--allow-other-base", "edit_batch": "--edit-batch",
     "n_edits": "--edits", "every": "--every", "probes": "--probes", "drift_records": "--drift-records",
-    "fluency_records": "--fluency-records", "explorer_at": "--explorer-at",
+    "fluency_records": "--fluency-records", "explorer_at": "--explorer-at", "probe_prompts": "--probe-prompts",
 }
 """Library names (of :class:`~attention_drift.runs.placement.Placement`, the run configurations...)
 -> the flag that sets them: a library error naming one (its ``fields``) is shown with the flag."""
@@ -720,7 +720,9 @@ def register_sequence(subparsers) -> None:
     p.add_argument("--probes", type=int, default=50,
                    help="probe records (the first with neighbourhood or relation prompts, half of each kind; never "
                    "edited; default: %(default)s)")
-    p.add_argument("--drift-records", type=int, default=10,
+    p.add_argument("--probe-prompts", type=int, default=3,
+                   help="prompts per group of each probe record that every checkpoint scores (default: %(default)s)")
+    p.add_argument("--drift-records", type=int, default=5,
                    help="edited records (first and latest, each) whose head drift each checkpoint measures "
                    "(default: %(default)s)")
     p.add_argument("--fluency-records", type=int, default=10,
@@ -745,7 +747,8 @@ def run_sequence(args) -> int:
     from attention_drift.runs.sequence import SequenceConfig, check_sequence, run_sequence as sequence, split_records
 
     variant = variant_from_args(args)
-    monitor = MonitorConfig(every=args.every, drift_records=args.drift_records, fluency_records=args.fluency_records)
+    monitor = MonitorConfig(every=args.every, drift_records=args.drift_records, probe_prompts=args.probe_prompts,
+                            fluency_records=args.fluency_records)
     config = SequenceConfig(variant, args.edits, args.edit_batch, monitor, _ints(args.explorer_at, "--explorer-at"))
     out = Path(args.out)
     runs.check_writable(out, folder=True)

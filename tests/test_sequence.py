@@ -61,8 +61,8 @@ def test_a_sequence_is_measured_at_every_checkpoint_and_restored_bitwise(tiny_ll
     assert lines[-1]["retention"]["groups"]["efficacy"]["n"] == sum(len(r.efficacy.prompts) for r in edits[:4])
     assert len(lines[-1]["retention"]["efficacy_by_edit"]) == 4
     assert len(lines[1]["edit_seconds"]) == 2 and lines[1]["edits_per_call"] == 1
-    # the probes are measured against the unedited model: NKL exists after edits, and was 0-free before
-    assert "nkl" not in lines[0]["probes"]["metrics"] and lines[-1]["probes"]["metrics"]["nkl"]["mean"] > 0
+    # NKL compares with the unedited model: 0 before the first edit, positive after
+    assert lines[0]["probes"]["metrics"]["nkl"]["mean"] == 0 and lines[-1]["probes"]["metrics"]["nkl"]["mean"] > 0
     # the first edited records' head drift against the unedited model is non-zero once they are edited
     drift = lines[-1]["drift"]["first"]
     assert drift["records"] >= 1 and len(drift["delta_subject_last"]) == tiny_llama.cfg.n_layers

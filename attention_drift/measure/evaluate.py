@@ -268,8 +268,7 @@ def evaluate_record(
     ``groups``: score only these of :data:`GROUPS` (default: all; the field's metrics read the
     groups they need where present, e.g. NKL needs ``distract_neighborhood``).
     """
-    if groups is not None and (not groups or set(groups) - set(GROUPS)):
-        raise ValueError(f"groups {list(groups)}: choose one or more of {', '.join(GROUPS)}")
+    _check_groups(groups)
     with on_model_device(model):
         return _evaluate_record(model, record, batch_size, fluency, pre, metrics, groups)
 
@@ -299,47 +298,77 @@ def pre_edit_distributions(model, record: Record, pre: "RecordScores | dict", *,
     return replace(scores, next_token=read.next_token)
 
 
+def evaluate_records(
+    model, records: Sequence[Record], *, batch_size: int = 32, pre: "Sequence[RecordScores | dict | None] | None" = None,
+    metrics: bool = True, groups: Sequence[str] | None = None,
+) -> list[RecordScores]:
+    """:func:`evaluate_record` of several records (no fluency) with all their prompt pairs in shared
+    batched forwards: the same numbers up to float rounding (the batches are padded differently),
+    fewer, fuller forwards for records with few prompts (a sequence's monitor). ``pre``: one per record."""
+    pre = [None] * len(records) if pre is None else list(pre)
+    if len(pre) != len(records):
+        raise ValueError(f"got {len(pre)} pre-edit scores for {len(records)} records; give one per record")
+    _check_groups(groups)
+    with on_model_device(model):
+        return _evaluate_records(model, records, batch_size, pre, metrics, groups)
+
+
+def _check_groups(groups: Sequence[str] | None) -> None:
+    if groups is not None and (not groups or set(groups) - set(GROUPS)):
+        raise ValueError(f"groups {list(groups)}: choose one or more of {', '.join(GROUPS)}")
+
+
+def _evaluate_records(model, records: Sequence[Record], batch_size: int, pres: Sequence, metrics: bool = True,
+                      only: Sequence[str] | None = None) -> list[RecordScores]:
+    check_batch_size(batch_size)
+    per_record, flat, distract = [], [], []
+    for record in records:
+        pairs, skipped = record_pairs(record)
+        if only is not None:
+            pairs = {name: ps if name in only else [] for name, ps in pairs.items()}
+            skipped = {name: k if name in only else 0 for name, k in skipped.items()}
+        per_record.append((pairs, skipped, len(flat)))
+        flat += [p for name in GROUPS for p in pairs[name]]
+        if metrics:
+            distract += [p.prompt for p in pairs["distract_neighborhood"]]
+    scores = score_pairs(model, [p.prompt for p in flat], [p.right for p in flat], [p.wrong for p in flat],
+                         batch_size=batch_size, next_token=distract)
+    p_right, p_wrong, correct = scores.p_right.tolist(), scores.p_wrong.tolist(), scores.correct.tolist()
+    out = []
+    for record, pre, (pairs, skipped, start) in zip(records, pres, per_record):
+        groups: dict[str, GroupScores] = {}
+        slices: dict[str, range] = {}
+        for name in GROUPS:
+            n = len(pairs[name])
+            if n or skipped[name]:
+                stop = start + n
+                groups[name] = GroupScores(tuple(p_right[start:stop]), tuple(p_wrong[start:stop]),
+                                           tuple(correct[start:stop]), skipped[name])
+                slices[name] = range(start, stop)
+                start = stop
+        field_scores: dict[str, MetricScores] = {}
+        reference, kept = None, {}
+        if metrics:
+            mine = [p.prompt for p in pairs["distract_neighborhood"]]
+            field_scores = field_metrics.record_metrics(slices, scores.right_ids, scores.right_argmax,
+                                                        scores.next_token, mine, *_pre_fields(pre))
+            if pre is None:
+                reference = field_metrics.record_reference(slices, scores.right_argmax) or None
+                kept = {p: scores.next_token[p] for p in mine if p in scores.next_token}
+        out.append(RecordScores(record.case_id, groups, None, field_scores, reference, kept))
+    return out
+
+
 def _evaluate_record(model, record: Record, batch_size: int, fluency: bool | FluencyConfig,
                      pre: "RecordScores | dict | None" = None, metrics: bool = True,
                      only: Sequence[str] | None = None) -> RecordScores:
-    check_batch_size(batch_size)
-    pairs, skipped = record_pairs(record)
-    if only is not None:
-        pairs = {name: ps if name in only else [] for name, ps in pairs.items()}
-        skipped = {name: k if name in only else 0 for name, k in skipped.items()}
-    flat = [(name, p) for name, ps in pairs.items() for p in ps]
-    distract = [p.prompt for p in pairs["distract_neighborhood"]] if metrics else []
-    scores = score_pairs(
-        model, [p.prompt for _, p in flat], [p.right for _, p in flat], [p.wrong for _, p in flat],
-        batch_size=batch_size, next_token=distract,
-    )
-    p_right, p_wrong, correct = scores.p_right.tolist(), scores.p_wrong.tolist(), scores.correct.tolist()
-    groups: dict[str, GroupScores] = {}
-    slices: dict[str, range] = {}
-    start = 0
-    for name in GROUPS:
-        n = len(pairs[name])
-        if n or skipped[name]:
-            stop = start + n
-            groups[name] = GroupScores(tuple(p_right[start:stop]), tuple(p_wrong[start:stop]),
-                                       tuple(correct[start:stop]), skipped[name])
-            slices[name] = range(start, stop)
-            start = stop
-    field_scores: dict[str, MetricScores] = {}
-    reference, kept = None, {}
-    if metrics:
-        field_scores = field_metrics.record_metrics(slices, scores.right_ids, scores.right_argmax, scores.next_token,
-                                                    distract, *_pre_fields(pre))
-        if pre is None:
-            reference = field_metrics.record_reference(slices, scores.right_argmax) or None
-            kept = scores.next_token
-    fluency_scores = None
+    scores = _evaluate_records(model, [record], batch_size, [pre], metrics, only)[0]
     if fluency is not False and record.generation:
         config = fluency if isinstance(fluency, FluencyConfig) else FluencyConfig()
         prompts = list(record.generation[: config.max_prompts])
         texts = generate_texts(model, prompts, config)
-        fluency_scores = FluencyScores(tuple(texts), tuple(ngram_entropy(t) for t in texts))
-    return RecordScores(record.case_id, groups, fluency_scores, field_scores, reference, kept)
+        scores = replace(scores, fluency=FluencyScores(tuple(texts), tuple(ngram_entropy(t) for t in texts)))
+    return scores
 
 
 # --- fluency -------------------------------------------------------------------------------

@@ -20,17 +20,18 @@ Every number is one the single-edit measurements already define, so a checkpoint
   records' distract prompts, and how many heads' mean crosses ``drift_threshold``.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from attention_drift.core.data import Record
+from attention_drift.core.data import PromptGroup, Record
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.measure.drift import DEFAULT_GROUPS, RecordDrift, drift_record, record_prompts
 from attention_drift.measure.evaluate import (FluencyConfig, RecordScores, aggregate, aggregate_metrics,
-                                              evaluate_record, fluency_stats)
+                                              evaluate_records, generate_texts, ngram_entropy)
 
 RETENTION_GROUPS = ("efficacy", "paraphrase")
 PROBE_GROUPS = ("neighborhood", "distract_neighborhood", "relation", "distract_relation")
@@ -52,15 +53,19 @@ class MonitorConfig:
             (does a new edit drift more in a model edited many times?). 0: no head drift.
         drift_threshold: a head counts as drifting when its mean change of attention mass on the
             edited subject's last token exceeds this (``drift.json``'s default threshold).
-        fluency_records: fluency is sampled on this many probes (those with generation prompts); 0: none.
-        fluency: how generations are sampled (one prompt per probe, 50 tokens: cheap enough to
-            run every checkpoint on a CPU; the paper's is 10 prompts of 100 tokens).
+        probe_prompts: each probe record contributes the first this-many prompts of each of its
+            groups (None: all), so that a checkpoint stays cheap beside the edits it follows.
+        fluency_records: fluency is sampled on the first generation prompt of this many probes
+            (those that have one), in one batch; 0: none.
+        fluency: how generations are sampled (50 tokens: cheap enough to run every checkpoint on
+            a CPU; the paper's is 10 prompts of 100 tokens per record).
         batch_size: sequences per forward pass.
     """
 
     every: int = 20
-    drift_records: int = 10
+    drift_records: int = 5
     drift_threshold: float = 0.05
+    probe_prompts: int | None = 3
     fluency_records: int = 10
     fluency: FluencyConfig = field(default_factory=lambda: FluencyConfig(max_prompts=1, max_length=50))
     batch_size: int = 32
@@ -72,12 +77,16 @@ class MonitorConfig:
         for name in ("drift_records", "fluency_records"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise MonitorError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}", fields=(name,))
+        if self.probe_prompts is not None and (not isinstance(self.probe_prompts, int) or self.probe_prompts < 1):
+            raise MonitorError(f"probe_prompts must be None or an integer >= 1, got {self.probe_prompts!r}",
+                               fields=("probe_prompts",))
         if not self.drift_threshold > 0:
             raise MonitorError(f"drift_threshold must be > 0, got {self.drift_threshold!r}", fields=("drift_threshold",))
 
     def to_json(self) -> dict:
         return {"every": self.every, "drift_records": self.drift_records, "drift_threshold": self.drift_threshold,
-                "fluency_records": self.fluency_records, "fluency": self.fluency.to_json()}
+                "probe_prompts": self.probe_prompts, "fluency_records": self.fluency_records,
+                "fluency": self.fluency.to_json()}
 
 
 def check_probes(probes: Sequence[Record], edits: Sequence[Record]) -> None:
@@ -96,38 +105,50 @@ def check_probes(probes: Sequence[Record], edits: Sequence[Record]) -> None:
                            "subject); probes must be records no edit touches", fields=("probes",))
 
 
+def probe_view(record: Record, config: MonitorConfig) -> Record:
+    """``record`` with each neighbourhood / relation group cut to its first ``config.probe_prompts``
+    prompts (the prompts every checkpoint scores)."""
+    if config.probe_prompts is None:
+        return record
+    k = config.probe_prompts
+    cut = {name: PromptGroup(getattr(record, name).prompts[:k], getattr(record, name).targets[:k])
+           for name in ("neighborhood", "relation")}
+    return dataclasses.replace(record, **cut)
+
+
 def probe_baseline(model, probes: Sequence[Record], config: MonitorConfig) -> list[RecordScores]:
     """The probes' scores on the unedited ``model`` (kept in memory with the next-token
-    distributions NKL compares with); the first checkpoint's specificity."""
-    return [_probe(model, r, config, None, i) for i, r in enumerate(probes)]
-
-
-def _probe(model, record: Record, config: MonitorConfig, pre: RecordScores | None, index: int) -> RecordScores:
-    sampled = index < config.fluency_records and bool(record.generation)
-    return evaluate_record(model, record, batch_size=config.batch_size, groups=PROBE_GROUPS, pre=pre,
-                           fluency=config.fluency if sampled else False)
+    distributions NKL compares with)."""
+    return evaluate_records(model, [probe_view(r, config) for r in probes], batch_size=config.batch_size,
+                            groups=PROBE_GROUPS)
 
 
 def probe_scores(model, probes: Sequence[Record], baseline: Sequence[RecordScores], config: MonitorConfig) -> dict:
     """Specificity of the current ``model`` on the probes: ``{"groups": {GROUP: GroupStats json},
-    "metrics": {METRIC: MetricStats json}, "fluency": FluencyStats json | None}`` (pooled over prompts)."""
-    scores = [_probe(model, r, config, pre, i) for i, (r, pre) in enumerate(zip(probes, baseline))]
-    return probe_summary(scores)
-
-
-def probe_summary(scores: Sequence[RecordScores]) -> dict:
-    """:func:`probe_scores`' summary of already scored probes (e.g. :func:`probe_baseline`'s)."""
-    fluency = fluency_stats(scores)
+    "metrics": {METRIC: MetricStats json}, "fluency": {"ngram_entropy", "n"} | None}`` (pooled over
+    prompts; NKL against ``baseline``)."""
+    scores = evaluate_records(model, [probe_view(r, config) for r in probes], batch_size=config.batch_size,
+                              pre=baseline, groups=PROBE_GROUPS)
     return {"groups": {k: v.to_json() for k, v in aggregate(scores).items()},
             "metrics": {k: v.to_json() for k, v in aggregate_metrics(scores).items()},
-            "fluency": None if fluency is None else fluency.to_json()}
+            "fluency": fluency(model, probes, config)}
+
+
+def fluency(model, probes: Sequence[Record], config: MonitorConfig) -> dict | None:
+    """Mean n-gram entropy (ROME's fluency, :func:`~attention_drift.measure.evaluate.ngram_entropy`) of
+    generations from the first generation prompt of the first ``config.fluency_records`` probes
+    that have one, sampled together (seeded, so every checkpoint samples alike); None without any."""
+    prompts = [r.generation[0] for r in probes if r.generation][: config.fluency_records]
+    if not prompts:
+        return None
+    entropies = [ngram_entropy(t) for t in generate_texts(model, prompts, config.fluency)]
+    return {"ngram_entropy": sum(entropies) / len(entropies), "n": len(entropies)}
 
 
 def retention(model, edited: Sequence[Record], config: MonitorConfig) -> dict:
     """Efficacy and paraphrase of every record in ``edited`` on the current ``model``:
     ``{"groups": {...}, "efficacy_by_edit": [fraction correct of each edit's efficacy prompts]}``."""
-    scores = [evaluate_record(model, r, batch_size=config.batch_size, groups=RETENTION_GROUPS, metrics=False)
-              for r in edited]
+    scores = evaluate_records(model, edited, batch_size=config.batch_size, groups=RETENTION_GROUPS, metrics=False)
     by_edit = [sum(s.groups["efficacy"].correct) / len(s.groups["efficacy"]) if len(s.groups.get("efficacy", ())) else None
                for s in scores]
     return {"groups": {k: v.to_json() for k, v in aggregate(scores).items()}, "efficacy_by_edit": by_edit}

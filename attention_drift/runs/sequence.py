@@ -256,8 +256,7 @@ def _checkpoint_line(model, edits, probes, baseline, weights: _Weights, done: in
     line = {"case_id": done, "method": method, "edits": done, "edit_seconds": seconds,
             "edits_per_call": config.edit_batch}
     line["retention"] = monitor.retention(model, edited, settings) if edited else None
-    line["probes"] = (monitor.probe_scores(model, probes, baseline, settings) if done
-                      else monitor.probe_summary(baseline))
+    line["probes"] = monitor.probe_scores(model, probes, baseline, settings)
     line["drift"] = None
     if done and settings.drift_records:
         first, latest = monitor.drift_candidates(edited, settings.drift_records)
