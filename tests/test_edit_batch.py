@@ -109,6 +109,25 @@ def test_an_interrupted_chunk_is_edited_whole_and_only_its_missing_lines_written
     assert _run(model, cut, 2).written == 0
 
 
+def test_reused_pre_reads_nkl_distributions_before_the_batch_edit(model, tmp_path):
+    """With pre-edit scores reused from a ``none`` run, NKL's pre-edit distributions are read before
+    the chunk's edit: the post-edit NKL equals that of the run that scored pre-edit itself."""
+    records = [r for r in SELECTION.load() if r.kind == "counterfact"][:2]  # with neighbourhood prompts
+    none = Variant("none")
+    plain = tmp_path / "none.jsonl"
+    runs.evaluate_run(ModelHandle(Placement(model.model_name), model=model), records, none, plain,
+                      runs.run_meta(model.model_name, none, SELECTION, None), progress=False)
+    _run(model, tmp_path / "direct.jsonl", 2, records=records)
+    meta = runs.run_meta(model.model_name, MEMIT, SELECTION, None, edit_batch=2)
+    runs.evaluate_run(ModelHandle(Placement(model.model_name), model=model), records, MEMIT,
+                      tmp_path / "reused.jsonl", meta, reuse_pre=plain, progress=False, edit_batch=2)
+    direct, reused = (read_run(tmp_path / f"{name}.jsonl").records for name in ("direct", "reused"))
+    for a, b in zip(direct, reused):
+        nkl = a["post"]["metrics"]["nkl"]["values"]
+        assert nkl and max(nkl) > 0
+        assert b["post"]["metrics"]["nkl"]["values"] == pytest.approx(nkl, rel=1e-4, abs=1e-9)
+
+
 def test_another_edit_batch_does_not_resume_the_file(model, tmp_path):
     out = tmp_path / "b2.jsonl"
     _run(model, out, 2, records=SELECTION.load()[:2])
