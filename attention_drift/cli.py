@@ -5,6 +5,7 @@ Commands::
     attention-drift evaluate --model NAME --data PATH|dev --method none|rome|memit|pmet [--sadr ...]
                              [--limit N] [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32] [--shard I/K] [--reuse-pre FILE.jsonl]
+                             [--edit-batch B]   (B > 1: one edit per chunk of B records; batch editors only)
     attention-drift sweep --variants rome,rome-sadr --out DIR [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
     attention-drift summarize FILE.jsonl [--json] [--per-record]
     attention-drift compare FILE.jsonl ... [--json] [--all-records]
@@ -274,11 +275,14 @@ def register_evaluate(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="score records before (and after) an edit; one JSON line per record",
         description="Score every record's evaluation groups pre-edit and, with an editing method, "
-        "post-edit (weights restored after each record). Resumable: re-run with the same --out.")
+        "post-edit (weights restored after each edit: one per record, or with --edit-batch B one per chunk of B "
+        "records). Resumable: re-run with the same --out.")
     add_model_arguments(p)
     add_record_arguments(p)
     add_variant_arguments(p)
-    p.add_argument("--out", default=None, help="run file (JSON lines); default runs/<model>-<variant>.jsonl")
+    p.add_argument("--out", default=None,
+                   help="run file (JSON lines); default runs/<model>-<variant>.jsonl (<variant>-batchB with "
+                   "--edit-batch B)")
     p.add_argument("--fluency", action="store_true",
                    help="also sample generations and score n-gram entropy (slow on CPU)")
     p.add_argument("--fluency-length", type=int, default=100,
@@ -292,6 +296,10 @@ def register_evaluate(subparsers) -> None:
     p.add_argument("--reuse-pre", default=None, metavar="FILE",
                    help="take pre-edit scores from this run file (same model, data and fluency settings) "
                    "where it has the record, instead of recomputing them")
+    p.add_argument("--edit-batch", type=int, default=1, metavar="B",
+                   help="edit B records as one update (consecutive chunks of B; each record scored inside its "
+                   "chunk's edit): the batch editors memit, pmet, alphaedit, emmet (default: %(default)s, one edit "
+                   "per record)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
 
@@ -302,18 +310,21 @@ def run_evaluate(args) -> int:
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     variant = variant_from_args(args)
+    runs.check_edit_batch(variant, args.edit_batch)
     selection = selection_from_args(args)
     fluency = None
     if args.fluency:
         from attention_drift.measure.evaluate import FluencyConfig
 
         fluency = FluencyConfig(per_prompt=args.fluency_per_prompt, max_length=args.fluency_length)
-    out = Path(args.out) if args.out else runs.default_out(args.model, variant.name)
+    label = variant.name + (f"-batch{args.edit_batch}" if args.edit_batch > 1 else "")
+    out = Path(args.out) if args.out else runs.default_out(args.model, label)
     runs.check_writable(out)
     records = selection.load()
-    meta = runs.run_meta(args.model, variant, selection, fluency)
+    meta = runs.run_meta(args.model, variant, selection, fluency, edit_batch=args.edit_batch)
     outcome = runs.evaluate_run(_handle(args), records, variant, out, meta, batch_size=args.batch_size,
-                                fluency=fluency, reuse_pre=args.reuse_pre, progress=not args.no_progress)
+                                fluency=fluency, reuse_pre=args.reuse_pre, progress=not args.no_progress,
+                                edit_batch=args.edit_batch)
     print(f"{out}: {outcome.written} record(s) written, {outcome.skipped} already there; "
           f"summarize with: attention-drift summarize {out}", file=sys.stderr)
     return 0

@@ -2,12 +2,17 @@
 ``figures`` and sweeps call).
 
 Each record is scored before the edit and, for an editing variant, inside it (the weights are
-restored after every record: the single-edit protocol), and one JSON line per record is
-appended to the run file as soon as it is done. Re-running with the same file resumes.
+restored after every edit), and one JSON line per record is appended to the run file as soon as
+it is done. Re-running with the same file resumes. With ``edit_batch`` B > 1 (batch editing, for
+the editors that insert several requests as one update: :func:`~attention_drift.editing.registry.check_batch`)
+the selected records are cut into consecutive chunks of B (the last may be smaller); each chunk's
+records are scored pre-edit, then inside ONE edit of all the chunk's requests; a resumed chunk
+with some lines written is edited whole again and only its missing lines written.
 
 Run file lines (see :mod:`attention_drift.core.jsonl`): a header ``{"meta": {"format", "model",
 "method", "variant", "data", "fluency", "edit", "created"}}`` (``edit``: the variant's
-:meth:`~attention_drift.runs.variants.Variant.meta`), then per record ``{"case_id", "kind",
+:meth:`~attention_drift.runs.variants.Variant.meta`; ``"edit_batch": B`` added where B > 1, so a
+file resumes only with the same B), then per record ``{"case_id", "kind",
 "method", "model", "subject", "target_new", "target_true", "pre": SCORES, "post": SCORES
 (editing variants only), "edit_key", "edit_seconds", "eval_seconds"}`` where SCORES is
 ``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}}, "fluency":
@@ -18,7 +23,11 @@ field's metrics, :data:`attention_drift.measure.field_metrics.METRICS`, one valu
 not written but kept in memory, or re-read before the edit where ``pre`` is reused;
 both absent from older files, which still summarize) and ``edit_key`` the hash of the whole resolved edit configuration
 (:func:`attention_drift.editing.edit_key`): a run file never mixes two resolved
-configurations, so a changed preset cannot silently resume an old run.
+configurations, so a changed preset cannot silently resume an old run. ``edit_seconds`` is the
+edit's time divided by the number of requests it edited (a record's share of a batch edit);
+``eval_seconds`` the record's own scoring time plus that share. Batch-edited lines (B > 1) add
+``"edit_batch": {"size": B, "index": chunk index, "case_ids": [the chunk's case_ids]}`` and
+``"batch_edit_seconds"``: the whole chunk's edit time.
 """
 
 import json
@@ -170,11 +179,27 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
         raise RunError(f"cannot write {str(path)!r}: the file is read-only; choose another out path", fields=("out",))
 
 
-def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency) -> dict:
-    """The header of an evaluation run file."""
-    return {"format": FORMAT, "model": model, "method": variant.method, "variant": variant.name,
+def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency, edit_batch: int = 1) -> dict:
+    """The header of an evaluation run file (``edit_batch`` written only where it is above 1,
+    so the headers of single-edit runs are those of older files)."""
+    meta = {"format": FORMAT, "model": model, "method": variant.method, "variant": variant.name,
             "data": selection.label, "fluency": None if fluency is None else fluency.to_json(),
             "edit": variant.meta() if variant.edits else None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if edit_batch != 1:
+        meta["edit_batch"] = edit_batch
+    return meta
+
+
+def check_edit_batch(variant: Variant, edit_batch: int) -> None:
+    """Raise a :class:`~attention_drift.editing.ConfigError` (or a :class:`RunError` for ``"none"``)
+    when ``variant`` cannot edit ``edit_batch`` requests as one update; nothing is loaded."""
+    if variant.edits:
+        from attention_drift.editing.registry import check_batch
+
+        check_batch(variant.method, edit_batch)
+    elif edit_batch != 1:
+        raise RunError(f"edit_batch {edit_batch!r} needs a batch editing method, not {variant.method!r}; "
+                       "drop edit_batch or add --method memit", fields=("edit_batch",))
 
 
 def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
@@ -194,40 +219,77 @@ def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
 
 def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_size: int = 32, fluency=None,
                          pre: dict | None = None, key: str | None = None, progress: bool = False) -> dict:
-    """One record's run line: pre-edit scores (or ``pre``), then for an editing variant the edit
-    (``resolved`` = :meth:`Variant.resolve`) and the post-edit scores, which compare with the
-    pre-edit pass for NKL and locality token accuracy (with a reused ``pre``, NKL's pre-edit
-    distributions are read from the model before the edit: one small forward); weights restored after.
-    ``progress``: a bar over the edit's optimisation steps."""
+    """One record's run line under a single edit: :func:`evaluate_lines` of ``[record]``
+    (``pre``: the record's reused pre-edit scores, or None)."""
+    reused = {} if pre is None else {json.dumps(record.case_id): pre}
+    return evaluate_lines(model, [record], variant, resolved, batch_size=batch_size, fluency=fluency, pre=reused,
+                          key=key, progress=progress)[0]
+
+
+def evaluate_lines(model, records: Sequence, variant: Variant, resolved, *, score: Sequence[int] | None = None,
+                   batch_size: int = 32, fluency=None, pre: dict | None = None, key: str | None = None,
+                   batch: tuple[int, int] | None = None, on_line=None, progress: bool = False) -> list[dict]:
+    """The run lines of ``records`` edited together: each scored pre-edit (or its scores taken from
+    ``pre``, ``{case_id json: SCORES}``), then, for an editing variant, ONE edit of all their requests
+    (``resolved`` = :meth:`Variant.resolve`) inside which each is scored post-edit (NKL and locality
+    token accuracy compare with the pre-edit pass; with reused scores NKL's pre-edit distributions
+    are read before the edit: one small forward); weights restored after.
+
+    ``score``: positions of the records to write lines for (default all; the others are only
+    edited, as in a resumed chunk). ``batch``: ``(B, chunk index)`` of a batch-edited run, which adds
+    the lines' ``edit_batch`` and ``batch_edit_seconds``. ``on_line(line)`` is called as each line
+    is done (inside the edit, for an editing variant). ``progress``: a bar over the edit's optimisation steps."""
     from attention_drift.measure.evaluate import evaluate_record, pre_edit_distributions
 
-    start = time.perf_counter()
+    score = range(len(records)) if score is None else score
+    pre = pre or {}
     options = {"batch_size": batch_size, "fluency": fluency if fluency is not None else False}
-    pre_scores = None
-    if pre is None:
-        pre_scores = evaluate_record(model, record, **options)
-        pre = pre_scores.to_json()
-    line = {"case_id": record.case_id, "kind": record.kind, "method": variant.method, "model": model.model_name,
-            "subject": record.rewrite.subject, "target_new": record.rewrite.target_new,
-            "target_true": record.rewrite.target_true, "pre": pre, "edit_key": key, "edit_seconds": None}
-    if variant.edits:
-        from attention_drift.editing import edit
+    lines, pre_scores, seconds = [], [], []
+    for i in score:
+        start = time.perf_counter()
+        record = records[i]
+        scores = reused = pre.get(json.dumps(record.case_id))
+        if reused is None:
+            scores = evaluate_record(model, record, **options)
+            reused = scores.to_json()
+        elif variant.edits:
+            scores = pre_edit_distributions(model, record, reused, batch_size=batch_size)
+        lines.append({"case_id": record.case_id, "kind": record.kind, "method": variant.method,
+                      "model": model.model_name, "subject": record.rewrite.subject,
+                      "target_new": record.rewrite.target_new, "target_true": record.rewrite.target_true,
+                      "pre": reused, "edit_key": key, "edit_seconds": None})
+        pre_scores.append(scores)
+        seconds.append(time.perf_counter() - start)
+    if not variant.edits:
+        for line, s in zip(lines, seconds):
+            line["eval_seconds"] = s
+            if on_line is not None:
+                on_line(line)
+        return lines
+    from attention_drift.editing import edit
 
-        config, sadr = resolved
-        if pre_scores is None:  # reused: NKL's pre-edit distributions are read now, before the edit
-            pre_scores = pre_edit_distributions(model, record, pre, batch_size=batch_size)
-        with edit(model, record.rewrite, method=variant.method, config=config, sadr=sadr, progress=progress) as result:
-            post = evaluate_record(model, record, **options, pre=pre_scores)
-        if sadr is not None:
-            trace = result.sadr_records[0]
-            line["sadr"] = {"loss": trace["loss"][-1] if trace else None, "steps": result.traces[0].steps_run,
-                            "selected_heads": int(trace["mask"][-1].sum()) if trace.get("mask") else 0}
-            if sadr.verify:
-                line["sadr"]["fallback"] = result.fallback
-        line["post"] = post.to_json()
-        line["edit_seconds"] = float(result.seconds)
-    line["eval_seconds"] = time.perf_counter() - start
-    return line
+    config, sadr = resolved
+    with edit(model, [r.rewrite for r in records], method=variant.method, config=config, sadr=sadr,
+              progress=progress) as result:
+        share = float(result.seconds) / len(records)
+        for i, line, scores, s in zip(score, lines, pre_scores, seconds):
+            start = time.perf_counter()
+            post = evaluate_record(model, records[i], **options, pre=scores)
+            if sadr is not None:
+                trace = result.sadr_records[i]
+                line["sadr"] = {"loss": trace["loss"][-1] if trace else None, "steps": result.traces[i].steps_run,
+                                "selected_heads": int(trace["mask"][-1].sum()) if trace.get("mask") else 0}
+                if sadr.verify:
+                    line["sadr"]["fallback"] = result.fallback
+            line["post"] = post.to_json()
+            line["edit_seconds"] = share
+            if batch is not None:
+                line["edit_batch"] = {"size": batch[0], "index": batch[1], "case_ids": [r.case_id for r in records]}
+                line["batch_edit_seconds"] = float(result.seconds)
+            line["eval_seconds"] = s + share + time.perf_counter() - start
+            if on_line is not None:
+                on_line(line)
+    return lines
 
 
 @dataclass(frozen=True)
@@ -241,21 +303,32 @@ class RunOutcome:
 
 def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: str | os.PathLike, meta: dict, *,
                  batch_size: int = 32, fluency=None, reuse_pre: str | os.PathLike | None = None,
-                 progress: bool = True) -> RunOutcome:
+                 progress: bool = True, edit_batch: int = 1) -> RunOutcome:
     """Evaluate ``records`` under ``variant`` into the run file ``out`` (resuming it).
 
-    ``meta`` is the header (:func:`run_meta`). The model is loaded only when a record is left
-    to do. Lines already in the file must carry the same ``edit_key`` as this run resolves to.
+    ``meta`` is the header (:func:`run_meta`, with the same ``edit_batch``). The model is loaded
+    only when a record is left to do. Lines already in the file must carry the same ``edit_key``
+    as this run resolves to. ``edit_batch`` B > 1: consecutive chunks of B records, each edited as
+    one update (:func:`evaluate_lines`; chunks are cut from the whole of ``records``, so they
+    are the same when a run resumes).
     """
     from attention_drift.core.jsonl import RunFile
 
+    check_edit_batch(variant, edit_batch)
+    if meta.get("edit_batch", 1) != edit_batch:
+        raise RunError(f"meta has edit_batch {meta.get('edit_batch', 1)}, this run {edit_batch}; "
+                       f"make meta with run_meta(..., edit_batch={edit_batch})", fields=("edit_batch",))
     out = Path(out)
     check_writable(out)
     if batch_size < 1:
         raise RunError(f"batch_size must be >= 1, got {batch_size}", fields=("batch_size",))
     reused = reused_pre(reuse_pre, meta)
+    chunks = [records[i: i + edit_batch] for i in range(0, len(records), edit_batch)]
     with RunFile(out, meta) as run:
-        todo = [r for r in records if not run.done(r.case_id, variant.method)]
+        todo = [(index, chunk, [i for i, r in enumerate(chunk) if not run.done(r.case_id, variant.method)])
+                for index, chunk in enumerate(chunks)]
+        todo = [t for t in todo if t[2]]
+        written = sum(len(score) for _, _, score in todo)
         if todo:
             model = handle.get()
             resolved = variant.resolve(model)
@@ -263,13 +336,20 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
             check_edit_key(out, key)
             from tqdm.auto import tqdm
 
-            bar = tqdm(todo, desc=f"evaluate {variant.name}", unit="record", file=sys.stderr,
+            bar = tqdm(total=written, desc=f"evaluate {variant.name}", unit="record", file=sys.stderr,
                        disable=not progress, dynamic_ncols=True)
-            for record in bar:
-                run.write(evaluate_record_line(model, record, variant, resolved, batch_size=batch_size,
-                                               fluency=fluency, pre=reused.get(json.dumps(record.case_id)), key=key,
-                                               progress=progress))
-    return RunOutcome(out, len(todo), len(records) - len(todo))
+
+            def write(line: dict) -> None:
+                run.write(line)
+                bar.update(1)
+
+            with bar:
+                for index, chunk, score in todo:
+                    evaluate_lines(model, chunk, variant, resolved, score=score, batch_size=batch_size,
+                                   fluency=fluency, pre=reused, key=key,
+                                   batch=(edit_batch, index) if edit_batch > 1 else None, on_line=write,
+                                   progress=progress)
+    return RunOutcome(out, written, len(records) - written)
 
 
 def check_edit_key(path: Path, key: str | None) -> None:

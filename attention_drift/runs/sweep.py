@@ -4,7 +4,9 @@
 every variant and writes ``OUT/<variant>.jsonl``, the run files of ``attention-drift evaluate``
 (same header, same lines: each line is made by :func:`attention_drift.runs.evaluation.evaluate_record_line`,
 so a record gives the same numbers in this process and on Ray), which ``attention-drift compare``
-reads.
+reads. A sweep edits one record at a time; batch editing is ``evaluate_run(..., edit_batch=B)``
+(``attention-drift evaluate --edit-batch B``), whose run files a sweep refuses to append to (their
+header's ``edit_batch``).
 
 How the work is spread (:mod:`attention_drift.runs.executor`, where the
 :class:`~attention_drift.runs.placement.Placement` says: one worker in this process, or Ray
