@@ -3,11 +3,11 @@
 Data flows load -> edit -> measure -> report -> view, one subpackage a layer (ARCHITECTURE.md):
 
 * :mod:`attention_drift.core`: models, tokens, hook names, records, run files, the layer runner;
-* :mod:`attention_drift.editing`: the editors (ROME, MEMIT, PMET, AlphaEdit, r-ROME, EMMET), SADR, the edit cache;
+* :mod:`attention_drift.editing`: the editors (ROME, MEMIT, PMET, AlphaEdit, r-ROME, EMMET, FT), SADR, the edit cache;
 * :mod:`attention_drift.measure`: evaluation metrics, attention drift, causal patching, case study;
 * :mod:`attention_drift.reports`: evaluation / drift / patch reports, statistics;
 * :mod:`attention_drift.views`: plotly figures, circuitsvis views, the explorer page;
-* :mod:`attention_drift.runs`: variants, run files, sweeps, where work is placed, the figures.
+* :mod:`attention_drift.runs`: variants, run files, sweeps, sequences of edits, where work is placed, the figures.
 
 The names below are imported on first use, so ``import attention_drift`` (and the command
 line's ``--help``) does not wait for torch.
@@ -29,6 +29,7 @@ _EXPORTS = {
     "AttentionDriftError": "core.errors",
     "Variant": "runs.variants", "SADRSpec": "runs.variants",
     "Placement": "runs.placement", "Executor": "runs.executor",
+    "run_sequence": "runs.sequence", "SequenceConfig": "runs.sequence", "MonitorConfig": "measure.monitor",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -39,7 +40,7 @@ _MODULES = {  # short names for notebooks: ``ad.drift``, ``ad.plots`` ...
     "patching": "measure.patching", "case_study": "measure.case_study", "report": "reports.evaluation",
     "stats": "reports.stats", "plots": "views.plots", "viz": "views.viz", "explorer": "views.explorer",
     "runs": "runs", "analysis": "runs.analysis", "figures": "runs.figures", "sweep": "runs.sweep",
-    "variants": "runs.variants",
+    "variants": "runs.variants", "sequence": "runs.sequence", "monitor": "measure.monitor",
 }
 
 

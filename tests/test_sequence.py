@@ -174,3 +174,17 @@ def test_summary_and_figure_follow_the_lines(tiny_llama, split, tmp_path, cache)
     fig = sequence_figure({"a": summary, "b": summary})
     names = {t.name for t in fig.data if t.name}
     assert {"a · ES", "b · ES", "a · DNS", "a · first edits"} <= names
+
+
+def test_cli_and_api_give_the_same_numbers(tiny_llama, tmp_path, cache):
+    from attention_drift.core.models import load_model
+
+    folder = tiny_llama.model_name
+    args = ["sequence", "--model", folder, "--method", "rome", "--data", "dev-tune", "--edits", "2", "--every", "2",
+            "--probes", "2", "--drift-records", "1", "--fluency-records", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "cli")]) == 0
+    edits, probes = split_records(load_dev(half="tune"), 2)
+    config = SequenceConfig(Variant("rome", "rome"), n_edits=2,
+                            monitor=MonitorConfig(every=2, drift_records=1, fluency_records=0))
+    run_sequence(load_model(folder), edits, probes, tmp_path / "api", config, progress=False, figures=False)
+    assert _numbers(tmp_path / "cli") == _numbers(tmp_path / "api")
