@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attention_drift.measure import evaluate as E
+from attention_drift.measure import fluency
 from attention_drift.core import tokens
 from attention_drift.core.data import Commonsense, PromptGroup, Record, Rewrite, load_example
 from attention_drift.core.scores import PairScores, continuation_log_probs
@@ -237,7 +238,7 @@ def test_generation_model_shares_current_weights(arch):
     batch = tokens.batch_prompts(model, ["The Louvre is in Paris", "Toyota is"])
     with torch.no_grad():
         mlp_out_weight(model, 0).add_(0.5)
-        clone = E._generation_model(model)
+        clone = fluency._generation_model(model)
         expected = model(batch.input_ids, attention_mask=batch.attention_mask)
         got = clone(batch.input_ids, attention_mask=batch.attention_mask).logits
     assert torch.allclose(got, expected, atol=1e-4)
@@ -247,7 +248,7 @@ def test_generation_is_seeded_full_length_and_ignores_eos(tiny_llama):
     config = E.FluencyConfig(max_length=24, seed=3)
     prompts = ["The Eiffel Tower is", "Michael Jordan"]
     torch.manual_seed(123)
-    ids = E._generate_ids(tiny_llama, prompts, config)
+    ids = fluency._generate_ids(tiny_llama, prompts, config)
     after = torch.rand(1)
     torch.manual_seed(123)
     assert torch.equal(after, torch.rand(1)), "sampling must not move the global random state"
@@ -255,11 +256,11 @@ def test_generation_is_seeded_full_length_and_ignores_eos(tiny_llama):
     assert [r[: len(tokens.encode(tiny_llama, p))] for r, p in zip(ids, prompts)] == [
         tokens.encode(tiny_llama, p) for p in prompts
     ]
-    assert E._generate_ids(tiny_llama, prompts, config) == ids
-    assert E._generate_ids(tiny_llama, prompts, E.FluencyConfig(max_length=24, seed=4)) != ids
+    assert fluency._generate_ids(tiny_llama, prompts, config) == ids
+    assert fluency._generate_ids(tiny_llama, prompts, E.FluencyConfig(max_length=24, seed=4)) != ids
     frequent = max(set(ids[0][5:]), key=ids[0][5:].count)
     tiny_llama.original_model.generation_config.eos_token_id = frequent
-    assert E._generate_ids(tiny_llama, prompts, config) == ids
+    assert fluency._generate_ids(tiny_llama, prompts, config) == ids
 
 
 def test_evaluate_record_fluency(tiny_llama):
@@ -290,8 +291,8 @@ def test_perplexity_by_hand(tiny_llama):
             nll -= lp.sum().item()
             count += ids.shape[1] - 1
     expected = math.exp(nll / count)
-    assert E.perplexity(tiny_llama, texts) == pytest.approx(expected, rel=1e-4)
-    assert E.perplexity(tiny_llama, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
+    assert fluency.perplexity(tiny_llama, texts) == pytest.approx(expected, rel=1e-4)
+    assert fluency.perplexity(tiny_llama, texts, batch_size=1) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow

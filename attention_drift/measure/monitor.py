@@ -30,8 +30,8 @@ import torch
 from attention_drift.core.data import PromptGroup, Record
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.measure.drift import DEFAULT_GROUPS, RecordDrift, drift_record, record_prompts
-from attention_drift.measure.evaluate import (FluencyConfig, RecordScores, aggregate, aggregate_metrics,
-                                              evaluate_records, generate_texts, ngram_entropy)
+from attention_drift.measure.evaluate import RecordScores, aggregate, aggregate_metrics, evaluate_records
+from attention_drift.measure.fluency import FluencyConfig, generate_texts, ngram_entropy
 
 RETENTION_GROUPS = ("efficacy", "paraphrase")
 PROBE_GROUPS = ("neighborhood", "distract_neighborhood", "relation", "distract_relation")
