@@ -124,7 +124,10 @@ def test_an_interrupted_sequence_resumes_with_identical_numbers(tiny_llama, spli
 def test_a_checkpoint_of_another_sequence_is_refused(tiny_llama, split, tmp_path, cache):
     edits, probes = split
     config = SequenceConfig(Variant("rome", "rome"), n_edits=2, monitor=FAST)
-    run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
+    first = run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
+    lines = (tmp_path / "run" / seq.RUN_FILE).read_text()
+    again = run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
+    assert (tmp_path / "run" / seq.RUN_FILE).read_text() == lines and again["series"] == first["series"]
     other = SequenceConfig(Variant("rome", "rome"), n_edits=4, monitor=FAST)
     with pytest.raises(SequenceError, match="another sequence"):
         run_sequence(tiny_llama, edits, probes, tmp_path / "run", other, progress=False, figures=False)

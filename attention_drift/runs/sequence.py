@@ -169,8 +169,8 @@ def _stable(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "created"}
 
 
-def _load_checkpoint(path: Path, weights: _Weights, meta: dict, state_type):
-    """(edits done, editor state) of the checkpoint at ``path``, its weights put into the model."""
+def _read_checkpoint(path: Path, weights: _Weights, meta: dict) -> dict:
+    """The checkpoint at ``path``, checked to belong to this sequence and these original weights."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as err:
@@ -180,9 +180,14 @@ def _load_checkpoint(path: Path, weights: _Weights, meta: dict, state_type):
                             "write to a new out folder")
     if data["originals"] != weights_fingerprint(weights.originals):
         raise SequenceError(f"{path} was made on other weights than the model holds now (is an edit applied?)")
+    return data
+
+
+def _resume(data: dict, weights: _Weights, state_type):
+    """Put a checkpoint's weights into the model; its editor state."""
     weights.put({n: w.to(weights.params[n].device) for n, w in data["weights"].items()})
     state = data["state"]
-    return data["edits"], None if state is None else state_type(**state)
+    return None if state is None else state_type(**state)
 
 
 def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_dir: str | os.PathLike,
@@ -205,11 +210,14 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
     weights = _Weights(model, editor_config.layers)
     ckpt = out / CHECKPOINT
     try:
-        start = time.perf_counter()
-        baseline = monitor.probe_baseline(model, probes, config.monitor)
-        baseline_seconds = time.perf_counter() - start
-        done, state = (_load_checkpoint(ckpt, weights, meta, editor.state_type) if ckpt.exists() else (0, None))
+        saved = _read_checkpoint(ckpt, weights, meta) if ckpt.exists() else None
+        done = saved["edits"] if saved else 0
         with RunFile(out / RUN_FILE, meta) as run:
+            start = time.perf_counter()
+            finished = done == config.n_edits and run.done(done, editor.name)
+            baseline = [] if finished else monitor.probe_baseline(model, probes, config.monitor)
+            baseline_seconds = time.perf_counter() - start
+            state = _resume(saved, weights, editor.state_type) if saved else None
             if not run.done(done, editor.name):
                 line = _checkpoint_line(model, edits, probes, baseline, weights, done, [], config, editor.name, out)
                 if done == 0:
