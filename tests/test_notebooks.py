@@ -31,7 +31,7 @@ PLOTLY_CDN = re.compile(r"""(?:<script[^>]*\ssrc=|\bimport\s*\(?)\s*["'](?:https
 def test_notebooks_exist():
     names = {p.name for p in PATHS}
     for expected in ("00_tour.ipynb", "01_case_study.ipynb", "02_prevalence.ipynb", "03_which_module.ipynb",
-                     "04_drift_vs_failure.ipynb", "05_patching.ipynb", "06_sadr.ipynb"):
+                     "04_drift_vs_failure.ipynb", "05_patching.ipynb", "06_sadr.ipynb", "07_editors.ipynb"):
         assert expected in names
 
 

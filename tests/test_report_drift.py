@@ -20,6 +20,7 @@ from attention_drift.reports.drift_failure import (
 )
 from attention_drift.reports.stats import correlation_ci
 from attention_drift.views import report_figures
+from attention_drift.views.plots import PlotError
 
 from synthetic_drift import synthetic_run  # noqa: E402
 
@@ -272,3 +273,32 @@ def test_the_committed_drift_json_reproduces_its_known_numbers():
                         old[group][factor][key][method]["r"]), (group, factor, measure, method)
     assert result["correlations_right_before"] is committed["correlations_right_before"]
     assert not math.isnan(result["max_vs_sum"]["groups"]["all"]["comparisons"]["auroc_failure"]["value"])
+
+
+def _small_report(n_records, seed, n_layers=4, n_heads=3, shift=0.0):
+    lines, _ = synthetic_run(n_records=n_records, prompts_per_record=(3, 2), seed=seed, n_layers=n_layers,
+                             n_heads=n_heads, drifting=((2, 1), (3, 0)), pattern_heads=1, shift=shift)
+    return drift_from_lines(lines[1:])
+
+
+def test_editor_drift_heatmaps_share_one_colour_scale_and_name_each_editors_n():
+    reports = {"rome": _small_report(3, seed=1), "alphaedit": _small_report(2, seed=2, shift=0.7)}
+    fig = report_figures.editor_drift_heatmaps(reports)
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    assert {t.coloraxis for t in fig.data} == {"coloraxis"}
+    largest = max(abs(v) for r in reports.values() for row in r["head_stats"]["delta_subject_last"]["mean"]
+                  for v in row)
+    axis = fig.layout.coloraxis
+    assert (axis.cmin, axis.cmax) == (pytest.approx(-largest), pytest.approx(largest))  # centred at 0
+    assert [a.text for a in fig.layout.annotations] == ["rome · 3 records / 8 prompts",
+                                                        "alphaedit · 2 records / 5 prompts"]
+    assert np.allclose(fig.data[1].z, reports["alphaedit"]["head_stats"]["delta_subject_last"]["mean"])
+    assert "layer %{y}, head %{x}" in fig.data[0].hovertemplate and "alphaedit" in fig.data[1].hovertemplate
+
+
+def test_editor_drift_heatmaps_refuse_no_reports_and_different_models():
+    with pytest.raises(PlotError, match="no drift reports"):
+        report_figures.editor_drift_heatmaps({})
+    with pytest.raises(PlotError, match=r"\(layers, heads\) differ"):
+        report_figures.editor_drift_heatmaps({"rome": _small_report(2, seed=1),
+                                              "ft": _small_report(2, seed=1, n_layers=5)})

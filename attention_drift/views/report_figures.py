@@ -1,10 +1,13 @@
 """The figures of the drift and patch reports, drawn from their JSON content (``drift.json``,
 ``patch.json``) so a committed report redraws without re-running anything."""
 
+import html
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+import plotly.graph_objects as go
 import torch
 
 from attention_drift.reports.drift_failure import MEASURE_LABELS, failure_links, max_vs_sum
@@ -112,6 +115,55 @@ def drift_figures(result: dict, out: Path, png: bool) -> list[str]:
     if fig is not None:
         written += plots.save_figure(fig, out / "drift_failure_links", png)
     return written
+
+
+EDITOR_PANEL_COLUMNS = 4
+"""Panels per row of :func:`editor_drift_heatmaps`."""
+
+
+def editor_drift_heatmaps(reports: Mapping[str, Mapping]) -> go.Figure:
+    """One layer x head heatmap per editor of the mean drift of attention to the edited subject's
+    last token (``head_stats["delta_subject_last"]["mean"]``), from ``{editor: drift.json content}``.
+
+    Every panel shares one diverging colour scale centred at 0 (one colour axis, ± the largest
+    absolute mean drift of any panel), so a colour means the same drift in every editor's panel;
+    each panel's title gives its editor and the records / prompts its report counts. Raises
+    :class:`~attention_drift.views.plots.PlotError` for no reports or reports of models with
+    different numbers of layers or heads."""
+    from plotly.subplots import make_subplots
+
+    if not reports:
+        raise plots.PlotError("no drift reports: give {editor: drift.json content}, at least one")
+    means = {name: torch.tensor(r["head_stats"]["delta_subject_last"]["mean"], dtype=torch.float64)
+             for name, r in reports.items()}
+    shapes = {name: tuple(m.shape) for name, m in means.items()}
+    if len(set(shapes.values())) > 1 or any(len(s) != 2 for s in shapes.values()):
+        raise plots.PlotError(f"the reports' (layers, heads) differ: {shapes}; compare editors of one model")
+    layers, heads = next(iter(shapes.values()))
+    finite = torch.cat([m[m.isfinite()] for m in means.values()])
+    limit = float(finite.abs().max()) if finite.numel() and finite.abs().max() > 0 else 1.0
+    cols = min(EDITOR_PANEL_COLUMNS, len(reports))
+    rows = math.ceil(len(reports) / cols)
+    titles = [f"{name} · {r['records']} records / {r['n_samples']} prompts" for name, r in reports.items()]
+    width, height = 120 + cols * max(250, 24 * heads), 120 + rows * max(320, 14 * layers + 60)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True,
+                        horizontal_spacing=0.04, vertical_spacing=70 / height)
+    for i, (name, mean) in enumerate(means.items()):
+        z = [[v if math.isfinite(v) else None for v in row] for row in mean.tolist()]
+        fig.add_trace(go.Heatmap(
+            z=z, x=list(range(heads)), y=list(range(layers)), coloraxis="coloraxis", hoverongaps=False,
+            hovertemplate=f"{html.escape(name)}<br>layer %{{y}}, head %{{x}}<br>mean drift: %{{z:.4g}}"
+                          "<extra></extra>"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_layout(coloraxis={"colorscale": plots.DIVERGING, "cmin": -limit, "cmax": limit,
+                                 "colorbar": {"title": "mean<br>drift"}}, width=width, height=height)
+    fig.update_annotations(font_size=12)
+    plots.style(fig, "Mean drift of attention to the edited subject's last token per head, by editor "
+                f"(after − before, one colour scale: ±{limit:.3g})", "", "")
+    fig.update_yaxes(autorange="reversed", dtick=1 if layers <= 12 else 5)
+    fig.update_yaxes(title_text="layer", col=1)
+    fig.update_xaxes(dtick=1 if heads <= 12 else 4)
+    fig.update_xaxes(title_text="head", row=rows)
+    return fig
 
 
 SANITY_CHECKS = ("attn_out_all", "mlp_out_all")
