@@ -154,7 +154,8 @@ def token_label(text: object) -> str:
     return html.escape(str(text)).replace(" ", "&nbsp;") or "&nbsp;"
 
 
-def _rgba(hex_colour: str, alpha: float) -> str:
+def rgba(hex_colour: str, alpha: float) -> str:
+    """``"rgba(r,g,b,alpha)"`` of a ``"#rrggbb"`` colour (bands drawn behind their line)."""
     h = hex_colour.lstrip("#")
     r, g, b = (int(h[i: i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
@@ -316,7 +317,7 @@ def recovery_curves(
                 raise PlotError(f"ci[{name!r}] bounds must have the same length as its curve ({len(y)})")
             fig.add_trace(go.Scatter(
                 x=xs + xs[::-1], y=hi.tolist() + lo.flip(0).tolist(), fill="toself",
-                fillcolor=_rgba(colour, 0.2), line={"width": 0}, hoverinfo="skip",
+                fillcolor=rgba(colour, 0.2), line={"width": 0}, hoverinfo="skip",
                 showlegend=False, legendgroup=name, name=f"{name} 95% CI",
             ))
         fig.add_trace(go.Scatter(

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from attention_drift.views.plots import _rgba, style
+from attention_drift.views.plots import rgba, style
 
 PANELS = (
     ("Retention of the edits so far", "accuracy", (("efficacy", "ES", "solid"), ("paraphrase", "PS", "dash"))),
@@ -54,7 +54,7 @@ def sequence_figure(runs: Mapping[str, Mapping], title: str | None = None) -> go
                     lo = [c[0] for c in ci if c]
                     hi = [c[1] for c in ci if c]
                     fig.add_trace(go.Scatter(x=xs + xs[::-1], y=hi + lo[::-1], fill="toself", line={"width": 0},
-                                             fillcolor=_rgba(colour, 0.12), hoverinfo="skip", showlegend=False),
+                                             fillcolor=rgba(colour, 0.12), hoverinfo="skip", showlegend=False),
                                   row=row + 1, col=col + 1)
                 fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{label} · {name}",
                                          line={"color": colour, "dash": dash}, marker={"size": 4},
