@@ -78,6 +78,7 @@ def _every_figure(tmp_path, monkeypatch) -> dict:
     from attention_drift.measure.case_study import CaseStudy
     from attention_drift.reports.drift import drift_from_lines
     from attention_drift.views.case_study import case_study_figure
+    from attention_drift.views.sequence_plot import sequence_figure
 
     saved, save_figure = {}, plots.save_figure
 
@@ -101,6 +102,14 @@ def _every_figure(tmp_path, monkeypatch) -> dict:
         "case_study": case_study_figure(CaseStudy.from_json(json.loads((ROOT / "figures/case_study.json").read_text())),
                                         title=LONG),
     }
+    summary = {"meta": {"model": "m", "probes": [1, 2], "monitor": {"drift_records": 5}}, "edits": [0, 20],
+               "series": {"efficacy": {"value": [None, 1.0], "ci95": [None, [0.9, 1.0]]}}, "fluency": [5.0, 4.9],
+               "drift": {w: {"max_delta": [None, 0.1], "heads_above": [None, 2]} for w in ("first", "latest")}}
+    figures["sequence"] = sequence_figure({"rome": summary, "alphaedit": summary}, title=LONG)
+    lines, _ = synthetic_run()
+    report = drift_from_lines(lines[1:])
+    figures["editor_drift_heatmaps"] = report_figures.editor_drift_heatmaps({"rome": report, "memit": report})
+    figures["editor_drift_heatmaps"].update_layout(title_text=LONG)
     figures["recovery_tradeoff"].update_layout(width=1300)  # widened after it was drawn, as tune_sadr does
     for name, fig in figures.items():
         plots.save_figure(fig, tmp_path / name, png=False)
@@ -113,7 +122,7 @@ def _every_figure(tmp_path, monkeypatch) -> dict:
 def test_every_figure_title_fits_its_width(tmp_path, monkeypatch):
     saved = _every_figure(tmp_path, monkeypatch)
     assert {"drift_heatmap", "drift_vs_failure", "patch_accuracy", "patch_layer_component", "patch_windows",
-            "patch_contamination", "case_study", "recovery_tradeoff"} <= set(saved)
+            "patch_contamination", "case_study", "recovery_tradeoff", "sequence", "editor_drift_heatmaps"} <= set(saved)
     assert {name: _clipped(fig) for name, fig in saved.items() if _clipped(fig)} == {}
     # the long title really was wrapped (several lines), the paper's reference line too
     assert len(plots.title_lines(saved["metric_bars"])) > 1
