@@ -6,9 +6,10 @@ Commands::
                              [--limit N] [--kinds counterfact,wikidata] [--balanced] [--out FILE.jsonl]
                              [--fluency] [--batch-size 32] [--shard I/K] [--reuse-pre FILE.jsonl]
                              [--edit-batch B]   (B > 1: one edit per chunk of B records; batch editors only)
+                             [--suite]          (also the distract suite's groups)
     attention-drift sweep --variants rome,rome-sadr --out DIR [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
     attention-drift summarize FILE.jsonl [--json] [--per-record]
-    attention-drift compare FILE.jsonl ... [--json] [--all-records]
+    attention-drift compare FILE.jsonl ... [--json] [--all-records] [--suite-figure OUT]
     attention-drift merge FILE.jsonl ... --out FILE.jsonl
     attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR]
                                 [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
@@ -49,7 +50,9 @@ runs, so ``--help`` and argument errors answer at once.
               "seconds_per_edit": mean seconds or null, "avg_s": {"pre": x|null, "post": y|null}}}
 
 GROUP is one of efficacy, paraphrase, reasoning, subject_alias, neighborhood,
-distract_neighborhood, relation, distract_relation, commonsense, distract_commonsense (see
+distract_neighborhood, relation, distract_relation, commonsense, distract_commonsense and, in runs
+made with ``evaluate --suite``, the distract suite's restated_neighborhood, mention_neighborhood,
+distant_neighborhood, double_neighborhood, mention_relation (see
 :data:`attention_drift.measure.evaluate.GROUPS` for how each is computed). Accuracies and intervals
 are fractions: ``ci95`` is the paper's pooled normal interval over prompts, ``ci95_bootstrap``
 a record-clustered bootstrap (:mod:`attention_drift.reports.evaluation`). METRIC is one of nkl,
@@ -84,7 +87,7 @@ FLAGS = {
     "kinds": "--kinds", "limit": "--limit", "balanced": "--balanced", "shard": "--shard", "reuse_pre": "--reuse-pre",
     "runs": "--runs", "drift_limit": "--drift-limit", "patch_limit": "--patch-limit", "method": "--method",
     "stats_samples": "--stats-samples", "reuse_reports": "--reuse-reports", "edited": "--edited",
-    "allow_other_base": "--allow-other-base", "edit_batch": "--edit-batch",
+    "allow_other_base": "--allow-other-base", "edit_batch": "--edit-batch", "groups": "--suite",
     "n_edits": "--edits", "every": "--every", "probes": "--probes", "drift_records": "--drift-records",
     "fluency_records": "--fluency-records", "explorer_at": "--explorer-at", "probe_prompts": "--probe-prompts",
 }
@@ -300,6 +303,10 @@ def register_evaluate(subparsers) -> None:
                    help="edit B records as one update (consecutive chunks of B; each record scored inside its "
                    "chunk's edit): the batch editors memit, pmet, alphaedit, emmet (default: %(default)s, one edit "
                    "per record)")
+    p.add_argument("--suite", action="store_true",
+                   help="also score the distract suite (neighbourhood / relation prompts behind the edit restated, "
+                   "the subject mentioned, the edit several sentences back, the edit twice: "
+                   "attention_drift.measure.groups.SUITE_GROUPS); about doubles the prompts scored")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
 
@@ -321,10 +328,11 @@ def run_evaluate(args) -> int:
     out = Path(args.out) if args.out else runs.default_out(args.model, label)
     runs.check_writable(out)
     records = selection.load()
-    meta = runs.run_meta(args.model, variant, selection, fluency, edit_batch=args.edit_batch)
+    groups = runs.suite_groups() if args.suite else None
+    meta = runs.run_meta(args.model, variant, selection, fluency, edit_batch=args.edit_batch, groups=groups)
     outcome = runs.evaluate_run(_handle(args), records, variant, out, meta, batch_size=args.batch_size,
                                 fluency=fluency, reuse_pre=args.reuse_pre, progress=not args.no_progress,
-                                edit_batch=args.edit_batch)
+                                edit_batch=args.edit_batch, groups=groups)
     print(f"{out}: {outcome.written} record(s) written, {outcome.skipped} already there; "
           f"summarize with: attention-drift summarize {out}", file=sys.stderr)
     return 0
@@ -432,6 +440,9 @@ def register_compare(subparsers) -> None:
     p.add_argument("files", nargs="+", help="run files written by 'attention-drift evaluate'")
     p.add_argument("--all-records", action="store_true", help="do not restrict the table to the shared records")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--suite-figure", default=None, metavar="OUT",
+                   help="also draw the distract suite figure (accuracy per context, pre-edit and each run) to OUT "
+                   "(.html, .png, or no suffix for both)")
     p.set_defaults(run=run_compare)
 
 
@@ -442,6 +453,12 @@ def run_compare(args) -> int:
 
     result = compare({Path(f).stem: _read(f) for f in args.files}, shared=not args.all_records)
     print(json.dumps(result, indent=1) if args.json else compare_markdown(result))
+    if args.suite_figure:
+        from attention_drift.views.plots import save
+        from attention_drift.views.suite_plot import suite_figure
+
+        written = save(suite_figure(result["runs"]), args.suite_figure)
+        print(f"suite figure: {', '.join(map(str, written))}", file=sys.stderr)
     return 0
 
 

@@ -122,6 +122,53 @@ def test_post_edit_path_runs_the_real_editor(tiny_folder, tmp_path, capsys):
     assert "method" in _error_line(capsys)
 
 
+def test_suite_is_opt_in_and_reaches_summarize_compare_and_the_figure(tiny_folder, tmp_path, capsys):
+    """``evaluate --suite`` scores the distract suite (recorded in the header, refused on resume or
+    reuse without it); summarize, compare (paired tests, bootstrap CIs, --json) and the figure read it."""
+    from attention_drift.measure.evaluate import BASE_GROUPS, SUITE_GROUPS
+
+    plain, none, rome = tmp_path / "plain.jsonl", tmp_path / "none.jsonl", tmp_path / "rome.jsonl"
+    four = ("--limit", "4", "--balanced")
+    assert _evaluate(tiny_folder, plain, *four) == 0
+    assert _evaluate(tiny_folder, none, *four, "--suite") == 0
+    assert _evaluate(tiny_folder, rome, *four, "--suite", "--method", "rome") == 0
+    assert "groups" not in _lines(plain)[0]["meta"]
+    assert not set(_lines(plain)[1]["pre"]["groups"]) & set(SUITE_GROUPS)
+    assert _lines(none)[0]["meta"]["groups"] == list(BASE_GROUPS + SUITE_GROUPS)
+    cf, wd = (next(line for line in _lines(rome)[1:] if line["kind"] == kind) for kind in ("counterfact", "wikidata"))
+    assert set(cf["pre"]["groups"]) == set(cf["post"]["groups"]) >= set(SUITE_GROUPS) - {"mention_relation"}
+    assert "mention_relation" in wd["post"]["groups"]
+    assert cf["pre"]["groups"]["neighborhood"].keys() == cf["pre"]["groups"]["mention_neighborhood"].keys()
+    assert len(cf["pre"]["groups"]["mention_neighborhood"]["scores"]) == len(cf["pre"]["groups"]["neighborhood"]["scores"])
+    capsys.readouterr()
+    assert _evaluate(tiny_folder, none, "--limit", "5", "--balanced") == 1
+    assert "groups" in _error_line(capsys)
+    assert _evaluate(tiny_folder, tmp_path / "x.jsonl", *four, "--suite", "--reuse-pre", str(plain)) == 1
+    assert "groups" in _error_line(capsys)
+
+    assert cli.main(["summarize", str(rome), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    for name in SUITE_GROUPS:
+        assert set(groups[name]) == {"pre", "post"} and groups[name]["post"]["ci95_bootstrap"] is not None
+    assert cli.main(["summarize", str(rome)]) == 0
+    assert "| mention_neighborhood (DNS-M) |" in capsys.readouterr().out
+
+    again = tmp_path / "again.jsonl"
+    again.write_text(rome.read_text())
+    figure = tmp_path / "suite.html"
+    assert cli.main(["compare", str(none), str(rome), str(again), "--json", "--suite-figure", str(figure)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["runs"]["rome"]["groups"]) >= set(SUITE_GROUPS)
+    paired = result["paired"]["rome -> again"]
+    assert set(paired) >= set(SUITE_GROUPS) and paired["mention_neighborhood"]["diff"] == 0
+    assert paired["mention_neighborhood"]["n_prompts"] == groups["mention_neighborhood"]["post"]["n"]
+    assert figure.is_file() and "DNS-M" in figure.read_text()
+    assert cli.main(["compare", str(rome), str(again)]) == 0
+    table = capsys.readouterr().out
+    assert " mention_neighborhood (DNS-M) |" in table.splitlines()[0]
+    assert "| rome -> again | mention_relation |" in table
+
+
 def test_edit_is_undone_between_records(tiny_folder, tmp_path):
     """Pre-edit scores must not depend on whether the previous record was edited."""
     plain, edited = tmp_path / "none.jsonl", tmp_path / "rome.jsonl"

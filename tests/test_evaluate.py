@@ -5,6 +5,7 @@ import torch
 
 from attention_drift.measure import evaluate as E
 from attention_drift.measure import fluency
+from attention_drift.measure import groups as G
 from attention_drift.core import tokens
 from attention_drift.core.data import Commonsense, PromptGroup, Record, Rewrite, load_example
 from attention_drift.core.scores import PairScores, continuation_log_probs
@@ -80,7 +81,7 @@ def test_record_pairs_right_and_wrong_per_group():
     assert as_tuples["relation"] == [("The Eiffel Tower was designed by", "Gustave Eiffel", "Rome")]
     assert as_tuples["commonsense"] == [("To cool a drink", "add ice.", "add hot stones.")]
     assert skipped["neighborhood"] == 1 and skipped["distract_neighborhood"] == 1
-    assert sum(skipped.values()) == 2
+    assert sum(skipped[name] for name in E.BASE_GROUPS) == 2
 
 
 def test_distract_prompts_are_scored_exactly(monkeypatch):
@@ -101,7 +102,7 @@ def test_distract_prompts_are_scored_exactly(monkeypatch):
     assert ("The Eiffel Tower is located in Rome. To cool a drink", "add ice.", "add hot stones.") in scored
     assert not any("Colosseum" in p for p in prompts)
     assert len(prompts) == 10
-    assert set(scores.groups) == set(E.GROUPS)
+    assert set(scores.groups) == set(E.BASE_GROUPS)  # the suite is opt-in
     assert len(scores.groups["distract_neighborhood"]) == 1
     assert scores.groups["distract_neighborhood"].skipped == 1
     assert scores.groups["efficacy"].correct == (True,)
@@ -112,6 +113,99 @@ def test_groups_without_prompts_are_left_out(monkeypatch):
     record = _record(reasoning=PromptGroup(), relation=PromptGroup(), commonsense=None)
     pairs, _ = E.record_pairs(record)
     assert pairs["relation"] == [] and pairs["distract_relation"] == [] and pairs["commonsense"] == []
+
+
+SUITE_RECORD = dict(
+    paraphrase=PromptGroup(("The Eiffel Tower stands in", "Where is the Eiffel Tower? In"), ("Rome", "Rome")),
+    neighborhood=PromptGroup(("The Louvre is located in", "Notre-Dame is located in", "The Colosseum is in"),
+                             ("Paris", "Paris", "Rome")),
+)
+
+
+def test_suite_prompts_by_hand():
+    """Each suite group's prompts, written out by hand (neighbour i takes paraphrase i mod 2; the
+    Colosseum's answer is the new target, so it is skipped in every neighbourhood context)."""
+    pairs, skipped = E.record_pairs(_record(**SUITE_RECORD))
+    got = {name: [(p.prompt, p.right, p.wrong) for p in pairs[name]] for name in E.SUITE_GROUPS}
+    assert got["restated_neighborhood"] == [
+        ("The Eiffel Tower stands in Rome. The Louvre is located in", "Paris", "Rome"),
+        ("Where is the Eiffel Tower? In Rome. Notre-Dame is located in", "Paris", "Rome")]
+    assert got["mention_neighborhood"] == [
+        ("I read an article about Eiffel Tower. The Louvre is located in", "Paris", "Rome"),
+        ("I read an article about Eiffel Tower. Notre-Dame is located in", "Paris", "Rome")]
+    quiet = "It was a quiet day. Nothing much happened in the morning. Later, everyone went back to work."
+    assert got["distant_neighborhood"] == [
+        (f"The Eiffel Tower is located in Rome. {quiet} The Louvre is located in", "Paris", "Rome"),
+        (f"The Eiffel Tower is located in Rome. {quiet} Notre-Dame is located in", "Paris", "Rome")]
+    assert got["double_neighborhood"] == [
+        ("The Eiffel Tower is located in Rome. The Eiffel Tower stands in Rome. The Louvre is located in",
+         "Paris", "Rome"),
+        ("The Eiffel Tower is located in Rome. Where is the Eiffel Tower? In Rome. Notre-Dame is located in",
+         "Paris", "Rome")]
+    assert got["mention_relation"] == [
+        ("I read an article about Eiffel Tower. The Eiffel Tower was designed by", "Gustave Eiffel", "Rome")]
+    assert {name: skipped[name] for name in E.SUITE_GROUPS} == {
+        "restated_neighborhood": 1, "mention_neighborhood": 1, "distant_neighborhood": 1,
+        "double_neighborhood": 1, "mention_relation": 0}
+    for name in E.SUITE_GROUPS:
+        assert E.GROUPS[name].abbrev and "(suite)" in E.GROUPS[name].description
+
+
+def test_suite_without_paraphrases_has_no_restated_contexts():
+    pairs, _ = E.record_pairs(_record(paraphrase=PromptGroup()))
+    assert pairs["restated_neighborhood"] == [] and pairs["double_neighborhood"] == []
+    assert len(pairs["mention_neighborhood"]) == len(pairs["distant_neighborhood"]) == 1
+
+
+def test_suite_prompts_are_built_from_the_record_only():
+    """A suite prompt is a context made of the record's own edit, paraphrases and subject (and the
+    fixed templates) in front of one of its own neighbour / relation prompts: nothing of another
+    record gets in, whatever was built before."""
+    other = Record(
+        case_id=8, kind="wikidata", rewrite=Rewrite("Mount Fuji is located in", "Mount Fuji", "Chile", "Japan"),
+        efficacy=PromptGroup(("Mount Fuji is located in",), ("Chile",)),
+        paraphrase=PromptGroup(("Mount Fuji rises in",), ("Chile",)), reasoning=PromptGroup(), subject_alias=PromptGroup(),
+        neighborhood=PromptGroup(("Lake Biwa is in",), ("Japan",)),
+        relation=PromptGroup(("Mount Fuji is climbed by",), ("pilgrims",)), commonsense=None, generation=())
+    mine = _record(**SUITE_RECORD)
+    E.record_pairs(other)
+    pairs, _ = E.record_pairs(mine)
+    foreign = ["Mount Fuji", "Chile", "Japan", "Lake Biwa", "rises", "pilgrims", "climbed"]
+    rw = mine.rewrite
+    pieces = [rw.edit_sentence, G.FILLER, G.MENTION.format(subject=rw.subject)]
+    pieces += [f"{p} {rw.target_new}." for p in mine.paraphrase.prompts]
+    own = {"neighborhood": mine.neighborhood.prompts, "relation": mine.relation.prompts}
+    for name in E.SUITE_GROUPS:
+        assert pairs[name]
+        for pair in pairs[name]:
+            assert not any(f in text for f in foreign for text in (pair.prompt, pair.right, pair.wrong))
+            source = own["relation" if name.endswith("relation") else "neighborhood"]
+            tail = next(p for p in source if pair.prompt.endswith(" " + p))
+            context = pair.prompt[: -len(tail)]
+            for piece in sorted(pieces, key=len, reverse=True):
+                context = context.replace(piece, "")
+            assert context.strip() == "", (name, pair.prompt)
+
+
+def test_suite_is_scored_only_when_asked(monkeypatch):
+    calls = []
+
+    def fake_score_pairs(model, prompts, rights, wrongs, *, batch_size, next_token=()):
+        calls.append(list(prompts))
+        n = len(prompts)
+        return PairScores(torch.zeros(n, dtype=torch.float64), torch.full((n,), -1.0, dtype=torch.float64))
+
+    monkeypatch.setattr(E, "score_pairs", fake_score_pairs)
+    record = _record(**SUITE_RECORD)
+    base = E.evaluate_record(object(), record)
+    suite = E.evaluate_record(object(), record, groups=E.BASE_GROUPS + E.SUITE_GROUPS)
+    assert set(base.groups) == set(E.BASE_GROUPS) and not set(base.groups) & set(E.SUITE_GROUPS)
+    assert set(suite.groups) == set(E.GROUPS)
+    assert not any(p.startswith("I read an article") for p in calls[0])
+    pairs, _ = E.record_pairs(record)
+    assert calls[1] == calls[0] + [p.prompt for name in E.SUITE_GROUPS for p in pairs[name]]
+    assert len(suite.groups["restated_neighborhood"]) == 2 and suite.groups["restated_neighborhood"].skipped == 1
+    assert E.BASE_GROUPS + E.SUITE_GROUPS == tuple(E.GROUPS)
 
 
 def test_every_group_has_a_description():

@@ -113,3 +113,28 @@ def test_record_bootstrap_is_the_one_of_stats():
     paired = stats.bootstrap_ratio(correct_b - correct_a, prompts)
     assert d["ci95"] == pytest.approx([paired.ci_low, paired.ci_high])
     assert d["ci95"][0] < d["diff"] < d["ci95"][1]
+
+
+def test_suite_groups_are_summarized_paired_and_tabled():
+    """A suite group in the run lines reaches the summary (both intervals), the paired tests and the
+    table's columns and sizes, with no list of groups passed anywhere."""
+    def line(case_id, dns, mention):
+        out = _line(case_id, [True, True], dns)
+        extra = _line(case_id, [True, True], mention, group="mention_neighborhood")
+        for phase in ("pre", "post"):
+            out[phase]["groups"].update(extra[phase]["groups"])
+        return out
+
+    rome = _run(line(i, [True, False], [i % 2 == 0, False]) for i in range(8))
+    plus = _run(line(i, [True, True], [True, i % 2 == 0]) for i in range(8))
+    entry = report.summary(rome)["groups"]["mention_neighborhood"]["post"]
+    assert entry["accuracy"] == pytest.approx(0.25) and entry["n"] == 16 and entry["n_records"] == 8
+    assert entry["ci95_bootstrap"][0] < 0.25 < entry["ci95_bootstrap"][1]
+    result = report.compare({"rome": rome, "plus": plus})
+    paired = result["paired"]["rome -> plus"]["mention_neighborhood"]
+    assert paired["diff"] == pytest.approx(0.5) and paired["n_prompts"] == 16
+    assert paired["recovered"]["fraction"] == pytest.approx(8 / 12)
+    table = report.compare_markdown(result)
+    assert "| distract_neighborhood (DNS) | mention_neighborhood (DNS-M) |" in table.splitlines()[0]
+    assert "DNS-M 8 / 16" in table and "| rome -> plus | mention_neighborhood | 8 / 16 | +50.0 |" in table
+    assert "restated_neighborhood" not in table  # a suite group no run has is left out

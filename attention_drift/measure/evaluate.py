@@ -8,7 +8,9 @@ ROME's CounterFact evaluation):
   log-probability per target token; ``p = exp(mean log-prob)`` is the geometric-mean token
   probability. The prompt is *correct* when ``p_right > p_wrong`` (strict; compared in log space,
   which orders the same way and cannot underflow into a tie).
-* Which continuation is right or wrong depends on the group (see :data:`GROUPS`).
+* Which continuation is right or wrong depends on the group (see :data:`GROUPS`, defined with
+  the prompt pairs they score in :mod:`attention_drift.measure.groups`); the distract suite's
+  groups (:data:`SUITE_GROUPS`) are scored only when asked for.
 * Results are pooled over all prompts of all records (micro-average) with a 95% normal interval,
   see :func:`aggregate`; Avg.S is the harmonic mean of ES, PS, NS, RS and DNS (:func:`avg_s`).
 * Fluency (FL) is ROME's n-gram entropy of sampled generations (:func:`ngram_entropy`).
@@ -26,105 +28,13 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from attention_drift.core.scores import check_batch_size, score_pairs
-from attention_drift.core.data import Record, distract_prompt
+from attention_drift.core.data import Record
 from attention_drift.core.models import on_model_device
 from attention_drift.measure import field_metrics
 from attention_drift.measure.field_metrics import METRICS, MetricScores, MetricStats, metric_stats
 from attention_drift.measure.fluency import FluencyConfig, FluencyScores, generate_texts, ngram_entropy
-
-
-@dataclass(frozen=True)
-class Group:
-    """One evaluation group of the paper: what is scored, and which continuation counts as right.
-
-    Args:
-        name: key used in results and JSON (``"efficacy"``, ``"distract_neighborhood"``...).
-        abbrev: the paper's abbreviation (ES, PS, NS, RS, DNS), "" where it uses none.
-        description: exactly how the group is computed.
-    """
-
-    name: str
-    abbrev: str
-    description: str
-
-
-_RULE = (
-    "Each prompt is scored as f'{prompt} {target}' by the geometric-mean probability of the "
-    "target tokens; correct when P(right) > P(wrong) (strict). Pairs with right == wrong are skipped."
-)
-EFFICACY = Group("efficacy", "ES", (
-    "Efficacy score (paper/ROME CounterFact protocol): the record's rewrite prompts, right = the "
-    f"edit's target_new, wrong = its target_true. {_RULE}"))
-PARAPHRASE = Group("paraphrase", "PS", (
-    "Paraphrase score (generalisation): the p-paraphrase prompts, right = target_new, wrong = "
-    f"target_true. {_RULE}"))
-REASONING = Group("reasoning", "", (
-    "Reasoning score (multi-hop generalisation, WikiData-type records): the p-reasoning prompts, "
-    f"right = each prompt's own target, wrong = the edit's target_true. {_RULE}"))
-SUBJECT_ALIAS = Group("subject_alias", "", (
-    "Subject-alias score (generalisation): the p-subject_alias prompts (the rewrite with an alias "
-    f"of the subject), right = target_new, wrong = target_true. {_RULE}"))
-NEIGHBORHOOD = Group("neighborhood", "NS", (
-    "Neighbourhood score (specificity): the l-neighbor prompts about other subjects, right = each "
-    f"prompt's own (true) answer, wrong = the edit's target_new. {_RULE}"))
-DISTRACT_NEIGHBORHOOD = Group("distract_neighborhood", "DNS", (
-    "Distract neighbourhood score (the paper's specificity under distraction): the neighbourhood "
-    "pairs with the edit sentence in front, prompt = f'{rewrite prompt} {target_new}. {prompt}' "
-    f"(data.distract_prompt); right = own answer, wrong = target_new. {_RULE}"))
-RELATION = Group("relation", "RS", (
-    "Relation score (specificity on other facts about the edited subject, WikiData-type "
-    f"records): the l-relation prompts, right = each prompt's own answer, wrong = target_new. {_RULE}"))
-DISTRACT_RELATION = Group("distract_relation", "", (
-    "Distract relation score: the relation pairs with the edit sentence in front "
-    f"(data.distract_prompt); right = own answer, wrong = target_new. {_RULE}"))
-COMMONSENSE = Group("commonsense", "", (
-    "Commonsense score (o-commonsense): the record's commonsense prompt, right / wrong as given "
-    f"in the data (not related to the edit's targets). {_RULE}"))
-DISTRACT_COMMONSENSE = Group("distract_commonsense", "", (
-    "Distract commonsense score: the commonsense prompt with the edit sentence in front "
-    f"(data.distract_prompt); right / wrong as given. {_RULE}"))
-
-GROUPS: dict[str, Group] = {
-    g.name: g
-    for g in (
-        EFFICACY, PARAPHRASE, REASONING, SUBJECT_ALIAS, NEIGHBORHOOD, DISTRACT_NEIGHBORHOOD,
-        RELATION, DISTRACT_RELATION, COMMONSENSE, DISTRACT_COMMONSENSE,
-    )
-}
-AVG_S_GROUPS = ("efficacy", "paraphrase", "neighborhood", "relation", "distract_neighborhood")
-"""The groups whose accuracies Avg.S combines (harmonic mean), as in the paper's Table 3."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One scored prompt: its text and the right / wrong continuations."""
-
-    prompt: str
-    right: str
-    wrong: str
-
-
-def record_pairs(record: Record) -> tuple[dict[str, list[Pair]], dict[str, int]]:
-    """The prompt pairs of every group of ``record`` (see each :class:`Group`'s description),
-    and how many pairs per group were skipped because right == wrong after stripping."""
-    rw = record.rewrite
-    raw: dict[str, list[Pair]] = {name: [] for name in GROUPS}
-    for prompt in record.efficacy.prompts:
-        raw["efficacy"].append(Pair(prompt, rw.target_new, rw.target_true))
-    for name, group in (("paraphrase", record.paraphrase), ("subject_alias", record.subject_alias)):
-        raw[name] += [Pair(p, rw.target_new, rw.target_true) for p in group.prompts]
-    raw["reasoning"] += [Pair(p, t, rw.target_true) for p, t in zip(record.reasoning.prompts, record.reasoning.targets)]
-    for name, group in (("neighborhood", record.neighborhood), ("relation", record.relation)):
-        pairs = [Pair(p, t, rw.target_new) for p, t in zip(group.prompts, group.targets)]
-        raw[name] += pairs
-        raw[f"distract_{name}"] += [Pair(distract_prompt(rw, p.prompt), p.right, p.wrong) for p in pairs]
-    if record.commonsense is not None:
-        cs = record.commonsense
-        raw["commonsense"].append(Pair(cs.prompt, cs.right, cs.wrong))
-        raw["distract_commonsense"].append(Pair(distract_prompt(rw, cs.prompt), cs.right, cs.wrong))
-    pairs = {name: [p for p in ps if p.right.strip() != p.wrong.strip()] for name, ps in raw.items()}
-    skipped = {name: len(raw[name]) - len(pairs[name]) for name in raw}
-    return pairs, skipped
+from attention_drift.measure.groups import (  # noqa: F401 (GROUPS and record_pairs are read from here too)
+    AVG_S_GROUPS, BASE_GROUPS, GROUPS, SUITE_GROUPS, Group, Pair, record_pairs)
 
 
 @dataclass(frozen=True)
@@ -209,8 +119,9 @@ def evaluate_record(
     and NKL (needs ``pre.next_token``: a :class:`RecordScores` from a pre-edit pass of this
     process, or one given them by :func:`pre_edit_distributions`).
 
-    ``groups``: score only these of :data:`GROUPS` (default: all; the field's metrics read the
-    groups they need where present, e.g. NKL needs ``distract_neighborhood``).
+    ``groups``: score these of :data:`GROUPS` (default :data:`BASE_GROUPS`: all but the opt-in
+    distract suite, :data:`SUITE_GROUPS`; the field's metrics read the groups they need where
+    present, e.g. NKL needs ``distract_neighborhood``).
     """
     _check_groups(groups)
     with on_model_device(model):
@@ -265,12 +176,12 @@ def _check_groups(groups: Sequence[str] | None) -> None:
 def _evaluate_records(model, records: Sequence[Record], batch_size: int, pres: Sequence, metrics: bool = True,
                       only: Sequence[str] | None = None) -> list[RecordScores]:
     check_batch_size(batch_size)
+    only = BASE_GROUPS if only is None else only
     per_record, flat, distract = [], [], []
     for record in records:
         pairs, skipped = record_pairs(record)
-        if only is not None:
-            pairs = {name: ps if name in only else [] for name, ps in pairs.items()}
-            skipped = {name: k if name in only else 0 for name, k in skipped.items()}
+        pairs = {name: ps if name in only else [] for name, ps in pairs.items()}
+        skipped = {name: k if name in only else 0 for name, k in skipped.items()}
         per_record.append((pairs, skipped, len(flat)))
         flat += [p for name in GROUPS for p in pairs[name]]
         if metrics:

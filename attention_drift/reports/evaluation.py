@@ -28,14 +28,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from attention_drift.reports import stats
-from attention_drift.measure.evaluate import (GROUPS, RecordScores, aggregate, aggregate_metrics, avg_s,
-                                               fluency_stats)
+from attention_drift.measure.evaluate import (GROUPS, SUITE_GROUPS, RecordScores, aggregate, aggregate_metrics,
+                                               avg_s, fluency_stats)
 from attention_drift.measure.field_metrics import METRICS
 from attention_drift.core.jsonl import Run
 
 COMPARE_GROUPS = ("efficacy", "paraphrase", "neighborhood", "distract_neighborhood", "relation",
                   "distract_relation")
 """The groups of the paper's main table, in its column order."""
+SHOWN_GROUPS = COMPARE_GROUPS + SUITE_GROUPS
+"""What :func:`compare` pairs and :func:`table_markdown` shows: the paper's main table, then the
+distract suite's groups (``evaluate --suite``); a group no run has is left out."""
 N_BOOTSTRAP = stats.BOOTSTRAP_SAMPLES
 
 
@@ -318,7 +321,7 @@ def paired_metric_difference(a: Run, b: Run, metric: str) -> dict | None:
     return out
 
 
-def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = COMPARE_GROUPS,
+def compare(runs: Mapping[str, Run], *, shared: bool = True, groups: Sequence[str] = SHOWN_GROUPS,
             pairs: Sequence[tuple[str, str]] | None = None, metrics: Sequence[str] = tuple(METRICS)) -> dict:
     """Several runs side by side: ``{"runs": {label: summary}, "paired": {"A -> B": {group: ...}}}``.
 
@@ -380,7 +383,7 @@ def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: b
     return "| " + " | ".join(cells) + " |"
 
 
-def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPARE_GROUPS) -> str:
+def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = SHOWN_GROUPS) -> str:
     """Rows: the first run's pre-edit scores, then each run's post-edit scores (pooled, ± the
     paper's normal half-width), then the field's metrics any run has (mean ± normal half-width;
     NKL in nats, accuracies in %)."""
@@ -408,7 +411,7 @@ def group_sizes(result: dict, phase: str, groups: Sequence[str]) -> dict[str, tu
     return out
 
 
-def sizes_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = COMPARE_GROUPS) -> str:
+def sizes_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = SHOWN_GROUPS) -> str:
     """The n behind each column of :func:`table_markdown`, taken from the runs: ``records /
     prompts`` per group, once when every row has the same, else per row."""
     rows = {"pre-edit": group_sizes(next(iter(summaries.values())), "pre", groups)}

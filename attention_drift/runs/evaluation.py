@@ -12,7 +12,9 @@ with some lines written is edited whole again and only its missing lines written
 Run file lines (see :mod:`attention_drift.core.jsonl`): a header ``{"meta": {"format", "model",
 "method", "variant", "data", "fluency", "edit", "created"}}`` (``edit``: the variant's
 :meth:`~attention_drift.runs.variants.Variant.meta`; ``"edit_batch": B`` added where B > 1, so a
-file resumes only with the same B), then per record ``{"case_id", "kind",
+file resumes only with the same B; ``"groups": [...]`` added where the run scores other groups than
+:data:`~attention_drift.measure.evaluate.BASE_GROUPS`, e.g. the distract suite of ``evaluate --suite``),
+then per record ``{"case_id", "kind",
 "method", "model", "subject", "target_new", "target_true", "pre": SCORES, "post": SCORES
 (editing variants only), "edit_key", "edit_seconds", "eval_seconds"}`` where SCORES is
 ``{"groups": {GROUP: {"scores": [[p_right, p_wrong, correct], ...], "skipped": k}}, "fluency":
@@ -179,15 +181,38 @@ def check_writable(path: Path, *, folder: bool = False) -> None:
         raise RunError(f"cannot write {str(path)!r}: the file is read-only; choose another out path", fields=("out",))
 
 
-def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency, edit_batch: int = 1) -> dict:
-    """The header of an evaluation run file (``edit_batch`` written only where it is above 1,
-    so the headers of single-edit runs are those of older files)."""
+def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency, edit_batch: int = 1,
+             groups: Sequence[str] | None = None) -> dict:
+    """The header of an evaluation run file (``edit_batch`` written only where it is above 1 and
+    ``groups`` only where they are not the default, so other headers are those of older files)."""
     meta = {"format": FORMAT, "model": model, "method": variant.method, "variant": variant.name,
             "data": selection.label, "fluency": None if fluency is None else fluency.to_json(),
             "edit": variant.meta() if variant.edits else None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if edit_batch != 1:
         meta["edit_batch"] = edit_batch
+    if _groups_meta(groups) is not None:
+        meta["groups"] = _groups_meta(groups)
     return meta
+
+
+def _groups_meta(groups: Sequence[str] | None) -> list[str] | None:
+    """The header's ``"groups"``: None for the default groups, else the list in :data:`GROUPS` order."""
+    from attention_drift.measure.evaluate import BASE_GROUPS, GROUPS
+
+    if groups is None or set(groups) == set(BASE_GROUPS):
+        return None
+    bad = sorted(set(groups) - set(GROUPS))
+    if bad or not groups:
+        raise RunError(f"groups {bad or '[]'}: choose one or more of {', '.join(GROUPS)}", fields=("groups",))
+    return [g for g in GROUPS if g in groups]
+
+
+def suite_groups() -> tuple[str, ...]:
+    """The default groups and the distract suite (:data:`~attention_drift.measure.evaluate.SUITE_GROUPS`):
+    what ``evaluate --suite`` scores."""
+    from attention_drift.measure.evaluate import BASE_GROUPS, SUITE_GROUPS
+
+    return BASE_GROUPS + SUITE_GROUPS
 
 
 def check_edit_batch(variant: Variant, edit_batch: int) -> None:
@@ -203,32 +228,34 @@ def check_edit_batch(variant: Variant, edit_batch: int) -> None:
 
 
 def reused_pre(path: str | os.PathLike | None, meta: dict) -> dict:
-    """``{case_id json: pre scores}`` of a run file made with the same model, data and fluency."""
+    """``{case_id json: pre scores}`` of a run file made with the same model, data, fluency and groups."""
     if path is None:
         return {}
     from attention_drift.core.jsonl import read_run
 
     run = read_run(path)
-    for key in ("model", "data", "fluency"):
-        if run.meta.get(key) != meta[key]:
+    for key in ("model", "data", "fluency", "groups"):
+        if run.meta.get(key) != meta.get(key):
             raise RunError(f"reuse_pre {path} has {key}={run.meta.get(key)!r}, this run {meta[key]!r}; "
-                           "pre-edit scores can only be reused from the same model, data and fluency settings",
+                           "pre-edit scores can only be reused from the same model, data, fluency and groups",
                            fields=("reuse_pre",))
     return {json.dumps(line["case_id"]): line["pre"] for line in run.records if "pre" in line}
 
 
 def evaluate_record_line(model, record, variant: Variant, resolved, *, batch_size: int = 32, fluency=None,
-                         pre: dict | None = None, key: str | None = None, progress: bool = False) -> dict:
+                         pre: dict | None = None, key: str | None = None, progress: bool = False,
+                         groups: Sequence[str] | None = None) -> dict:
     """One record's run line under a single edit: :func:`evaluate_lines` of ``[record]``
     (``pre``: the record's reused pre-edit scores, or None)."""
     reused = {} if pre is None else {json.dumps(record.case_id): pre}
     return evaluate_lines(model, [record], variant, resolved, batch_size=batch_size, fluency=fluency, pre=reused,
-                          key=key, progress=progress)[0]
+                          key=key, progress=progress, groups=groups)[0]
 
 
 def evaluate_lines(model, records: Sequence, variant: Variant, resolved, *, score: Sequence[int] | None = None,
                    batch_size: int = 32, fluency=None, pre: dict | None = None, key: str | None = None,
-                   batch: tuple[int, int] | None = None, on_line=None, progress: bool = False) -> list[dict]:
+                   batch: tuple[int, int] | None = None, on_line=None, progress: bool = False,
+                   groups: Sequence[str] | None = None) -> list[dict]:
     """The run lines of ``records`` edited together: each scored pre-edit (or its scores taken from
     ``pre``, ``{case_id json: SCORES}``), then, for an editing variant, ONE edit of all their requests
     (``resolved`` = :meth:`Variant.resolve`) inside which each is scored post-edit (NKL and locality
@@ -238,12 +265,14 @@ def evaluate_lines(model, records: Sequence, variant: Variant, resolved, *, scor
     ``score``: positions of the records to write lines for (default all; the others are only
     edited, as in a resumed chunk). ``batch``: ``(B, chunk index)`` of a batch-edited run, which adds
     the lines' ``edit_batch`` and ``batch_edit_seconds``. ``on_line(line)`` is called as each line
-    is done (inside the edit, for an editing variant). ``progress``: a bar over the edit's optimisation steps."""
+    is done (inside the edit, for an editing variant). ``progress``: a bar over the edit's optimisation steps.
+    ``groups``: the groups scored (default :data:`~attention_drift.measure.evaluate.BASE_GROUPS`;
+    :func:`suite_groups` adds the distract suite)."""
     from attention_drift.measure.evaluate import evaluate_record, pre_edit_distributions
 
     score = range(len(records)) if score is None else score
     pre = pre or {}
-    options = {"batch_size": batch_size, "fluency": fluency if fluency is not None else False}
+    options = {"batch_size": batch_size, "fluency": fluency if fluency is not None else False, "groups": groups}
     lines, pre_scores, seconds = [], [], []
     for i in score:
         start = time.perf_counter()
@@ -303,14 +332,15 @@ class RunOutcome:
 
 def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: str | os.PathLike, meta: dict, *,
                  batch_size: int = 32, fluency=None, reuse_pre: str | os.PathLike | None = None,
-                 progress: bool = True, edit_batch: int = 1) -> RunOutcome:
+                 progress: bool = True, edit_batch: int = 1, groups: Sequence[str] | None = None) -> RunOutcome:
     """Evaluate ``records`` under ``variant`` into the run file ``out`` (resuming it).
 
     ``meta`` is the header (:func:`run_meta`, with the same ``edit_batch``). The model is loaded
     only when a record is left to do. Lines already in the file must carry the same ``edit_key``
     as this run resolves to. ``edit_batch`` B > 1: consecutive chunks of B records, each edited as
     one update (:func:`evaluate_lines`; chunks are cut from the whole of ``records``, so they
-    are the same when a run resumes).
+    are the same when a run resumes). ``groups``: the groups scored (default: all but the
+    distract suite; :func:`suite_groups` adds it), the same as ``meta``'s (:func:`run_meta`).
     """
     from attention_drift.core.jsonl import RunFile
 
@@ -318,6 +348,9 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
     if meta.get("edit_batch", 1) != edit_batch:
         raise RunError(f"meta has edit_batch {meta.get('edit_batch', 1)}, this run {edit_batch}; "
                        f"make meta with run_meta(..., edit_batch={edit_batch})", fields=("edit_batch",))
+    if meta.get("groups") != _groups_meta(groups):
+        raise RunError(f"meta has groups {meta.get('groups')}, this run {_groups_meta(groups)} (None: the default); "
+                       "make meta with run_meta(..., groups=...) of the same groups", fields=("groups",))
     out = Path(out)
     check_writable(out)
     if batch_size < 1:
@@ -348,7 +381,7 @@ def evaluate_run(handle: ModelHandle, records: Sequence, variant: Variant, out: 
                     evaluate_lines(model, chunk, variant, resolved, score=score, batch_size=batch_size,
                                    fluency=fluency, pre=reused, key=key,
                                    batch=(edit_batch, index) if edit_batch > 1 else None, on_line=write,
-                                   progress=progress)
+                                   progress=progress, groups=groups)
     return RunOutcome(out, written, len(records) - written)
 
 
