@@ -14,11 +14,12 @@ from attention_drift.core.data import Record, distract_prompt
 
 @dataclass(frozen=True)
 class Group:
-    """One evaluation group of the paper: what is scored, and which continuation counts as right.
+    """One evaluation group: what is scored, and which continuation counts as right.
 
     Args:
         name: key used in results and JSON (``"efficacy"``, ``"distract_neighborhood"``...).
-        abbrev: the paper's abbreviation (ES, PS, NS, RS, DNS), "" where it uses none.
+        abbrev: the paper's abbreviation (ES, PS, NS, RS, DNS) or the suite's (DNS-R, DNS-M, DNS-D,
+            DNS-2, RS-M), "" where there is none.
         description: exactly how the group is computed.
     """
 
