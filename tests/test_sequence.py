@@ -128,6 +128,14 @@ def test_a_checkpoint_of_another_sequence_is_refused(tiny_llama, split, tmp_path
     lines = (tmp_path / "run" / seq.RUN_FILE).read_text()
     again = run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
     assert (tmp_path / "run" / seq.RUN_FILE).read_text() == lines and again["series"] == first["series"]
+    # stopped between the last checkpoint and its line: the line is measured again, with its edit times
+    (tmp_path / "run" / seq.RUN_FILE).write_text("".join(lines.splitlines(keepends=True)[:-1]))
+    run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
+    redone = read_run(tmp_path / "run" / seq.RUN_FILE).records[-1]
+    original = json.loads(lines.splitlines()[-1])
+    assert redone["edit_seconds"] == original["edit_seconds"] and len(redone["edit_seconds"]) == 2
+    assert _numbers(tmp_path / "run")[-1] == {k: v for k, v in original.items()
+                                              if k not in ("edit_seconds", "monitor_seconds")}
     other = SequenceConfig(Variant("rome", "rome"), n_edits=4, monitor=FAST)
     with pytest.raises(SequenceError, match="another sequence"):
         run_sequence(tiny_llama, edits, probes, tmp_path / "run", other, progress=False, figures=False)

@@ -12,7 +12,8 @@ The output folder holds:
   "drift": {"first": ..., "latest": ...}}`` (checkpoint 0 is the unedited model; its
   ``monitor_seconds`` include the probes' unedited baseline);
 * ``checkpoint.pt``: the edited layers' current weights, the editor's state (AlphaEdit's keys of
-  earlier edits) and the number of edits, rewritten at every checkpoint. An interrupted run
+  earlier edits), the number of edits and the last block's edit times (for its line, should the
+  run stop between the checkpoint and the line), rewritten at every checkpoint. An interrupted run
   resumes from it with the same numbers: the weights are stored exactly (not as differences,
   since ``a + (b - a)`` need not equal ``b`` in floating point), and everything else an edit
   reads (statistics, templates) comes from the caches made on the unedited model;
@@ -155,8 +156,8 @@ class _Weights:
         return WeightSwap(model, {self.hf_names[n]: w for n, w in weights.items()}, source="the sequence's weights")
 
 
-def _save_checkpoint(path: Path, edits: int, weights: _Weights, state, meta: dict) -> None:
-    data = {"format": FORMAT, "edits": edits, "header": json.dumps(_stable(meta), sort_keys=True),
+def _save_checkpoint(path: Path, edits: int, weights: _Weights, state, meta: dict, seconds: list[float]) -> None:
+    data = {"format": FORMAT, "edits": edits, "header": json.dumps(_stable(meta), sort_keys=True), "seconds": seconds,
             "originals": weights_fingerprint(weights.originals),
             "weights": {n: w.cpu() for n, w in weights.current().items()},
             "state": None if state is None else {f: getattr(state, f) for f in state.__dataclass_fields__}}
@@ -219,7 +220,8 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
             baseline_seconds = time.perf_counter() - start
             state = _resume(saved, weights, editor.state_type) if saved else None
             if not run.done(done, editor.name):
-                line = _checkpoint_line(model, edits, probes, baseline, weights, done, [], config, editor.name, out)
+                line = _checkpoint_line(model, edits, probes, baseline, weights, done,
+                                        list(saved.get("seconds", [])) if saved else [], config, editor.name, out)
                 if done == 0:
                     line["monitor_seconds"] += baseline_seconds
                 run.write(line)
@@ -234,7 +236,7 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
                 seconds.append(float(result.seconds))
                 bar.update(len(chunk))
                 if done in config.checkpoints:
-                    _save_checkpoint(ckpt, done, weights, state, meta)
+                    _save_checkpoint(ckpt, done, weights, state, meta, seconds)
                     run.write(_checkpoint_line(model, edits, probes, baseline, weights, done, seconds, config,
                                                editor.name, out))
                     seconds = []
