@@ -30,7 +30,7 @@ import torch
 from attention_drift.core.data import PromptGroup, Record
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.measure.drift import DEFAULT_GROUPS, RecordDrift, drift_record, record_prompts
-from attention_drift.measure.evaluate import RecordScores, aggregate, aggregate_metrics, evaluate_records
+from attention_drift.measure.evaluate import FluencyStats, RecordScores, aggregate, aggregate_metrics, evaluate_records
 from attention_drift.measure.fluency import FluencyConfig, generate_texts, ngram_entropy
 
 RETENTION_GROUPS = ("efficacy", "paraphrase")
@@ -142,7 +142,7 @@ def fluency(model, probes: Sequence[Record], config: MonitorConfig) -> dict | No
     if not prompts:
         return None
     entropies = [ngram_entropy(t) for t in generate_texts(model, prompts, config.fluency)]
-    return {"ngram_entropy": sum(entropies) / len(entropies), "n": len(entropies)}
+    return FluencyStats(sum(entropies) / len(entropies), len(entropies)).to_json()
 
 
 def retention(model, edited: Sequence[Record], config: MonitorConfig) -> dict:

@@ -47,15 +47,15 @@ def sequence_summary(run: Run) -> dict:
     drift = {which: {key: [(_get(l, ("drift", which)) or {}).get(key) for l in lines] for key in DRIFT_KEYS}
              for which in ("first", "latest")}
     per_call = [s for l in lines for s in l.get("edit_seconds", [])]
-    batch = run.meta.get("edit_batch", 1)
-    blocks = [l["edit_seconds"] for l in lines if l.get("edit_seconds")]
+    per_edit = [sum(l["edit_seconds"]) / (l["edits"] - before["edits"])  # the block's edits: between checkpoints
+                for before, l in zip(lines, lines[1:]) if l.get("edit_seconds")]
     return {
         "meta": run.meta, "edits": edits, "series": series, "fluency": fluency, "drift": drift,
         "efficacy_by_edit": (_get(lines[-1], ("retention", "efficacy_by_edit")) or []) if lines else [],
         "timing": {
-            "seconds_per_edit": [sum(b) / (len(b) * batch) for b in blocks],
-            "first_block_seconds_per_edit": sum(blocks[0]) / (len(blocks[0]) * batch) if blocks else None,
-            "last_block_seconds_per_edit": sum(blocks[-1]) / (len(blocks[-1]) * batch) if blocks else None,
+            "seconds_per_edit": per_edit,
+            "first_block_seconds_per_edit": per_edit[0] if per_edit else None,
+            "last_block_seconds_per_edit": per_edit[-1] if per_edit else None,
             "edit_seconds": sum(per_call), "monitor_seconds": sum(l.get("monitor_seconds", 0.0) for l in lines),
             "median_edit_call_seconds": statistics.median(per_call) if per_call else None,
         },

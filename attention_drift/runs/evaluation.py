@@ -190,8 +190,8 @@ def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency, 
             "edit": variant.meta() if variant.edits else None, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if edit_batch != 1:
         meta["edit_batch"] = edit_batch
-    if _groups_meta(groups) is not None:
-        meta["groups"] = _groups_meta(groups)
+    if (listed := _groups_meta(groups)) is not None:
+        meta["groups"] = listed
     return meta
 
 

@@ -226,21 +226,20 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
                     line["monitor_seconds"] += baseline_seconds
                 run.write(line)
             seconds: list[float] = []
-            bar = tqdm(total=config.n_edits, initial=done, desc=f"sequence {config.variant.name}", unit="edit",
-                       file=sys.stderr, disable=not progress, dynamic_ncols=True)
-            while done < config.n_edits:
-                chunk = edits[done: done + config.edit_batch]
-                result = apply_edit(model, [r.rewrite for r in chunk], editor.name, editor_config, sadr=sadr,
-                                    progress=False, state=state)
-                state, done = result.state, done + len(chunk)
-                seconds.append(float(result.seconds))
-                bar.update(len(chunk))
-                if done in config.checkpoints:
-                    _save_checkpoint(ckpt, done, weights, state, meta, seconds)
-                    run.write(_checkpoint_line(model, edits, probes, baseline, weights, done, seconds, config,
-                                               editor.name, out))
-                    seconds = []
-            bar.close()
+            with tqdm(total=config.n_edits, initial=done, desc=f"sequence {config.variant.name}", unit="edit",
+                      file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
+                while done < config.n_edits:
+                    chunk = edits[done: done + config.edit_batch]
+                    result = apply_edit(model, [r.rewrite for r in chunk], editor.name, editor_config, sadr=sadr,
+                                        progress=False, state=state)
+                    state, done = result.state, done + len(chunk)
+                    seconds.append(float(result.seconds))
+                    bar.update(len(chunk))
+                    if done in config.checkpoints:
+                        _save_checkpoint(ckpt, done, weights, state, meta, seconds)
+                        run.write(_checkpoint_line(model, edits, probes, baseline, weights, done, seconds, config,
+                                                   editor.name, out))
+                        seconds = []
     finally:
         weights.restore()
     from attention_drift.reports.sequence import sequence_summary
