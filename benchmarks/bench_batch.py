@@ -10,12 +10,13 @@ even rounds, batch first in odd ones) so a change of the machine's load hits bot
 
 * single: each request edited alone (``apply_edit``), scored, restored; the seconds are the
   edits' (scoring excluded), summed;
-* batch: one ``apply_edit`` of all the requests (MEMIT's batched update: each request's value
-  optimised as before, then the keys and the least-squares update of each layer once for all),
-  then every request scored, restored.
+* batch: one ``apply_edit`` of all the requests (MEMIT's batched update: the requests' value
+  optimisations run together, ``memit.VALUE_BATCH`` requests per batch, each with its own loss,
+  steps and result (``optimize.optimize_values_many``), then the keys and the least-squares update
+  of each layer once for all), then every request scored, restored.
 
-Prints per round the seconds of each, the part spent in the per-request value optimisation
-(the same steps either way) and the rest, then the totals and their ratio, and per request the
+Prints per round the seconds of each, the part spent in the value optimisations (the same
+steps either way, one request's rows per forward or several requests' together) and the rest, then the totals and their ratio, and per request the
 efficacy (new target more likely than the old one on the request's prompt) and p(new) (per
 target token) after its single edit and after the batch edit, so a faster batch is not bought
 with failing edits. Timings on a machine shared with other jobs vary; compare numbers from one run.

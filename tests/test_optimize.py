@@ -343,3 +343,60 @@ def test_runner_rejects_a_non_positive_pack_count(tiny_llama):
     batch, _, subj = rewriting_batch(tiny_llama, EIFFEL, ["{}"])
     with pytest.raises(RunnerError, match="groups must be a positive"):
         LayerRunner(tiny_llama, batch, 1, changes_from=subj, groups=0)
+
+
+JORDAN = Rewrite("Michael Jordan plays", "Michael Jordan", "soccer", "basketball")
+LOUVRE = Rewrite("The Louvre is in the city of", "Louvre", "Berlin", "Paris")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("schedule", [False, True], ids=["memit", "pmet-schedule"])
+def test_values_optimised_together_equal_each_request_alone(arch, schedule):
+    """One batch for three requests gives each the deltas and trace of its own run, also when
+    they stop at different steps (early stop, PMET's argmax schedule)."""
+    from attention_drift.editing.optimize import optimize_values_many
+
+    import dataclasses
+
+    model = tiny_model(arch, n_layers=3)
+    sites = [act_name("mlp_raw", 1)] + ([act_name("attn_raw", 1)] if schedule else [])
+    objective = Objective(lr=0.1, steps=30, weight_decay=1e-6, clamp_norm_factor=50.0, kl_factor=0.0625,
+                          early_stop_loss=0.0, argmax_schedule=schedule)
+    templates = ["{}", "It is known. {}"]
+    requests = [EIFFEL, JORDAN, LOUVRE]
+    kw = dict(sites=sites, layer=1, reference_names=[act_name("mlp_post", 1)])
+    final = sorted(optimize_values(model, r, templates, objective=objective, **kw).trace.loss[-1] for r in requests)
+    # a stop between the lowest final loss and the next: one run stops early, the others run every step
+    objective = dataclasses.replace(objective, early_stop_loss=(final[0] + final[1]) / 2)
+    together = optimize_values_many(model, requests, templates, objective=objective, **kw)
+    alone = [optimize_values(model, r, templates, objective=objective, **kw) for r in requests]
+    assert len({len(a.trace.loss) for a in alone}) > 1  # the runs stop at different steps
+    for t, a in zip(together, alone):
+        assert t.trace.request == a.trace.request and t.trace.stopped_early == a.trace.stopped_early
+        assert t.trace.loss == pytest.approx(a.trace.loss, rel=1e-4)
+        assert t.trace.target_prob == pytest.approx(a.trace.target_prob, rel=1e-4)
+        for s in sites:
+            assert (t.delta[s].abs().sum() > 0) == (len(a.trace.loss) > 1)  # a stop at step 0 moves nothing
+            torch.testing.assert_close(t.delta[s], a.delta[s], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(t.init[s], a.init[s])
+        for n, ref in a.reference.items():
+            torch.testing.assert_close(t.reference[n], ref)
+
+
+def test_extra_loss_terms_need_one_request_at_a_time(tiny_llama):
+    from attention_drift.editing.optimize import optimize_values_many
+    from attention_drift.editing.config import EditError
+
+    class Zero:
+        name = "zero"
+
+        def hook_names(self, info):
+            return []
+
+        def __call__(self, step, acts, info):
+            return torch.zeros(())
+
+    objective = Objective(lr=0.5, steps=2, weight_decay=0.0, clamp_norm_factor=4.0, kl_factor=0.0)
+    with pytest.raises(EditError, match="one at a time"):
+        optimize_values_many(tiny_llama, [EIFFEL, JORDAN], ["{}"], sites=[act_name("mlp_raw", 1)], layer=1,
+                             objective=objective, extra_losses=[Zero()])

@@ -4,7 +4,8 @@ Following the authors' code (``memit/memit_main.py``, ``compute_z.py``, ``comput
 
 1. For each request, a target residual ``z_i = h_i + delta_i`` at the output of the last
    layer ``L`` of the range (``blocks.L.hook_out``, subject's last token, bare prompt) is
-   optimised by :func:`~attention_drift.editing.optimize.optimize_values`.
+   optimised by :func:`~attention_drift.editing.optimize.optimize_values` (:func:`solve_values`:
+   up to :data:`VALUE_BATCH` requests share one batch, each with its own loss and result).
 2. For each layer ``l`` of the range in increasing order, on the model already holding the
    updates of the layers before it: keys ``K`` (``blocks.l.mlp.hook_post`` at the subject's
    last token; per request the mean of the bare-prompt key and the mean over the prefixed
@@ -30,6 +31,7 @@ from attention_drift.editing.optimize import (
     Objective,
     OptimizationTrace,
     optimize_values,
+    optimize_values_many,
     subject_activations,
     template_rows,
 )
@@ -122,13 +124,29 @@ def spread_updates(
 def optimize_targets(model, requests: Sequence[Rewrite], config, groups, extra_losses: Sequence[ExtraLoss] = ()):
     """MEMIT's value optimisation, shared by the editors built on it (AlphaEdit, EMMET): each
     request's target residual at the output of ``config.layers[-1]``; returns the site's hook
-    name and the solutions (:func:`~attention_drift.editing.optimize.optimize_values`)."""
+    name and the solutions (:func:`solve_values`)."""
     z_layer = config.layers[-1]
     site = act_name("resid_post", z_layer)
-    objective = Objective.of(config)
+    return site, solve_values(model, requests, config, groups, [site], Objective.of(config), extra_losses)
+
+
+VALUE_BATCH = 8
+"""Most requests whose value optimisations share one batch (:func:`solve_values`): a step's
+activations grow with the rows, about 12 per request."""
+
+
+def solve_values(model, requests: Sequence[Rewrite], config, groups, sites: Sequence[str], objective: Objective,
+                 extra_losses: Sequence[ExtraLoss] = ()) -> list:
+    """Each request's value optimisation at ``config.layers[-1]``: :data:`VALUE_BATCH` requests at a
+    time in one batch (:func:`~attention_drift.editing.optimize.optimize_values_many`), or one at a
+    time (:func:`~attention_drift.editing.optimize.optimize_values`) when extra loss terms read
+    each request's rows."""
     flat = [t for group in groups for t in group]
-    return site, [optimize_values(model, r, flat, sites=[site], layer=z_layer, objective=objective,
-                                  loss_layer=config.v_loss_layer, extra_losses=extra_losses) for r in requests]
+    kw = dict(sites=list(sites), layer=config.layers[-1], objective=objective, loss_layer=config.v_loss_layer)
+    if extra_losses:
+        return [optimize_values(model, r, flat, extra_losses=extra_losses, **kw) for r in requests]
+    return [s for i in range(0, len(requests), VALUE_BATCH)
+            for s in optimize_values_many(model, requests[i:i + VALUE_BATCH], flat, **kw)]
 
 
 def execute(

@@ -346,34 +346,91 @@ def optimize_values(
     ``progress`` shows a bar over the optimisation steps (with the current loss); None: as the
     enclosing :func:`step_progress` block says (``apply_edit``'s ``progress``), else no bar.
     """
+    return optimize_values_many(model, [request], templates, sites=sites, layer=layer, objective=objective,
+                                loss_layer=loss_layer, extra_losses=extra_losses,
+                                reference_names=reference_names, progress=progress)[0]
+
+
+def _concat_all(batches: Sequence[Batch], pad: int) -> Batch:
+    out = batches[0]
+    for b in batches[1:]:
+        out = _concat(out, b, pad)
+    return out
+
+
+def optimize_values_many(
+    model,
+    requests: Sequence[Rewrite],
+    templates: Sequence[str],
+    *,
+    sites: Sequence[str],
+    layer: int,
+    objective: Objective,
+    loss_layer: int | None = None,
+    extra_losses: Sequence[ExtraLoss] = (),
+    reference_names: Sequence[str] = (),
+    progress: bool | None = None,
+) -> list[ValueSolution]:
+    """:func:`optimize_values` of each request, all requests' rows in one batch per step.
+
+    Each request's loss reads only its own rows (attention never crosses rows) and its own
+    deltas, so the gradient of the summed loss with respect to a request's deltas is that of
+    its own loss, and Adam, elementwise, moves them as in a run of that request alone. A
+    request whose loss falls below ``early_stop_loss`` (or, under ``argmax_schedule``, whose
+    run would stop) is frozen from that step on: its loss leaves the sum and its deltas are
+    put back after every later update. So each solution equals the request's own run up to
+    float32 reordering, while a step runs one forward for all (larger matrix products, one
+    pass of Python and hooks). Extra loss terms read one request's rows: with them, pass one
+    request. Each trace's ``seconds`` is the batch's time divided by the number of requests.
+    """
     start_time = time.perf_counter()
     total = n_layers(model)
     loss_layer = total - 1 if loss_layer is None else loss_layer
+    n_req = len(requests)
     if templates[0] != "{}":
         raise EditError("the first context template must be '{}' (the bare prompt); init values are read there")
-    batch, n_rw, subj, rows, info, live_names, const_names, out_rows_t = rewriting_setup(
-        model, request, templates, layer, extra_losses)
+    if extra_losses and n_req != 1:
+        raise EditError(f"extra loss terms read one request's rows; optimise the {n_req} requests one at a time")
+    setups = [rewriting_setup(model, r, templates, layer, extra_losses) for r in requests]
+    info, live_names, const_names, out_rows_t = setups[0][4:]
+    sizes = [len(s.batch) for s in setups]
+    offsets = [sum(sizes[:i]) for i in range(n_req)]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    batch = _concat_all([s.batch for s in setups], int(pad))
+    subj = torch.cat([s.subject_last for s in setups])
+    rows = torch.arange(len(batch))
+    request_of_row = torch.repeat_interleave(torch.arange(n_req), torch.tensor(sizes))
+    first_rows = torch.tensor(offsets)
+    essence_rows = first_rows + torch.tensor([s.n_rewriting for s in setups])
     suffix_ok = all(n.endswith("attn.hook_pattern") for n in live_names)
     runner = LayerRunner(model, batch, layer, list(sites) + list(reference_names) + list(const_names),
-                         changes_from=subj if suffix_ok else None, ends=read_ends(batch, n_rw, subj))
-    init = {s: runner.saved[s][0, subj[0]].to(torch.float32, copy=True) for s in sites}
-    reference = {n: runner.saved[n][rows[:n_rw], subj[:n_rw]].clone() for n in reference_names}
+                         changes_from=subj if suffix_ok else None,
+                         ends=torch.cat([read_ends(s.batch, s.n_rewriting, s.subject_last) for s in setups]))
+    init = {s: runner.saved[s][first_rows, subj[first_rows]].to(torch.float32, copy=True) for s in sites}
+    references = [{n: runner.saved[n][o + torch.arange(s.n_rewriting), subj[o:o + s.n_rewriting]].clone()
+                   for n in reference_names} for o, s in zip(offsets, setups)]
     constants = {n: runner.saved[n].float() for n in const_names}
 
-    # Target positions: the logits one position before each target token.
-    rw_rows, positions, target_ids, row_len = [], [], [], []
-    for i in range(n_rw):
-        p, t = int(batch.prompt_lengths[i]), int(batch.target_lengths[i])
-        rw_rows += [i] * t
-        positions += list(range(p - 1, p - 1 + t))
-        target_ids += batch.input_ids[i, p:p + t].tolist()
-        row_len.append(t)
+    # Target positions: the logits one position before each target token, per rewriting row.
+    rw_rows, positions, target_ids, row_len, request_of_rw = [], [], [], [], []
+    for i, (o, setup) in enumerate(zip(offsets, setups)):
+        for j in range(setup.n_rewriting):
+            p, t = int(batch.prompt_lengths[o + j]), int(batch.target_lengths[o + j])
+            rw_rows += [o + j] * t
+            positions += list(range(p - 1, p - 1 + t))
+            target_ids += batch.input_ids[o + j, p:p + t].tolist()
+            row_len.append(t)
+            request_of_rw.append(i)
     rw_rows_t, target_t = torch.tensor(rw_rows), torch.tensor(target_ids)
+    rw_index = torch.repeat_interleave(torch.arange(len(row_len)), torch.tensor(row_len))
+    request_of_rw_t = torch.tensor(request_of_rw)
+    request_of_target = request_of_rw_t[rw_index]
     target_at = runner.index(rw_rows_t, torch.tensor(positions))
     subject_at = runner.index(rows, subj)
-    essence_at = runner.index(rows[n_rw:n_rw + 1], subj[n_rw:n_rw + 1])
+    essence_at = runner.index(essence_rows, subj[essence_rows])
     output_at = runner.index(out_rows_t, info.last_prompt_index[out_rows_t])
     row_len_t = torch.tensor(row_len, dtype=torch.float32)
+    n_rw_t = torch.tensor([s.n_rewriting for s in setups], dtype=torch.float32)
 
     d = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
     opt = torch.optim.Adam(list(d.values()), lr=objective.lr)
@@ -382,7 +439,7 @@ def optimize_values(
     def inject(site):
         def fn(act, hook):
             act = act.clone()
-            act[subject_at] = (act[subject_at] + d[site]).to(act.dtype)
+            act[subject_at] = (act[subject_at] + d[site][request_of_row]).to(act.dtype)
             return act
         return fn
 
@@ -391,9 +448,11 @@ def optimize_values(
             acts[name] = runner.full_pattern(act).float()
         return fn
 
-    trace = OptimizationTrace(request, layer, tuple(sites), extra={t.name: [] for t in extra_losses})
+    traces = [OptimizationTrace(r, layer, tuple(sites), extra={t.name: [] for t in extra_losses}) for r in requests]
     kl_init = None
-    nll_factor = objective.nll_factor
+    nll_factor = [float(objective.nll_factor)] * n_req
+    active = [True] * n_req
+    frozen: dict[int, dict[str, Tensor]] = {}
     hooks = [(s, inject(s)) for s in sites] + [(n, capture(n)) for n in live_names]
     if progress is None:
         progress = _STEP_PROGRESS.get()
@@ -407,58 +466,72 @@ def optimize_values(
             # one unembedding for every row read (its weights are read once per call)
             read = torch.cat([kept.get(loss_layer, final)[target_at], final[essence_at], final[output_at]])
             log_probs, kl_lp, output_lp = unembed_rows(model, read).float().log_softmax(-1).split(
-                [len(target_t), 1, len(out_rows_t)])
+                [len(target_t), n_req, len(out_rows_t)])
             if len(out_rows_t):
                 acts[OUTPUT] = output_lp
             token_lp = log_probs.gather(-1, target_t[:, None])[:, 0]
-            nll_each = -torch.zeros(n_rw).index_add(0, rw_rows_t, token_lp) / row_len_t
-            nll = nll_each.mean()
+            nll_rows = -torch.zeros(len(row_len)).index_add(0, rw_index, token_lp) / row_len_t
+            nll = torch.zeros(n_req).index_add(0, request_of_rw_t, nll_rows) / n_rw_t
             if kl_init is None:
                 kl_init = kl_lp.detach().clone()
-            kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-            wd = objective.weight_decay * sum(d[s].norm() / init[s].norm() ** 2 for s in sites)
-            loss = nll_factor * nll + kl + wd
+            kl = objective.kl_factor * F.kl_div(kl_init, kl_lp, log_target=True, reduction="none").sum(-1)
+            wd = objective.weight_decay * sum(d[s].norm(dim=-1) / init[s].norm(dim=-1) ** 2 for s in sites)
+            losses = torch.tensor(nll_factor) * nll + kl + wd
+            extra_values = []
             for term in extra_losses:
                 value = term(step, acts, info)
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     raise EditError(f"extra loss {term.name!r} must return a scalar tensor, got {value!r}")
-                loss = loss + value.reshape(())
-                trace.extra[term.name].append(value.item())
-            trace.loss.append(loss.item())
-            trace.nll.append(nll.item())
-            trace.kl.append(kl.item())
-            trace.weight_decay.append(wd.item())
-            trace.target_prob.append(torch.exp(-nll_each).mean().item())
+                losses = losses + value.reshape(())
+                extra_values.append((term.name, value.item()))
+            probs = torch.zeros(n_req).index_add(0, request_of_rw_t, torch.exp(-nll_rows.detach())) / n_rw_t
+            misses = torch.zeros(n_req).index_add(0, request_of_target, (log_probs.argmax(-1) != target_t).float())
+            values = {k: v.tolist() for k, v in (("loss", losses), ("nll", nll), ("kl", kl), ("wd", wd), ("p", probs))}
+            for i in (i for i in range(n_req) if active[i]):
+                trace = traces[i]
+                trace.loss.append(values["loss"][i])
+                trace.nll.append(values["nll"][i])
+                trace.kl.append(values["kl"][i])
+                trace.weight_decay.append(values["wd"][i])
+                trace.target_prob.append(values["p"][i])
+                for name, value in extra_values:
+                    trace.extra[name].append(value)
+                if trace.loss[-1] < objective.early_stop_loss:
+                    trace.stopped_early, active[i] = True, False
+                elif objective.argmax_schedule:
+                    if misses[i] == 0:  # the target is the argmax at every target position
+                        nll_factor[i] = 0.1 * objective.nll_factor
+                        if trace.kl[-1] <= 0.01:
+                            trace.stopped_early, active[i] = True, False
+                    else:
+                        nll_factor[i] = objective.nll_factor
+                if not active[i]:
+                    frozen[i] = {s: d[s][i].detach().clone() for s in sites}
             bar.update(1)
-            bar.set_postfix(loss=f"{trace.loss[-1]:.3f}", refresh=False)
-            if trace.loss[-1] < objective.early_stop_loss:
-                trace.stopped_early = True
+            bar.set_postfix(loss=f"{max(t.loss[-1] for t in traces):.3f}", refresh=False)
+            if not any(active) or step == objective.steps - 1:
                 break
-            if objective.argmax_schedule:
-                if bool((log_probs.argmax(-1) == target_t).all()):
-                    nll_factor = 0.1 * objective.nll_factor
-                    if trace.kl[-1] <= 0.01:
-                        trace.stopped_early = True
-                        break
-                else:
-                    nll_factor = objective.nll_factor
-            if step == objective.steps - 1:
-                break
-            loss.backward()
+            losses[torch.tensor(active)].sum().backward()
             opt.step()
             with torch.no_grad():
                 for s in sites:
-                    max_norm = objective.clamp_norm_factor * init[s].norm()
-                    if d[s].norm() > max_norm:
-                        d[s].mul_(max_norm / d[s].norm())
+                    max_norm = objective.clamp_norm_factor * init[s].norm(dim=-1)
+                    norm = d[s].norm(dim=-1)
+                    d[s].mul_(torch.where(norm > max_norm, max_norm / norm, 1.0)[:, None])
+                    for i, kept_delta in frozen.items():
+                        d[s][i] = kept_delta[s]
     for term in extra_losses:
         record = getattr(term, "record", None)
         if isinstance(record, dict):
-            trace.records[term.name] = dict(record)
-    trace.seconds = time.perf_counter() - start_time
-    trace.init = init
-    trace.delta = {s: d[s].detach().clone() for s in sites}
-    return ValueSolution(init, trace.delta, reference, trace)
+            traces[0].records[term.name] = dict(record)
+    seconds = (time.perf_counter() - start_time) / n_req
+    solutions = []
+    for i, trace in enumerate(traces):
+        trace.seconds = seconds
+        trace.init = {s: init[s][i].clone() for s in sites}
+        trace.delta = {s: d[s][i].detach().clone() for s in sites}
+        solutions.append(ValueSolution(trace.init, trace.delta, references[i], trace))
+    return solutions
 
 
 @torch.no_grad()

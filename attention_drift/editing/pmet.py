@@ -26,8 +26,8 @@ from torch import Tensor
 
 from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import PMETConfig
-from attention_drift.editing.memit import Prepared, prepare, spread_updates  # noqa: F401 (prepare: PMET's)
-from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.editing.memit import Prepared, prepare, solve_values, spread_updates  # noqa: F401 (prepare: PMET's)
+from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace
 from attention_drift.core.hooks import act_name
 
 
@@ -44,12 +44,7 @@ def execute(
     z_layer = config.layers[-1]
     attn_site, mlp_site = act_name("attn_raw", z_layer), act_name("mlp_raw", z_layer)
     objective = Objective.of(config, nll_factor=config.nll_factor, argmax_schedule=True)
-    flat = [t for group in groups for t in group]
-    solutions = [
-        optimize_values(model, r, flat, sites=[attn_site, mlp_site], layer=z_layer, objective=objective,
-                        loss_layer=config.v_loss_layer, extra_losses=extra_losses)
-        for r in requests
-    ]
+    solutions = solve_values(model, requests, config, groups, [attn_site, mlp_site], objective, extra_losses)
     targets = torch.stack([s.target[mlp_site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, mlp_site, math.sqrt, groups, covs,
                    config.mom2_update_weight, apply)
