@@ -199,3 +199,26 @@ def test_cli_and_api_give_the_same_numbers(tiny_llama, tmp_path, cache):
                             monitor=MonitorConfig(every=2, drift_records=1, fluency_records=0))
     run_sequence(load_model(folder), edits, probes, tmp_path / "api", config, progress=False, figures=False)
     assert _numbers(tmp_path / "cli") == _numbers(tmp_path / "api")
+
+
+def test_at_checkpoint_puts_the_last_checkpoint_in_and_restores(tiny_llama, split, tmp_path, cache):
+    """Inside ``at_checkpoint`` the model holds the checkpoint's weights and the editor's state after
+    them (AlphaEdit's earlier keys), so edits can go on from there; on exit the originals are back."""
+    from attention_drift.editing.alphaedit import PreviousKeys
+
+    edits, probes = split
+    config = SequenceConfig(Variant("alphaedit", "alphaedit"), n_edits=2, edit_batch=2,
+                            monitor=MonitorConfig(every=2, drift_records=0, fluency_records=0))
+    run_sequence(tiny_llama, edits, probes, tmp_path / "run", config, progress=False, figures=False)
+    saved = torch.load(tmp_path / "run" / seq.CHECKPOINT, weights_only=True)
+    before = _weights(tiny_llama)
+    with seq.at_checkpoint(tiny_llama, edits, probes, tmp_path / "run", config) as (done, state):
+        assert done == 2 and isinstance(state, PreviousKeys)
+        for name, tensor in saved["weights"].items():
+            layer = int(name.split(".")[1])
+            assert torch.equal(tensor, tiny_llama.blocks[layer].mlp.out.weight.detach())
+            assert not torch.equal(tensor, before[layer])
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(tiny_llama)))
+    with pytest.raises(SequenceError, match="no checkpoint.pt"):
+        with seq.at_checkpoint(tiny_llama, edits, probes, tmp_path / "elsewhere", config):
+            pass

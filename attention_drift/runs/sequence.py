@@ -27,11 +27,12 @@ Memory: the model plus the original weights of the layers the editor writes (the
 sequence changes). The original weights are put back bitwise at the end, also when a run fails.
 """
 
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,29 @@ def _resume(data: dict, weights: _Weights, state_type):
     weights.put({n: w.to(weights.params[n].device) for n, w in data["weights"].items()})
     state = data["state"]
     return None if state is None else state_type(**state)
+
+
+@contextlib.contextmanager
+def at_checkpoint(model, edits: Sequence[Record], probes: Sequence[Record], out_dir: str | os.PathLike,
+                  config: SequenceConfig) -> Iterator[tuple[int, object]]:
+    """Inside the block, ``model`` holds the weights of the last checkpoint of the sequence run in
+    ``out_dir`` (made with these records and ``config``); yields (edits done, the editor's state
+    after them), so edits can go on from there. The original weights are put back bitwise on exit."""
+    edits = list(edits[: config.n_edits])
+    editor_config, sadr = config.variant.resolve(model)
+    editor, editor_config, sadr = resolve_edit(model, config.variant.method, editor_config, sadr)
+    from attention_drift.editing import edit_key
+
+    meta = sequence_meta(model, edits, probes, config, edit_key(model, editor.name, editor_config, sadr))
+    path = Path(out_dir) / CHECKPOINT
+    if not path.exists():
+        raise SequenceError(f"{out_dir} has no {CHECKPOINT}: run the sequence there first")
+    weights = _Weights(model, editor_config.layers)
+    saved = _read_checkpoint(path, weights, meta)
+    try:
+        yield saved["edits"], _resume(saved, weights, editor.state_type)
+    finally:
+        weights.restore()
 
 
 def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_dir: str | os.PathLike,
