@@ -246,6 +246,7 @@ def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]
         table.update({f"rome-plus-{k}": Variant(f"rome-plus-{k}", "rome", spec) for k, spec in PLUS_CANDIDATES.items()})
         table.update({f"rome-cross-{k}": Variant(f"rome-cross-{k}", "rome", spec)
                       for k, spec in CROSS_CANDIDATES.items()})
+        table.update({f"rome-parts-{k}": Variant(f"rome-parts-{k}", "rome", spec) for k, spec in PLUS_PARTS.items()})
     return table
 
 
@@ -261,6 +262,19 @@ PLUS_CANDIDATES: dict[str, SADRSpec] = {
 trade-off figure shows them all. ``weight=0.0``: no attention term. ``c1`` became ``plus`` (with
 ``verify``); ``c1g`` adds the efficacy guard, ``-k2`` doubles the clamp: neither helped."""
 
+
+PLUS_PARTS: dict[str, SADRSpec] = {
+    "fallback": SADRSpec(weight=0.0, steps=20, verify=True),
+    "no-verify": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast"),
+    "attn-distract": SADRSpec(distract_only=True),
+    "published-contrast": SADRSpec(distract=True, output_weight=1.0, output="contrast"),
+}
+"""Baselines that take SADR+ apart (``rome-parts-*``), each ROME with: ``fallback``, only the verify /
+clamp fallback (no term: weight 0 records attention but restricts nothing; ROME's own 20 steps);
+``no-verify``, SADR+'s output term without the fallback (``rome-plus-c1``); ``attn-distract``, the
+published regulariser (its weight, steps and hinge selection) on the distract rows' attention
+instead of the rewriting rows'; ``published-contrast``, the published SADR on both kinds of rows
+plus SADR+'s contrast term (an attention term kept)."""
 
 _PLUS = dict(weight=0.0, steps=20, distract=True, output="contrast", verify=True)
 CROSS_CANDIDATES: dict[str, SADRSpec] = {
