@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=None, help="comma-separated; default: rome, rome-sadr and every candidate")
     p.add_argument("--out", default="benchmarks/results/plus/tune")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--groups", default=None,
+                   help="comma-separated groups scored besides the default ones, e.g. mention_neighborhood: the "
+                   "suite's contexts in view while designing (the others stay unscored, held out)")
     p.add_argument("--report-only", action="store_true", help="print the table of the run files already there")
     p.add_argument("--figure", default=None, help="also write the trade-off figure (e.g. figures/sadr_tradeoff.html)")
     p.add_argument("--report", default="benchmarks/results/plus", help="the report half's run files (for --figure)")
@@ -47,6 +50,10 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in variants]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
+    from attention_drift.measure.evaluate import BASE_GROUPS
+
+    extra = tuple(args.groups.split(",")) if args.groups else ()
+    groups = BASE_GROUPS + extra if extra else None
     selection = RecordSelection("dev-tune", kinds=tuple(args.kinds.split(",")), limit=args.records)
     records = selection.load()
     out = Path(args.out)
@@ -54,13 +61,13 @@ def main(argv=None) -> int:
     if not args.report_only:
         handle = Executor(Placement("smollm2-135m", threads=args.threads)).worker.handle  # threads set
         none = variants["none"]
-        evaluate_run(handle, records, none, out / "none.jsonl", run_meta(handle.name, none, selection, None),
-                     progress=False)
+        evaluate_run(handle, records, none, out / "none.jsonl",
+                     run_meta(handle.name, none, selection, None, groups=groups), progress=False, groups=groups)
         for name in names:
             variant = variants[name]
             evaluate_run(handle, records, variant, out / f"{name}.jsonl",
-                         run_meta(handle.name, variant, selection, None), reuse_pre=out / "none.jsonl",
-                         progress=False)
+                         run_meta(handle.name, variant, selection, None, groups=groups), reuse_pre=out / "none.jsonl",
+                         progress=False, groups=groups)
             print(f"done {name}", file=sys.stderr, flush=True)
 
     ids = {json.dumps(r.case_id) for r in records}
@@ -69,31 +76,38 @@ def main(argv=None) -> int:
         run = read_run(path)
         run.records[:] = [line for line in run.records if json.dumps(line["case_id"]) in ids]
         runs[path.stem] = run
-    print(table(runs))
+    print(table(runs, GROUPS + extra))
     if args.figure:
         figure(runs, Path(args.report), Path(args.figure))
     return 0
 
 
-def table(runs) -> str:
-    """Pooled accuracies per run, and against plain ROME on shared records (paired): the share of
-    its distract-neighbourhood loss recovered [95% CI] and the paraphrase difference."""
+def _recovered(point) -> str:
+    if point is None:
+        return ""
+    ci = point["recovered_ci95"]
+    return f"{100 * point['recovered']:4.0f}% " + (f"[{100 * ci[0]:4.0f},{100 * ci[1]:4.0f}]" if ci else "")
+
+
+def table(runs, groups=GROUPS) -> str:
+    """Pooled accuracies of ``groups`` per run, and against plain ROME on shared records (paired): the
+    share of its loss recovered [95% CI] in each distract group shown, and the paraphrase difference."""
     from attention_drift.reports.evaluation import summary, tradeoff
 
-    points = {p["variant"]: p for p in tradeoff(runs, "rome")} if "rome" in runs else {}
-    lines = [f"{'variant':26s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in GROUPS)
-             + "  recovered [95% CI]   PS diff  s/edit"]
+    lost = [g for g in groups if g not in ("efficacy", "paraphrase", "neighborhood")]
+    points = {g: {p["variant"]: p for p in tradeoff(runs, "rome", group=g)} if "rome" in runs else {} for g in lost}
+    lines = [f"{'variant':26s} {'n':>3s} " + " ".join(f"{g[:8]:>8s}" for g in groups)
+             + "".join(f"  {'recovered ' + g[:8]:19s}" for g in lost) + "  PS diff  s/edit"]
     for name, run in runs.items():
         phase = "pre" if name == "none" else "post"
         result = summary(run)
-        values = [(result["groups"].get(g, {}).get(phase) or {}).get("accuracy") for g in GROUPS]
+        values = [(result["groups"].get(g, {}).get(phase) or {}).get("accuracy") for g in groups]
         cells = " ".join(f"{100 * v:8.1f}" if v is not None else f"{'-':>8s}" for v in values)
-        p = points.get(name)
-        rec = "" if p is None else f"{100 * p['recovered']:5.0f}% " + (
-            f"[{100 * p['recovered_ci95'][0]:4.0f},{100 * p['recovered_ci95'][1]:4.0f}]" if p["recovered_ci95"] else "")
+        recs = "".join(f"  {_recovered(points[g].get(name)):19s}" for g in lost)
+        p = points[lost[0]].get(name) if lost else None
         para = "" if p is None else f"{100 * p['cost_diff']:+6.1f}"
         secs = result["meta"]["seconds_per_edit"]
-        lines.append(f"{name:26s} {len(run.records):3d} {cells}  {rec:19s} {para:>7s}"
+        lines.append(f"{name:26s} {len(run.records):3d} {cells}{recs} {para:>7s}"
                      + (f"  {secs:6.1f}" if secs is not None else ""))
     return "\n".join(lines)
 

@@ -1,5 +1,7 @@
 import dataclasses
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -180,6 +182,36 @@ def test_sadr_distract_rows_join_the_batch_without_touching_the_editors_own_loss
         nll_plain = plain.traces[0].nll
     assert record["distract_rows"] == len(prompts) and record["mask"][0].shape[0] == 3 + len(prompts)
     assert nll_rows == pytest.approx(nll_plain, rel=1e-5)  # weight 0: the same optimisation
+
+
+def test_mention_rows_name_the_subject_without_the_new_target():
+    """``distract_forms``: the mention rows are built from the request alone, name the edited
+    subject (where the delta goes in) and not its new target, and are not the suite's sentence."""
+    from attention_drift.editing.sadr import MENTIONS
+    from attention_drift.measure.groups import MENTION
+
+    both = distract_prompts(EIFFEL, forms=("edit", "mention"))
+    edit_rows, mention_rows = both[:3], both[3:]
+    assert edit_rows == distract_prompts(EIFFEL)
+    assert mention_rows[0] == "Here is some news about Eiffel Tower. The Barack Obama is located in"
+    for row, mention in zip(mention_rows, MENTIONS):
+        assert row.startswith(mention.format(subject="Eiffel Tower")) and "Rome" not in row
+    assert MENTION not in MENTIONS
+    with pytest.raises(SADRError, match="distract_forms"):
+        SADRConfig(distract=True, distract_forms=("restated",))
+
+
+def test_an_added_sadr_field_at_its_default_keeps_earlier_edit_keys(tiny_llama):
+    """Fields added after edit keys were in use (``LATER_FIELDS``) leave the key as it was at their
+    default (absent from the description); another value changes it."""
+    from attention_drift.editing import edit_key
+    from attention_drift.editing.identity import describe_edit
+
+    sadr = SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast", steps=STEPS)
+    assert "distract_forms" not in describe_edit(tiny_llama, "rome", None, sadr)["sadr"]
+    key = edit_key(tiny_llama, "rome", None, sadr)
+    assert key == edit_key(tiny_llama, "rome", None, replace(sadr, distract_forms=("edit",)))
+    assert key != edit_key(tiny_llama, "rome", None, replace(sadr, distract_forms=("edit", "mention")))
 
 
 def test_sadr_distract_only_restricts_just_the_distract_rows(stats):

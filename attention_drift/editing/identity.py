@@ -67,9 +67,15 @@ def describe_edit(model, method: str = "rome", config=None, sadr=None) -> dict:
     return describe_resolved(model, editor.name, config, sadr)
 
 
-LATER_FIELDS = {"clamp_scale": 1.0, "guard_weight": 0.0, "guard_margin": 1.0, "verify": False}
+LATER_FIELDS = {"clamp_scale": 1.0, "guard_weight": 0.0, "guard_margin": 1.0, "verify": False,
+                "distract_forms": ["edit"]}
 """SADR config fields added after keys were in use, with the value that leaves an edit as it was:
 left out of the description at that value, so earlier keys (and run files) stay valid."""
+
+
+def is_later_default(name: str, value) -> bool:
+    """Whether ``value`` of SADR field ``name`` is the :data:`LATER_FIELDS` value (tuples as lists)."""
+    return name in LATER_FIELDS and LATER_FIELDS[name] == plain(value)
 
 
 def describe_resolved(model, method: str, config, sadr) -> dict:
@@ -77,7 +83,7 @@ def describe_resolved(model, method: str, config, sadr) -> dict:
     :func:`~attention_drift.editing.registry.resolve_edit` returned (no resolving again)."""
     sadr_plain = plain(sadr, "sadr")
     if sadr_plain is not None:
-        sadr_plain = {k: v for k, v in sadr_plain.items() if LATER_FIELDS.get(k, object()) != v}
+        sadr_plain = {k: v for k, v in sadr_plain.items() if not is_later_default(k, v)}
     return {
         "format": FORMAT_VERSION,
         "model": model_identity(model),

@@ -41,6 +41,12 @@ DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
 OUTPUTS = ("target", "contrast", "kl", "both")
+DISTRACT_FORMS = ("edit", "mention")
+MENTIONS = ("Here is some news about {subject}.", "My friend told me about {subject}.",
+            "This page is about {subject}.")
+"""Sentences that name the edited subject and say nothing of it, for ``distract_forms`` "mention"
+(the i-th other subject's row takes the i-th); deliberately not the distract suite's own mention
+sentence (:data:`attention_drift.measure.groups.MENTION`), which a variant must not be built on."""
 
 
 class SADRError(AttentionDriftError):
@@ -87,6 +93,10 @@ class SADRConfig:
             target + kl.
         distract_subjects: the other subjects of the distract prompts (a fixed list, never
             evaluation data).
+        distract_forms: the contexts the distract prompts put before the prompt about another
+            subject (:func:`distract_prompts`), one row per form and subject: ``"edit"``, the edit
+            sentence ``"{prompt} {target_new}."`` (the paper's distract form); ``"mention"``, a
+            sentence that only names the edited subject (:data:`MENTIONS`). Our extension.
         clamp_scale: the editor's ``clamp_norm_factor`` (the radius of the value delta's ball)
             is multiplied by this: room for the edit to reach its target where the preset's
             ball stops it short, while the output term keeps the added room off other subjects.
@@ -115,6 +125,7 @@ class SADRConfig:
     output_weight: float = 0.0
     output: str = "target"
     distract_subjects: tuple[str, ...] = DISTRACT_SUBJECTS
+    distract_forms: tuple[str, ...] = ("edit",)
     clamp_scale: float = 1.0
     guard_weight: float = 0.0
     guard_margin: float = 1.0
@@ -170,6 +181,12 @@ class SADRConfig:
             object.__setattr__(self, "distract_subjects",
                                (self.distract_subjects,) if isinstance(self.distract_subjects, str)
                                else tuple(self.distract_subjects))
+        if isinstance(self.distract_forms, (list, str)):
+            object.__setattr__(self, "distract_forms", (self.distract_forms,) if isinstance(self.distract_forms, str)
+                               else tuple(self.distract_forms))
+        bad = [f for f in self.distract_forms if f not in DISTRACT_FORMS]
+        if bad or not self.distract_forms:
+            raise SADRError(f"SADR distract_forms {list(self.distract_forms)}: give one or more of {DISTRACT_FORMS}")
         if self.guard_weight < 0 or self.guard_margin < 0:
             raise SADRError(f"SADR guard_weight and guard_margin must be >= 0, not {self.guard_weight} and "
                             f"{self.guard_margin}")
@@ -261,10 +278,15 @@ def sadr_loss(
     return loss, mask
 
 
-def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJECTS) -> list[str]:
-    """``"{prompt} {target_new}. {prompt about another subject}"`` for each of ``subjects``."""
+def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJECTS,
+                     forms: Sequence[str] = ("edit",)) -> list[str]:
+    """For each form, then each of ``subjects``: a context, then the request's prompt about that
+    other subject. ``"edit"``: ``"{prompt} {target_new}. {other prompt}"``; ``"mention"``: the i-th
+    of :data:`MENTIONS` naming the edited subject, then the i-th other prompt."""
     others = [request.prompt.replace(request.subject, s) for s in subjects if s != request.subject]
-    return [f"{request.prompt} {request.target_new}. {other}" for other in others]
+    contexts = {"edit": lambda i: f"{request.prompt} {request.target_new}.",
+                "mention": lambda i: MENTIONS[i % len(MENTIONS)].format(subject=request.subject)}
+    return [f"{contexts[form](i)} {other}" for form in forms for i, other in enumerate(others)]
 
 
 @dataclass
@@ -288,7 +310,9 @@ class SADRLoss:
     _before_output: Tensor | None = field(default=None, repr=False)
 
     def extra_prompts(self, request: Rewrite) -> list[str]:
-        return distract_prompts(request, self.config.distract_subjects) if self.config.distract else []
+        if not self.config.distract:
+            return []
+        return distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
 
     def output_rows(self, info) -> Tensor:
         """The rewriting rows (for the guard), then the distract rows (for the output term)."""

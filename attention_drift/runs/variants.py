@@ -47,7 +47,7 @@ class _SpecMethods:
     """What a :class:`SADRSpec` does beyond holding :class:`~attention_drift.editing.sadr.SADRConfig`'s fields."""
 
     def __post_init__(self):
-        for name in ("layers", "distract_subjects"):
+        for name in ("layers", "distract_subjects", "distract_forms"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.layers, str) and self.layers not in LAYER_RANGES:
@@ -83,14 +83,10 @@ class _SpecMethods:
     def to_json(self) -> dict:
         """The spec as run headers record it (fields added later only where they differ from
         the value that leaves the edit as before, as headers written before them have it)."""
-        from attention_drift.editing.identity import LATER_FIELDS
+        from attention_drift.editing.identity import is_later_default
 
-        out = {k: v for k, v in dataclasses.asdict(self).items() if LATER_FIELDS.get(k, object()) != v}
-        if isinstance(self.layers, tuple):
-            out["layers"] = list(self.layers)
-        if self.distract_subjects is not None:
-            out["distract_subjects"] = list(self.distract_subjects)
-        return out
+        out = {k: v for k, v in dataclasses.asdict(self).items() if not is_later_default(k, v)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def _spec_fields() -> list[tuple]:
@@ -248,6 +244,9 @@ def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]
     if "rome" in editors:
         table.update({f"rome-sadr-{k}": Variant(f"rome-sadr-{k}", "rome", spec) for k, spec in ablations.items()})
         table.update({f"rome-plus-{k}": Variant(f"rome-plus-{k}", "rome", spec) for k, spec in PLUS_CANDIDATES.items()})
+        table.update({f"rome-cross-{k}": Variant(f"rome-cross-{k}", "rome", spec)
+                      for k, spec in CROSS_CANDIDATES.items()})
+        table.update({f"rome-parts-{k}": Variant(f"rome-parts-{k}", "rome", spec) for k, spec in PLUS_PARTS.items()})
     return table
 
 
@@ -262,6 +261,31 @@ PLUS_CANDIDATES: dict[str, SADRSpec] = {
 """Every SADR+ candidate run on the tuning half (``benchmarks/tune_sadr.py``), by tag; the
 trade-off figure shows them all. ``weight=0.0``: no attention term. ``c1`` became ``plus`` (with
 ``verify``); ``c1g`` adds the efficacy guard, ``-k2`` doubles the clamp: neither helped."""
+
+
+PLUS_PARTS: dict[str, SADRSpec] = {
+    "fallback": SADRSpec(weight=0.0, steps=20, verify=True),
+    "no-verify": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast"),
+    "attn-distract": SADRSpec(distract_only=True),
+    "published-contrast": SADRSpec(distract=True, output_weight=1.0, output="contrast"),
+}
+"""Baselines that take SADR+ apart (``rome-parts-*``), each ROME with: ``fallback``, only the verify /
+clamp fallback (no term: weight 0 records attention but restricts nothing; ROME's own 20 steps);
+``no-verify``, SADR+'s output term without the fallback (``rome-plus-c1``); ``attn-distract``, the
+published regulariser (its weight, steps and hinge selection) on the distract rows' attention
+instead of the rewriting rows'; ``published-contrast``, the published SADR on both kinds of rows
+plus SADR+'s contrast term (an attention term kept)."""
+
+_PLUS = dict(weight=0.0, steps=20, distract=True, output="contrast", verify=True)
+CROSS_CANDIDATES: dict[str, SADRSpec] = {
+    "m1": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention")),
+    "m3": SADRSpec(**_PLUS, output_weight=3.0, distract_forms=("edit", "mention")),
+}
+"""Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
+half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
+Each is ``plus`` (with ``verify``) with other distract rows: ``m``: the edit-sentence rows and as many
+rows that only mention the edited subject (:data:`~attention_drift.editing.sadr.MENTIONS`), the
+number the output term's weight."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
