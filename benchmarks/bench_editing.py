@@ -2,6 +2,7 @@
 paper's official code on the same machine, and where the time of a step goes.
 
     python benchmarks/bench_editing.py [--threads 2] [--records 3] [--all-methods] [--step-costs]
+    python benchmarks/bench_editing.py --pair memit,alphaedit [--rounds 2]   # two editors side by side
 
 Prints, on the default offline model (CPU), over the first ``--records`` example records
 (CounterFact-type first, as the reference runs), with statistics and templates prepared
@@ -20,6 +21,11 @@ beforehand (as for every edit after the first; a warm-up edit runs first):
   edit layer on, on the cached residual, logits only at the target positions; (d) ours: as (c)
   but only the positions from the subject's last token (earlier keys / values cached) to the
   last one a loss reads (not a row's last target token, nor the essence row after its subject).
+
+``--pair A,B`` instead times only editors A and B (their presets), side by side: for each record
+and round one edit of each, the order alternating, each restored before the next, and prints both
+seconds per edit and the ratio B / A (per record pair, then of the means), e.g. AlphaEdit against
+MEMIT, whose value optimisation it shares (the goal: <= 1.2x).
 
 Timings on a machine shared with other jobs vary; compare numbers from one run.
 """
@@ -51,9 +57,13 @@ def main() -> None:
     parser.add_argument("--stats", action="store_true", help="also the statistics throughput")
     parser.add_argument("--step-costs", action="store_true", help="also the per-step comparison")
     parser.add_argument("--step-repeats", type=int, default=4)
+    parser.add_argument("--pair", default=None, help="A,B: time only these two editors, side by side")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --pair")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if args.pair:
+        return pair(args)
 
     from attention_drift.core.data import load_example
     from attention_drift.editing import EDITORS, ROMEConfig, apply_edit
@@ -101,6 +111,40 @@ def main() -> None:
           f"{seconds['ROME+SADR+'] / seconds['ROME']:.2f}x")
     if args.step_costs:
         step_costs(model, records[0].rewrite, rome, args.step_repeats)
+
+
+def pair(args) -> None:
+    """Editors A and B of ``--pair``, one edit each per record and round, alternating."""
+    from attention_drift.core.data import load_example
+    from attention_drift.core.models import load_model
+    from attention_drift.editing import EDITORS, apply_edit
+
+    names = args.pair.split(",")
+    if len(names) != 2 or any(n not in EDITORS for n in names):
+        raise SystemExit(f"--pair takes two editors of {', '.join(EDITORS)}, got {args.pair!r}")
+    model = load_model("smollm2-135m")
+    records = sorted(load_example(), key=lambda r: r.kind != "counterfact")[: args.records]
+    configs = {n: EDITORS[n].config_type.for_model(model) for n in names}
+    for n in names:  # warm-up: statistics, templates and (AlphaEdit) the projection, made or loaded once
+        apply_edit(model, records[0].rewrite, n, dataclasses.replace(configs[n], steps=1), progress=False).restore()
+    print(f"torch threads {args.threads}; load average {os.getloadavg()[0]:.1f}; {names[1]} / {names[0]}, "
+          f"{len(records)} records x {args.rounds} rounds, order alternating", flush=True)
+    times = {n: [] for n in names}
+    for round_ in range(args.rounds):
+        for i, record in enumerate(records):
+            order = names if (round_ + i) % 2 == 0 else names[::-1]
+            for n in order:
+                start = time.perf_counter()
+                apply_edit(model, record.rewrite, n, configs[n], progress=False).restore()
+                times[n].append(time.perf_counter() - start)
+            a, b = times[names[0]][-1], times[names[1]][-1]
+            print(f"round {round_} record {record.case_id}: {names[0]} {a:6.2f} s, {names[1]} {b:6.2f} s, "
+                  f"ratio {b / a:.2f}", flush=True)
+    a, b = statistics.mean(times[names[0]]), statistics.mean(times[names[1]])
+    print(f"mean s/edit: {names[0]} {a:.2f}, {names[1]} {b:.2f}; {names[1]} / {names[0]} {b / a:.2f}x; "
+          f"median of the per-record ratios "
+          f"{statistics.median(y / x for x, y in zip(times[names[0]], times[names[1]])):.2f}; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 def stats_throughput(model, stats) -> None:
