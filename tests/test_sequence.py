@@ -222,3 +222,18 @@ def test_at_checkpoint_puts_the_last_checkpoint_in_and_restores(tiny_llama, spli
     with pytest.raises(SequenceError, match="no checkpoint.pt"):
         with seq.at_checkpoint(tiny_llama, edits, probes, tmp_path / "elsewhere", config):
             pass
+
+
+def test_monitor_overhead_leaves_out_blocks_without_edit_times():
+    """A block whose edit times a resume lost counts neither its monitoring nor its edits; the
+    unedited checkpoint's monitoring always counts."""
+    from attention_drift.core.jsonl import Run
+
+    lines = [{"edits": 0, "edit_seconds": [], "monitor_seconds": 10.0},
+             {"edits": 2, "edit_seconds": [50.0, 50.0], "monitor_seconds": 20.0},
+             {"edits": 4, "edit_seconds": [], "monitor_seconds": 30.0},
+             {"edits": 6, "edit_seconds": [40.0, 60.0], "monitor_seconds": 20.0}]
+    summary = sequence_summary(Run({"n_edits": 6}, lines))
+    assert summary["timing"]["edit_seconds"] == 200.0 and summary["timing"]["monitor_seconds"] == 80.0
+    assert monitor_overhead(summary) == pytest.approx((10 + 20 + 20) / 200)
+    assert summary["timing"]["seconds_per_edit"] == [50.0, 50.0]
