@@ -10,7 +10,7 @@ from attention_drift.editing import EditError, MEMITConfig, PMETConfig, ROMEConf
 from attention_drift.editing.api import _check_sadr
 from attention_drift.core.models import tiny_model
 from attention_drift.editing.registry import resolve_edit
-from attention_drift.editing.sadr import PRESETS, SADRConfig, SADRError, distract_prompts, divergence, hinge_mask, sadr_loss
+from attention_drift.editing.sadr import PRESETS, SADRConfig, SADRError, SADRLoss, distract_prompts, divergence, hinge_mask, sadr_loss
 
 
 def _rows(values):
@@ -531,3 +531,37 @@ def test_verify_fallbacks_of_an_editor_without_a_clamp_are_the_plain_edit_only()
     assert _fallbacks(NoClamp(), ()) == [("plain", NoClamp(), ())]
     clamped = _fallbacks(ROMEConfig(layer=1, clamp_norm_factor=4.0), ())
     assert [name for name, _, _ in clamped] == ["plain", "plain-clamp2"] and clamped[1][1].clamp_norm_factor == 8.0
+
+
+def test_guard_mention_rows_take_the_delta_at_both_subject_occurrences(stats):
+    """A guard row mentions the subject, then asks its own prompt: the edited MLP fires at both
+    occurrences, so the optimisation adds the delta at both (``also_at``)."""
+    from attention_drift.editing.optimize import rewriting_setup
+
+    model = tiny_model("llama", n_layers=3)
+    sadr = SADRLoss(SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast",
+                               distract_forms=("edit", "mention"), guard_weight=1.0, guard_mentions=True))
+    setup = rewriting_setup(model, EIFFEL, ["{}"], 1, [sadr])
+    n_distract = 6
+    assert len(setup.batch) == setup.n_rewriting + 1 + 3 + n_distract
+    own_rows = list(range(setup.n_rewriting + 1, setup.n_rewriting + 4))
+    assert len(own_rows) == 3 and [r for r, _ in setup.also_at] == own_rows
+    for row, position in setup.also_at:
+        assert position > int(setup.subject_last[row])  # the question's occurrence, after the mention's
+    distract, own = sadr._split_extra(setup.info)
+    assert own.tolist() == own_rows and len(distract) == n_distract
+    # guard rows first (rewriting rows, then the mention rows), then the distract rows
+    assert setup.output_rows.tolist() == [*range(setup.n_rewriting), *own_rows, *distract.tolist()]
+    with pytest.raises(SADRError, match="guard_weight"):
+        SADRConfig(guard_mentions=True)
+
+
+def test_an_edit_with_mention_rows_and_their_guard_runs_and_holds(stats):
+    model = tiny_model("llama", n_layers=3)
+    sadr = SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast", steps=STEPS,
+                      distract_forms=("edit", "mention"), guard_weight=1.0, guard_mentions=True)
+    with edit(model, EIFFEL, "rome", _config("rome", stats), sadr=sadr) as result:
+        record = result.sadr_records[0]
+        assert record["distract_rows"] == 6
+        assert len(record["guard_loss"]) == len(record["output_loss"]) == result.traces[0].steps_run
+        assert record["output_loss"][0] == 0.0  # no delta yet: nothing gained on the distract rows

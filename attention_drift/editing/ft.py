@@ -128,7 +128,7 @@ def fine_tune(
     """
     start_time = time.perf_counter()
     layer = config.layer
-    batch, n_rw, subj, rows, info, live_names, const_names, out_rows_t = rewriting_setup(
+    batch, n_rw, subj, rows, info, live_names, const_names, out_rows_t, _ = rewriting_setup(
         model, request, ["{}"], layer, extra_losses)
     # full rows: a weight change reaches every position from block ``layer`` on
     runner = LayerRunner(model, batch, layer, list(const_names))

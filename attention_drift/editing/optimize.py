@@ -137,8 +137,9 @@ class ExtraLoss(Protocol):
     info)`` returns a scalar tensor added to the loss; ``acts`` maps each requested name to
     the full activation ``[batch, ...]``. An optional ``record`` dict attribute is copied
     into the trace after the run. An optional ``extra_prompts(request) -> list[str]`` adds
-    prompt rows to the batch (each containing the subject; the delta is injected at its
-    first occurrence's last token, as the edited MLP would write it there). An optional
+    prompt rows to the batch (each containing the subject; the delta is injected at the last
+    token of each occurrence, as the edited MLP would write it there; ``subject_last_index`` is
+    the first's). An optional
     ``output_rows(info) -> Tensor`` names batch rows whose next-token log-probabilities at
     their last prompt position the term reads: ``acts[OUTPUT]`` is then ``[len(rows), d_vocab]``
     (float32, live), in that order.
@@ -292,7 +293,9 @@ class RewritingSetup(NamedTuple):
     """What a value optimisation or a fine-tune of ``request`` builds before its first step
     (:func:`rewriting_setup`): the batch and its rows, the :class:`StepInfo` the extra terms
     read, the hook names they read split at the edited layer (``live``: changed by the edit,
-    ``const``: before it), and the rows whose output distribution a term reads."""
+    ``const``: before it), the rows whose output distribution a term reads, and ``also_at``: the
+    (row, position) pairs of later occurrences of the subject in the extra rows, where an edited
+    model's MLP fires too (the value optimisation adds the delta there as well)."""
 
     batch: Batch
     n_rewriting: int
@@ -302,6 +305,7 @@ class RewritingSetup(NamedTuple):
     live_names: dict[str, None]
     const_names: dict[str, None]
     output_rows: Tensor
+    also_at: list[tuple[int, int]]
 
 
 def rewriting_setup(model, request: Rewrite, templates: Sequence[str], layer: int,
@@ -324,8 +328,10 @@ def rewriting_setup(model, request: Rewrite, templates: Sequence[str], layer: in
                 raise EditError(f"extra loss {term.name!r} asks for hook {name!r}, which the model does not have")
             (live_names if hook_layer(name) >= layer else const_names)[name] = None
     out_rows = {r for term in extra_losses if hasattr(term, "output_rows") for r in term.output_rows(info).tolist()}
+    also_at = [(n_rw + 1 + i, last) for i, prompt in enumerate(extra_prompts)
+               for _, last in tokens.subject_spans(model, prompt, request.subject)[1:]]
     return RewritingSetup(batch, n_rw, subj, rows, info, live_names, const_names,
-                          torch.tensor(sorted(out_rows), dtype=torch.long))
+                          torch.tensor(sorted(out_rows), dtype=torch.long), also_at)
 
 
 def optimize_values(
@@ -392,7 +398,7 @@ def optimize_values_many(
     if extra_losses and n_req != 1:
         raise EditError(f"extra loss terms read one request's rows; optimise the {n_req} requests one at a time")
     setups = [rewriting_setup(model, r, templates, layer, extra_losses) for r in requests]
-    info, live_names, const_names, out_rows_t = setups[0][4:]
+    info, live_names, const_names, out_rows_t = setups[0][4:8]
     sizes = [len(s.batch) for s in setups]
     offsets = [sum(sizes[:i]) for i in range(n_req)]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -426,7 +432,11 @@ def optimize_values_many(
     request_of_rw_t = torch.tensor(request_of_rw)
     request_of_target = request_of_rw_t[rw_index]
     target_at = runner.index(rw_rows_t, torch.tensor(positions))
-    subject_at = runner.index(rows, subj)
+    also = torch.tensor([(o + r, q) for o, s in zip(offsets, setups) for r, q in s.also_at],
+                        dtype=torch.long).reshape(-1, 2)
+    inject_rows = torch.cat([rows, also[:, 0]])
+    subject_at = runner.index(inject_rows, torch.cat([subj, also[:, 1]]))
+    request_of_inject = request_of_row[inject_rows]
     essence_at = runner.index(essence_rows, subj[essence_rows])
     output_at = runner.index(out_rows_t, info.last_prompt_index[out_rows_t])
     row_len_t = torch.tensor(row_len, dtype=torch.float32)
@@ -439,7 +449,7 @@ def optimize_values_many(
     def inject(site):
         def fn(act, hook):
             act = act.clone()
-            act[subject_at] = (act[subject_at] + d[site][request_of_row]).to(act.dtype)
+            act[subject_at] = (act[subject_at] + d[site][request_of_inject]).to(act.dtype)
             return act
         return fn
 

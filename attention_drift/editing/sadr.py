@@ -107,6 +107,10 @@ class SADRConfig:
             the target, averaged over the rows, so that an output term cannot buy locality
             with the edit itself. 0: off (published). Our extension.
         guard_margin: the log-odds (nats) by which the new target must beat the old one there.
+        guard_mentions: the guard also reads rows that mention the edited subject (each sentence of
+            :data:`MENTIONS`) and then ask the request's own prompt, where the new target must win:
+            the counterpart of the "mention" distract rows, so that an output term on those cannot
+            buy locality by weakening the edit after any context. Needs ``guard_weight``. Our extension.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -129,6 +133,7 @@ class SADRConfig:
     clamp_scale: float = 1.0
     guard_weight: float = 0.0
     guard_margin: float = 1.0
+    guard_mentions: bool = False
     verify: bool = False
 
     @classmethod
@@ -190,6 +195,8 @@ class SADRConfig:
         if self.guard_weight < 0 or self.guard_margin < 0:
             raise SADRError(f"SADR guard_weight and guard_margin must be >= 0, not {self.guard_weight} and "
                             f"{self.guard_margin}")
+        if self.guard_mentions and not self.guard_weight:
+            raise SADRError("SADR guard_mentions adds rows to the efficacy guard: set guard_weight > 0 too")
         if not self.clamp_scale > 0:
             raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
@@ -310,14 +317,25 @@ class SADRLoss:
     _before_output: Tensor | None = field(default=None, repr=False)
 
     def extra_prompts(self, request: Rewrite) -> list[str]:
-        if not self.config.distract:
-            return []
-        return distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
+        """(``guard_mentions``) the guard's mention rows, then the distract rows: the batch's output
+        rows go in row order, guard rows before distract rows."""
+        rows = [f"{m.format(subject=request.subject)} {request.prompt}" for m in MENTIONS] \
+            if self.config.guard_mentions else []
+        if self.config.distract:
+            rows += distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
+        return rows
+
+    def _split_extra(self, info) -> tuple[Tensor, Tensor]:
+        """(distract rows, guard's mention rows) of the batch."""
+        n_own = len(MENTIONS) if self.config.guard_mentions else 0
+        return info.extra_rows[n_own:], info.extra_rows[:n_own]
 
     def output_rows(self, info) -> Tensor:
-        """The rewriting rows (for the guard), then the distract rows (for the output term)."""
-        rewriting = torch.arange(info.n_rewriting if self.config.guard_weight else 0)
-        return torch.cat([rewriting, info.extra_rows if self.config.output_weight else info.extra_rows[:0]])
+        """The guard's rows (the rewriting rows, then its mention rows), then the distract rows
+        (for the output term)."""
+        distract, own = self._split_extra(info)
+        guarded = torch.cat([torch.arange(info.n_rewriting), own]) if self.config.guard_weight else own[:0]
+        return torch.cat([guarded, distract if self.config.output_weight else distract[:0]])
 
     def layers(self, info) -> tuple[int, ...]:
         if self.config.layers is None:
@@ -340,7 +358,7 @@ class SADRLoss:
         first = step == 0 or not self.record
         if first:
             self.record = {"layers": self.layers(info) if self.attends else (), "mask": [], "loss": [],
-                           "distract_rows": len(info.extra_rows)}
+                           "distract_rows": len(self._split_extra(info)[0])}
         loss = torch.zeros(())
         if self.attends:
             loss = loss + self._attention_term(first, acts, info)
@@ -350,8 +368,8 @@ class SADRLoss:
         return loss
 
     def _attention_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
-        rows = (info.extra_rows if self.config.distract_only
-                else torch.cat([torch.arange(info.n_rewriting), info.extra_rows]))
+        distract = self._split_extra(info)[0]
+        rows = distract if self.config.distract_only else torch.cat([torch.arange(info.n_rewriting), distract])
         query = info.last_prompt_index[rows]
         now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()
         subject = info.subject_last_index[rows]
@@ -366,7 +384,7 @@ class SADRLoss:
 
     def _output_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
         """The output term on the distract rows plus the efficacy guard on the rewriting rows."""
-        n_guard = info.n_rewriting if self.config.guard_weight else 0
+        n_guard = info.n_rewriting + len(self._split_extra(info)[1]) if self.config.guard_weight else 0
         guarded, now = acts[OUTPUT][:n_guard], acts[OUTPUT][n_guard:]
         if first or self._before_output is None:
             self._before_output = now.detach().clone()

@@ -280,12 +280,17 @@ _PLUS = dict(weight=0.0, steps=20, distract=True, output="contrast", verify=True
 CROSS_CANDIDATES: dict[str, SADRSpec] = {
     "m1": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention")),
     "m3": SADRSpec(**_PLUS, output_weight=3.0, distract_forms=("edit", "mention")),
+    "m1g": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                    guard_mentions=True),
+    "m3g": SADRSpec(**_PLUS, output_weight=3.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                    guard_mentions=True),
 }
 """Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
 half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
 Each is ``plus`` (with ``verify``) with other distract rows: ``m``: the edit-sentence rows and as many
 rows that only mention the edited subject (:data:`~attention_drift.editing.sadr.MENTIONS`), the
-number the output term's weight."""
+number the output term's weight; ``g``: with the efficacy guard on the rewriting rows and on rows that
+mention the subject then ask its own prompt (``guard_mentions``), where the new target must win."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
