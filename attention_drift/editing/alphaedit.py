@@ -18,8 +18,9 @@ null space of the preserved knowledge's keys, following the authors' code
    change by at most what the threshold allows.
 3. ``K_p K_p^T`` sums the keys of earlier edits (sequential editing): :class:`PreviousKeys`,
    passed in as ``apply_edit(..., state=...)`` and handed back as ``EditResult.state`` with
-   this edit's keys added. As in the authors' code, those keys are recomputed on the model
-   after all of the edit's layers are written.
+   this edit's keys added. As in the authors' code, those are the keys on the model after all of
+   the edit's layers are written: a layer's keys depend only on the layers below it, all written
+   when its update is computed, so the keys read for that update are those keys, not read again.
 
 Where this differs from the authors' code, and why:
 
@@ -116,17 +117,21 @@ def prepare(model, config: AlphaEditConfig, *, progress: bool = True) -> Prepare
 
 
 def projected_update(
-    model, layer: int, keys: Tensor, residuals: Tensor, projection: Tensor, previous_gram: Tensor, l2: float
+    model, layer: int, keys: Tensor, residuals: Tensor, projection: Tensor, previous_gram: Tensor | None, l2: float
 ) -> Tensor:
     """``R K^T P ((K_p K_p^T + K K^T) P + L2 I)^-1`` in the parameter's layout (float64).
 
     ``keys [n, d_mlp]``, ``residuals [n, d_model]``, ``projection`` and ``previous_gram``
-    ``[d_mlp, d_mlp]``; solved as the authors do, for ``Delta^T``.
+    ``[d_mlp, d_mlp]`` (None: no earlier keys); solved as the authors do, for ``Delta^T``.
     """
     k = keys.T.double()  # [d_mlp, n]
     p = projection.double()
     eye = torch.eye(p.shape[0], dtype=torch.float64, device=p.device)
-    upd_t = torch.linalg.solve(p @ (k @ k.T + previous_gram) + l2 * eye, p @ k @ residuals.double())  # [d_mlp, d_model]
+    pk = p @ k
+    system = pk @ k.T + l2 * eye  # P K K^T as (P K) K^T: no d_mlp^3 product
+    if previous_gram is not None:
+        system = system + p @ previous_gram
+    upd_t = torch.linalg.solve(system, pk @ residuals.double())  # [d_mlp, d_model]
     return upd_t.contiguous() if mlp_out_is_conv1d(model, layer) else upd_t.T.contiguous()
 
 
@@ -153,11 +158,14 @@ def execute(
     groups = prepared.groups
     site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions]).double()
+    written = {}
     for i, layer in enumerate(config.layers):
+        # the keys of ``layer`` are final here: only earlier layers' updates reach them, all applied
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, site)
         residuals = (targets - current) / (len(config.layers) - i)
         projection = prepared.projections[layer]
-        upd = projected_update(model, layer, keys, residuals, projection, previous.gram(layer, projection), config.l2)
+        gram = previous.gram(layer, projection) if layer in previous.grams else None
+        upd = projected_update(model, layer, keys, residuals, projection, gram, config.l2)
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
-    written = {layer: grouped_keys_and_outputs(model, requests, groups, layer, site)[0] for layer in config.layers}
+        written[layer] = keys
     return [s.trace for s in solutions], previous.added(written, len(requests))
