@@ -85,13 +85,12 @@ def side_by_side(folder: Path, args) -> None:
                 result.restore()
         return seconds / len(records), steps / len(records)
 
-    def start_block():
-        return block(edits[: args.block], None)
+    def start_block() -> tuple[int, tuple[float, float]]:
+        return 0, block(edits[: args.block], None)
 
-    def end_block():
+    def end_block() -> tuple[int, tuple[float, float]]:
         with at_checkpoint(model, edits, probes, folder, config) as (done, state):
-            end_block.done = done
-            return block(edits[done: done + args.block], state)
+            return done, block(edits[done: done + args.block], state)
 
     apply_edit(model, edits[0].rewrite, args.method, editor_config, sadr=sadr_config, progress=False).restore()  # warm-up
     totals = {"first": [], "after": []}
@@ -100,15 +99,15 @@ def side_by_side(folder: Path, args) -> None:
     for round_ in range(args.rounds):
         order = [("first", start_block), ("after", end_block)]
         for label, fn in (order if round_ % 2 == 0 else order[::-1]):
-            per_edit, steps = fn()
+            done, (per_edit, steps) = fn()
             totals[label].append(per_edit)
-            where = (f"edits 1-{args.block} (unedited model)" if label == "first" else
-                     f"edits {end_block.done + 1}-{end_block.done + args.block} (after {end_block.done})")
+            if label == "after":
+                checkpoint = done
+            where = f"edits {done + 1}-{done + args.block} " + ("(unedited model)" if done == 0 else f"(after {done})")
             print(f"round {round_}  {where:34s} {per_edit:7.2f} s/edit  {steps:5.1f} steps/edit", flush=True)
     first, after = sum(totals["first"]) / args.rounds, sum(totals["after"]) / args.rounds
-    print(f"mean s/edit: first {first:.2f}, after {end_block.done} edits {after:.2f}; ratio {after / first:.2f} "
+    print(f"mean s/edit: first {first:.2f}, after {checkpoint} edits {after:.2f}; ratio {after / first:.2f} "
           f"(goal <= 1.2); load average {os.getloadavg()[0]:.1f}")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

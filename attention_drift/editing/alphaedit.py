@@ -77,11 +77,11 @@ class PreviousKeys:
     grams: Mapping[int, Float[Tensor, "d_mlp d_mlp"]] = field(default_factory=dict)
     count: int = 0
 
-    def gram(self, layer: int, like: Tensor) -> Tensor:
-        """``K_p K_p^T`` of ``layer`` as float64 on ``like``'s device (zeros when none yet)."""
-        if layer in self.grams:
-            return self.grams[layer].to(like.device, torch.float64)
-        return torch.zeros(like.shape, dtype=torch.float64, device=like.device)
+    def gram(self, layer: int, like: Tensor) -> Tensor | None:
+        """``K_p K_p^T`` of ``layer`` as float64 on ``like``'s device; None when no key was written there yet."""
+        if layer not in self.grams:
+            return None
+        return self.grams[layer].to(like.device, torch.float64)
 
     def added(self, keys: Mapping[int, Float[Tensor, "n d_mlp"]], n_requests: int) -> "PreviousKeys":
         """A new value with ``keys`` (``{layer: [n, d_mlp]}``) of ``n_requests`` more requests added."""
@@ -164,8 +164,7 @@ def execute(
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, site)
         residuals = (targets - current) / (len(config.layers) - i)
         projection = prepared.projections[layer]
-        gram = previous.gram(layer, projection) if layer in previous.grams else None
-        upd = projected_update(model, layer, keys, residuals, projection, gram, config.l2)
+        upd = projected_update(model, layer, keys, residuals, projection, previous.gram(layer, projection), config.l2)
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
         written[layer] = keys
     return [s.trace for s in solutions], previous.added(written, len(requests))

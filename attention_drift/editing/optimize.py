@@ -398,7 +398,8 @@ def optimize_values_many(
     if extra_losses and n_req != 1:
         raise EditError(f"extra loss terms read one request's rows; optimise the {n_req} requests one at a time")
     setups = [rewriting_setup(model, r, templates, layer, extra_losses) for r in requests]
-    info, live_names, const_names, out_rows_t = setups[0][4:8]
+    first = setups[0]  # extra terms come with one request only
+    info, live_names, const_names, out_rows_t = first.info, first.live_names, first.const_names, first.output_rows
     sizes = [len(s.batch) for s in setups]
     offsets = [sum(sizes[:i]) for i in range(n_req)]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

@@ -182,13 +182,10 @@ class SADRConfig:
             raise SADRError(f"SADR output_weight must be >= 0, not {self.output_weight}")
         if self.output_weight and not self.distract:
             raise SADRError("SADR output_weight regularises the distract prompts: set distract=True too")
-        if isinstance(self.distract_subjects, (list, str)):
-            object.__setattr__(self, "distract_subjects",
-                               (self.distract_subjects,) if isinstance(self.distract_subjects, str)
-                               else tuple(self.distract_subjects))
-        if isinstance(self.distract_forms, (list, str)):
-            object.__setattr__(self, "distract_forms", (self.distract_forms,) if isinstance(self.distract_forms, str)
-                               else tuple(self.distract_forms))
+        for name in ("distract_subjects", "distract_forms"):  # a list (JSON) or one string: a tuple
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         bad = [f for f in self.distract_forms if f not in DISTRACT_FORMS]
         if bad or not self.distract_forms:
             raise SADRError(f"SADR distract_forms {list(self.distract_forms)}: give one or more of {DISTRACT_FORMS}")

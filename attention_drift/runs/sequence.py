@@ -192,18 +192,23 @@ def _resume(data: dict, weights: _Weights, state_type):
     return None if state is None else state_type(**state)
 
 
+def _resolved(model, edits: Sequence[Record], probes: Sequence[Record], config: SequenceConfig):
+    """(editor, its config, SADR config, run header) of a sequence: what its checkpoints are checked against."""
+    editor_config, sadr = config.variant.resolve(model)
+    editor, editor_config, sadr = resolve_edit(model, config.variant.method, editor_config, sadr)
+    from attention_drift.editing import edit_key
+
+    meta = sequence_meta(model, edits, probes, config, edit_key(model, editor.name, editor_config, sadr))
+    return editor, editor_config, sadr, meta
+
+
 @contextlib.contextmanager
 def at_checkpoint(model, edits: Sequence[Record], probes: Sequence[Record], out_dir: str | os.PathLike,
                   config: SequenceConfig) -> Iterator[tuple[int, object]]:
     """Inside the block, ``model`` holds the weights of the last checkpoint of the sequence run in
     ``out_dir`` (made with these records and ``config``); yields (edits done, the editor's state
     after them), so edits can go on from there. The original weights are put back bitwise on exit."""
-    edits = list(edits[: config.n_edits])
-    editor_config, sadr = config.variant.resolve(model)
-    editor, editor_config, sadr = resolve_edit(model, config.variant.method, editor_config, sadr)
-    from attention_drift.editing import edit_key
-
-    meta = sequence_meta(model, edits, probes, config, edit_key(model, editor.name, editor_config, sadr))
+    editor, editor_config, _, meta = _resolved(model, edits, probes, config)
     path = Path(out_dir) / CHECKPOINT
     if not path.exists():
         raise SequenceError(f"{out_dir} has no {CHECKPOINT}: run the sequence there first")
@@ -226,11 +231,7 @@ def run_sequence(model, edits: Sequence[Record], probes: Sequence[Record], out_d
     edits = list(edits[: config.n_edits])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    editor_config, sadr = config.variant.resolve(model)
-    editor, editor_config, sadr = resolve_edit(model, config.variant.method, editor_config, sadr)
-    from attention_drift.editing import edit_key
-
-    meta = sequence_meta(model, edits, probes, config, edit_key(model, editor.name, editor_config, sadr))
+    editor, editor_config, sadr, meta = _resolved(model, edits, probes, config)
     editor.prepare(model, editor_config, progress=progress)  # statistics and templates from the unedited model
     weights = _Weights(model, editor_config.layers)
     ckpt = out / CHECKPOINT
