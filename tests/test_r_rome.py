@@ -1,6 +1,6 @@
-"""r-ROME on tiny random models: the key of the rank-one update (the template mean, as the paper
-and the authors' code; p-ROME's bare-prompt key with ``keys="prompt"``), the exact mapping of that
-key to the target value, undo / replay, config errors, registry, presets, SADR and CLI, and a frozen
+"""r-ROME on tiny random models: the key of the rank-one update (the mean of the template groups'
+means, as the authors' ``r_rome`` module; p-ROME's bare-prompt key with ``keys="prompt"``), the
+exact mapping of that key to its present value plus the optimised delta, undo / replay, config errors, registry, presets, SADR and CLI, and a frozen
 reference of a seeded delta (pinned here, not in ``fixtures/reference_editing.json``).
 
 Regenerate the pinned numbers only for an intended change of results:
@@ -27,6 +27,7 @@ from attention_drift.editing import (
     apply_edit,
     edit,
 )
+from attention_drift.editing.config import MEMIT_TEMPLATES
 from attention_drift.editing.optimize import subject_activations, template_rows
 from attention_drift.editing.stats import clear_memory_cache, inverse_second_moment
 from attention_drift.editing.templates import context_templates
@@ -69,33 +70,55 @@ def _rows(model, request, cfg, layer):
     return acts[key_hook].double(), acts[out_hook].double()
 
 
+def _group_mean(rows, model, cfg):
+    """The mean of the template groups' means, computed by hand: (bare + mean(group 1) + ...) / groups."""
+    sizes = [len(g) for g in context_templates(model, cfg.context_templates, cfg.template_seed)]
+    assert sizes[0] == 1 and len(sizes) == 3  # "{}" and the two groups of _config
+    first, second = rows[1:1 + sizes[1]].mean(0), rows[1 + sizes[1]:].mean(0)
+    return (rows[0] + first + second) / 3
+
+
 # ---------------------------------------------------------------- the key and the exact mapping
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_update_maps_the_template_mean_key_exactly_to_the_target_value(arch, corpus):
-    """r-ROME: the update is ``r u^T`` with ``u`` along ``C^-1 k*`` (``k*`` the key averaged over the
-    templates, bare prompt included) and maps ``k*`` to ``v*``: the templates' mean MLP output (which
-    is ``W k* + b``) equals ``v* = v_init + delta`` after the edit. The bare prompt's own output does not."""
+def test_update_maps_the_group_mean_key_to_its_output_plus_delta(arch, corpus):
+    """r-ROME: the update is ``r u^T`` with ``u`` along ``C^-1 k*`` (``k*`` the mean of the template
+    groups' mean keys, the bare prompt a group of its own) and maps ``k*`` to ``W k* + b + delta``:
+    the groups' mean MLP output moves by exactly the optimised ``delta``. The bare prompt's own
+    output does not (its key is not ``k*``)."""
     model = tiny_model(arch)
     cfg = _config(corpus)
     keys, outputs_before = _rows(model, EIFFEL, cfg, 1)
-    k_star = keys.mean(0)
+    k_star = _group_mean(keys, model, cfg)
     with edit(model, EIFFEL, "r-rome", cfg, progress=False) as result:
         keys_after, outputs_after = _rows(model, EIFFEL, cfg, 1)
-    site = act_name("mlp_raw", 1)
-    trace = result.traces[0]
-    target = (trace.init[site] + trace.delta[site]).double()
+    delta = result.traces[0].delta[act_name("mlp_raw", 1)].double()
     torch.testing.assert_close(keys_after, keys)  # the keys are upstream of the edited projection
-    scale = (target - outputs_before.mean(0)).norm()
-    assert (outputs_after.mean(0) - target).norm() < 1e-5 * scale + 1e-6
-    assert (outputs_after[0] - target).norm() > 1e-3 * scale  # not the bare prompt's key
-    delta = result.deltas["blocks.1.mlp.out.weight"].double()
-    delta = delta.T if mlp_out_is_conv1d(model, 1) else delta  # [d_model, d_mlp]
+    moved = _group_mean(outputs_after, model, cfg) - _group_mean(outputs_before, model, cfg)
+    assert (moved - delta).norm() < 1e-5 * delta.norm()
+    assert ((outputs_after[0] - outputs_before[0]) - delta).norm() > 1e-3 * delta.norm()
+    weight = result.deltas["blocks.1.mlp.out.weight"].double()
+    weight = weight.T if mlp_out_is_conv1d(model, 1) else weight  # [d_model, d_mlp]
     u = inverse_second_moment(model, 1, corpus).double() @ k_star
-    singular = torch.linalg.svdvals(delta)
+    singular = torch.linalg.svdvals(weight)
     assert singular[1] < 1e-6 * singular[0]  # rank one
-    right = torch.linalg.svd(delta)[2][0]
+    right = torch.linalg.svd(weight)[2][0]
     assert abs(torch.dot(right, u / u.norm())) > 1 - 1e-6
+
+
+def test_flat_template_mean_is_not_the_key(corpus, tiny_llama):
+    """The key weighs each group, not each template: with groups of 2 and 4 templates the update
+    moves the mean of the group means by exactly ``delta``, and the flat mean over the 7 rows (the
+    ``rome/`` branch's key) by something else."""
+    cfg = _config(corpus, context_templates=((4, 2), (6, 4)))
+    _, before = _rows(tiny_llama, EIFFEL, cfg, 1)
+    with edit(tiny_llama, EIFFEL, "r-rome", cfg, progress=False) as result:
+        _, after = _rows(tiny_llama, EIFFEL, cfg, 1)
+    delta = result.traces[0].delta[act_name("mlp_raw", 1)].double()
+    moved = after - before
+    by_group = torch.stack([g.mean(0) for g in moved.split([1, 2, 4])]).mean(0)
+    assert (by_group - delta).norm() < 1e-5 * delta.norm()
+    assert (moved.mean(0) - delta).norm() > 1e-3 * delta.norm()
 
 
 def test_p_rome_keys_use_the_bare_prompt_everywhere(corpus, tiny_llama):
@@ -113,8 +136,9 @@ def test_p_rome_keys_use_the_bare_prompt_everywhere(corpus, tiny_llama):
 
 
 def test_rome_and_r_rome_share_the_value_and_differ_in_the_key(corpus, tiny_llama):
-    """Same value optimisation (same loss trace and v*), different update: ROME's residual and
-    denominator use the bare prompt's key, r-ROME's the template mean."""
+    """Same value optimisation (same loss trace and delta), different update: ROME's residual and
+    denominator use the bare prompt's key and its direction the flat template mean, r-ROME all
+    three the mean of the group means."""
     shared = dict(layer=1, steps=6, context_templates=((4, 2), (6, 2)), weight_decay=0.0, stats=corpus)
     rome = apply_edit(tiny_llama, EIFFEL, "rome", ROMEConfig(**shared), progress=False)
     rome.restore()
@@ -123,9 +147,11 @@ def test_rome_and_r_rome_share_the_value_and_differ_in_the_key(corpus, tiny_llam
     assert rome.traces[0].loss == r_rome.traces[0].loss
     a, b = rome.deltas["blocks.1.mlp.out.weight"], r_rome.deltas["blocks.1.mlp.out.weight"]
     assert (a - b).norm() > 1e-3 * a.norm()
-    # the same direction u = C^-1 k* (only the scale and the residual differ)
-    ra, rb = torch.linalg.svd(a.double())[2][0], torch.linalg.svd(b.double())[2][0]
-    assert abs(torch.dot(ra, rb)) > 1 - 1e-6
+    keys, _ = _rows(tiny_llama, EIFFEL, RROMEConfig(**shared), 1)
+    inverse = inverse_second_moment(tiny_llama, 1, corpus).double()
+    for upd, key in ((a, keys.mean(0)), (b, _group_mean(keys, tiny_llama, RROMEConfig(**shared)))):
+        u = inverse @ key
+        assert abs(torch.dot(torch.linalg.svd(upd.double())[2][0], u / u.norm())) > 1 - 1e-6
 
 
 # ---------------------------------------------------------------- undo, replay, saving
@@ -194,8 +220,9 @@ def test_registry_presets_sadr_and_cli_know_r_rome(tiny_llama, monkeypatch):
 
     assert "r-rome" in METHODS and CONFIG_TYPES["r-rome"] is RROMEConfig and EDITORS["r-rome"].state_type is None
     preset, rome = RROMEConfig.for_model(tiny_llama), ROMEConfig.for_model(tiny_llama)
-    assert all(getattr(preset, f.name) == getattr(rome, f.name) for f in dataclasses.fields(ROMEConfig))
-    assert preset.keys == "prefixes"
+    assert all(getattr(preset, f.name) == getattr(rome, f.name) for f in dataclasses.fields(ROMEConfig)
+               if f.name != "context_templates")
+    assert preset.keys == "prefixes" and preset.context_templates == MEMIT_TEMPLATES != rome.context_templates
     resolved = SADRConfig().resolved(tiny_llama, "r-rome")
     assert (resolved.weight, resolved.steps) == PUBLISHED["rome"]
     parser = argparse.ArgumentParser()
@@ -227,39 +254,39 @@ PINNED = json.loads("""
      64,
      128
     ],
-    "norm": 25.918266526112582,
-    "sum": 25.425689751689788,
-    "abs_sum": 1579.8448868777486,
-    "max_abs": 1.9833029508590698,
+    "norm": 26.374239587057335,
+    "sum": 15.259679296112154,
+    "abs_sum": 1627.1079998034402,
+    "max_abs": 1.867361307144165,
     "entries": {
-     "0,0": -0.372843861579895,
-     "7,13": 0.021619178354740143,
-     "31,63": -0.5592451095581055,
-     "63,5": -0.15598352253437042,
-     "18,126": -1.9833029508590698
+     "0,0": -0.3744949698448181,
+     "7,13": -0.04632540047168732,
+     "31,63": -0.50049889087677,
+     "63,5": -0.23982329666614532,
+     "18,126": -1.867361307144165
     }
    }
   },
   "loss": [
    [
     5.823182582855225,
-    5.741067409515381,
+    5.741066932678223,
     5.728846073150635,
     5.724827289581299,
     5.722459316253662,
-    5.721081256866455,
+    5.721081733703613,
     5.720149517059326,
     5.71937894821167
    ],
    [
-    6.045560836791992,
-    5.97636604309082,
-    5.968110084533691,
-    5.965368747711182,
-    5.964025497436523,
-    5.963168621063232,
-    5.96251916885376,
-    5.961979866027832
+    6.049872875213623,
+    5.9818196296691895,
+    5.973830223083496,
+    5.971141338348389,
+    5.969812870025635,
+    5.9689717292785645,
+    5.96834659576416,
+    5.967833995819092
    ]
   ],
   "sadr_loss": [
@@ -281,39 +308,39 @@ PINNED = json.loads("""
      256,
      64
     ],
-    "norm": 32.892640520392604,
-    "sum": 2.7369309141649865,
-    "abs_sum": 3078.287558425276,
-    "max_abs": 1.662353754043579,
+    "norm": 32.02568936169615,
+    "sum": 1.8292228890932165,
+    "abs_sum": 3011.2752330741496,
+    "max_abs": 1.5862345695495605,
     "entries": {
-     "0,0": 0.042788732796907425,
-     "7,13": 0.2506096363067627,
-     "31,63": -0.13677504658699036,
-     "63,5": -0.3190629780292511,
-     "143,34": 1.662353754043579
+     "0,0": -0.005115282256156206,
+     "7,13": 0.2553723156452179,
+     "31,63": -0.15447606146335602,
+     "63,5": -0.2820868492126465,
+     "143,34": 1.5862345695495605
     }
    }
   },
   "loss": [
    [
-    5.943383693695068,
-    5.918868064880371,
+    5.94338321685791,
+    5.918867588043213,
     5.9161200523376465,
     5.915078163146973,
     5.9145636558532715,
-    5.914254665374756,
+    5.914255142211914,
     5.914039611816406,
-    5.913869380950928
+    5.913870334625244
    ],
    [
-    6.040872573852539,
-    6.025611877441406,
-    6.022791862487793,
-    6.021875858306885,
-    6.021512031555176,
-    6.021315097808838,
-    6.021171569824219,
-    6.021048069000244
+    6.0378546714782715,
+    6.021357536315918,
+    6.018364429473877,
+    6.017343997955322,
+    6.0169291496276855,
+    6.016709804534912,
+    6.0165581703186035,
+    6.01643180847168
    ]
   ],
   "sadr_loss": [

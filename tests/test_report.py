@@ -61,6 +61,34 @@ def test_compare_json_has_paired_keys_for_every_pair():
     assert "Paired on shared records" in report.compare_markdown(result)
 
 
+def test_compare_shows_an_unedited_run_as_the_pre_edit_row_only():
+    """A ``--method none`` run has no post-edit scores: no empty row of its own, no empty paired table."""
+    unedited = []
+    for i in range(6):
+        line = _line(i, [True, False], [True, False])
+        del line["post"]
+        unedited.append(line)
+    runs = {"none": Run({"model": "m", "method": "none"}, unedited),
+            "rome": _run(_line(i, [True, False], [False, False]) for i in range(6))}
+    text = report.compare_markdown(report.compare(runs))
+    assert "| pre-edit | 6 | 50.0" in text and "| rome | 6 | 0.0" in text and "| none |" not in text
+    assert "No paired tests" in text and "Paired on shared records" not in text
+    runs["rome-sadr"] = _run(_line(i, [True, False], [True, False]) for i in range(6))
+    text = report.compare_markdown(report.compare(runs))
+    assert "| rome -> rome-sadr | distract_neighborhood | 6 / 12 |" in text and "No paired tests" not in text
+
+
+def test_a_batch_editing_run_says_its_batch_size_and_that_seconds_are_per_fact():
+    lines = [_line(i, [True], [False]) for i in range(4)]
+    batched = {"single": _run(lines), "batched": Run({"model": "m", "method": "memit", "edit_batch": 2}, lines)}
+    summary = report.summary(batched["batched"])
+    assert summary["meta"]["edit_batch"] == 2 and report.summary(batched["single"])["meta"]["edit_batch"] == 1
+    assert "batch editing, 2 facts per update · 1.0 s/edit (per fact)" in report.markdown(summary)
+    table = report.compare_markdown(report.compare(batched))
+    assert "| batched (batches of 2) | 4 |" in table and "| single | 4 |" in table
+    assert "| pre-edit | 4 |" in table  # the pre-edit row is not a batch edit
+
+
 def test_summary_has_both_intervals():
     run = _run(_line(i, [True, False], [i < 5, False]) for i in range(10))
     post = report.summary(run)["groups"]["distract_neighborhood"]["post"]

@@ -131,6 +131,7 @@ def summary(run: Run, *, per_record: bool = False) -> dict:
         "model": run.meta.get("model"), "method": run.meta.get("method"), "variant": run.meta.get("variant"),
         "data": run.meta.get("data"), "records": len(run.records), "per_record": per_record,
         "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "avg_s": avg,
+        "edit_batch": int(run.meta.get("edit_batch", 1)),
     }
     return {"groups": groups, "metrics": {m: metrics[m] for m in METRICS if m in metrics}, "meta": meta}
 
@@ -193,8 +194,10 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     seconds = meta["seconds_per_edit"]
     pooled = "per-record mean" if meta["per_record"] else "pooled over prompts"
+    batch = meta.get("edit_batch", 1)
     head = (f"model {meta['model']} · method {meta['method']} · {meta['records']} records · {pooled}"
-            + (f" · {seconds:.1f} s/edit" if seconds is not None else ""))
+            + (f" · batch editing, {batch} facts per update" if batch > 1 else "")
+            + (f" · {seconds:.1f} s/edit" + (" (per fact)" if batch > 1 else "") if seconds is not None else ""))
     rows = [head, "", "| group | n | pre acc ± normal CI | pre bootstrap CI | post acc ± normal CI | "
             "post bootstrap CI | pre/post mean P(right) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, group in GROUPS.items():
@@ -372,7 +375,8 @@ def tradeoff(runs: Mapping[str, Run], baseline: str, *, group: str = "distract_n
 
 def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: bool,
          metrics: Sequence[str] = ()) -> str:
-    cells = [label, str(result["meta"]["records"])]
+    batch = result["meta"].get("edit_batch", 1) if phase == "post" else 1
+    cells = [label + (f" (batches of {batch})" if batch > 1 else ""), str(result["meta"]["records"])]
     cells += [_pct(result["groups"].get(g, {}).get(phase)) for g in groups]
     cells += [_metric_mean(m, result.get("metrics", {}).get(m, {}).get(phase)) for m in metrics]
     if fluency:
@@ -386,7 +390,8 @@ def _row(label: str, result: dict, phase: str, groups: Sequence[str], fluency: b
 def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = SHOWN_GROUPS) -> str:
     """Rows: the first run's pre-edit scores, then each run's post-edit scores (pooled, ± the
     paper's normal half-width), then the field's metrics any run has (mean ± normal half-width;
-    NKL in nats, accuracies in %)."""
+    NKL in nats, accuracies in %). A batch-editing run's label says its batch size; its s/edit is
+    per fact."""
     groups = [g for g in groups if any(g in r["groups"] for r in summaries.values())]
     metrics = [m for m in METRICS if any(m in r.get("metrics", {}) for r in summaries.values())]
     fluency = any("fluency" in r["groups"] for r in summaries.values())
@@ -396,8 +401,14 @@ def table_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = SHOWN_
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first = next(iter(summaries.values()))
     rows.append(_row("pre-edit", first, "pre", groups, fluency, metrics))
-    rows += [_row(label, result, "post", groups, fluency, metrics) for label, result in summaries.items()]
+    rows += [_row(label, result, "post", groups, fluency, metrics) for label, result in summaries.items()
+             if _edited(result)]
     return "\n".join(rows) + "\n\n" + sizes_markdown(summaries, groups)
+
+
+def _edited(result: dict) -> bool:
+    """Whether a :func:`summary` has post-edit scores (a ``--method none`` run has only its pre-edit row)."""
+    return any("post" in entry for entry in result["groups"].values())
 
 
 def group_sizes(result: dict, phase: str, groups: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -415,7 +426,7 @@ def sizes_markdown(summaries: Mapping[str, dict], groups: Sequence[str] = SHOWN_
     """The n behind each column of :func:`table_markdown`, taken from the runs: ``records /
     prompts`` per group, once when every row has the same, else per row."""
     rows = {"pre-edit": group_sizes(next(iter(summaries.values())), "pre", groups)}
-    rows |= {label: group_sizes(result, "post", groups) for label, result in summaries.items()}
+    rows |= {label: group_sizes(result, "post", groups) for label, result in summaries.items() if _edited(result)}
 
     def text(sizes):
         return ", ".join(f"{GROUPS[g].abbrev or g} {r if r is not None else '?'} / {p}" for g, (r, p) in sizes.items())
@@ -456,7 +467,10 @@ def paired_markdown(paired: Mapping[str, Mapping[str, dict]]) -> str:
 def compare_markdown(result: dict) -> str:
     """A :func:`compare` result: the side-by-side table, then the paired tests."""
     parts = [table_markdown(result["runs"])]
-    if result.get("paired"):
+    if result.get("paired") and not any(result["paired"].values()):
+        parts += ["", "No paired tests: they compare post-edit scores, and a run without an edit (`--method "
+                  "none`) has none; its pre-edit scores are the table's pre-edit row."]
+    elif result.get("paired"):
         parts += ["", "Paired on shared records (second minus first run, post-edit):", "",
                   paired_markdown(result["paired"])]
     return "\n".join(parts)

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 AD=${AD:-attention-drift}
 SEL="--data dev-report --limit 100 --balanced --reuse-pre ../plus/none.jsonl --threads 1 --no-progress"
+# r-rome-compute-v.jsonl: r-ROME before 2026-12-07 (the rome/compute_v.py form; see r_rome.py)
 for m in alphaedit emmet r-rome ft; do
     $AD evaluate $SEL --method $m --out $m.jsonl
 done

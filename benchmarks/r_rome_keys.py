@@ -1,0 +1,96 @@
+"""r-ROME's two formulations in the authors' repository, side by side on the same records.
+
+``compute-v``: the ``enable_random_prefix_keys`` branch of ``rome/compute_v.py`` (our r-ROME until
+2026-12-07): ROME's 21 templates, ``k*`` the flat mean over them, and ``k*`` mapped to
+``v_init + delta`` with ``v_init`` the bare prompt's output. ``r-rome-module``: the authors'
+``r_rome`` module, :mod:`attention_drift.editing.r_rome` today: MEMIT's 6 templates, ``k*`` the
+mean of the groups' means, and ``k*`` mapped to its own output plus ``delta``. Both share the value
+optimisation; the script swaps the registry's r-ROME executor for each and prints each record's
+P(new) / P(true) on its own prompt, then efficacy (P(new) > P(true)) and paraphrase.
+
+    python benchmarks/r_rome_keys.py --half tune --records 40
+    python benchmarks/r_rome_keys.py --half report --case-ids 1,5,63,69,76
+"""
+
+import argparse
+import dataclasses
+
+import torch
+
+import attention_drift as ad
+from attention_drift.core.data import balanced_subset
+from attention_drift.core.hooks import act_name, mlp_weight_name
+from attention_drift.core.models import mlp_out_weight
+from attention_drift.editing import registry, r_rome
+from attention_drift.editing.config import MEMIT_TEMPLATES, ROME_TEMPLATES
+from attention_drift.editing.optimize import Objective, optimize_values
+from attention_drift.editing.rome import rank_one_update
+from attention_drift.editing.templates import context_templates
+
+FORMS = {"compute-v": (ROME_TEMPLATES, "flat", "bare"), "r-rome-module": (MEMIT_TEMPLATES, "groups", "own")}
+
+
+def executor(templates_spec, key_mean: str, value: str):
+    """An r-ROME ``execute`` with the given templates, key mean and value target."""
+
+    def execute(model, requests, config, prepared, apply, extra_losses=()):
+        layer = config.layer
+        site, key_hook = act_name("mlp_raw", layer), act_name("mlp_post", layer)
+        groups = context_templates(model, templates_spec, config.template_seed)
+        traces = []
+        for request in requests:
+            sol = optimize_values(model, request, [t for g in groups for t in g], sites=[site], layer=layer,
+                                  objective=Objective.of(config), loss_layer=config.v_loss_layer,
+                                  extra_losses=extra_losses, reference_names=[key_hook, site])
+            keys, outs = sol.reference[key_hook].double(), sol.reference[site].double()
+            if key_mean == "groups":
+                key, current = r_rome.update_key(keys, outs, [len(g) for g in groups], "prefixes")
+            else:
+                key, current = keys.mean(0), outs.mean(0)
+            delta = sol.delta[site].double()
+            target = (outs[0] + delta) if value == "bare" else (current + delta)
+            u = prepared.inverse_cov @ key
+            upd = rank_one_update(model, layer, key, u / u.norm(), target, current)
+            apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
+            traces.append(sol.trace)
+        return traces
+
+    return execute
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--half", choices=("tune", "report"), default="tune")
+    parser.add_argument("--records", type=int, default=40, help="balanced records of the half")
+    parser.add_argument("--case-ids", default="", help="comma-separated case ids instead of --records")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = ad.load_model("smollm2-135m")
+    records = ad.load_dev(half=args.half)
+    ids = {int(x) for x in args.case_ids.split(",") if x}
+    records = [r for r in records if r.case_id in ids] if ids else balanced_subset(records, args.records)
+    original = registry.EDITORS["r-rome"]
+    results = {name: [] for name in FORMS}
+    try:
+        for record in records:
+            cells = [str(record.case_id)]
+            for name, form in FORMS.items():
+                registry.EDITORS["r-rome"] = dataclasses.replace(original, execute=executor(*form))
+                with ad.edit(model, record.rewrite, method="r-rome", progress=False):
+                    scores = ad.evaluate_record(model, record, groups=["efficacy", "paraphrase"])
+                eff, para = scores.groups["efficacy"], scores.groups.get("paraphrase")
+                results[name].append((eff.correct[0], list(para.correct) if para else []))
+                cells.append(f"{name} {eff.p_right[0]:.4f}/{eff.p_wrong[0]:.4f}")
+            print(" | ".join(cells), flush=True)
+    finally:
+        registry.EDITORS["r-rome"] = original
+    print(f"\n{args.half} half, {len(records)} records (P(new)/P(true) on the record's own prompt above)")
+    for name, rows in results.items():
+        es = 100 * sum(r[0] for r in rows) / len(rows)
+        para = [c for r in rows for c in r[1]]
+        ps = f"{100 * sum(para) / len(para):.1f} ({len(para)} prompts)" if para else "-"
+        print(f"{name:14s} ES {es:5.1f}  PS {ps}")
+
+
+if __name__ == "__main__":
+    main()
