@@ -284,13 +284,19 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                     guard_mentions=True),
     "m3g": SADRSpec(**_PLUS, output_weight=3.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                     guard_mentions=True),
+    "m1g5": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                     guard_margin=5.0, guard_mentions=True),
+    "m1g8": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                     guard_margin=8.0, guard_mentions=True),
 }
 """Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
 half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
 Each is ``plus`` (with ``verify``) with other distract rows: ``m``: the edit-sentence rows and as many
 rows that only mention the edited subject (:data:`~attention_drift.editing.sadr.MENTIONS`), the
 number the output term's weight; ``g``: with the efficacy guard on the rewriting rows and on rows that
-mention the subject then ask its own prompt (``guard_mentions``), where the new target must win."""
+mention the subject then ask its own prompt (``guard_mentions``), where the new target must win by
+``guard_margin`` nats (1; ``g5`` / ``g8``: 5 / 8, round 2: under ``m1g`` the own prompt's log-odds fell
+from ROME's ~11 to 2-8 nats, far above the 1-nat margin, and paraphrase log-odds fell with them)."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
