@@ -451,7 +451,8 @@ def run_compare(args) -> int:
 
     from attention_drift.reports.evaluation import compare, compare_markdown
 
-    result = compare({Path(f).stem: _read(f) for f in args.files}, shared=not args.all_records)
+    result = compare({label: _read(f) for label, f in zip(run_labels(args.files), args.files)},
+                     shared=not args.all_records)
     print(json.dumps(result, indent=1) if args.json else compare_markdown(result))
     if args.suite_figure:
         from attention_drift.views.plots import save
@@ -460,6 +461,17 @@ def run_compare(args) -> int:
         written = save(suite_figure(result["runs"]), args.suite_figure)
         print(f"suite figure: {', '.join(map(str, written))}", file=sys.stderr)
     return 0
+
+
+def run_labels(files: Sequence[str]) -> list[str]:
+    """A label per run file: its name without ``.jsonl``, with as many parent folders as it takes
+    to tell apart files of the same name (``plus/rome-sadr``, ``grid-today/rome-sadr``)."""
+    paths = [Path(f).resolve() for f in files]
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        labels = ["/".join(p.with_suffix("").parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise CliError(f"the same run file is given twice: {', '.join(files)}; give each once")
 
 
 def register_merge(subparsers) -> None:

@@ -345,3 +345,14 @@ def test_demo_loads_the_model_in_the_dtype_asked(tiny_folder, capsys):
     assert cli.main(["demo", "--model", tiny_folder, "--no-edit", "--dtype", "bfloat16", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "(bfloat16)" in out and "Facts the unedited model knows" in out
+
+
+def test_compare_labels_tell_apart_run_files_of_the_same_name(tmp_path, capsys):
+    assert cli.run_labels(["a/rome.jsonl", "b/rome-sadr.jsonl"]) == ["rome", "rome-sadr"]
+    assert cli.run_labels(["x/plus/rome-sadr.jsonl", "x/grid/rome-sadr.jsonl", "x/grid/rome.jsonl"]) == [
+        "plus/rome-sadr", "grid/rome-sadr", "grid/rome"]
+    assert cli.run_labels(["p/q/r.jsonl", "s/q/r.jsonl"]) == ["p/q/r", "s/q/r"]
+    run = tmp_path / "rome.jsonl"
+    run.write_text(json.dumps({"meta": {"format": "attention_drift.evaluate/2", "model": "m", "method": "rome"}}) + "\n")
+    assert cli.main(["compare", str(run), str(run)]) != 0
+    assert "the same run file is given twice" in _error_line(capsys)
