@@ -6,6 +6,7 @@ not the variable is set.
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,3 +18,18 @@ def cache_root() -> Path:
 def cache_dir(name: str) -> Path:
     """The cache sub-folder ``name`` (not created)."""
     return cache_root() / name
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Make ``path`` by ``write(tmp)`` on a temporary file beside it, then one rename, so that a
+    reader, or a process killed mid-write, never meets half a file; creates the folder. Returns
+    ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

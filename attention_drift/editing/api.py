@@ -40,6 +40,7 @@ from attention_drift.editing.optimize import ExtraLoss, OptimizationTrace, step_
 from attention_drift.editing.registry import CONFIG_TYPES, METHODS, EditorConfig, clamp_field, get_editor, resolve_edit
 from attention_drift.core.hooks import mlp_weight_name
 from attention_drift.core.models import mlp_out_weight, on_model_device, save_hf_folder
+from attention_drift.core.paths import write_atomically
 from attention_drift.editing.sadr import SADRConfig, SADRLoss
 
 __all__ = ["CONFIG_TYPES", "METHODS", "EditContext", "EditResult", "apply_edit", "check_request", "edit"]
@@ -168,11 +169,7 @@ class EditResult:
             "state": None if self.state is None else _portable(
                 {f.name: getattr(self.state, f.name) for f in dataclasses.fields(self.state)}, "state"),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, lambda tmp: torch.save(data, tmp))
 
     def save_pretrained(self, path: str | os.PathLike, model=None) -> Path:
         """Write the edited model as a Hugging Face folder (``model.safetensors``, config, tokenizer)

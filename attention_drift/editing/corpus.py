@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from attention_drift.core import tokens
 from attention_drift.editing.fingerprints import embedding_fingerprint, model_key, tokenizer_fingerprint
-from attention_drift.core.paths import cache_dir
+from attention_drift.core.paths import cache_dir, write_atomically
 from attention_drift.editing.config import ConfigError, StatsConfig
 from attention_drift.editing.sampling import sample_tokens
 
@@ -83,11 +83,8 @@ def sample_corpus(model, stats: StatsConfig, *, progress: bool = True) -> list[l
     bar.close()
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"corpus_n{len(rows)}.safetensors"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"ids": torch.tensor(rows, dtype=torch.int32).contiguous()}, tmp)
-    os.replace(tmp, path)
+    write_atomically(folder / f"corpus_n{len(rows)}.safetensors",
+                     lambda tmp: save_file({"ids": torch.tensor(rows, dtype=torch.int32).contiguous()}, tmp))
     return rows[: stats.n_samples]
 
 

@@ -29,7 +29,6 @@ offline models (:data:`~attention_drift.editing.corpus.SHIPPED_DIR`).
 """
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +43,7 @@ from attention_drift.editing.corpus import OPENERS, SAMPLE_CHUNK, corpus_sequenc
 from attention_drift.editing.fingerprints import model_key
 from attention_drift.core.hooks import act_name
 from attention_drift.core.models import model_device, n_layers
-from attention_drift.core.paths import cache_dir
+from attention_drift.core.paths import cache_dir, write_atomically
 
 __all__ = [
     "OPENERS", "SAMPLE_CHUNK", "clear_memory_cache", "corpus_sequences", "inverse_second_moment",
@@ -109,10 +108,8 @@ def key_second_moments(
 def _save(path: Path, mom2: Tensor, count: int, provenance: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"mom2": mom2.contiguous().cpu(), "count": torch.tensor([count], device="cpu")}, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(
+        {"mom2": mom2.contiguous().cpu(), "count": torch.tensor([count], device="cpu")}, tmp))
     path.with_suffix(".json").write_text(json.dumps(provenance, indent=1))
 
 
@@ -221,10 +218,8 @@ def null_space_projection(
     proj = (proj + proj.T) / 2
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"projection": proj.contiguous(), "eigenvalues": evals.contiguous()}, tmp, metadata={"source": source})
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(
+        {"projection": proj.contiguous(), "eigenvalues": evals.contiguous()}, tmp, metadata={"source": source}))
     path.with_suffix(".json").write_text(json.dumps({
         "model_key": model_key(model), "layer": layer, "threshold": float(threshold),
         "null_dim": int(null.shape[1]), "d_mlp": int(mom2.shape[0]),

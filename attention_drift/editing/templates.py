@@ -13,7 +13,6 @@ sampling.
 """
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from attention_drift.core import tokens
 from attention_drift.editing.fingerprints import model_key
-from attention_drift.core.paths import cache_dir
+from attention_drift.core.paths import cache_dir, write_atomically
 from attention_drift.editing.sampling import sample_tokens
 
 __all__ = ["PROMPT_WORDS", "clear_cache", "context_templates", "sample_tokens", "templates_path"]
@@ -88,12 +87,9 @@ def _read(path: Path, spec: tuple[tuple[int, int], ...], seed: int) -> list[list
 
 
 def _write(path: Path, groups: list[list[str]], spec, seed: int, model) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     data = {"model": str(getattr(model, "model_name", "")), "spec": [list(p) for p in spec], "seed": seed,
             "groups": groups}
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8"))
 
 
 def clear_cache() -> None:

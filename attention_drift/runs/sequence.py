@@ -43,6 +43,7 @@ from attention_drift.core.errors import AttentionDriftError
 from attention_drift.core.hooks import mlp_weight_name
 from attention_drift.core.jsonl import RunFile, read_run
 from attention_drift.core.models import hf_parameters, mlp_out_weight
+from attention_drift.core.paths import write_atomically
 from attention_drift.editing import apply_edit
 from attention_drift.editing.external import WeightSwap
 from attention_drift.editing.identity import weights_fingerprint
@@ -162,9 +163,7 @@ def _save_checkpoint(path: Path, edits: int, weights: _Weights, state, meta: dic
             "originals": weights_fingerprint(weights.originals),
             "weights": {n: w.cpu() for n, w in weights.current().items()},
             "state": None if state is None else {f: getattr(state, f) for f in state.__dataclass_fields__}}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(data, tmp))
 
 
 def _stable(meta: dict) -> dict:
