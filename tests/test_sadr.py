@@ -556,6 +556,33 @@ def test_guard_mention_rows_take_the_delta_at_both_subject_occurrences(stats):
         SADRConfig(guard_mentions=True)
 
 
+def test_guard_rows_naming_other_subjects_end_in_the_own_prompt_and_are_guarded(stats):
+    """``guard_others``: one row per other subject, a sentence naming it, then the request's own
+    prompt; guarded (after the mention rows), the edited subject once, so no second delta."""
+    from attention_drift.editing.optimize import rewriting_setup
+    from attention_drift.editing.sadr import DISTRACT_SUBJECTS, MENTIONS, guard_prompts
+
+    rows = guard_prompts(EIFFEL, mentions=False, others=True)
+    others = [s for s in DISTRACT_SUBJECTS if s != EIFFEL.subject]
+    assert rows == [f"{MENTIONS[i].format(subject=s)} {EIFFEL.prompt}" for i, s in enumerate(others)]
+    assert len(guard_prompts(EIFFEL, mentions=True, others=True)) == len(MENTIONS) + len(others)
+    assert guard_prompts(EIFFEL, mentions=False, others=False) == []
+    model = tiny_model("llama", n_layers=3)
+    sadr = SADRLoss(SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast",
+                               distract_forms=("edit", "mention"), guard_weight=1.0, guard_mentions=True,
+                               guard_others=True))
+    setup = rewriting_setup(model, EIFFEL, ["{}"], 1, [sadr])
+    n_guard, n_distract = len(MENTIONS) + len(others), 2 * len(others)
+    assert len(setup.batch) == setup.n_rewriting + 1 + n_guard + n_distract
+    guard_rows = list(range(setup.n_rewriting + 1, setup.n_rewriting + 1 + n_guard))
+    assert [r for r, _ in setup.also_at] == guard_rows[:len(MENTIONS)]  # the other-subject rows name it once
+    distract, own = sadr._split_extra(setup.info)
+    assert own.tolist() == guard_rows and len(distract) == n_distract
+    assert setup.output_rows.tolist() == [*range(setup.n_rewriting), *guard_rows, *distract.tolist()]
+    with pytest.raises(SADRError, match="guard_others adds rows"):
+        SADRConfig(guard_others=True)
+
+
 def test_an_edit_with_mention_rows_and_their_guard_runs_and_holds(stats):
     model = tiny_model("llama", n_layers=3)
     sadr = SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast", steps=STEPS,

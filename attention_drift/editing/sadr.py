@@ -111,6 +111,10 @@ class SADRConfig:
             :data:`MENTIONS`) and then ask the request's own prompt, where the new target must win:
             the counterpart of the "mention" distract rows, so that an output term on those cannot
             buy locality by weakening the edit after any context. Needs ``guard_weight``. Our extension.
+        guard_others: the guard also reads rows that name another subject first (the i-th of
+            :data:`MENTIONS` about the i-th of ``distract_subjects``) and then ask the request's own
+            prompt: the mirror image of the "mention" distract rows, where the edit must still be
+            read. Needs ``guard_weight``. Our extension.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -134,6 +138,7 @@ class SADRConfig:
     guard_weight: float = 0.0
     guard_margin: float = 1.0
     guard_mentions: bool = False
+    guard_others: bool = False
     verify: bool = False
 
     @classmethod
@@ -192,8 +197,9 @@ class SADRConfig:
         if self.guard_weight < 0 or self.guard_margin < 0:
             raise SADRError(f"SADR guard_weight and guard_margin must be >= 0, not {self.guard_weight} and "
                             f"{self.guard_margin}")
-        if self.guard_mentions and not self.guard_weight:
-            raise SADRError("SADR guard_mentions adds rows to the efficacy guard: set guard_weight > 0 too")
+        for name in ("guard_mentions", "guard_others"):
+            if getattr(self, name) and not self.guard_weight:
+                raise SADRError(f"SADR {name} adds rows to the efficacy guard: set guard_weight > 0 too")
         if not self.clamp_scale > 0:
             raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
@@ -293,6 +299,17 @@ def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJEC
     return [f"{contexts[form](i)} {other}" for form in forms for i, other in enumerate(others)]
 
 
+def guard_prompts(request: Rewrite, *, mentions: bool, others: bool,
+                  subjects: Sequence[str] = DISTRACT_SUBJECTS) -> list[str]:
+    """The efficacy guard's rows beyond the rewriting rows, each ending in the request's own prompt:
+    with ``mentions``, each of :data:`MENTIONS` naming the edited subject first; with ``others``,
+    the i-th of :data:`MENTIONS` naming the i-th other subject of ``subjects`` first."""
+    rows = [f"{m.format(subject=request.subject)} {request.prompt}" for m in MENTIONS] if mentions else []
+    others_named = [s for s in subjects if s != request.subject] if others else []
+    rows += [f"{MENTIONS[i % len(MENTIONS)].format(subject=s)} {request.prompt}" for i, s in enumerate(others_named)]
+    return rows
+
+
 @dataclass
 class SADRLoss:
     """SADR as an extra loss term of the editors' value optimisation.
@@ -312,19 +329,21 @@ class SADRLoss:
     record: dict = field(default_factory=dict)
     _before: Tensor | None = field(default=None, repr=False)
     _before_output: Tensor | None = field(default=None, repr=False)
+    _n_guard_rows: int = field(default=0, repr=False)
 
     def extra_prompts(self, request: Rewrite) -> list[str]:
-        """(``guard_mentions``) the guard's mention rows, then the distract rows: the batch's output
-        rows go in row order, guard rows before distract rows."""
-        rows = [f"{m.format(subject=request.subject)} {request.prompt}" for m in MENTIONS] \
-            if self.config.guard_mentions else []
+        """The guard's rows (:func:`guard_prompts`), then the distract rows: the batch's output rows
+        go in row order, guard rows before distract rows."""
+        rows = guard_prompts(request, mentions=self.config.guard_mentions, others=self.config.guard_others,
+                             subjects=self.config.distract_subjects)
+        self._n_guard_rows = len(rows)
         if self.config.distract:
             rows += distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
         return rows
 
     def _split_extra(self, info) -> tuple[Tensor, Tensor]:
-        """(distract rows, guard's mention rows) of the batch."""
-        n_own = len(MENTIONS) if self.config.guard_mentions else 0
+        """(distract rows, the guard's extra rows) of the batch."""
+        n_own = self._n_guard_rows
         return info.extra_rows[n_own:], info.extra_rows[:n_own]
 
     def output_rows(self, info) -> Tensor:

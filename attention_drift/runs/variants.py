@@ -288,6 +288,8 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                      guard_margin=5.0, guard_mentions=True),
     "m1g8": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                      guard_margin=8.0, guard_mentions=True),
+    "m1go": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                     guard_mentions=True, guard_others=True),
 }
 """Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
 half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
@@ -296,7 +298,10 @@ rows that only mention the edited subject (:data:`~attention_drift.editing.sadr.
 number the output term's weight; ``g``: with the efficacy guard on the rewriting rows and on rows that
 mention the subject then ask its own prompt (``guard_mentions``), where the new target must win by
 ``guard_margin`` nats (1; ``g5`` / ``g8``: 5 / 8, round 2: under ``m1g`` the own prompt's log-odds fell
-from ROME's ~11 to 2-8 nats, far above the 1-nat margin, and paraphrase log-odds fell with them)."""
+from ROME's ~11 to 2-8 nats, far above the 1-nat margin, and paraphrase log-odds fell with them);
+``o``: the guard also reads rows that name another subject before the own prompt (``guard_others``),
+the mirror of the mention rows (round 3: a failing paraphrase opens with a sentence about another
+person)."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
