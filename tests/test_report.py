@@ -73,6 +73,9 @@ def test_compare_shows_an_unedited_run_as_the_pre_edit_row_only():
     text = report.compare_markdown(report.compare(runs))
     assert "| pre-edit | 6 | 50.0" in text and "| rome | 6 | 0.0" in text and "| none |" not in text
     assert "No paired tests" in text and "Paired on shared records" not in text
+    apart = {"rome": runs["rome"], "memit": _run(_line(i, [True, False], [True, False]) for i in range(6, 9))}
+    text = report.compare_markdown(report.compare(apart, shared=False))
+    assert "No paired tests" in text and "the runs share no scored records" in text and "--method none" not in text
     runs["rome-sadr"] = _run(_line(i, [True, False], [True, False]) for i in range(6))
     text = report.compare_markdown(report.compare(runs))
     assert "| rome -> rome-sadr | distract_neighborhood | 6 / 12 |" in text and "No paired tests" not in text

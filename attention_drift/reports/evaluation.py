@@ -468,8 +468,11 @@ def compare_markdown(result: dict) -> str:
     """A :func:`compare` result: the side-by-side table, then the paired tests."""
     parts = [table_markdown(result["runs"])]
     if result.get("paired") and not any(result["paired"].values()):
-        parts += ["", "No paired tests: they compare post-edit scores, and a run without an edit (`--method "
-                  "none`) has none; its pre-edit scores are the table's pre-edit row."]
+        unedited = [label for label, r in result["runs"].items() if r["meta"]["method"] == "none"]
+        reason = (f"the run {', '.join(f'`{u}`' for u in unedited)} made no edit (`--method none`), so it has no "
+                  "post-edit scores; its pre-edit scores are the table's pre-edit row" if unedited
+                  else "the runs share no scored records")
+        parts += ["", f"No paired tests: they compare post-edit scores on shared records, and {reason}."]
     elif result.get("paired"):
         parts += ["", "Paired on shared records (second minus first run, post-edit):", "",
                   paired_markdown(result["paired"])]
