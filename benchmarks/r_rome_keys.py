@@ -5,8 +5,9 @@
 ``v_init + delta`` with ``v_init`` the bare prompt's output. ``r-rome-module``: the authors'
 ``r_rome`` module, :mod:`attention_drift.editing.r_rome` today: MEMIT's 6 templates, ``k*`` the
 mean of the groups' means, and ``k*`` mapped to its own output plus ``delta``. Both share the value
-optimisation; the script swaps the registry's r-ROME executor for each and prints each record's
-P(new) / P(true) on its own prompt, then efficacy (P(new) > P(true)) and paraphrase.
+optimisation; the script runs the registry's r-ROME and, for the old form, swaps in an executor
+of that form (same ``C^-1``). It prints each record's P(new) / P(true) on its own prompt, then
+efficacy (P(new) > P(true)) and paraphrase.
 
     python benchmarks/r_rome_keys.py --half tune --records 40
     python benchmarks/r_rome_keys.py --half report --case-ids 1,5,63,69,76
@@ -21,41 +22,31 @@ import attention_drift as ad
 from attention_drift.core.data import balanced_subset
 from attention_drift.core.hooks import act_name, mlp_weight_name
 from attention_drift.core.models import mlp_out_weight
-from attention_drift.editing import registry, r_rome
-from attention_drift.editing.config import MEMIT_TEMPLATES, ROME_TEMPLATES
+from attention_drift.editing import registry
+from attention_drift.editing.config import ROME_TEMPLATES
 from attention_drift.editing.optimize import Objective, optimize_values
 from attention_drift.editing.rome import rank_one_update
 from attention_drift.editing.templates import context_templates
 
-FORMS = {"compute-v": (ROME_TEMPLATES, "flat", "bare"), "r-rome-module": (MEMIT_TEMPLATES, "groups", "own")}
 
-
-def executor(templates_spec, key_mean: str, value: str):
-    """An r-ROME ``execute`` with the given templates, key mean and value target."""
-
-    def execute(model, requests, config, prepared, apply, extra_losses=()):
-        layer = config.layer
-        site, key_hook = act_name("mlp_raw", layer), act_name("mlp_post", layer)
-        groups = context_templates(model, templates_spec, config.template_seed)
-        traces = []
-        for request in requests:
-            sol = optimize_values(model, request, [t for g in groups for t in g], sites=[site], layer=layer,
-                                  objective=Objective.of(config), loss_layer=config.v_loss_layer,
-                                  extra_losses=extra_losses, reference_names=[key_hook, site])
-            keys, outs = sol.reference[key_hook].double(), sol.reference[site].double()
-            if key_mean == "groups":
-                key, current = r_rome.update_key(keys, outs, [len(g) for g in groups], "prefixes")
-            else:
-                key, current = keys.mean(0), outs.mean(0)
-            delta = sol.delta[site].double()
-            target = (outs[0] + delta) if value == "bare" else (current + delta)
-            u = prepared.inverse_cov @ key
-            upd = rank_one_update(model, layer, key, u / u.norm(), target, current)
-            apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
-            traces.append(sol.trace)
-        return traces
-
-    return execute
+def compute_v_execute(model, requests, config, prepared, apply, extra_losses=()):
+    """r-ROME as the ``enable_random_prefix_keys`` branch of the authors' ``rome/compute_v.py``:
+    ROME's templates, the flat key mean, mapped to the bare prompt's output plus delta."""
+    layer = config.layer
+    site, key_hook = act_name("mlp_raw", layer), act_name("mlp_post", layer)
+    templates = [t for g in context_templates(model, ROME_TEMPLATES, config.template_seed) for t in g]
+    traces = []
+    for request in requests:
+        sol = optimize_values(model, request, templates, sites=[site], layer=layer, objective=Objective.of(config),
+                              loss_layer=config.v_loss_layer, extra_losses=extra_losses,
+                              reference_names=[key_hook, site])
+        keys, outs = sol.reference[key_hook].double(), sol.reference[site].double()
+        key, current = keys.mean(0), outs.mean(0)
+        u = prepared.inverse_cov @ key
+        upd = rank_one_update(model, layer, key, u / u.norm(), outs[0] + sol.delta[site].double(), current)
+        apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
+        traces.append(sol.trace)
+    return traces
 
 
 def main() -> None:
@@ -70,12 +61,13 @@ def main() -> None:
     ids = {int(x) for x in args.case_ids.split(",") if x}
     records = [r for r in records if r.case_id in ids] if ids else balanced_subset(records, args.records)
     original = registry.EDITORS["r-rome"]
-    results = {name: [] for name in FORMS}
+    forms = {"compute-v": dataclasses.replace(original, execute=compute_v_execute), "r-rome-module": original}
+    results = {name: [] for name in forms}
     try:
         for record in records:
             cells = [str(record.case_id)]
-            for name, form in FORMS.items():
-                registry.EDITORS["r-rome"] = dataclasses.replace(original, execute=executor(*form))
+            for name, editor in forms.items():
+                registry.EDITORS["r-rome"] = editor
                 with ad.edit(model, record.rewrite, method="r-rome", progress=False):
                     scores = ad.evaluate_record(model, record, groups=["efficacy", "paraphrase"])
                 eff, para = scores.groups["efficacy"], scores.groups.get("paraphrase")
