@@ -8,8 +8,6 @@ from attention_drift.runs.figures import (
     ITEMS,
     FiguresConfig,
     FiguresError,
-    _ablations,
-    _main_table,
     evaluation_runs,
     figures_markdown,
     CASE_RULE,
@@ -17,6 +15,7 @@ from attention_drift.runs.figures import (
     pick_case,
     variants,
 )
+from attention_drift.runs.figure_tables import ablations as _ablations, main_table as _main_table
 from attention_drift.core.jsonl import RunFile
 from attention_drift.reports.case_pick import CasePickError
 from attention_drift.runs.placement import Placement
@@ -91,11 +90,11 @@ def test_missing_runs_are_evaluated_with_shared_pre_scores(tmp_path, monkeypatch
 
 
 def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
-    from attention_drift.runs import figures
+    from attention_drift.runs import figure_tables
 
     titles = []
-    save = figures._save
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " "))
+    save = figure_tables._save
+    monkeypatch.setattr(figure_tables, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " "))
                         or save(fig, out, name, png))
     groups = {"efficacy": [True], "distract_neighborhood": [True, False, False, False]}
     runs = {"rome": _write_run(tmp_path / "rome.jsonl", "rome", groups, seconds=2.0),
@@ -118,6 +117,15 @@ def test_main_table_numbers_come_from_the_runs(tmp_path, monkeypatch):
     n = result["n"]["main_table"]
     assert n["records"] == {"pre-edit": 4, "rome": 4, "rome-sadr": 2}
     assert n["prompts"]["rome"] == {"efficacy": 4, "distract_neighborhood": 16}
+
+
+def test_main_table_pairs_every_other_editor_against_rome(tmp_path):
+    groups = {"efficacy": [True], "distract_neighborhood": [True, False]}
+    runs = {"rome": _write_run(tmp_path / "rome.jsonl", "rome", groups),
+            "memit": _write_run(tmp_path / "memit.jsonl", "memit", {**groups, "distract_neighborhood": [True, True]})}
+    paired = _main_table(runs, tmp_path, png=False)["numbers"]["paired"]
+    assert list(paired) == ["rome -> memit"]
+    assert paired["rome -> memit"]["distract_neighborhood"]["diff"] == pytest.approx(0.5)
 
 
 def test_weight_sweep_is_ordered_by_weight_on_shared_records(tmp_path):
@@ -390,10 +398,10 @@ def test_drift_item_records_its_numbers_and_n(tmp_path, monkeypatch):
 def test_captions_state_the_n_of_each_group_from_the_data(tmp_path, monkeypatch):
     """A group that only some records have (NS / DNS on CounterFact-type records) is captioned
     with its own records / prompts, not the run's record count."""
-    from attention_drift.runs import figures
+    from attention_drift.runs import figure_tables
 
     titles = []
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " ")) or [])
+    monkeypatch.setattr(figure_tables, "_save", lambda fig, out, name, png: titles.append(fig.layout.title.text.replace("\u200b<br>", " ")) or [])
     with RunFile(tmp_path / "rome.jsonl", {"model": "m", "method": "rome", "data": "d", "fluency": None,
                                            "edit": None}) as run:
         for case_id in range(5):
@@ -403,7 +411,7 @@ def test_captions_state_the_n_of_each_group_from_the_data(tmp_path, monkeypatch)
             run.write({"case_id": case_id, "kind": "counterfact", "method": "rome",
                        "pre": {"groups": groups, "fluency": None}, "post": {"groups": groups, "fluency": None},
                        "edit_seconds": 1.0})
-    result = figures._prevalence({"rome": tmp_path / "rome.jsonl"}, tmp_path, png=False)
+    result = figure_tables.prevalence({"rome": tmp_path / "rome.jsonl"}, tmp_path, png=False)
     assert titles == ["Specificity failure: plain vs distract prompts (95% CI) · 5 records per run; "
                       "records / prompts: NS 2 / 6, DNS 2 / 6"]
     n = result["n"]["prevalence"]

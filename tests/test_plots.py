@@ -205,6 +205,24 @@ def test_metric_bars_half_width_and_gaps():
     assert list(fig.data[1].y) == [None, 0.4]
 
 
+def test_metric_dots_is_a_panel_per_metric_and_a_row_per_setting():
+    summary = {"pre-edit": {"efficacy": {"accuracy": 0.2, "ci95": [0.1, 0.3]}},
+               "rome": {"efficacy": {"accuracy": 0.9, "ci95": 0.05}, "relation": {"accuracy": 0.4, "ci95": [0.3, 0.5]}},
+               "rome-sadr": {"efficacy": {"accuracy": 1.0, "ci95": [0.97, 1.0]}, "relation": {"accuracy": None}}}
+    kind = {"pre-edit": "unedited", "rome": "alone", "rome-sadr": "with SADR"}
+    fig = plots.metric_dots(summary, "t", metrics=["efficacy", "relation"], series=kind.get)
+    assert [a.text for a in fig.layout.annotations][:2] == ["efficacy", "relation"]
+    by_panel = {}
+    for trace in fig.data:
+        by_panel.setdefault(trace.xaxis, []).append((trace.name, list(trace.y), list(trace.x)))
+    assert by_panel["x"] == [("unedited", ["pre-edit"], [pytest.approx(20.0)]), ("alone", ["rome"], [pytest.approx(90.0)]),
+                             ("with SADR", ["rome-sadr"], [pytest.approx(100.0)])]
+    assert by_panel["x2"] == [("alone", ["rome"], [pytest.approx(40.0)])]  # a missing accuracy is no row
+    rome = next(t for t in fig.data if t.name == "alone" and t.xaxis == "x")
+    assert list(rome.error_x.array) == pytest.approx([5.0]) and list(rome.error_x.arrayminus) == pytest.approx([5.0])
+    assert [t.name for t in fig.data if t.showlegend] == ["unedited", "alone", "with SADR"]
+
+
 def test_bars_from_summaries_rejects_other_json():
     with pytest.raises(PlotError, match="summarize"):
         bars_from_summaries({"x": {"rows": []}})

@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -630,6 +630,33 @@ def metric_bar_panels(
     fig.update_annotations(font_size=14)  # the panel titles
     fig.update_layout(barmode="group", legend_tracegroupgap=0)
     return style(fig, title, "metric", ylabel or ("accuracy (%)" if percent else "accuracy"))
+
+
+def metric_dots(
+    summary: Mapping[str, Mapping[str, Mapping]],
+    title: str = "Editing metrics",
+    *,
+    metrics: Sequence[str] | None = None,
+    series: Callable[[str], str] | None = None,
+    percent: bool = True,
+) -> go.Figure:
+    """:func:`metric_bars`' input as a :func:`forest`: one panel per metric, one row per setting
+    (top to bottom in ``summary``'s order), the accuracy with its 95% CI. Readable where bars are
+    not: a dozen settings stay a dozen labelled rows. ``series(setting)`` names the legend entry
+    and colour of a row (e.g. the SADR variant; default: the setting itself)."""
+    metrics, _ = _metrics_and_colours([summary], metrics)
+    scale = 100.0 if percent else 1.0
+    panels = {}
+    for metric in metrics:
+        rows = []
+        for setting, groups in summary.items():
+            if metric in groups and groups[metric].get("accuracy") is not None:
+                a, lo, hi = _interval(groups[metric], f"summary[{setting!r}][{metric!r}]")
+                rows.append({"label": setting, "value": a * scale, "ci_low": lo * scale, "ci_high": hi * scale,
+                             "series": series(setting) if series else setting})
+        panels[metric.replace("_", " ")] = rows
+    return forest(panels, title=title, xlabel="accuracy (%)" if percent else "accuracy", reference=None,
+                  row_height=28, width=min(1600, 260 * len(metrics) + 160))
 
 
 def bars_from_summaries(named_summaries: Mapping[str, Mapping]) -> dict[str, dict[str, dict]]:
