@@ -404,3 +404,19 @@ def test_smollm2_prefers_true_facts_before_editing(smollm2):
     # language is French: correct before the edit, also with the edit sentence in front.
     for s in (scores[0], scores[2]):
         assert all(s.groups["neighborhood"].correct) and all(s.groups["distract_neighborhood"].correct)
+
+
+def test_groups_are_checked_and_ordered_once_for_scoring_and_run_files():
+    from attention_drift.measure.evaluate import BASE_GROUPS, ordered_groups
+    from attention_drift.runs.evaluation import RunError, _groups_meta
+
+    assert ordered_groups(["distract_neighborhood", "efficacy"]) == ["efficacy", "distract_neighborhood"]
+    assert ordered_groups(None) is None
+    with pytest.raises(ValueError, match="choose one or more of efficacy"):
+        ordered_groups(["efficacy", "nope"])
+    with pytest.raises(ValueError, match="choose one or more"):
+        ordered_groups([])
+    assert _groups_meta(list(reversed(BASE_GROUPS))) is None  # the default groups: no header entry
+    assert _groups_meta(["paraphrase", "efficacy"]) == ["efficacy", "paraphrase"]
+    with pytest.raises(RunError, match="nope.*choose one or more"):
+        _groups_meta(["nope"])

@@ -123,7 +123,7 @@ def evaluate_record(
     distract suite, :data:`SUITE_GROUPS`; the field's metrics read the groups they need where
     present, e.g. NKL needs ``distract_neighborhood``).
     """
-    _check_groups(groups)
+    ordered_groups(groups)
     with on_model_device(model):
         return _evaluate_record(model, record, batch_size, fluency, pre, metrics, groups)
 
@@ -163,14 +163,17 @@ def evaluate_records(
     pre = [None] * len(records) if pre is None else list(pre)
     if len(pre) != len(records):
         raise ValueError(f"got {len(pre)} pre-edit scores for {len(records)} records; give one per record")
-    _check_groups(groups)
+    ordered_groups(groups)
     with on_model_device(model):
         return _evaluate_records(model, records, batch_size, pre, metrics, groups)
 
 
-def _check_groups(groups: Sequence[str] | None) -> None:
+def ordered_groups(groups: Sequence[str] | None) -> list[str] | None:
+    """``groups`` checked (one or more names of :data:`GROUPS`, else a ValueError that lists them)
+    and put in :data:`GROUPS` order; None stays None (the default groups)."""
     if groups is not None and (not groups or set(groups) - set(GROUPS)):
         raise ValueError(f"groups {list(groups)}: choose one or more of {', '.join(GROUPS)}")
+    return None if groups is None else [g for g in GROUPS if g in groups]
 
 
 def _evaluate_records(model, records: Sequence[Record], batch_size: int, pres: Sequence, metrics: bool = True,

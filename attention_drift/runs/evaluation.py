@@ -197,14 +197,13 @@ def run_meta(model: str, variant: Variant, selection: RecordSelection, fluency, 
 
 def _groups_meta(groups: Sequence[str] | None) -> list[str] | None:
     """The header's ``"groups"``: None for the default groups, else the list in :data:`GROUPS` order."""
-    from attention_drift.measure.evaluate import BASE_GROUPS, GROUPS
+    from attention_drift.measure.evaluate import BASE_GROUPS, ordered_groups
 
-    if groups is None or set(groups) == set(BASE_GROUPS):
-        return None
-    bad = sorted(set(groups) - set(GROUPS))
-    if bad or not groups:
-        raise RunError(f"groups {bad or '[]'}: choose one or more of {', '.join(GROUPS)}", fields=("groups",))
-    return [g for g in GROUPS if g in groups]
+    try:
+        ordered = ordered_groups(groups)
+    except ValueError as e:
+        raise RunError(str(e), fields=("groups",)) from None
+    return None if ordered is None or set(ordered) == set(BASE_GROUPS) else ordered
 
 
 def suite_groups() -> tuple[str, ...]:
