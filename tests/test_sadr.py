@@ -212,6 +212,8 @@ def test_an_added_sadr_field_at_its_default_keeps_earlier_edit_keys(tiny_llama):
     key = edit_key(tiny_llama, "rome", None, sadr)
     assert key == edit_key(tiny_llama, "rome", None, replace(sadr, distract_forms=("edit",)))
     assert key != edit_key(tiny_llama, "rome", None, replace(sadr, distract_forms=("edit", "mention")))
+    assert "output_margin" not in describe_edit(tiny_llama, "rome", None, sadr)["sadr"]
+    assert key != edit_key(tiny_llama, "rome", None, replace(sadr, output_margin=2.0))
 
 
 def test_sadr_distract_only_restricts_just_the_distract_rows(stats):
@@ -314,6 +316,43 @@ def test_sadr_lowers_subject_attention_in_a_distract_prompt_on_smollm2(smollm2):
 def test_bad_output_term_config_is_a_clear_error(kwargs, match):
     with pytest.raises(SADRError, match=match):
         SADRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"output_margin": -1.0, "output_weight": 1.0, "distract": True},
+    {"output_margin": 2.0},
+    {"output_margin": 2.0, "output_weight": 1.0, "distract": True, "output": "kl"},
+])
+def test_an_output_margin_needs_a_rise_to_measure(kwargs):
+    with pytest.raises(SADRError, match="output_margin"):
+        SADRConfig(**kwargs)
+
+
+@pytest.mark.parametrize("output", ["contrast", "target"])
+def test_output_margin_lets_each_row_rise_that_far_free(output):
+    """``relu(rise - output_margin)`` per distract row, averaged: rows that rose less than the margin
+    add nothing (and no gradient), the others their excess; margin 0 is the plain term."""
+    from types import SimpleNamespace
+
+    from attention_drift.editing.sadr import OUTPUT
+
+    info = SimpleNamespace(n_rewriting=0, target_ids=(1, 2))
+    before = torch.zeros(3, 4)
+    rise = torch.tensor([0.5, 2.0, 3.5])  # of log p(new) (and of log-odds new vs true: p(true) stays)
+    terms = {}
+    for margin in (0.0, 1.0):
+        loss = SADRLoss(SADRConfig(weight=0.0, distract=True, output_weight=1.0, output=output, output_margin=margin))
+        loss._output_term(True, {OUTPUT: before}, info)
+        now = before.clone()
+        now[:, 1] += rise
+        now.requires_grad_(True)
+        terms[margin] = loss._output_term(False, {OUTPUT: now}, info)
+        terms[margin].backward()
+        grads = now.grad[:, 1]
+        if margin:
+            assert grads.tolist() == pytest.approx([0.0, 1 / 3, 1 / 3])
+    assert terms[0.0].item() == pytest.approx(rise.mean().item())
+    assert terms[1.0].item() == pytest.approx((0.0 + 1.0 + 2.5) / 3)
 
 
 @pytest.mark.parametrize("output", ["target", "contrast", "kl", "both"])

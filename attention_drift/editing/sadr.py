@@ -91,6 +91,11 @@ class SADRConfig:
             (the comparison that decides a distract prompt whose answer is the old target);
             ``"kl"``: KL(unedited || current) of the whole next-token distribution; ``"both"``:
             target + kl.
+        output_margin: the rise (nats) a distract row may take before the ``"target"`` /
+            ``"contrast"`` term counts it, ``relu(rise - output_margin)``: a small rise rarely
+            turns a distract prompt whose answer leads by several nats, and leaving it free leaves
+            the edit room on prompts that share the edited subject. 0: every rise counts (``plus``).
+            Our extension.
         distract_subjects: the other subjects of the distract prompts (a fixed list, never
             evaluation data).
         distract_forms: the contexts the distract prompts put before the prompt about another
@@ -132,6 +137,7 @@ class SADRConfig:
     distract_only: bool = False
     output_weight: float = 0.0
     output: str = "target"
+    output_margin: float = 0.0
     distract_subjects: tuple[str, ...] = DISTRACT_SUBJECTS
     distract_forms: tuple[str, ...] = ("edit",)
     clamp_scale: float = 1.0
@@ -187,6 +193,9 @@ class SADRConfig:
             raise SADRError(f"SADR output_weight must be >= 0, not {self.output_weight}")
         if self.output_weight and not self.distract:
             raise SADRError("SADR output_weight regularises the distract prompts: set distract=True too")
+        if self.output_margin < 0 or (self.output_margin and (not self.output_weight or self.output == "kl")):
+            raise SADRError(f"SADR output_margin {self.output_margin}: give a margin >= 0, and one > 0 only with an "
+                            "output_weight > 0 and output 'target', 'contrast' or 'both'")
         for name in ("distract_subjects", "distract_forms"):  # a list (JSON) or one string: a tuple
             value = getattr(self, name)
             if isinstance(value, (list, str)):
@@ -411,11 +420,12 @@ class SADRLoss:
         if self.config.output_weight:
             if self.config.output in ("kl", "both"):
                 term = term + (before.exp() * (before - now)).sum(-1).mean()
+            margin = self.config.output_margin
             if self.config.output in ("target", "both"):
-                term = term + torch.relu(now[:, new] - before[:, new]).mean()
+                term = term + torch.relu(now[:, new] - before[:, new] - margin).mean()
             if self.config.output == "contrast":
                 gain = (now[:, new] - now[:, true]) - (before[:, new] - before[:, true])
-                term = term + torch.relu(gain).mean()
+                term = term + torch.relu(gain - margin).mean()
         self.record["output_loss"].append(term.item())
         guard = torch.zeros((), device=now.device)
         if n_guard:

@@ -290,6 +290,8 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                      guard_margin=8.0, guard_mentions=True),
     "m1go": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                      guard_mentions=True, guard_others=True),
+    "m1go-t2": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
+                        guard_mentions=True, guard_others=True, output_margin=2.0),
 }
 """Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
 half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
@@ -301,7 +303,8 @@ mention the subject then ask its own prompt (``guard_mentions``), where the new 
 from ROME's ~11 to 2-8 nats, far above the 1-nat margin, and paraphrase log-odds fell with them);
 ``o``: the guard also reads rows that name another subject before the own prompt (``guard_others``),
 the mirror of the mention rows (round 3: a failing paraphrase opens with a sentence about another
-person)."""
+person); ``t2``: the output term lets each distract row rise 2 nats free (``output_margin``, round 4:
+the paraphrase cost comes with the mention rows, which push on the very pathway a paraphrase uses)."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
