@@ -14,6 +14,8 @@ Commands::
     attention-drift drift|patch [--model NAME] [--data PATH|dev] [--method rome|memit|pmet] [--out DIR]
                                 [--workers N] [--address ADDR] ...   (N > 1 or ADDR: Ray)
     attention-drift drift --edited FOLDER|EDIT.pt|ADAPTER [--model NAME] [--data PATH|dev] [--out DIR]
+    attention-drift sequence --method M --edits N --every K --out DIR ...;  sequence-figure DIR ... --out FILE
+    attention-drift drift-figure DIR ... --out FILE   (several drift runs' per-head drift, one colour scale)
     attention-drift explore DIR [--comparison DIR]
     attention-drift figures [--model NAME] [--data PATH|dev] [--out figures] [--runs DIR] ...
     attention-drift models
@@ -802,40 +804,73 @@ def run_sequence(args) -> int:
     return 0
 
 
-def register_sequence_figure(subparsers) -> None:
-    p = subparsers.add_parser("sequence-figure", help="overlay the curves of several sequence runs",
-                              description="Draw the sequence.json of several 'sequence' output folders in one figure.")
-    p.add_argument("runs", nargs="+", metavar="DIR", help="sequence output folders (their sequence.json)")
-    p.add_argument("--labels", default=None, help="comma-separated labels (default: each run's variant)")
+def _figure_inputs(folders: Sequence[str], name: str, command: str, labels: str | None, default_label) -> dict:
+    """``{label: JSON content}`` of ``folder/name`` for each folder (one clear line for a missing file
+    or wrong labels); ``default_label(content)`` labels a run where ``labels`` (comma-separated) is None."""
+    import json
+
+    contents = []
+    for folder in folders:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CliError(f"{path} does not exist: give folders written by 'attention-drift {command}'")
+        contents.append(json.loads(path.read_text()))
+    names = labels.split(",") if labels else [default_label(c) for c in contents]
+    if len(names) != len(contents) or len(set(names)) != len(names):
+        raise CliError(f"--labels needs {len(contents)} distinct labels, one per run, got {names}")
+    return dict(zip(names, contents))
+
+
+def _register_run_figure(subparsers, handler: Callable, command: str, what: str, description: str,
+                         default: str) -> None:
+    """``COMMAND-figure DIR ... [--labels] --out FILE``: one figure of several ``command`` output folders."""
+    p = subparsers.add_parser(f"{command}-figure", help=what, description=description)
+    p.add_argument("runs", nargs="+", metavar="DIR", help=f"'{command}' output folders")
+    p.add_argument("--labels", default=None, help=f"comma-separated labels (default: {default})")
     p.add_argument("--out", required=True, help="figure path without suffix (writes .html, and .png where possible)")
-    p.set_defaults(run=run_sequence_figure)
+    p.set_defaults(run=handler)
+
+
+def register_sequence_figure(subparsers) -> None:
+    _register_run_figure(subparsers, run_sequence_figure, "sequence", "overlay the curves of several sequence runs",
+                         "Draw the sequence.json of several 'sequence' output folders in one figure.",
+                         "each run's variant")
+
+
+def register_drift_figure(subparsers) -> None:
+    _register_run_figure(subparsers, run_drift_figure, "drift", "the per-head drift of several runs on one colour scale",
+                         "Draw the drift.json of several 'drift' output folders (e.g. one per editor, on the same "
+                         "records) as layer x head heatmaps of the mean drift of attention to the edited subject's "
+                         "last token, one panel per run and one colour scale for all.", "each run's variant")
+
+
+def _save_run_figure(fig, out: str) -> int:
+    from attention_drift.views.plots import png_ok, save_figure
+
+    written = save_figure(fig, Path(out), png=png_ok())
+    print(f"written: {', '.join(written)}", file=sys.stderr)
+    return 0
 
 
 def run_sequence_figure(args) -> int:
-    from attention_drift.views.plots import png_ok, save_figure
     from attention_drift.views.sequence_plot import sequence_figure
 
-    import json
+    runs = _figure_inputs(args.runs, "sequence.json", "sequence", args.labels, lambda s: s["meta"]["variant"])
+    return _save_run_figure(sequence_figure(runs), args.out)
 
-    summaries = []
-    for folder in args.runs:
-        path = Path(folder) / "sequence.json"
-        if not path.is_file():
-            raise CliError(f"{path} does not exist: give folders written by 'attention-drift sequence'")
-        summaries.append(json.loads(path.read_text()))
-    labels = args.labels.split(",") if args.labels else [s["meta"]["variant"] for s in summaries]
-    if len(labels) != len(summaries) or len(set(labels)) != len(labels):
-        raise CliError(f"--labels needs {len(summaries)} distinct labels, one per run, got {labels}")
-    written = save_figure(sequence_figure(dict(zip(labels, summaries))), Path(args.out), png=png_ok())
-    print(f"written: {', '.join(written)}", file=sys.stderr)
-    return 0
+
+def run_drift_figure(args) -> int:
+    from attention_drift.views.report_figures import editor_drift_heatmaps
+
+    runs = _figure_inputs(args.runs, "drift.json", "drift", args.labels, lambda d: d["meta"]["edit"]["variant"])
+    return _save_run_figure(editor_drift_heatmaps(runs), args.out)
 
 
 # --- entry point ----------------------------------------------------------------------------
 
 COMMANDS: list[Callable] = [register_evaluate, register_sweep, register_summarize, register_compare,
                             register_merge, register_drift, register_patch, register_sequence,
-                            register_sequence_figure, register_explore, register_figures, register_models, register_demo]
+                            register_sequence_figure, register_drift_figure, register_explore, register_figures, register_models, register_demo]
 """Subcommand registrations, in help order; each adds one parser that sets ``run``."""
 
 

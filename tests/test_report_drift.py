@@ -302,3 +302,20 @@ def test_editor_drift_heatmaps_refuse_no_reports_and_different_models():
     with pytest.raises(PlotError, match=r"\(layers, heads\) differ"):
         report_figures.editor_drift_heatmaps({"rome": _small_report(2, seed=1),
                                               "ft": _small_report(2, seed=1, n_layers=5)})
+
+
+def test_drift_figure_draws_drift_runs_from_their_folders(tmp_path, capsys):
+    from attention_drift.cli import main
+
+    for name, seed in (("rome", 1), ("alphaedit", 2)):
+        report = _small_report(2, seed=seed) | {"meta": {"edit": {"variant": name}}}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "drift.json").write_text(json.dumps(report))
+    out = tmp_path / "editors"
+    assert main(["drift-figure", str(tmp_path / "rome"), str(tmp_path / "alphaedit"), "--out", str(out)]) == 0
+    page = (tmp_path / "editors.html").read_text().replace("\\u00b7", "·")
+    assert "rome · 2 records" in page and "alphaedit · 2 records" in page
+    assert main(["drift-figure", str(tmp_path / "rome"), "--labels", "a,b", "--out", str(out)]) == 1
+    assert "--labels needs 1 distinct labels" in capsys.readouterr().err
+    assert main(["drift-figure", str(tmp_path / "nothing"), "--out", str(out)]) == 1
+    assert "drift.json does not exist: give folders written by 'attention-drift drift'" in capsys.readouterr().err
