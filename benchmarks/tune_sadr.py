@@ -35,7 +35,9 @@ def main(argv=None) -> int:
                    "suite's contexts in view while designing (the others stay unscored, held out)")
     p.add_argument("--report-only", action="store_true", help="print the table of the run files already there")
     p.add_argument("--figure", default=None, help="also write the trade-off figure (e.g. figures/sadr_tradeoff.html)")
-    p.add_argument("--report", default="benchmarks/results/plus", help="the report half's run files (for --figure)")
+    p.add_argument("--report", default="benchmarks/results/grid-today,benchmarks/results/plus,benchmarks/results/editors",
+                   help="folders of the report half's run files (for --figure), comma-separated; a run name is "
+                   "taken from the first folder that has it")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         runs[path.stem] = run
     print(table(runs, GROUPS + extra))
     if args.figure:
-        figure(runs, Path(args.report), Path(args.figure))
+        figure(runs, [Path(f) for f in args.report.split(",") if f], Path(args.figure))
     return 0
 
 
@@ -112,7 +114,7 @@ def table(runs, groups=GROUPS) -> str:
     return "\n".join(lines)
 
 
-def figure(tuning, report_dir: Path, path: Path) -> None:
+def figure(tuning, report_dirs: list[Path], path: Path) -> None:
     """The trade-off of every variant tried (tuning half) and of the report half's runs."""
     from attention_drift.views import plots
     from attention_drift.core.jsonl import read_run
@@ -122,11 +124,18 @@ def figure(tuning, report_dir: Path, path: Path) -> None:
     grid = {p.stem: read_run(p) for p in sorted(Path("benchmarks/results/grid").glob("rome*.jsonl"))}
     if "rome" in grid:  # the earlier SADR sweep (first 100 dev records, older statistics)
         points["earlier SADR sweep (dev, ROME)"] = tradeoff(grid, "rome")
-    reported = {p.stem: read_run(p) for p in sorted(report_dir.glob("*.jsonl"))}
-    for base in ("rome", "memit", "pmet"):
-        if base in reported:
-            family = {n: r for n, r in reported.items() if n == base or n.startswith(f"{base}-")}
-            points[f"report half ({base.upper()})"] = tradeoff(family, base)
+    from attention_drift.runs.variants import editor_names
+
+    files: dict[str, Path] = {}
+    for folder in report_dirs:
+        for f in sorted(folder.glob("*.jsonl")):
+            files.setdefault(f.stem, f)
+    for base in editor_names():
+        if base in files:
+            names = [n for n in files if n in (f"{base}-sadr", f"{base}-sadr-plus")]
+            if names:
+                family = {n: read_run(files[n]) for n in (base, *names)}
+                points[f"report half ({base})"] = tradeoff(family, base)
     shown = {k: v for k, v in points.items() if v}
     fig = plots.recovery_tradeoff(shown, "SADR variants: distract-neighbourhood loss recovered vs paraphrase cost "
                                   "(95% CIs; each number's variant and records in the legend)")
