@@ -2,8 +2,8 @@
 # Per-head attention drift of every editor on the gallery's drift records (the first 100 development
 # records with distract prompts, balanced between the kinds: the records of figures/drift/drift.json,
 # which is ROME's), then one figure of every editor's mean drift on one colour scale. Resumable:
-# re-run to continue. About half a CPU-minute per record and editor on SmolLM2-135M with one thread;
-# add --device cuda on a GPU.
+# re-run to continue. MEMIT's 100 records took 52 min on the 2-core CPU at low priority beside four
+# other jobs; add --device cuda on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 AD=${AD:-attention-drift}
