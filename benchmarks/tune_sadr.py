@@ -132,14 +132,16 @@ def figure(tuning, report_dirs: list[Path], path: Path) -> None:
             files.setdefault(f.stem, f)
     for base in editor_names():
         if base in files:
-            names = [n for n in files if n in (f"{base}-sadr", f"{base}-sadr-plus")]
-            if names:
-                family = {n: read_run(files[n]) for n in (base, *names)}
-                points[f"report half ({base})"] = tradeoff(family, base)
+            plain = read_run(files[base])
+            done = {n: read_run(files[n]) for n in (f"{base}-sadr", f"{base}-sadr-plus") if n in files}
+            done = {n: r for n, r in done.items() if len(r.records) >= len(plain.records)}  # partial runs wait
+            if done:
+                points[f"report half ({base})"] = tradeoff({base: plain, **done}, base)
     shown = {k: v for k, v in points.items() if v}
     fig = plots.recovery_tradeoff(shown, "SADR variants: distract-neighbourhood loss recovered vs paraphrase cost "
                                   "(95% CIs; each number's variant and records in the legend)")
-    fig.update_layout(width=1300, height=800)
+    entries = sum(len(v) for v in shown.values()) + 2 * len(shown)  # legend rows: points and group titles
+    fig.update_layout(width=1300, height=max(800, 120 + 24 * entries))
     plots.save(fig, path.with_suffix(".html"), plotlyjs="directory")
     plots.save(fig, path.with_suffix(".png"))
     return 0
