@@ -631,3 +631,36 @@ def test_an_edit_with_mention_rows_and_their_guard_runs_and_holds(stats):
         assert record["distract_rows"] == 6
         assert len(record["guard_loss"]) == len(record["output_loss"]) == result.traces[0].steps_run
         assert record["output_loss"][0] == 0.0  # no delta yet: nothing gained on the distract rows
+
+
+def test_attention_and_output_terms_read_only_their_forms_rows(stats):
+    """``attention_forms`` / ``output_forms`` pick distract rows by form: here the attention term reads
+    only the mention rows (``distract_only``: no rewriting row) and the output term only the edit
+    sentence's rows, which :func:`distract_prompts` lists first."""
+    model = tiny_model("llama", n_layers=3)
+    split = SADRConfig(weight=1.0, steps=STEPS, distract_only=True, distract_forms=("edit", "mention"),
+                       attention_forms=("mention",), output_forms=("edit",), output_weight=1.0, output="contrast")
+    loss = SADRLoss(split)
+    prompts = loss.extra_prompts(EIFFEL)
+    n = len(prompts) // 2
+    assert prompts[:n] == distract_prompts(EIFFEL, forms=("edit",))
+    assert prompts[n:] == distract_prompts(EIFFEL, forms=("mention",))
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(extra_rows=torch.arange(4, 4 + 2 * n), n_rewriting=3)
+    assert loss._distract_rows(info, split.attention_forms).tolist() == list(range(4 + n, 4 + 2 * n))
+    assert loss.output_rows(info).tolist() == list(range(4, 4 + n))
+    with edit(model, EIFFEL, "rome", _config("rome", stats), sadr=split) as result:
+        record = result.sadr_records[0]
+    assert all(mask.shape[0] == n for mask in record["mask"])
+    assert max(record["loss"][1:]) > 0.0
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"attention_forms": ("mention",)},  # no distract rows at all
+    {"distract": True, "attention_forms": ("mention",)},  # not among distract_forms
+    {"distract": True, "distract_forms": ("edit", "mention"), "output_forms": ()},
+])
+def test_term_forms_must_be_some_of_the_distract_forms(kwargs):
+    with pytest.raises(SADRError, match="_forms"):
+        SADRConfig(**kwargs)

@@ -102,6 +102,12 @@ class SADRConfig:
             subject (:func:`distract_prompts`), one row per form and subject: ``"edit"``, the edit
             sentence ``"{prompt} {target_new}."`` (the paper's distract form); ``"mention"``, a
             sentence that only names the edited subject (:data:`MENTIONS`). Our extension.
+        attention_forms: the distract forms whose rows the attention term reads (None: every form of
+            ``distract_forms``); with ``distract_only``, the attention term reads nothing else. A
+            subset of ``distract_forms``. Our extension.
+        output_forms: the distract forms whose rows the output term reads (None: every form of
+            ``distract_forms``). A subset of ``distract_forms``: e.g. the output term on the edit
+            sentence's rows and the attention term on the mention rows. Our extension.
         clamp_scale: the editor's ``clamp_norm_factor`` (the radius of the value delta's ball)
             is multiplied by this: room for the edit to reach its target where the preset's
             ball stops it short, while the output term keeps the added room off other subjects.
@@ -140,6 +146,8 @@ class SADRConfig:
     output_margin: float = 0.0
     distract_subjects: tuple[str, ...] = DISTRACT_SUBJECTS
     distract_forms: tuple[str, ...] = ("edit",)
+    attention_forms: tuple[str, ...] | None = None
+    output_forms: tuple[str, ...] | None = None
     clamp_scale: float = 1.0
     guard_weight: float = 0.0
     guard_margin: float = 1.0
@@ -196,13 +204,18 @@ class SADRConfig:
         if self.output_margin < 0 or (self.output_margin and (not self.output_weight or self.output == "kl")):
             raise SADRError(f"SADR output_margin {self.output_margin}: give a margin >= 0, and one > 0 only with an "
                             "output_weight > 0 and output 'target', 'contrast' or 'both'")
-        for name in ("distract_subjects", "distract_forms"):  # a list (JSON) or one string: a tuple
-            value = getattr(self, name)
+        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms"):
+            value = getattr(self, name)  # a list (JSON) or one string: a tuple
             if isinstance(value, (list, str)):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         bad = [f for f in self.distract_forms if f not in DISTRACT_FORMS]
         if bad or not self.distract_forms:
             raise SADRError(f"SADR distract_forms {list(self.distract_forms)}: give one or more of {DISTRACT_FORMS}")
+        for name in ("attention_forms", "output_forms"):
+            forms = getattr(self, name)
+            if forms is not None and (not self.distract or not forms or set(forms) - set(self.distract_forms)):
+                raise SADRError(f"SADR {name} {list(forms)}: give one or more of distract_forms "
+                                f"{list(self.distract_forms)}, with distract=True")
         if self.guard_weight < 0 or self.guard_margin < 0:
             raise SADRError(f"SADR guard_weight and guard_margin must be >= 0, not {self.guard_weight} and "
                             f"{self.guard_margin}")
@@ -350,6 +363,16 @@ class SADRLoss:
             rows += distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
         return rows
 
+    def _distract_rows(self, info, forms: tuple[str, ...] | None) -> Tensor:
+        """The batch rows of the distract prompts of ``forms`` (None: all): :func:`distract_prompts`
+        puts them form by form, the same number of rows per form."""
+        rows = self._split_extra(info)[0]
+        if forms is None:
+            return rows
+        per_form = len(rows) // len(self.config.distract_forms)
+        keep = [i for i, form in enumerate(self.config.distract_forms) if form in forms]
+        return torch.cat([rows[i * per_form:(i + 1) * per_form] for i in keep])
+
     def _split_extra(self, info) -> tuple[Tensor, Tensor]:
         """(distract rows, the guard's extra rows) of the batch."""
         n_own = self._n_guard_rows
@@ -358,7 +381,8 @@ class SADRLoss:
     def output_rows(self, info) -> Tensor:
         """The guard's rows (the rewriting rows, then its mention rows), then the distract rows
         (for the output term)."""
-        distract, own = self._split_extra(info)
+        own = self._split_extra(info)[1]
+        distract = self._distract_rows(info, self.config.output_forms)
         guarded = torch.cat([torch.arange(info.n_rewriting), own]) if self.config.guard_weight else own[:0]
         return torch.cat([guarded, distract if self.config.output_weight else distract[:0]])
 
@@ -393,7 +417,7 @@ class SADRLoss:
         return loss
 
     def _attention_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
-        distract = self._split_extra(info)[0]
+        distract = self._distract_rows(info, self.config.attention_forms)
         rows = distract if self.config.distract_only else torch.cat([torch.arange(info.n_rewriting), distract])
         query = info.last_prompt_index[rows]
         now = torch.stack([acts[n][rows, :, query, :] for n in self.hook_names(info)], 1).float()

@@ -292,6 +292,10 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                      guard_mentions=True, guard_others=True),
     "m1go-t2": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                         guard_mentions=True, guard_others=True, output_margin=2.0),
+    "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
+                     distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
+    "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
+                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
 }
 """Candidates for a mitigation that holds in every context of the distract suite, run on the tuning
 half (``benchmarks/tune_sadr.py --groups``) with only some of the suite's contexts in view, by tag.
@@ -304,7 +308,11 @@ from ROME's ~11 to 2-8 nats, far above the 1-nat margin, and paraphrase log-odds
 ``o``: the guard also reads rows that name another subject before the own prompt (``guard_others``),
 the mirror of the mention rows (round 3: a failing paraphrase opens with a sentence about another
 person); ``t2``: the output term lets each distract row rise 2 nats free (``output_margin``, round 4:
-the paraphrase cost comes with the mention rows, which push on the very pathway a paraphrase uses)."""
+the paraphrase cost comes with the mention rows, which push on the very pathway a paraphrase uses);
+``e1aW``: round 5, SADR+'s output term on the edit sentence's rows only and the published attention
+term (hinge, KL) at weight W on the mention rows only (``attention_forms``, ``distract_only``: the
+rewriting rows stay free), so that the mention rows restrain where another prompt looks rather than
+what the edited subject carries, which the paraphrases need."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
