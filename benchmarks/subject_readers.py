@@ -16,22 +16,22 @@ import argparse
 import torch
 
 from attention_drift.core import data
-from attention_drift.core.hooks import act_name
 from attention_drift.core.models import load_model
 from attention_drift.editing.optimize import subject_last_index
 from attention_drift.editing.sadr import distract_prompts
+from attention_drift.measure.drift import collect_attention_rows, ranked_heads
 
 DRIFT_HEADS = ((21, 6), (23, 4), (23, 5), (22, 6), (23, 1))
 """ROME's largest mean drifts on the gallery's drift records (``figures/drift/drift.json``)."""
 
 
-def subject_attention(model, text: str, subject: str, from_char: int = 0) -> torch.Tensor:
-    """``[layer, head]`` attention of the last token to the last token of the subject occurrence
-    at or after character ``from_char``."""
-    position = subject_last_index(model, text, subject, from_char)
-    names = [act_name("pattern", l) for l in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(text, names_filter=lambda n: n in names)
-    return torch.stack([cache[n][0, :, -1, position] for n in names])
+def subject_attention(model, rows: list[tuple[str, int]], subject: str) -> torch.Tensor:
+    """``[prompt, layer, head]`` attention of each prompt's last token to the last token of the
+    subject occurrence at or after its character offset, for ``(text, offset)`` rows, in one
+    batched forward (:func:`~attention_drift.measure.drift.collect_attention_rows`)."""
+    attention = collect_attention_rows(model, [text for text, _ in rows]).rows
+    positions = [subject_last_index(model, text, subject, start) for text, start in rows]
+    return torch.stack([attention[i, :, :, p] for i, p in enumerate(positions)])
 
 
 def main() -> None:
@@ -51,8 +51,9 @@ def main() -> None:
             rows = [("own", rw.prompt, 0)]
             rows += [("paraphrase", q, q.find(rw.subject)) for q in record.paraphrase.prompts if rw.subject in q]
             rows += [("mention", q, 0) for q in distract_prompts(rw, forms=("mention",))]
-            for kind, text, start in rows:
-                sums[kind] += subject_attention(model, text, rw.subject, start)
+            attention = subject_attention(model, [(text, start) for _, text, start in rows], rw.subject)
+            for (kind, _, _), heads in zip(rows, attention):
+                sums[kind] += heads.cpu()
                 counts[kind] += 1
     means = {kind: sums[kind] / max(counts[kind], 1) for kind in sums}
     print(f"{args.model}, first {len(records)} CounterFact-type dev-tune records; prompts: "
@@ -60,10 +61,8 @@ def main() -> None:
     print("head    own  paraphrase  mention   (mean attention of the last token to the subject's last token)")
     for layer, head in DRIFT_HEADS:
         print(f"L{layer}H{head}  " + "  ".join(f"{means[k][layer, head]:.3f}" for k in means))
-    n_heads = model.cfg.n_heads
-    top = torch.topk(means["own"].flatten(), args.top)
     print("top readers in own prompts: " + ", ".join(
-        f"L{i // n_heads}H{i % n_heads} {v:.3f}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
+        f"L{layer}H{head} {value:.3f}" for layer, head, value in ranked_heads(means["own"], args.top)))
 
 
 if __name__ == "__main__":
