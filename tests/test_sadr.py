@@ -664,3 +664,60 @@ def test_attention_and_output_terms_read_only_their_forms_rows(stats):
 def test_term_forms_must_be_some_of_the_distract_forms(kwargs):
     with pytest.raises(SADRError, match="_forms"):
         SADRConfig(**kwargs)
+
+
+def test_null_direction_keeps_the_kept_keys_and_zeroes_the_null_keys_with_the_least_move():
+    from attention_drift.editing.rome import null_direction
+
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    a = torch.randn(d, d, generator=g, dtype=torch.double)
+    inverse = torch.linalg.inv(a @ a.T + d * torch.eye(d, dtype=torch.double))
+    u = torch.randn(d, generator=g, dtype=torch.double)
+    keep, null = torch.randn(2, d, generator=g, dtype=torch.double), torch.randn(3, d, generator=g, dtype=torch.double)
+    moved = null_direction(u, inverse, keep, null)
+    torch.testing.assert_close(keep @ moved, keep @ u)
+    torch.testing.assert_close(null @ moved, torch.zeros(3, dtype=torch.double), atol=1e-10, rtol=0)
+    # the least move in the C metric: every other point that meets the constraints lies farther from u
+    keys = torch.cat([keep, null])
+    free = torch.linalg.svd(keys)[2][len(keys):]  # directions z with keys @ z = 0
+    cov = torch.linalg.inv(inverse)
+    least = (moved - u) @ cov @ (moved - u)
+    for z in free:
+        other = moved + 0.1 * z
+        torch.testing.assert_close(keys @ other, keys @ moved)
+        assert (other - u) @ cov @ (other - u) > least
+    torch.testing.assert_close(null_direction(u, inverse, keep, null[:0]), u)  # no null key: u as it was (keep holds)
+
+
+def test_key_nulls_leave_the_edited_layer_unmoved_at_the_subject_of_a_mention(stats):
+    """With ``key_nulls`` the ROME update does not answer the subject's key in those sentences: the edited
+    MLP's output there is what it was, while the bare prompt's key still maps to the new value."""
+    from attention_drift.core.hooks import act_name
+    from attention_drift.editing.rome import subject_keys
+
+    model = tiny_model("llama", n_layers=3)
+    config = _config("rome", stats)
+    mention = "Here is some news about {subject}."
+    sadr = SADRConfig(weight=0.0, steps=STEPS, distract=True, output_weight=1.0, output="contrast",
+                      key_nulls=(mention,))
+    hook = act_name("mlp_out", config.layer)
+    texts = [mention.format(subject=EIFFEL.subject), EIFFEL.prompt]
+    before = subject_keys(model, texts, EIFFEL.subject, hook)
+    with edit(model, EIFFEL, "rome", config, sadr=sadr):
+        after = subject_keys(model, texts, EIFFEL.subject, hook)
+    with edit(model, EIFFEL, "rome", config, sadr=replace(sadr, key_nulls=())):
+        plain = subject_keys(model, texts, EIFFEL.subject, hook)
+    torch.testing.assert_close(after[0], before[0], atol=1e-4, rtol=1e-4)
+    assert float((plain[0] - before[0]).norm()) > 100 * float((after[0] - before[0]).norm())
+    assert float((after[1] - before[1]).norm()) > 0.1 * float(before[1].norm())  # the edit itself still lands
+
+
+def test_key_nulls_must_name_the_subject_and_fit_only_rome(stats):
+    with pytest.raises(SADRError, match="key_nulls"):
+        SADRConfig(key_nulls=("no subject here.",))
+    from attention_drift.editing import ConfigError
+
+    model = tiny_model("llama", n_layers=2)
+    with pytest.raises(ConfigError, match="key_nulls"):
+        resolve_edit(model, "memit", None, SADRConfig(key_nulls=("About {subject}.",)))

@@ -217,6 +217,9 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         total = n_layers(model)
         if sadr.layers is not None and any(not 0 <= l < total for l in sadr.layers):
             raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{total - 1}")
+        if sadr.key_nulls and editor.name != "rome":
+            raise ConfigError(f"SADR key_nulls moves ROME's update direction; method {editor.name!r} has none of its "
+                              "own: leave key_nulls empty or use method='rome'")
         sadr = sadr.resolved(model, editor.name)
         if sadr.steps is not None:
             config = replace(config, steps=sadr.steps)

@@ -14,6 +14,10 @@ Per request, at the edited layer L (following the authors' code, ``rome/compute_
   residual with ``k*``; the authors' code, which produced the published numbers and which
   the over-attention paper ran, uses the bare prompt's key there; we follow the code.)
 
+With an extra loss term that names ``null_prompts(request)`` (SADR's ``key_nulls``), ``u`` is first
+moved the least in the ``C`` metric so that the keys of the subject in those prompts get no change
+while every rewriting key (the bare prompt's and each template's) keeps its change (:func:`null_direction`).
+
 Several requests are applied one after the other, each computed on the model already
 holding the previous ones (as ``apply_rome_to_model``).
 """
@@ -27,7 +31,8 @@ from torch import Tensor
 
 from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import ROMEConfig
-from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, optimize_values
+from attention_drift.editing.optimize import (ExtraLoss, Objective, OptimizationTrace, optimize_values,
+                                              subject_activations, subject_last_index)
 from attention_drift.editing.stats import inverse_second_moment
 from attention_drift.editing.templates import context_templates
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
@@ -47,6 +52,27 @@ def rank_one_update(model, layer: int, key: Tensor, u: Tensor, value: Tensor, cu
     right = (value - current) / torch.dot(key, u)
     upd = torch.outer(right, u)  # [d_model, d_mlp]
     return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
+
+
+def null_direction(
+    u: Float[Tensor, " d_mlp"], metric_inverse: Float[Tensor, "d_mlp d_mlp"] | None,
+    keep: Float[Tensor, "k d_mlp"], null: Float[Tensor, "n d_mlp"],
+) -> Float[Tensor, " d_mlp"]:
+    """``u`` moved the least in the metric ``C`` (given as ``C^-1``; None: Euclidean) so that
+    ``u' . k = u . k`` for each ``keep`` key and ``u' . k = 0`` for each ``null`` key:
+    ``u' = u - C^-1 A (A^T C^-1 A)^+ (A^T u - t)``, with ``A`` the keys as columns and ``t`` the
+    targets (pseudo-inverse: a null key that duplicates another constraint adds nothing)."""
+    inverse = metric_inverse if metric_inverse is not None else torch.eye(len(u), dtype=u.dtype, device=u.device)
+    keys = torch.cat([keep, null]).to(u.dtype)
+    target = torch.cat([keep.to(u.dtype) @ u, torch.zeros(len(null), dtype=u.dtype, device=u.device)])
+    spread = inverse @ keys.T
+    return u - spread @ torch.linalg.pinv(keys @ spread) @ (keys @ u - target)
+
+
+def subject_keys(model, prompts: Sequence[str], subject: str, key_hook: str) -> Float[Tensor, "n d_mlp"]:
+    """The key (``key_hook``) at the last token of the last occurrence of ``subject`` in each prompt."""
+    positions = [subject_last_index(model, p, subject, p.rfind(subject)) for p in prompts]
+    return subject_activations(model, prompts, positions, [key_hook])[key_hook].double()
 
 
 @dataclass(frozen=True)
@@ -70,6 +96,10 @@ def prepare(model, config: ROMEConfig, *, progress: bool = True) -> Prepared:
     return Prepared(tuple(t for g in groups for t in g), inverse)
 
 
+def _none(request: Rewrite) -> list[str]:
+    return []
+
+
 def execute(
     model,
     requests: Sequence[Rewrite],
@@ -91,6 +121,9 @@ def execute(
         k_star, k_bare = keys.mean(0), keys[0]
         u = prepared.inverse_cov @ k_star if prepared.inverse_cov is not None else k_star
         u = u / u.norm()
+        null = [p for term in extra_losses for p in (getattr(term, "null_prompts", None) or _none)(request)]
+        if null:
+            u = null_direction(u, prepared.inverse_cov, keys, subject_keys(model, null, request.subject, key_hook))
         upd = rank_one_update(
             model, layer, k_bare, u, solution.target[site].double(), solution.init[site].double()
         )

@@ -48,6 +48,12 @@ MENTIONS = ("Here is some news about {subject}.", "My friend told me about {subj
 (the i-th other subject's row takes the i-th); deliberately not the distract suite's own mention
 sentence (:data:`attention_drift.measure.groups.MENTION`), which a variant must not be built on."""
 
+NULL_MENTIONS = MENTIONS + ("Yesterday I heard about {subject}.", "We talked about {subject} for a while.",
+                            "There is a story about {subject}.", "Someone mentioned {subject} today.",
+                            "I was thinking of {subject}.")
+"""Mentions of the edited subject for :attr:`SADRConfig.key_nulls`: :data:`MENTIONS` and five more, none
+of them the distract suite's mention sentence."""
+
 
 class SADRError(AttentionDriftError):
     """A SADR configuration that cannot be used as given."""
@@ -126,6 +132,14 @@ class SADRConfig:
             :data:`MENTIONS` about the i-th of ``distract_subjects``) and then ask the request's own
             prompt: the mirror image of the "mention" distract rows, where the edit must still be
             read. Needs ``guard_weight``. Our extension.
+        key_nulls: sentences naming the edited subject (``"{subject}"``) where the edit must not fire, e.g.
+            :data:`NULL_MENTIONS`: ROME's update direction ``u`` is moved the least (in the metric of
+            the key covariance ``C``, the one ROME's ``u = C^-1 k*`` minimises) so that the edited layer's
+            keys of the subject's last token in these sentences get no change, while each rewriting key
+            (the bare prompt's and every context template's) keeps the change it had. A key holds only the
+            tokens up to the subject, so this separates contexts that differ *before* the subject (a
+            mention, "... about {subject}.") from statements about it; it cannot separate the edit
+            sentence restated later. ROME only. Our extension; () leaves ROME's ``u`` as it is.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -153,6 +167,7 @@ class SADRConfig:
     guard_margin: float = 1.0
     guard_mentions: bool = False
     guard_others: bool = False
+    key_nulls: tuple[str, ...] = ()
     verify: bool = False
 
     @classmethod
@@ -204,7 +219,7 @@ class SADRConfig:
         if self.output_margin < 0 or (self.output_margin and (not self.output_weight or self.output == "kl")):
             raise SADRError(f"SADR output_margin {self.output_margin}: give a margin >= 0, and one > 0 only with an "
                             "output_weight > 0 and output 'target', 'contrast' or 'both'")
-        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms"):
+        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms", "key_nulls"):
             value = getattr(self, name)  # a list (JSON) or one string: a tuple
             if isinstance(value, (list, str)):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -222,6 +237,9 @@ class SADRConfig:
         for name in ("guard_mentions", "guard_others"):
             if getattr(self, name) and not self.guard_weight:
                 raise SADRError(f"SADR {name} adds rows to the efficacy guard: set guard_weight > 0 too")
+        bad = [t for t in self.key_nulls if "{subject}" not in t]
+        if bad:
+            raise SADRError(f"SADR key_nulls {bad}: each sentence must name the subject as '{{subject}}'")
         if not self.clamp_scale > 0:
             raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
@@ -362,6 +380,11 @@ class SADRLoss:
         if self.config.distract:
             rows += distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
         return rows
+
+    def null_prompts(self, request: Rewrite) -> list[str]:
+        """The :attr:`SADRConfig.key_nulls` sentences about ``request``'s subject: where a ROME update
+        must leave the subject's key unanswered."""
+        return [t.format(subject=request.subject) for t in self.config.key_nulls]
 
     def _distract_rows(self, info, forms: tuple[str, ...] | None) -> Tensor:
         """The batch rows of the distract prompts of ``forms`` (None: all): :func:`distract_prompts`

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from attention_drift.core.errors import AttentionDriftError
+from attention_drift.editing.sadr import NULL_MENTIONS
 
 NONE = "none"
 LAYER_RANGES = ("lower", "upper")
@@ -292,6 +293,7 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                      guard_mentions=True, guard_others=True),
     "m1go-t2": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                         guard_mentions=True, guard_others=True, output_margin=2.0),
+    "k8": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS),
     "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
     "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
@@ -312,7 +314,10 @@ the paraphrase cost comes with the mention rows, which push on the very pathway 
 ``e1aW``: round 5, SADR+'s output term on the edit sentence's rows only and the published attention
 term (hinge, KL) at weight W on the mention rows only (``attention_forms``, ``distract_only``: the
 rewriting rows stay free), so that the mention rows restrain where another prompt looks rather than
-what the edited subject carries, which the paraphrases need."""
+what the edited subject carries, which the paraphrases need; ``k8``: round 6, SADR+ with ROME's update
+direction kept off the keys of the subject in the eight :data:`~attention_drift.editing.sadr.NULL_MENTIONS`
+sentences (``key_nulls``): a mention differs from a statement before the subject, where the key is read,
+so the edit itself need not fire there."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
