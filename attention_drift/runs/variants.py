@@ -294,6 +294,7 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
     "m1go-t2": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention"), guard_weight=1.0,
                         guard_mentions=True, guard_others=True, output_margin=2.0),
     "k8": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS),
+    "k3": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS[:3]),
     "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
     "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
@@ -317,7 +318,8 @@ rewriting rows stay free), so that the mention rows restrain where another promp
 what the edited subject carries, which the paraphrases need; ``k8``: round 6, SADR+ with ROME's update
 direction kept off the keys of the subject in the eight :data:`~attention_drift.editing.sadr.NULL_MENTIONS`
 sentences (``key_nulls``): a mention differs from a statement before the subject, where the key is read,
-so the edit itself need not fire there."""
+so the edit itself need not fire there; ``k3``: round 7, only the first three of them (:data:`~attention_drift.editing.sadr.MENTIONS`):
+fewer constraints move ``u`` less (``benchmarks/key_response.py``)."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
