@@ -7,7 +7,7 @@ for a paraphrase and for the edit sentence restated after it, but may differ for
 ("... about {subject}.") whose words before the subject differ. For the first ``--records``
 CounterFact-type records of ``dev-tune`` this prints the median ``r`` per context under ROME's ``u``
 and under ``u`` with :data:`~attention_drift.editing.sadr.NULL_MENTIONS` nulled
-(:func:`~attention_drift.editing.rome.null_direction`, every rewriting key kept, as
+(:func:`~attention_drift.editing.rome.update_direction`, every rewriting key kept, as
 ``SADRConfig.key_nulls`` edits): the rewriting templates, the record's paraphrase prompts, the
 nulled mentions themselves, the distract suite's mention sentence (never nulled) and five other
 mention sentences never nulled, and the RMS response over the layer's whole key distribution
@@ -57,8 +57,6 @@ def main(argv=None) -> int:
         rw = record.rewrite
         prompts, positions = template_rows(model, rw, prepared.templates)
         keys = subject_activations(model, prompts, positions, [hook])[hook].double()
-        u = inverse @ keys.mean(0)
-        u = u / u.norm()
         nulled = rome.subject_keys(model, [m.format(subject=rw.subject) for m in NULL_MENTIONS], rw.subject, hook)
         by_context = {
             "templates": keys[1:],
@@ -67,7 +65,8 @@ def main(argv=None) -> int:
             "suite mention": rome.subject_keys(model, [MENTION.format(subject=rw.subject)], rw.subject, hook),
             "held-out mentions": rome.subject_keys(model, [m.format(subject=rw.subject) for m in HELD_OUT], rw.subject, hook),
         }
-        for name, direction in (("ROME", u), ("key_nulls", rome.null_direction(u, inverse, keys, nulled))):
+        for name, direction in (("ROME", rome.update_direction(inverse, keys)),
+                                ("key_nulls", rome.update_direction(inverse, keys, nulled))):
             bare = float(direction @ keys[0])
             for context, k in by_context.items():
                 response[name][context] += (k @ direction / bare).tolist()

@@ -271,8 +271,15 @@ def read_ends(batch: Batch, n_rewriting: int, subject_last: Int[Tensor, " batch"
                       batch.lengths[n_rewriting + 1:]])
 
 
-def _none(request: Rewrite) -> tuple[str, ...]:
-    return ()
+def term_prompts(extra_losses: Sequence[ExtraLoss], request: Rewrite, method: str) -> list[str]:
+    """The prompts the extra terms give for ``request`` through their optional ``method(request)``
+    (e.g. ``"extra_prompts"``), in term order; a term without it gives none."""
+    prompts: list[str] = []
+    for term in extra_losses:
+        give = getattr(term, method, None)
+        if give is not None:
+            prompts += give(request)
+    return prompts
 
 
 _STEP_PROGRESS = contextvars.ContextVar("attention_drift_step_progress", default=False)
@@ -313,7 +320,7 @@ def rewriting_setup(model, request: Rewrite, templates: Sequence[str], layer: in
     """The rewriting batch of ``request`` under ``templates`` (plus the rows the extra terms ask
     for), its :class:`StepInfo` for an edit of block ``layer``, and the hooks and output rows the
     extra terms read (an unknown hook is an :class:`EditError`)."""
-    extra_prompts = [p for term in extra_losses for p in (getattr(term, "extra_prompts", None) or _none)(request)]
+    extra_prompts = term_prompts(extra_losses, request, "extra_prompts")
     batch, n_rw, subj = rewriting_batch(model, request, templates, extra_prompts)
     rows = torch.arange(len(batch))
     first_true = tokens.continuation_ids(model, request.prompt, request.target_true)[1][:1] or [-1]

@@ -32,7 +32,7 @@ from torch import Tensor
 from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import ROMEConfig
 from attention_drift.editing.optimize import (ExtraLoss, Objective, OptimizationTrace, optimize_values,
-                                              subject_activations, subject_last_index)
+                                              subject_activations, subject_last_index, term_prompts)
 from attention_drift.editing.stats import inverse_second_moment
 from attention_drift.editing.templates import context_templates
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
@@ -75,6 +75,18 @@ def subject_keys(model, prompts: Sequence[str], subject: str, key_hook: str) -> 
     return subject_activations(model, prompts, positions, [key_hook])[key_hook].double()
 
 
+def update_direction(
+    inverse_cov: Float[Tensor, "d_mlp d_mlp"] | None, keys: Float[Tensor, "row d_mlp"],
+    null_keys: Float[Tensor, "n d_mlp"] | None = None,
+) -> Float[Tensor, " d_mlp"]:
+    """ROME's ``u``: ``C^-1 k*`` (``k*`` the mean of the rewriting ``keys``, bare prompt first; ``k*``
+    itself without the covariance) at unit length; with ``null_keys``, then moved by
+    :func:`null_direction` so that those get no change while every rewriting key keeps its own."""
+    u = inverse_cov @ keys.mean(0) if inverse_cov is not None else keys.mean(0)
+    u = u / u.norm()
+    return u if null_keys is None else null_direction(u, inverse_cov, keys, null_keys)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What ROME needs before any weight changes.
@@ -96,10 +108,6 @@ def prepare(model, config: ROMEConfig, *, progress: bool = True) -> Prepared:
     return Prepared(tuple(t for g in groups for t in g), inverse)
 
 
-def _none(request: Rewrite) -> list[str]:
-    return []
-
-
 def execute(
     model,
     requests: Sequence[Rewrite],
@@ -118,14 +126,11 @@ def execute(
             loss_layer=config.v_loss_layer, extra_losses=extra_losses, reference_names=[key_hook],
         )
         keys = solution.reference[key_hook].double()
-        k_star, k_bare = keys.mean(0), keys[0]
-        u = prepared.inverse_cov @ k_star if prepared.inverse_cov is not None else k_star
-        u = u / u.norm()
-        null = [p for term in extra_losses for p in (getattr(term, "null_prompts", None) or _none)(request)]
-        if null:
-            u = null_direction(u, prepared.inverse_cov, keys, subject_keys(model, null, request.subject, key_hook))
+        null = term_prompts(extra_losses, request, "null_prompts")
+        u = update_direction(prepared.inverse_cov, keys,
+                             subject_keys(model, null, request.subject, key_hook) if null else None)
         upd = rank_one_update(
-            model, layer, k_bare, u, solution.target[site].double(), solution.init[site].double()
+            model, layer, keys[0], u, solution.target[site].double(), solution.init[site].double()
         )
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
         traces.append(solution.trace)
