@@ -192,8 +192,9 @@ def add_variant_arguments(p, *, allow_none: bool = True) -> None:
     g.add_argument("--sadr", action="store_true", help="edit with SADR (--sadr-variant's settings unless overridden)")
     g.add_argument("--sadr-variant", default=None, metavar="NAME",
                    help="a named SADR variant (attention_drift.runs.variants.SADR_VARIANTS): 'published' (the paper's, "
-                   "default) or 'plus' (ours: the new target must not gain on synthetic distract prompts, and the "
-                   "edit is checked on its own prompt with a plain-editor fallback); "
+                   "default), 'plus' (ours: the new target must not gain on synthetic distract prompts, and the "
+                   "edit is checked on its own prompt with a plain-editor fallback) or 'cross' (plus, and the update "
+                   "kept off the subject's key in sentences that merely mention it; rome, memit, pmet); "
                    "the other --sadr-* options override its fields")
     g.add_argument("--sadr-weight", type=float, default=None,
                    help="loss weight gamma (default: the per-model, per-method preset)")

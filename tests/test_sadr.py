@@ -713,11 +713,69 @@ def test_key_nulls_leave_the_edited_layer_unmoved_at_the_subject_of_a_mention(st
     assert float((after[1] - before[1]).norm()) > 0.1 * float(before[1].norm())  # the edit itself still lands
 
 
-def test_key_nulls_must_name_the_subject_and_fit_only_rome(stats):
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_key_nulls_keep_every_layer_of_a_batched_update_off_the_mentions_key(stats, method):
+    """MEMIT / PMET with ``key_nulls``: each edited layer's weight change maps the subject's key in the
+    mention (that layer's key, on the edited model) to zero, while it still moves the bare prompt's key;
+    without key_nulls it answers the mention too."""
+    from attention_drift.core.hooks import act_name, mlp_weight_name
+    from attention_drift.editing.rome import subject_keys
+
+    model = tiny_model("llama", n_layers=3)
+    config = replace(_config(method, stats), layers=(0, 1))
+    mention = "Here is some news about {subject}."
+    texts = [mention.format(subject=EIFFEL.subject), EIFFEL.prompt]
+    sadr = SADRConfig(weight=0.0, steps=STEPS, distract=True, output_weight=1.0, output="contrast",
+                      key_nulls=(mention,))
+    names = {layer: mlp_weight_name(layer) for layer in config.layers}
+    before = {layer: model.get_parameter(name).detach().clone() for layer, name in names.items()}
+
+    def responses(nulls):
+        with edit(model, EIFFEL, method, config, sadr=replace(sadr, key_nulls=nulls)):
+            out = []
+            for layer, name in names.items():
+                delta = (model.get_parameter(name).detach() - before[layer]).double()
+                keys = subject_keys(model, texts, EIFFEL.subject, act_name("mlp_post", layer))
+                out.append((keys @ delta.T).norm(dim=-1))  # [mention, bare]
+            return torch.stack(out)
+
+    nulled, plain = responses((mention,)), responses(())
+    assert (nulled[:, 0] < 1e-3 * nulled[:, 1]).all(), nulled  # float32 weights: the delta is read to ~1e-5
+    assert (plain[:, 0] > 0.05 * plain[:, 1]).all(), plain
+    assert (nulled[:, 1] > 0.2 * plain[:, 1]).all()  # the bare key still moves (in a random model its key is close to the mention's)
+
+
+def test_key_nulls_must_name_the_subject_and_fit_a_key_value_editor(stats):
     with pytest.raises(SADRError, match="key_nulls"):
         SADRConfig(key_nulls=("no subject here.",))
     from attention_drift.editing import ConfigError
 
     model = tiny_model("llama", n_layers=2)
-    with pytest.raises(ConfigError, match="key_nulls"):
-        resolve_edit(model, "memit", None, SADRConfig(key_nulls=("About {subject}.",)))
+    with pytest.raises(ConfigError, match="key_nulls.*'alphaedit'"):
+        resolve_edit(model, "alphaedit", None, SADRConfig(key_nulls=("About {subject}.",)))
+
+
+def test_least_squares_update_with_null_keys_is_the_constrained_optimum():
+    """Under ``Delta N = 0`` the update minimises ``|Delta K - R|^2 + lambda tr(Delta C Delta^T)``: it meets the
+    constraint, and every other update that meets it (a step in a free direction) costs more."""
+    from attention_drift.editing.memit import least_squares_update
+
+    model = tiny_model("llama", n_layers=2)
+    g = torch.Generator().manual_seed(0)
+    d_mlp, d_model = 10, 4
+    a = torch.randn(d_mlp, d_mlp, generator=g, dtype=torch.double)
+    cov = a @ a.T / d_mlp + torch.eye(d_mlp, dtype=torch.double)
+    keys, null = torch.randn(3, d_mlp, generator=g, dtype=torch.double), torch.randn(2, d_mlp, generator=g, dtype=torch.double)
+    residuals = torch.randn(3, d_model, generator=g, dtype=torch.double)
+    upd = least_squares_update(model, 0, keys, residuals, cov, 1.5, null)
+    torch.testing.assert_close(upd @ null.T, torch.zeros(d_model, 2, dtype=torch.double), atol=1e-10, rtol=0)
+
+    def cost(delta):
+        return float(((delta @ keys.T - residuals.T) ** 2).sum() + 1.5 * torch.trace(delta @ cov @ delta.T))
+
+    free = torch.linalg.svd(null)[2][len(null):]  # z with null @ z = 0
+    for z in free[:3]:
+        other = upd + 0.05 * torch.outer(torch.randn(d_model, generator=g, dtype=torch.double), z)
+        assert cost(other) > cost(upd)
+    torch.testing.assert_close(least_squares_update(model, 0, keys, residuals, cov, 1.5, null[:0]),
+                               least_squares_update(model, 0, keys, residuals, cov, 1.5))

@@ -21,6 +21,7 @@ def test_paper_table_is_built_from_the_editor_registry():
         assert table[f"{method}-sadr"] == Variant(f"{method}-sadr", method, SADRSpec())
         assert table[f"{method}-sadr-plus"] == Variant(f"{method}-sadr-plus", method, sadr_variant("plus", method))
     assert table["rome-sadr-upper"].sadr.layers == "upper"
+    assert {m for m in EDITORS if f"{m}-sadr-cross" in table} == {"rome", "memit", "pmet"}
 
 
 def _args(*argv):
@@ -68,7 +69,17 @@ def test_sadr_variant_flag_picks_a_named_variant_and_other_flags_override_it():
     heavier = cli.variant_from_args(_args("--method", "rome", "--sadr", "--sadr-variant", "plus", "--sadr-steps", "7"))
     assert heavier.name == "rome-sadr-plus"
     assert heavier.sadr == sadr_variant("plus", "rome", steps=7)
-    assert set(SADR_VARIANTS) >= {"published", "plus"}
+    assert set(SADR_VARIANTS) >= {"published", "plus", "cross"}
+
+
+def test_cross_is_plus_with_the_mentions_nulled_and_is_the_tuning_halfs_k8():
+    from attention_drift.editing.sadr import NULL_MENTIONS
+    from attention_drift.runs.variants import CROSS_CANDIDATES
+
+    cross = cli.variant_from_args(_args("--method", "memit", "--sadr", "--sadr-variant", "cross"))
+    assert cross.name == "memit-sadr-cross" and cross.sadr.key_nulls == NULL_MENTIONS
+    assert cross.sadr == sadr_variant("plus", "memit", key_nulls=NULL_MENTIONS)
+    assert sadr_variant("cross", "rome") == CROSS_CANDIDATES["k8"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -76,6 +87,7 @@ def test_sadr_variant_flag_picks_a_named_variant_and_other_flags_override_it():
     (("--method", "rome", "--sadr", "--sadr-variant", "best"), "unknown SADR variant 'best'"),
     (("--method", "none", "--sadr"), "needs an editing method"),
     (("--variant", "rome-sadr", "--sadr-variant", "plus"), "names a whole variant"),
+    (("--method", "alphaedit", "--sadr", "--sadr-variant", "cross"), "defined for rome, memit, pmet, not 'alphaedit'"),
 ])
 def test_bad_sadr_variant_flags_say_what_to_change(argv, needle):
     from attention_drift.core.errors import AttentionDriftError

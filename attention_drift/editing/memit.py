@@ -15,6 +15,11 @@ Following the authors' code (``memit/memit_main.py``, ``compute_z.py``, ``comput
 
 :func:`spread_updates` is shared with PMET, which differs in the residual's site and
 divisor.
+
+With an extra loss term that names ``null_prompts(request)`` (SADR's ``key_nulls``), each layer's
+update is the least-squares one under the hard constraint that the subject's keys in those prompts
+(at that layer, on the model as it then is) get no change (:func:`least_squares_update`): ROME's
+:func:`~attention_drift.editing.rome.null_direction` for a batched update.
 """
 
 from collections.abc import Callable, Sequence
@@ -34,7 +39,9 @@ from attention_drift.editing.optimize import (
     optimize_values_many,
     subject_activations,
     template_rows,
+    term_prompts,
 )
+from attention_drift.editing.rome import subject_keys
 from attention_drift.editing.stats import key_second_moments
 from attention_drift.editing.templates import context_templates
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
@@ -88,12 +95,19 @@ def grouped_keys_and_outputs(
 
 
 def least_squares_update(
-    model, layer: int, keys: Tensor, residuals: Tensor, cov: Tensor, mom2_update_weight: float
+    model, layer: int, keys: Float[Tensor, "n d_mlp"], residuals: Float[Tensor, "n d_model"], cov: Tensor,
+    mom2_update_weight: float, null_keys: Float[Tensor, "m d_mlp"] | None = None,
 ) -> Tensor:
-    """``R K^T (lambda C + K K^T)^-1`` in the parameter's layout (``keys [n, d_mlp]``, ``residuals [n, d_model]``)."""
+    """``R K^T A^-1`` with ``A = lambda C + K K^T``, in the parameter's layout. With ``null_keys`` ``N``
+    it is the least-squares update under the constraint ``Delta N = 0``:
+    ``Delta - Delta N (N^T A^-1 N)^+ N^T A^-1`` (pseudo-inverse: a null key that repeats another adds nothing)."""
     k = keys.T.double()  # [d_mlp, n]
-    adj = torch.linalg.solve(mom2_update_weight * cov.double() + k @ k.T, k)
-    upd = residuals.T.double() @ adj.T  # [d_model, d_mlp]
+    a = mom2_update_weight * cov.double() + k @ k.T
+    upd = residuals.T.double() @ torch.linalg.solve(a, k).T  # [d_model, d_mlp]
+    if null_keys is not None and len(null_keys):
+        n = null_keys.T.double()  # [d_mlp, m]
+        spread = torch.linalg.solve(a, n)
+        upd = upd - upd @ n @ torch.linalg.pinv(n.T @ spread) @ spread.T
     return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
 
 
@@ -108,16 +122,21 @@ def spread_updates(
     covs: dict[int, Tensor],
     mom2_update_weight: float,
     apply: Callable[[str, Tensor], None],
+    nulls: Sequence[Sequence[str]] = (),
 ) -> None:
     """Write ``targets`` (``[n, d]``, values of ``out_hook``) into the MLPs of ``layers``, in order.
 
     At the i-th layer the residual ``targets - current out_hook`` is divided by
-    ``divisor(number of layers left)``.
+    ``divisor(number of layers left)``. ``nulls``: per request, prompts naming its subject where no
+    layer's update may answer the subject's key (none: unconstrained).
     """
     for i, layer in enumerate(layers):
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, out_hook)
         residuals = (targets.double() - current) / divisor(len(layers) - i)
-        upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight)
+        key_hook = act_name("mlp_post", layer)
+        null = [subject_keys(model, p, r.subject, key_hook) for r, p in zip(requests, nulls) if p]
+        upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight,
+                                   torch.cat(null) if null else None)
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
 
 
@@ -162,5 +181,5 @@ def execute(
     site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, site, float, groups, covs,
-                   config.mom2_update_weight, apply)
+                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests])
     return [s.trace for s in solutions]

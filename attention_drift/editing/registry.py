@@ -177,6 +177,10 @@ METHODS: Sequence[str] = _Methods()
 CONFIG_TYPES: Mapping[str, type] = _ConfigTypes()
 """``{method name: config class}`` (a live view of :data:`EDITORS`)."""
 
+KEY_NULL_EDITORS = ("rome", "memit", "pmet")
+"""The editors whose key-value update takes SADR's ``key_nulls`` (ROME moves ``u``; MEMIT and PMET
+constrain each layer's least squares)."""
+
 
 def clamp_field(config) -> str | None:
     """The name of ``config``'s clamp (the radius of change that SADR's ``clamp_scale`` multiplies
@@ -217,9 +221,9 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         total = n_layers(model)
         if sadr.layers is not None and any(not 0 <= l < total for l in sadr.layers):
             raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{total - 1}")
-        if sadr.key_nulls and editor.name != "rome":
-            raise ConfigError(f"SADR key_nulls moves ROME's update direction; method {editor.name!r} has none of its "
-                              "own: leave key_nulls empty or use method='rome'")
+        if sadr.key_nulls and editor.name not in KEY_NULL_EDITORS:
+            raise ConfigError(f"SADR key_nulls constrains the key-value update of {', '.join(KEY_NULL_EDITORS)}; "
+                              f"method {editor.name!r} does not take it: leave key_nulls empty or use one of those")
         sadr = sadr.resolved(model, editor.name)
         if sadr.steps is not None:
             config = replace(config, steps=sadr.steps)

@@ -136,10 +136,11 @@ class SADRConfig:
             :data:`NULL_MENTIONS`: ROME's update direction ``u`` is moved the least (in the metric of
             the key covariance ``C``, the one ROME's ``u = C^-1 k*`` minimises) so that the edited layer's
             keys of the subject's last token in these sentences get no change, while each rewriting key
-            (the bare prompt's and every context template's) keeps the change it had. A key holds only the
-            tokens up to the subject, so this separates contexts that differ *before* the subject (a
-            mention, "... about {subject}.") from statements about it; it cannot separate the edit
-            sentence restated later. ROME only. Our extension; () leaves ROME's ``u`` as it is.
+            (the bare prompt's and every context template's) keeps the change it had; MEMIT and PMET
+            solve each layer's least squares under the constraint that those keys get no change. A key
+            holds only the tokens up to the subject, so this separates contexts that differ *before* the
+            subject (a mention, "... about {subject}.") from statements about it; it cannot separate the
+            edit sentence restated later. ROME, MEMIT and PMET. Our extension; () changes nothing.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -382,8 +383,8 @@ class SADRLoss:
         return rows
 
     def null_prompts(self, request: Rewrite) -> list[str]:
-        """The :attr:`SADRConfig.key_nulls` sentences about ``request``'s subject: where a ROME update
-        must leave the subject's key unanswered."""
+        """The :attr:`SADRConfig.key_nulls` sentences about ``request``'s subject: where a ROME, MEMIT or PMET
+        update must leave the subject's key unanswered."""
         return [t.format(subject=request.subject) for t in self.config.key_nulls]
 
     def _distract_rows(self, info, forms: tuple[str, ...] | None) -> Tensor:

@@ -197,6 +197,8 @@ SADR_VARIANTS: dict[str, dict[str, SADRSpec]] = {
         "*": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast", verify=True),
         "ft": SADRSpec(weight=0.0, steps=None, distract=True, output_weight=1.0, output="contrast", verify=True),
     },
+    "cross": {method: SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast", verify=True,
+                               key_nulls=NULL_MENTIONS) for method in ("rome", "memit", "pmet")},
 }
 """Named SADR variants, per editing method (``"*"``: any other method): ``published`` is the
 paper's regulariser with its published weight and steps; ``plus`` is ours: on three synthetic
@@ -211,7 +213,10 @@ tried is in :data:`PLUS_CANDIDATES`, ``c1`` here); ``verify`` was added after th
 showed three efficacy misses (it never triggers on the tuning half's records). What it gives
 on the report half is in the README. FT's entry is the same but keeps FT's own steps (25; the
 20 above are the value-optimising editors' own), and its doubled clamp is FT's L-infinity
-``norm_constraint``."""
+``norm_constraint``. ``cross`` is ``plus`` with the update kept off the subject's keys in the eight
+:data:`~attention_drift.editing.sadr.NULL_MENTIONS` sentences (``key_nulls``), so that merely mentioning
+the edited subject does not fire the edit: the tuning half's candidate ``k8``
+(:data:`CROSS_CANDIDATES`), for the editors whose update takes key nulls (ROME, MEMIT, PMET)."""
 
 
 def sadr_variant(name: str, method: str, **overrides) -> SADRSpec:
@@ -219,7 +224,10 @@ def sadr_variant(name: str, method: str, **overrides) -> SADRSpec:
     if name not in SADR_VARIANTS:
         raise VariantError(f"unknown SADR variant {name!r}; choose from {', '.join(SADR_VARIANTS)}")
     table = SADR_VARIANTS[name]
-    spec = table.get(method, table["*"])
+    spec = table.get(method, table.get("*"))
+    if spec is None:
+        raise VariantError(f"SADR variant {name!r} is defined for {', '.join(table)}, not {method!r}; "
+                           f"use one of those methods or another variant ({', '.join(SADR_VARIANTS)})")
     try:
         return dataclasses.replace(spec, **overrides)
     except TypeError as err:
@@ -228,13 +236,15 @@ def sadr_variant(name: str, method: str, **overrides) -> SADRSpec:
 
 def paper_variants(editors: tuple[str, ...] | None = None) -> dict[str, Variant]:
     """The figures' variant table: the unedited model, every editor with and without the published
-    SADR, and the ROME ablations (weight, selection, distract rows, layer range)."""
+    SADR and SADR+ (and ``cross`` where the editor takes it), and the ROME ablations (weight, selection, distract rows, layer range)."""
     editors = editor_names() if editors is None else editors
     table = {NONE: Variant(NONE)}
     for method in editors:
         table[method] = Variant(method, method)
         table[f"{method}-sadr"] = Variant(f"{method}-sadr", method, sadr_variant("published", method))
         table[f"{method}-sadr-plus"] = Variant(f"{method}-sadr-plus", method, sadr_variant("plus", method))
+        if method in SADR_VARIANTS["cross"]:
+            table[f"{method}-sadr-cross"] = Variant(f"{method}-sadr-cross", method, sadr_variant("cross", method))
     ablations = {
         "w0.1": SADRSpec(weight=0.1), "w1": SADRSpec(weight=1.0), "all": SADRSpec(selection="all"),
         "distract": SADRSpec(distract=True), "distract-w0.1": SADRSpec(distract=True, weight=0.1),

@@ -2,7 +2,8 @@
 # Issue 26, item 2: SADR+ taken apart against ROME on the report half, every context of the distract
 # suite scored: the first 100 CounterFact-type records of dev-report (all with neighbourhood prompts),
 # pre-edit scores computed once (none.jsonl) and reused; ROME, SADR+ and the four baselines of
-# attention_drift.runs.variants.PLUS_PARTS; then the comparison (compare.md) and the suite figure.
+# attention_drift.runs.variants.PLUS_PARTS; item 3's variant, `--sadr-variant cross` (designed on
+# dev-tune, benchmarks/results/cross/); then the comparison (compare.md) and the suite figure.
 # About 1-1.5 CPU-minutes per record and variant on SmolLM2-135M with one thread; add --device cuda
 # (and more --workers) on a GPU. Resumable: re-run this script.
 set -euo pipefail
@@ -11,8 +12,9 @@ AD=${AD:-attention-drift}
 SEL="--data dev-report --limit 100 --kinds counterfact --suite --fluency --threads 1 --no-progress ${EXTRA:-}"
 $AD evaluate $SEL --method none --out none.jsonl
 $AD evaluate $SEL --method rome --reuse-pre none.jsonl --out rome.jsonl
+$AD evaluate $SEL --method rome --sadr --sadr-variant cross --reuse-pre none.jsonl --out rome-sadr-cross.jsonl
 $AD evaluate $SEL --method rome --sadr --sadr-variant plus --reuse-pre none.jsonl --out rome-sadr-plus.jsonl
 for part in fallback no-verify attn-distract published-contrast; do
     $AD evaluate $SEL --variant rome-parts-$part --reuse-pre none.jsonl --out rome-parts-$part.jsonl
 done
-$AD compare rome.jsonl rome-sadr-plus.jsonl rome-parts-*.jsonl --suite-figure suite.png > compare.md
+$AD compare rome.jsonl rome-sadr-cross.jsonl rome-sadr-plus.jsonl rome-parts-*.jsonl --suite-figure suite.png > compare.md
