@@ -1,7 +1,7 @@
 """Seconds per edit and per optimisation step of ROME and ROME+SADR on SmolLM2-135M, beside the
 paper's official code on the same machine, and where the time of a step goes.
 
-    python benchmarks/bench_editing.py [--threads 2] [--records 3] [--all-methods] [--step-costs]
+    python benchmarks/bench_editing.py [--threads 2] [--records 3] [--all-methods] [--step-costs] [--runs ROME,ROME+cross]
     python benchmarks/bench_editing.py --pair memit,alphaedit [--rounds 2]   # two editors side by side
 
 Prints, on the default offline model (CPU), over the first ``--records`` example records
@@ -11,7 +11,8 @@ beforehand (as for every edit after the first; a warm-up edit runs first):
 * ROME (20 steps) and ROME+SADR (weight 0.01, 80 steps): seconds per edit and per step, the
   official code's figures and the ratios (official / ours: > 1 means we are faster); then the
   published SADR with distract rows (``distract=True``, the batch holds three more, longer rows)
-  and SADR+ (``--sadr-variant plus``), with the distract-row / published ratio;
+  and SADR+ (``--sadr-variant plus``) and ``--sadr-variant cross`` (SADR+ with key nulls), with the
+  distract-row / published ratio and each SADR+ variant's edit / ROME's edit;
 * with ``--all-methods``, every other registered editor too (``attention_drift.editing.EDITORS``,
   each with its preset for the model); with ``--stats``, the throughput of sampling
   the statistics corpus and of accumulating ``k k^T``;
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--stats", action="store_true", help="also the statistics throughput")
     parser.add_argument("--step-costs", action="store_true", help="also the per-step comparison")
     parser.add_argument("--step-repeats", type=int, default=4)
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated labels of the rows to time, e.g. ROME,ROME+SADR+,ROME+cross (default: all)")
     parser.add_argument("--pair", default=None, help="A,B: time only these two editors, side by side")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of --pair")
     args = parser.parse_args()
@@ -77,7 +80,14 @@ def main() -> None:
     rome = ROMEConfig.for_model(model)
     runs = [("ROME", "rome", rome, None), ("ROME+SADR", "rome", rome, SADRConfig(weight=0.01, steps=80)),
             ("+distract", "rome", rome, SADRConfig(weight=0.01, steps=80, distract=True)),
-            ("ROME+SADR+", "rome", rome, sadr_variant("plus", "rome").resolve(model, "rome", rome.layer))]
+            ("ROME+SADR+", "rome", rome, sadr_variant("plus", "rome").resolve(model, "rome", rome.layer)),
+            ("ROME+cross", "rome", rome, sadr_variant("cross", "rome").resolve(model, "rome", rome.layer))]
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = [w for w in wanted if w not in [r[0] for r in runs]]
+        if unknown or "ROME" not in wanted:
+            raise SystemExit(f"--runs takes ROME and any of {', '.join(r[0] for r in runs)}; got {args.runs!r}")
+        runs = [r for r in runs if r[0] in wanted]
     if args.all_methods:
         runs += [(name.upper(), name, editor.config_type.for_model(model), None)
                  for name, editor in EDITORS.items() if name != "rome"]
@@ -106,9 +116,12 @@ def main() -> None:
                      f"{ref['s_per_step'] / step_s:9.2f}x")
         print(line, flush=True)
         seconds[label] = edit_s
-    print(f"distract-row SADR edit / published SADR edit (same weight and steps): "
-          f"{seconds['+distract'] / seconds['ROME+SADR']:.2f}x; SADR+ edit / ROME edit: "
-          f"{seconds['ROME+SADR+'] / seconds['ROME']:.2f}x")
+    if "+distract" in seconds and "ROME+SADR" in seconds:
+        print(f"distract-row SADR edit / published SADR edit (same weight and steps): "
+              f"{seconds['+distract'] / seconds['ROME+SADR']:.2f}x")
+    for label in ("ROME+SADR+", "ROME+cross"):
+        if label in seconds:
+            print(f"{label} edit / ROME edit: {seconds[label] / seconds['ROME']:.2f}x")
     if args.step_costs:
         step_costs(model, records[0].rewrite, rome, args.step_repeats)
 

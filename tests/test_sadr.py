@@ -201,6 +201,15 @@ def test_mention_rows_name_the_subject_without_the_new_target():
         SADRConfig(distract=True, distract_forms=("restated",))
 
 
+def test_restate_rows_put_a_neutral_sentence_before_the_edit_sentence():
+    """``"restate"`` rows: a fixed neutral sentence, the edit sentence, then the prompt about another
+    subject; built from the request alone, never from a record's paraphrases."""
+    rows = distract_prompts(EIFFEL, forms=("edit", "restate"))
+    assert rows[3] == ("Here is something I learned today. The Eiffel Tower is located in Rome. "
+                       "The Barack Obama is located in")
+    assert [r.split(". ", 1)[1] for r in rows[3:]] == rows[:3]
+
+
 def test_an_added_sadr_field_at_its_default_keeps_earlier_edit_keys(tiny_llama):
     """Fields added after edit keys were in use (``LATER_FIELDS``) leave the key as it was at their
     default (absent from the description); another value changes it."""

@@ -41,12 +41,18 @@ DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
 OUTPUTS = ("target", "contrast", "kl", "both")
-DISTRACT_FORMS = ("edit", "mention")
+DISTRACT_FORMS = ("edit", "mention", "restate")
 MENTIONS = ("Here is some news about {subject}.", "My friend told me about {subject}.",
             "This page is about {subject}.")
 """Sentences that name the edited subject and say nothing of it, for ``distract_forms`` "mention"
 (the i-th other subject's row takes the i-th); deliberately not the distract suite's own mention
 sentence (:data:`attention_drift.measure.groups.MENTION`), which a variant must not be built on."""
+
+RESTATE_PREFIXES = ("Here is something I learned today.", "This is a well-known fact.",
+                    "Some facts are worth repeating.")
+"""Neutral sentences put before the edit sentence for ``distract_forms`` "restate" (the i-th other
+subject's row takes the i-th): the edit stated after other words, as a paraphrase states it, built
+from the request alone (never from the record's paraphrase prompts)."""
 
 NULL_MENTIONS = MENTIONS + ("Yesterday I heard about {subject}.", "We talked about {subject} for a while.",
                             "There is a story about {subject}.", "Someone mentioned {subject} today.",
@@ -107,7 +113,8 @@ class SADRConfig:
         distract_forms: the contexts the distract prompts put before the prompt about another
             subject (:func:`distract_prompts`), one row per form and subject: ``"edit"``, the edit
             sentence ``"{prompt} {target_new}."`` (the paper's distract form); ``"mention"``, a
-            sentence that only names the edited subject (:data:`MENTIONS`). Our extension.
+            sentence that only names the edited subject (:data:`MENTIONS`); ``"restate"``, the edit
+            sentence after a neutral one (:data:`RESTATE_PREFIXES`). Our extension.
         attention_forms: the distract forms whose rows the attention term reads (None: every form of
             ``distract_forms``); with ``distract_only``, the attention term reads nothing else. A
             subset of ``distract_forms``. Our extension.
@@ -333,10 +340,13 @@ def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJEC
                      forms: Sequence[str] = ("edit",)) -> list[str]:
     """For each form, then each of ``subjects``: a context, then the request's prompt about that
     other subject. ``"edit"``: ``"{prompt} {target_new}. {other prompt}"``; ``"mention"``: the i-th
-    of :data:`MENTIONS` naming the edited subject, then the i-th other prompt."""
+    of :data:`MENTIONS` naming the edited subject, then the i-th other prompt; ``"restate"``: the
+    i-th of :data:`RESTATE_PREFIXES`, then the edit sentence, then the i-th other prompt."""
     others = [request.prompt.replace(request.subject, s) for s in subjects if s != request.subject]
-    contexts = {"edit": lambda i: f"{request.prompt} {request.target_new}.",
-                "mention": lambda i: MENTIONS[i % len(MENTIONS)].format(subject=request.subject)}
+    edit = f"{request.prompt} {request.target_new}."
+    contexts = {"edit": lambda i: edit,
+                "mention": lambda i: MENTIONS[i % len(MENTIONS)].format(subject=request.subject),
+                "restate": lambda i: f"{RESTATE_PREFIXES[i % len(RESTATE_PREFIXES)]} {edit}"}
     return [f"{contexts[form](i)} {other}" for form in forms for i, other in enumerate(others)]
 
 

@@ -305,6 +305,8 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
                         guard_mentions=True, guard_others=True, output_margin=2.0),
     "k8": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS),
     "k3": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS[:3]),
+    "k8r": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate")),
+    "k8r2": SADRSpec(**_PLUS, output_weight=2.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate")),
     "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
     "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
@@ -329,7 +331,10 @@ what the edited subject carries, which the paraphrases need; ``k8``: round 6, SA
 direction kept off the keys of the subject in the eight :data:`~attention_drift.editing.sadr.NULL_MENTIONS`
 sentences (``key_nulls``): a mention differs from a statement before the subject, where the key is read,
 so the edit itself need not fire there; ``k3``: round 7, only the first three of them (:data:`~attention_drift.editing.sadr.MENTIONS`):
-fewer constraints move ``u`` less (``benchmarks/key_response.py``)."""
+fewer constraints move ``u`` less (``benchmarks/key_response.py``); ``k8r`` / ``k8r2``: round 8, ``k8`` with
+the output term also on rows that restate the edit after a neutral sentence (``distract_forms`` "restate",
+:data:`~attention_drift.editing.sadr.RESTATE_PREFIXES`), weight 1 / 2: the restated context (DNS-R) put in
+view, where a statement's key fires the edit and only the output term can act."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 26, item 2: SADR+ taken apart against ROME on the report half, every context of the distract
-# suite scored: the first 100 CounterFact-type records of dev-report (all with neighbourhood prompts),
-# pre-edit scores computed once (none.jsonl) and reused; ROME, SADR+ and the four baselines of
+# suite scored: the CounterFact-type records of dev-report (all 84: --limit 100 takes every one; each
+# has neighbourhood prompts), pre-edit scores computed once (none.jsonl) and reused; ROME, SADR+ and the four baselines of
 # attention_drift.runs.variants.PLUS_PARTS; item 3's variant, `--sadr-variant cross` (designed on
 # dev-tune, benchmarks/results/cross/); then the comparison (compare.md) and the suite figure.
 # About 1-1.5 CPU-minutes per record and variant on SmolLM2-135M with one thread; add --device cuda
