@@ -14,7 +14,17 @@ $AD evaluate $SEL --method none --out none.jsonl
 $AD evaluate $SEL --method rome --reuse-pre none.jsonl --out rome.jsonl
 $AD evaluate $SEL --method rome --sadr --sadr-variant cross --reuse-pre none.jsonl --out rome-sadr-cross.jsonl
 $AD evaluate $SEL --method rome --sadr --sadr-variant plus --reuse-pre none.jsonl --out rome-sadr-plus.jsonl
+# MEMIT and PMET, plain, SADR+ and cross, on the first 50 of the same records (item 2 and item 3's "beside")
+SEL50=${SEL/--limit 100/--limit 50}
+for m in memit pmet; do
+    $AD evaluate $SEL50 --method $m --reuse-pre none.jsonl --out $m.jsonl
+    $AD evaluate $SEL50 --method $m --sadr --sadr-variant cross --reuse-pre none.jsonl --out $m-sadr-cross.jsonl
+    $AD evaluate $SEL50 --method $m --sadr --sadr-variant plus --reuse-pre none.jsonl --out $m-sadr-plus.jsonl
+done
 for part in fallback no-verify attn-distract published-contrast; do
     $AD evaluate $SEL --variant rome-parts-$part --reuse-pre none.jsonl --out rome-parts-$part.jsonl
+done
+for m in memit pmet; do
+    $AD compare $m.jsonl $m-sadr-cross.jsonl $m-sadr-plus.jsonl > compare-$m.md
 done
 $AD compare rome.jsonl rome-sadr-cross.jsonl rome-sadr-plus.jsonl rome-parts-*.jsonl --suite-figure suite.png > compare.md
