@@ -764,6 +764,62 @@ def test_key_nulls_must_name_the_subject_and_fit_a_key_value_editor(stats):
         resolve_edit(model, "alphaedit", None, SADRConfig(key_nulls=("About {subject}.",)))
 
 
+def test_key_keeps_hold_the_rome_update_at_their_keys_to_the_plain_edits():
+    """With ``key_keeps`` beside the nulls, the edited layer's change at the subject of a keep statement is
+    the one it gets without any nulls (the value is optimised alike; ``u . k`` is held for those keys)."""
+    from attention_drift.core.hooks import act_name
+    from attention_drift.editing.rome import subject_keys
+
+    model = tiny_model("llama", n_layers=3)
+    stats = StatsConfig(corpus="model", n_samples=32, seq_len=24)
+    config = _config("rome", stats)
+    keep = "It rained all day. {prompt}"
+    sadr = SADRConfig(weight=0.0, steps=STEPS, key_nulls=("Here is some news about {subject}.",), key_keeps=(keep,))
+    hook = act_name("mlp_out", config.layer)
+    text = [keep.format(prompt=EIFFEL.prompt)]
+    before = subject_keys(model, text, EIFFEL.subject, hook)
+    with edit(model, EIFFEL, "rome", config, sadr=sadr):
+        kept = subject_keys(model, text, EIFFEL.subject, hook) - before
+    with edit(model, EIFFEL, "rome", config, sadr=replace(sadr, key_nulls=(), key_keeps=())):
+        plain = subject_keys(model, text, EIFFEL.subject, hook) - before
+    with edit(model, EIFFEL, "rome", config, sadr=replace(sadr, key_keeps=())):
+        nulled = subject_keys(model, text, EIFFEL.subject, hook) - before
+    torch.testing.assert_close(kept, plain, atol=1e-4, rtol=1e-3)
+    assert float((nulled - plain).norm()) > 10 * float((kept - plain).norm())  # the nulls alone move it
+
+
+def test_key_keeps_must_hold_the_prompt_and_come_with_nulls():
+    with pytest.raises(SADRError, match="key_keeps"):
+        SADRConfig(key_nulls=("About {subject}.",), key_keeps=("No prompt here.",))
+    with pytest.raises(SADRError, match="key_keeps"):
+        SADRConfig(key_keeps=("It rained. {prompt}",))
+
+
+def test_least_squares_update_with_keep_keys_holds_them_and_is_the_constrained_optimum():
+    """``Delta N = 0`` and ``Delta P`` equal to the unconstrained update's; any other update meeting both costs more."""
+    from attention_drift.editing.memit import least_squares_update
+
+    model = tiny_model("llama", n_layers=2)
+    g = torch.Generator().manual_seed(1)
+    d_mlp, d_model = 10, 4
+    a = torch.randn(d_mlp, d_mlp, generator=g, dtype=torch.double)
+    cov = a @ a.T / d_mlp + torch.eye(d_mlp, dtype=torch.double)
+    keys, null, keep = (torch.randn(n, d_mlp, generator=g, dtype=torch.double) for n in (3, 2, 2))
+    residuals = torch.randn(3, d_model, generator=g, dtype=torch.double)
+    free_upd = least_squares_update(model, 0, keys, residuals, cov, 1.5)
+    upd = least_squares_update(model, 0, keys, residuals, cov, 1.5, null, keep)
+    torch.testing.assert_close(upd @ null.T, torch.zeros(d_model, 2, dtype=torch.double), atol=1e-10, rtol=0)
+    torch.testing.assert_close(upd @ keep.T, free_upd @ keep.T)
+    assert float((least_squares_update(model, 0, keys, residuals, cov, 1.5, null) @ keep.T - free_upd @ keep.T).norm()) > 1e-3
+
+    def cost(delta):
+        return float(((delta @ keys.T - residuals.T) ** 2).sum() + 1.5 * torch.trace(delta @ cov @ delta.T))
+
+    free = torch.linalg.svd(torch.cat([null, keep]))[2][4:]
+    for z in free[:3]:
+        assert cost(upd + 0.05 * torch.outer(torch.randn(d_model, generator=g, dtype=torch.double), z)) > cost(upd)
+
+
 def test_least_squares_update_with_null_keys_is_the_constrained_optimum():
     """Under ``Delta N = 0`` the update minimises ``|Delta K - R|^2 + lambda tr(Delta C Delta^T)``: it meets the
     constraint, and every other update that meets it (a step in a free direction) costs more."""

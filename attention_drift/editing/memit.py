@@ -18,8 +18,9 @@ divisor.
 
 With an extra loss term that names ``null_prompts(request)`` (SADR's ``key_nulls``), each layer's
 update is the least-squares one under the hard constraint that the subject's keys in those prompts
-(at that layer, on the model as it then is) get no change (:func:`least_squares_update`): ROME's
-:func:`~attention_drift.editing.rome.null_direction` for a batched update.
+(at that layer, on the model as it then is) get no change, and those in ``keep_prompts(request)``
+(``key_keeps``) the change they would get without the constraint (:func:`least_squares_update`):
+ROME's :func:`~attention_drift.editing.rome.null_direction` for a batched update.
 """
 
 from collections.abc import Callable, Sequence
@@ -97,17 +98,21 @@ def grouped_keys_and_outputs(
 def least_squares_update(
     model, layer: int, keys: Float[Tensor, "n d_mlp"], residuals: Float[Tensor, "n d_model"], cov: Tensor,
     mom2_update_weight: float, null_keys: Float[Tensor, "m d_mlp"] | None = None,
+    keep_keys: Float[Tensor, "p d_mlp"] | None = None,
 ) -> Tensor:
     """``R K^T A^-1`` with ``A = lambda C + K K^T``, in the parameter's layout. With ``null_keys`` ``N``
-    it is the least-squares update under the constraint ``Delta N = 0``:
-    ``Delta - Delta N (N^T A^-1 N)^+ N^T A^-1`` (pseudo-inverse: a null key that repeats another adds nothing)."""
+    it is the least-squares update under the constraint ``Delta N = 0`` (and, with ``keep_keys`` ``P``,
+    ``Delta P`` held to the unconstrained update's): ``Delta - [Delta N, 0] (B^T A^-1 B)^+ B^T A^-1``
+    with ``B = [N, P]`` (pseudo-inverse: a key that repeats another constraint adds nothing)."""
     k = keys.T.double()  # [d_mlp, n]
     a = mom2_update_weight * cov.double() + k @ k.T
     upd = residuals.T.double() @ torch.linalg.solve(a, k).T  # [d_model, d_mlp]
     if null_keys is not None and len(null_keys):
         n = null_keys.T.double()  # [d_mlp, m]
-        spread = torch.linalg.solve(a, n)
-        upd = upd - upd @ n @ torch.linalg.pinv(n.T @ spread) @ spread.T
+        b = n if keep_keys is None else torch.cat([n, keep_keys.T.double()], 1)
+        miss = torch.cat([upd @ n, upd.new_zeros(upd.shape[0], b.shape[1] - n.shape[1])], 1)
+        spread = torch.linalg.solve(a, b)
+        upd = upd - miss @ torch.linalg.pinv(b.T @ spread) @ spread.T
     return upd.T.contiguous() if mlp_out_is_conv1d(model, layer) else upd
 
 
@@ -123,20 +128,23 @@ def spread_updates(
     mom2_update_weight: float,
     apply: Callable[[str, Tensor], None],
     nulls: Sequence[Sequence[str]] = (),
+    keeps: Sequence[Sequence[str]] = (),
 ) -> None:
     """Write ``targets`` (``[n, d]``, values of ``out_hook``) into the MLPs of ``layers``, in order.
 
     At the i-th layer the residual ``targets - current out_hook`` is divided by
     ``divisor(number of layers left)``. ``nulls``: per request, prompts naming its subject where no
-    layer's update may answer the subject's key (none: unconstrained).
+    layer's update may answer the subject's key (none: unconstrained); ``keeps``: per request, prompts
+    where the update keeps its unconstrained change at the subject's key.
     """
     for i, layer in enumerate(layers):
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, out_hook)
         residuals = (targets.double() - current) / divisor(len(layers) - i)
         key_hook = act_name("mlp_post", layer)
         null = [subject_keys(model, p, r.subject, key_hook) for r, p in zip(requests, nulls) if p]
+        keep = [subject_keys(model, p, r.subject, key_hook) for r, p in zip(requests, keeps) if p]
         upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight,
-                                   torch.cat(null) if null else None)
+                                   torch.cat(null) if null else None, torch.cat(keep) if keep else None)
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
 
 
@@ -181,5 +189,6 @@ def execute(
     site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, site, float, groups, covs,
-                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests])
+                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests],
+                   [term_prompts(extra_losses, r, "keep_prompts") for r in requests])
     return [s.trace for s in solutions]

@@ -48,5 +48,6 @@ def execute(
     solutions = solve_values(model, requests, config, groups, [attn_site, mlp_site], objective, extra_losses)
     targets = torch.stack([s.target[mlp_site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, mlp_site, math.sqrt, groups, covs,
-                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests])
+                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests],
+                   [term_prompts(extra_losses, r, "keep_prompts") for r in requests])
     return [s.trace for s in solutions]

@@ -221,7 +221,7 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         total = n_layers(model)
         if sadr.layers is not None and any(not 0 <= l < total for l in sadr.layers):
             raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{total - 1}")
-        if sadr.key_nulls and editor.name not in KEY_NULL_EDITORS:
+        if (sadr.key_nulls or sadr.key_keeps) and editor.name not in KEY_NULL_EDITORS:
             raise ConfigError(f"SADR key_nulls constrains the key-value update of {', '.join(KEY_NULL_EDITORS)}; "
                               f"method {editor.name!r} does not take it: leave key_nulls empty or use one of those")
         sadr = sadr.resolved(model, editor.name)

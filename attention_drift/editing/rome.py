@@ -16,7 +16,8 @@ Per request, at the edited layer L (following the authors' code, ``rome/compute_
 
 With an extra loss term that names ``null_prompts(request)`` (SADR's ``key_nulls``), ``u`` is first
 moved the least in the ``C`` metric so that the keys of the subject in those prompts get no change
-while every rewriting key (the bare prompt's and each template's) keeps its change (:func:`null_direction`).
+while every rewriting key (the bare prompt's and each template's), and those of ``keep_prompts(request)``
+(``key_keeps``), keeps its change (:func:`null_direction`).
 
 Several requests are applied one after the other, each computed on the model already
 holding the previous ones (as ``apply_rome_to_model``).
@@ -77,14 +78,18 @@ def subject_keys(model, prompts: Sequence[str], subject: str, key_hook: str) -> 
 
 def update_direction(
     inverse_cov: Float[Tensor, "d_mlp d_mlp"] | None, keys: Float[Tensor, "row d_mlp"],
-    null_keys: Float[Tensor, "n d_mlp"] | None = None,
+    null_keys: Float[Tensor, "n d_mlp"] | None = None, keep_keys: Float[Tensor, "m d_mlp"] | None = None,
 ) -> Float[Tensor, " d_mlp"]:
     """ROME's ``u``: ``C^-1 k*`` (``k*`` the mean of the rewriting ``keys``, bare prompt first; ``k*``
     itself without the covariance) at unit length; with ``null_keys``, then moved by
-    :func:`null_direction` so that those get no change while every rewriting key keeps its own."""
+    :func:`null_direction` so that those get no change while every rewriting key, and each of
+    ``keep_keys``, keeps its own."""
     u = inverse_cov @ keys.mean(0) if inverse_cov is not None else keys.mean(0)
     u = u / u.norm()
-    return u if null_keys is None else null_direction(u, inverse_cov, keys, null_keys)
+    if null_keys is None:
+        return u
+    keep = keys if keep_keys is None else torch.cat([keys, keep_keys.to(keys.dtype)])
+    return null_direction(u, inverse_cov, keep, null_keys)
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,10 @@ def execute(
         )
         keys = solution.reference[key_hook].double()
         null = term_prompts(extra_losses, request, "null_prompts")
+        keep = term_prompts(extra_losses, request, "keep_prompts")
         u = update_direction(prepared.inverse_cov, keys,
-                             subject_keys(model, null, request.subject, key_hook) if null else None)
+                             subject_keys(model, null, request.subject, key_hook) if null else None,
+                             subject_keys(model, keep, request.subject, key_hook) if keep else None)
         upd = rank_one_update(
             model, layer, keys[0], u, solution.target[site].double(), solution.init[site].double()
         )

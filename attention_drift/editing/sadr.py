@@ -61,6 +61,13 @@ NULL_MENTIONS = MENTIONS + ("Yesterday I heard about {subject}.", "We talked abo
 of them the distract suite's mention sentence."""
 
 
+KEEP_STATEMENTS = tuple(f"{s} {{prompt}}" for s in RESTATE_PREFIXES + (
+    "It was a long winter that year.", "The meeting ended early.", "Prices rose again in March.",
+    "She moved to a new city.", "The results were published online."))
+"""Statements of the edit after an unrelated sentence, for :attr:`SADRConfig.key_keeps`: the shape of a
+paraphrase that opens with other words (never a record's paraphrase)."""
+
+
 class SADRError(AttentionDriftError):
     """A SADR configuration that cannot be used as given."""
 
@@ -148,6 +155,11 @@ class SADRConfig:
             holds only the tokens up to the subject, so this separates contexts that differ *before* the
             subject (a mention, "... about {subject}.") from statements about it; it cannot separate the
             edit sentence restated later. ROME, MEMIT and PMET. Our extension; () changes nothing.
+        key_keeps: statements of the edit (``"{prompt}"``, the request's prompt, after other words, e.g.
+            :data:`KEEP_STATEMENTS`) whose subject keys keep the response they have without the nulls: more
+            rewriting keys for ROME's ``u``, and for MEMIT / PMET each layer's change at those keys held to
+            the unconstrained update's. Paraphrases that open with an unrelated sentence lose part of their
+            response to the nulls; these keep keys of that shape. Needs ``key_nulls``. Our extension.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -176,6 +188,7 @@ class SADRConfig:
     guard_mentions: bool = False
     guard_others: bool = False
     key_nulls: tuple[str, ...] = ()
+    key_keeps: tuple[str, ...] = ()
     verify: bool = False
 
     @classmethod
@@ -227,7 +240,7 @@ class SADRConfig:
         if self.output_margin < 0 or (self.output_margin and (not self.output_weight or self.output == "kl")):
             raise SADRError(f"SADR output_margin {self.output_margin}: give a margin >= 0, and one > 0 only with an "
                             "output_weight > 0 and output 'target', 'contrast' or 'both'")
-        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms", "key_nulls"):
+        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms", "key_nulls", "key_keeps"):
             value = getattr(self, name)  # a list (JSON) or one string: a tuple
             if isinstance(value, (list, str)):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -248,6 +261,10 @@ class SADRConfig:
         bad = [t for t in self.key_nulls if "{subject}" not in t]
         if bad:
             raise SADRError(f"SADR key_nulls {bad}: each sentence must name the subject as '{{subject}}'")
+        bad = [t for t in self.key_keeps if "{prompt}" not in t]
+        if bad or (self.key_keeps and not self.key_nulls):
+            raise SADRError(f"SADR key_keeps {list(self.key_keeps)}: each statement must hold the request's prompt as "
+                            "'{prompt}', and key_keeps only acts with key_nulls set")
         if not self.clamp_scale > 0:
             raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
@@ -396,6 +413,11 @@ class SADRLoss:
         """The :attr:`SADRConfig.key_nulls` sentences about ``request``'s subject: where a ROME, MEMIT or PMET
         update must leave the subject's key unanswered."""
         return [t.format(subject=request.subject) for t in self.config.key_nulls]
+
+    def keep_prompts(self, request: Rewrite) -> list[str]:
+        """The :attr:`SADRConfig.key_keeps` statements of ``request``: where the nulls must leave the
+        subject's key its response."""
+        return [t.format(prompt=request.prompt) for t in self.config.key_keeps]
 
     def _distract_rows(self, info, forms: tuple[str, ...] | None) -> Tensor:
         """The batch rows of the distract prompts of ``forms`` (None: all): :func:`distract_prompts`

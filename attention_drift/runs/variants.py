@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from attention_drift.core.errors import AttentionDriftError
-from attention_drift.editing.sadr import NULL_MENTIONS
+from attention_drift.editing.sadr import KEEP_STATEMENTS, NULL_MENTIONS
 
 NONE = "none"
 LAYER_RANGES = ("lower", "upper")
@@ -307,6 +307,8 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
     "k3": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS[:3]),
     "k8r": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate")),
     "k8r2": SADRSpec(**_PLUS, output_weight=2.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate")),
+    "k8rk": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate"),
+                     key_keeps=KEEP_STATEMENTS),
     "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
     "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
@@ -334,7 +336,9 @@ so the edit itself need not fire there; ``k3``: round 7, only the first three of
 fewer constraints move ``u`` less (``benchmarks/key_response.py``); ``k8r`` / ``k8r2``: round 8, ``k8`` with
 the output term also on rows that restate the edit after a neutral sentence (``distract_forms`` "restate",
 :data:`~attention_drift.editing.sadr.RESTATE_PREFIXES`), weight 1 / 2: the restated context (DNS-R) put in
-view, where a statement's key fires the edit and only the output term can act."""
+view, where a statement's key fires the edit and only the output term can act; ``k8rk``: ``k8r`` with the
+subject's key kept at its response in the eight :data:`~attention_drift.editing.sadr.KEEP_STATEMENTS` (the
+request's prompt after an unrelated sentence, ``key_keeps``): the paraphrases the nulls cost open that way."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
