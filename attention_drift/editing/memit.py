@@ -40,9 +40,8 @@ from attention_drift.editing.optimize import (
     optimize_values_many,
     subject_activations,
     template_rows,
-    term_prompts,
 )
-from attention_drift.editing.rome import subject_keys
+from attention_drift.editing.rome import constraint_keys
 from attention_drift.editing.stats import key_second_moments
 from attention_drift.editing.templates import context_templates
 from attention_drift.core.models import mlp_out_is_conv1d, mlp_out_weight
@@ -127,22 +126,21 @@ def spread_updates(
     covs: dict[int, Tensor],
     mom2_update_weight: float,
     apply: Callable[[str, Tensor], None],
-    nulls: Sequence[Sequence[str]] = (),
-    keeps: Sequence[Sequence[str]] = (),
+    extra_losses: Sequence[ExtraLoss] = (),
 ) -> None:
     """Write ``targets`` (``[n, d]``, values of ``out_hook``) into the MLPs of ``layers``, in order.
 
     At the i-th layer the residual ``targets - current out_hook`` is divided by
-    ``divisor(number of layers left)``. ``nulls``: per request, prompts naming its subject where no
-    layer's update may answer the subject's key (none: unconstrained); ``keeps``: per request, prompts
-    where the update keeps its unconstrained change at the subject's key.
+    ``divisor(number of layers left)``. Where ``extra_losses`` give key nulls / keeps
+    (:func:`~attention_drift.editing.rome.constraint_keys`), each layer's update is constrained at those
+    keys, measured at that layer.
     """
     for i, layer in enumerate(layers):
         keys, current = grouped_keys_and_outputs(model, requests, groups, layer, out_hook)
         residuals = (targets.double() - current) / divisor(len(layers) - i)
-        key_hook = act_name("mlp_post", layer)
-        null = [subject_keys(model, p, r.subject, key_hook) for r, p in zip(requests, nulls) if p]
-        keep = [subject_keys(model, p, r.subject, key_hook) for r, p in zip(requests, keeps) if p]
+        constraints = [constraint_keys(model, extra_losses, r, act_name("mlp_post", layer)) for r in requests]
+        null = [n for n, _ in constraints if n is not None]
+        keep = [k for _, k in constraints if k is not None]
         upd = least_squares_update(model, layer, keys, residuals, covs[layer], mom2_update_weight,
                                    torch.cat(null) if null else None, torch.cat(keep) if keep else None)
         apply(mlp_weight_name(layer), upd.to(mlp_out_weight(model, layer).dtype))
@@ -189,6 +187,5 @@ def execute(
     site, solutions = optimize_targets(model, requests, config, groups, extra_losses)
     targets = torch.stack([s.target[site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, site, float, groups, covs,
-                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests],
-                   [term_prompts(extra_losses, r, "keep_prompts") for r in requests])
+                   config.mom2_update_weight, apply, extra_losses)
     return [s.trace for s in solutions]

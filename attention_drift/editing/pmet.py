@@ -28,7 +28,7 @@ from torch import Tensor
 from attention_drift.core.data import Rewrite
 from attention_drift.editing.config import PMETConfig
 from attention_drift.editing.memit import Prepared, prepare, solve_values, spread_updates  # noqa: F401 (prepare: PMET's)
-from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace, term_prompts
+from attention_drift.editing.optimize import ExtraLoss, Objective, OptimizationTrace
 from attention_drift.core.hooks import act_name
 
 
@@ -48,6 +48,5 @@ def execute(
     solutions = solve_values(model, requests, config, groups, [attn_site, mlp_site], objective, extra_losses)
     targets = torch.stack([s.target[mlp_site] for s in solutions])
     spread_updates(model, requests, config.layers, targets, mlp_site, math.sqrt, groups, covs,
-                   config.mom2_update_weight, apply, [term_prompts(extra_losses, r, "null_prompts") for r in requests],
-                   [term_prompts(extra_losses, r, "keep_prompts") for r in requests])
+                   config.mom2_update_weight, apply, extra_losses)
     return [s.trace for s in solutions]

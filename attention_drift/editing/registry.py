@@ -35,7 +35,7 @@ from attention_drift.editing import alphaedit, emmet, ft, memit, pmet, r_rome, r
 from attention_drift.editing.config import (AlphaEditConfig, ConfigError, EditError, FTConfig, MEMITConfig, PMETConfig,
                                             ROMEConfig)
 from attention_drift.core.models import n_layers
-from attention_drift.editing.sadr import SADRConfig
+from attention_drift.editing.sadr import KEY_NULL_EDITORS, SADRConfig
 
 
 @runtime_checkable
@@ -177,10 +177,6 @@ METHODS: Sequence[str] = _Methods()
 CONFIG_TYPES: Mapping[str, type] = _ConfigTypes()
 """``{method name: config class}`` (a live view of :data:`EDITORS`)."""
 
-KEY_NULL_EDITORS = ("rome", "memit", "pmet")
-"""The editors whose key-value update takes SADR's ``key_nulls`` (ROME moves ``u``; MEMIT and PMET
-constrain each layer's least squares)."""
-
 
 def clamp_field(config) -> str | None:
     """The name of ``config``'s clamp (the radius of change that SADR's ``clamp_scale`` multiplies
@@ -221,7 +217,7 @@ def resolve_edit(model, method: str, config=None, sadr: SADRConfig | None = None
         total = n_layers(model)
         if sadr.layers is not None and any(not 0 <= l < total for l in sadr.layers):
             raise EditError(f"SADR layers {sadr.layers} are out of range: the model has layers 0..{total - 1}")
-        if (sadr.key_nulls or sadr.key_keeps) and editor.name not in KEY_NULL_EDITORS:
+        if sadr.key_nulls and editor.name not in KEY_NULL_EDITORS:  # key_keeps come only with key_nulls
             raise ConfigError(f"SADR key_nulls constrains the key-value update of {', '.join(KEY_NULL_EDITORS)}; "
                               f"method {editor.name!r} does not take it: leave key_nulls empty or use one of those")
         sadr = sadr.resolved(model, editor.name)

@@ -76,6 +76,20 @@ def subject_keys(model, prompts: Sequence[str], subject: str, key_hook: str) -> 
     return subject_activations(model, prompts, positions, [key_hook])[key_hook].double()
 
 
+def constraint_keys(
+    model, extra_losses: Sequence[ExtraLoss], request: Rewrite, key_hook: str,
+) -> tuple[Float[Tensor, "n d_mlp"] | None, Float[Tensor, "m d_mlp"] | None]:
+    """(null keys, keep keys) of ``request`` at ``key_hook``: the subject's keys in the prompts the extra
+    terms give through ``null_prompts`` / ``keep_prompts`` (SADR's ``key_nulls`` / ``key_keeps``); None
+    where they give none (keeps act only beside nulls)."""
+    null = term_prompts(extra_losses, request, "null_prompts")
+    if not null:
+        return None, None
+    keep = term_prompts(extra_losses, request, "keep_prompts")
+    return (subject_keys(model, null, request.subject, key_hook),
+            subject_keys(model, keep, request.subject, key_hook) if keep else None)
+
+
 def update_direction(
     inverse_cov: Float[Tensor, "d_mlp d_mlp"] | None, keys: Float[Tensor, "row d_mlp"],
     null_keys: Float[Tensor, "n d_mlp"] | None = None, keep_keys: Float[Tensor, "m d_mlp"] | None = None,
@@ -131,11 +145,7 @@ def execute(
             loss_layer=config.v_loss_layer, extra_losses=extra_losses, reference_names=[key_hook],
         )
         keys = solution.reference[key_hook].double()
-        null = term_prompts(extra_losses, request, "null_prompts")
-        keep = term_prompts(extra_losses, request, "keep_prompts")
-        u = update_direction(prepared.inverse_cov, keys,
-                             subject_keys(model, null, request.subject, key_hook) if null else None,
-                             subject_keys(model, keep, request.subject, key_hook) if keep else None)
+        u = update_direction(prepared.inverse_cov, keys, *constraint_keys(model, extra_losses, request, key_hook))
         upd = rank_one_update(
             model, layer, keys[0], u, solution.target[site].double(), solution.init[site].double()
         )

@@ -68,6 +68,11 @@ KEEP_STATEMENTS = tuple(f"{s} {{prompt}}" for s in RESTATE_PREFIXES + (
 paraphrase that opens with other words (never a record's paraphrase)."""
 
 
+KEY_NULL_EDITORS = ("rome", "memit", "pmet")
+"""The editors whose key-value update takes :attr:`SADRConfig.key_nulls` (ROME moves ``u``; MEMIT and
+PMET constrain each layer's least squares)."""
+
+
 class SADRError(AttentionDriftError):
     """A SADR configuration that cannot be used as given."""
 

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from attention_drift.core.errors import AttentionDriftError
-from attention_drift.editing.sadr import KEEP_STATEMENTS, NULL_MENTIONS
+from attention_drift.editing.sadr import KEEP_STATEMENTS, KEY_NULL_EDITORS, NULL_MENTIONS
 
 NONE = "none"
 LAYER_RANGES = ("lower", "upper")
@@ -191,14 +191,16 @@ class Variant:
                 "sadr": None if self.sadr is None else self.sadr.to_json()}
 
 
+_PLUS = dict(weight=0.0, steps=20, distract=True, output="contrast", verify=True)
+"""SADR+'s fields but the output weight, shared by ``plus`` and the candidates built on it."""
+
 SADR_VARIANTS: dict[str, dict[str, SADRSpec]] = {
     "published": {"*": SADRSpec()},
     "plus": {
-        "*": SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast", verify=True),
-        "ft": SADRSpec(weight=0.0, steps=None, distract=True, output_weight=1.0, output="contrast", verify=True),
+        "*": SADRSpec(**_PLUS, output_weight=1.0),
+        "ft": SADRSpec(**{**_PLUS, "steps": None}, output_weight=1.0),
     },
-    "cross": {method: SADRSpec(weight=0.0, steps=20, distract=True, output_weight=1.0, output="contrast", verify=True,
-                               key_nulls=NULL_MENTIONS) for method in ("rome", "memit", "pmet")},
+    "cross": {method: SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS) for method in KEY_NULL_EDITORS},
 }
 """Named SADR variants, per editing method (``"*"``: any other method): ``published`` is the
 paper's regulariser with its published weight and steps; ``plus`` is ours: on three synthetic
@@ -287,7 +289,6 @@ published regulariser (its weight, steps and hinge selection) on the distract ro
 instead of the rewriting rows'; ``published-contrast``, the published SADR on both kinds of rows
 plus SADR+'s contrast term (an attention term kept)."""
 
-_PLUS = dict(weight=0.0, steps=20, distract=True, output="contrast", verify=True)
 CROSS_CANDIDATES: dict[str, SADRSpec] = {
     "m1": SADRSpec(**_PLUS, output_weight=1.0, distract_forms=("edit", "mention")),
     "m3": SADRSpec(**_PLUS, output_weight=3.0, distract_forms=("edit", "mention")),
