@@ -16,6 +16,7 @@ from attention_drift.measure.patching import (
     layer_head_grid,
     layer_position_grid,
     patch_edit,
+    patch_states,
     record_activations,
     run_patched,
     run_variant,
@@ -196,6 +197,42 @@ def test_contamination_reverses_roles(model):
     torch.testing.assert_close(contaminate.patched.lp_true[1], restore.base.lp_true[0], atol=1e-5, rtol=0)
     assert contaminate.metric("recovery")[1].item() == pytest.approx(1.0, abs=1e-3)
     assert contaminate.metric("delta_p_true")[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_patch_states_between_two_edits(model):
+    """Source and base both edited (a weak and a strong edit of one fact, layer 0): nothing patched
+    is the strong edit's run, everything patched and layer 0's MLP output alone (the only weights
+    that differ) each give the weak edit's run, and each state is entered once."""
+    case = _case()
+    entered = []
+
+    def state(scale):
+        @contextlib.contextmanager
+        def fn():
+            entered.append(scale)
+            with push_subject(model, EIFFEL.rewrite, scale=scale):
+                yield
+        return fn
+
+    variants = [(), _everything(model), (Patch("mlp_out", 0),), (Patch("pattern", tuple(range(model.cfg.n_layers))),)]
+    result = patch_states(model, [case], state(5.0), state(20.0), variants)[0]
+    assert entered == [5.0, 20.0]
+    with push_subject(model, EIFFEL.rewrite, scale=5.0):
+        weak = record_activations(model, case, variants)
+    with push_subject(model, EIFFEL.rewrite, scale=20.0):
+        strong = record_activations(model, case, variants)
+    torch.testing.assert_close(result.source.lp_true, weak.scores.lp_true)
+    torch.testing.assert_close(result.base.lp_true, strong.scores.lp_true)
+    assert result.base.logodds.item() != pytest.approx(result.source.logodds.item(), abs=1e-3)
+    torch.testing.assert_close(result.patched.lp_true[0], strong.scores.lp_true[0])
+    for v in (1, 2):
+        assert result.metric("recovery")[v].item() == pytest.approx(1.0, abs=1e-3)
+    # the unedited model on one side is patch_edit's restoration
+    restored = patch_edit(model, [case], state(20.0), variants)[0]
+    one_sided = patch_states(model, [case], None, state(20.0), variants)[0]
+    torch.testing.assert_close(restored.patched.lp_true, one_sided.patched.lp_true)
+    with pytest.raises(PatchingError, match="at least one case"):
+        patch_states(model, [], None, state(20.0), variants)
 
 
 def test_patch_edit_many_cases_and_aggregate(tiny_llama):

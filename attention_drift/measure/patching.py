@@ -11,7 +11,8 @@ the prompt is repeated once per variant in a batch and one hook function per hoo
 source values into the rows / heads / positions that request them, so many variants share a
 forward pass; each variant runs only from the first layer where it changes something, and the
 vocabulary is read only where the scores need it. :func:`patch_edit` runs one direction of that
-protocol for any cases and variants around an editor given as a context manager factory; the
+protocol for any cases and variants around an editor given as a context manager factory
+(:func:`patch_states` between any two model states, e.g. two edits of one fact); the
 grid builders (:func:`layer_head_grid`, :func:`layer_component_grid`, :func:`window_grid`,
 :func:`layer_position_grid`) produce the usual sweeps.
 
@@ -26,6 +27,7 @@ fails the probe raises :class:`PatchingError`. ``hook_resid_mid`` is not offered
 bridge an edit there reaches the MLP's input but not the residual stream carried past the MLP.
 """
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -554,33 +556,52 @@ def patch_edit(
     ``direction="restore"``: cache the unedited model's activations first, then run the edited
     model with them patched in (how much of the true answer comes back). ``"contaminate"``: cache
     the edited model's activations inside the edit, then run the unedited model with them
-    substituted (how much the true answer drops). The edit is entered once for all cases; all
-    specs are validated (and the pattern probe run) before it.
+    substituted (how much the true answer drops). :func:`patch_states` with one side unedited.
     """
     if direction not in DIRECTIONS:
         raise PatchingError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     if not callable(edit_fn):
         raise PatchingError("edit_fn must be a callable returning a context manager, e.g. lambda: edit(model, rw)")
+    if direction == "restore":
+        return patch_states(model, cases, None, edit_fn, variants, batch_size=batch_size)
+    return patch_states(model, cases, edit_fn, None, variants, batch_size=batch_size)
+
+
+def patch_states(
+    model,
+    cases: Sequence[PatchCase],
+    source_fn: Callable[[], AbstractContextManager] | None,
+    base_fn: Callable[[], AbstractContextManager] | None,
+    variants: Sequence[Patch | Sequence[Patch]] | Grid,
+    *,
+    batch_size: int = 64,
+) -> list[PatchResult]:
+    """Cache every case inside ``source_fn()``, then run it inside ``base_fn()`` with the source's
+    activations patched in; either side None is the model as it is (unedited).
+
+    Two edits of the same request tell where one differs from the other: e.g. source = the edit
+    with SADR+, base = plain ROME, patching attention patterns, asks how much of SADR+'s
+    protection comes from where heads look (a recovery of 1: all of it). Each state is entered
+    once for all cases (an :class:`~attention_drift.editing.EditResult` can be entered again and
+    again); all specs are validated (and the pattern probe run) before either.
+    """
+    for name, fn in (("source_fn", source_fn), ("base_fn", base_fn)):
+        if fn is not None and not callable(fn):
+            raise PatchingError(f"{name} must be None (the unedited model) or a callable returning a context "
+                                "manager, e.g. lambda: edit(model, rw)")
     cases = list(cases)
     if not cases:
-        raise PatchingError("patch_edit needs at least one case")
+        raise PatchingError("patching needs at least one case")
     variant_list = list(variants.variants if isinstance(variants, Grid) else (as_variant(v) for v in variants))
     runnable = variants if isinstance(variants, Grid) else variant_list
     check_patchable(model, variant_list)
     for case in cases:
         batch, _ = _layout(model, case)
         _masks(model, case, batch, variant_list)
-
-    def record_all() -> list[Activations]:
-        return [record_activations(model, case, variant_list) for case in cases]
-
-    if direction == "restore":
-        sources = record_all()
-        with edit_fn():
-            return [run_patched(model, s, runnable, batch_size=batch_size) for s in sources]
-    with edit_fn():
-        sources = record_all()
-    return [run_patched(model, s, runnable, batch_size=batch_size) for s in sources]
+    with source_fn() if source_fn is not None else contextlib.nullcontext():
+        sources = [record_activations(model, case, variant_list) for case in cases]
+    with base_fn() if base_fn is not None else contextlib.nullcontext():
+        return [run_patched(model, s, runnable, batch_size=batch_size) for s in sources]
 
 
 def aggregate(results: Sequence[PatchResult], metric: str = "recovery") -> tuple[Tensor, Tensor]:
