@@ -637,7 +637,7 @@ def register_explore(subparsers) -> None:
         description="Write the drift explorer of a folder made by 'attention-drift drift' (self-contained HTML, "
         "works offline) and open it in the browser. With --comparison, a second run (e.g. the same records "
         "with SADR) is shown beside it.")
-    p.add_argument("run", help="drift run folder (holds drift_records.jsonl)")
+    p.add_argument("folder", metavar="run", help="drift run folder (holds drift_records.jsonl)")
     p.add_argument("--comparison", default=None, help="a second drift run folder to compare with")
     p.add_argument("--out", default=None, help="HTML file to write (default: RUN/explorer.html)")
     p.add_argument("--no-open", action="store_true", help="write the page only")
@@ -647,8 +647,8 @@ def register_explore(subparsers) -> None:
 def run_explore(args) -> int:
     from attention_drift.views.explorer import ExplorerData, write_explorer
 
-    out = Path(args.out) if args.out else Path(args.run) / "explorer.html"
-    path = write_explorer(out, ExplorerData.from_run(args.run, comparison=args.comparison))
+    out = Path(args.out) if args.out else Path(args.folder) / "explorer.html"
+    path = write_explorer(out, ExplorerData.from_run(args.folder, comparison=args.comparison))
     print(f"{path} written", file=sys.stderr)
     if not args.no_open:
         import webbrowser

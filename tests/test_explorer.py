@@ -109,6 +109,21 @@ def test_from_run_reads_a_folder_with_its_patterns_file(tmp_path, synthetic):
     assert ExplorerData.from_run(tmp_path / explorer.RUN_FILE).run.patterns.keys() == data.run.patterns.keys()
 
 
+def test_explore_command_writes_the_page_of_a_run_and_its_comparison(tmp_path, synthetic):
+    from attention_drift import cli
+
+    lines, _ = synthetic
+    first, second = tmp_path / "rome", tmp_path / "rome-sadr"
+    write_run(first, lines)
+    write_run(second, synthetic_run(sadr=True, shift=0.7, seed=1)[0])
+    out = tmp_path / "page.html"
+    assert cli.main(["explore", str(first), "--comparison", str(second), "--out", str(out), "--no-open"]) == 0
+    payload, _ = _page_parts(out.read_text())
+    assert len(payload["runs"]) == 2 and payload["runs"][1]["match"] == list(range(8))
+    assert cli.main(["explore", str(first), "--no-open"]) == 0
+    assert (first / "explorer.html").exists()
+
+
 def test_patterns_file_round_trip_and_layouts(tmp_path):
     rng = np.random.default_rng(1)
     causal = np.tril(rng.uniform(0, 1, (5, 5)))

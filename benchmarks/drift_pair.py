@@ -1,0 +1,61 @@
+"""Two drift runs of the same records side by side: does the attention still drift where a mitigation
+removed the failure?
+
+Reads the ``drift.json`` of two ``attention-drift drift`` folders (e.g. ROME and ROME + SADR+ on the
+same records). It prints three things:
+
+- per group, the share of distract prompts that fail (the paper's definition, ``fails``) and the
+  mean over prompts of the largest head drift onto the edited subject's last token (``max_drift_subject_last``);
+- the first run's top heads with their mean drift in both runs;
+- on the prompts the first run fails and the second does not, the mean ``max_drift_subject_last``
+  under each run: if it stays, the mitigation keeps the attention and changes what it reads.
+
+    python benchmarks/drift_pair.py benchmarks/results/plus-drift/rome benchmarks/results/plus-drift/rome-sadr-plus
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+FACTOR = "max_drift_subject_last"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("first")
+    p.add_argument("second")
+    p.add_argument("--top-k", type=int, default=10)
+    args = p.parse_args(argv)
+    runs = [json.loads((Path(d) / "drift.json").read_text()) for d in (args.first, args.second)]
+    names = [Path(d).name for d in (args.first, args.second)]
+    samples = [{(json.dumps(s["case_id"]), s["prompt"]): s for s in run["samples"]} for run in runs]
+    shared = sorted(set(samples[0]) & set(samples[1]))
+    print(f"{len(shared)} distract prompts in both runs ({runs[0]['records']} and {runs[1]['records']} records)")
+    groups = sorted({samples[0][k]["group"] for k in shared})
+    print(f"\n{'group':24s}" + "".join(f"{n + ' fails':>24s}{n + ' max drift':>24s}" for n in names))
+    for group in groups + ["all"]:
+        keys = [k for k in shared if group == "all" or samples[0][k]["group"] == group]
+        row = f"{group:24s}"
+        for s in samples:
+            row += f"{100 * statistics.mean(s[k]['fails'] for k in keys):23.1f}%"
+            row += f"{statistics.mean(s[k]['factors'][FACTOR] for k in keys):24.3f}"
+        print(row + f"   ({len(keys)} prompts)")
+
+    means = [run["head_stats"]["delta_subject_last"]["mean"] for run in runs]
+    print(f"\n{names[0]}'s top {args.top_k} heads, mean drift onto the subject's last token:")
+    print(f"{'head':10s}" + "".join(f"{n:>20s}" for n in names))
+    for h in runs[0]["top_heads"][:args.top_k]:
+        layer, head = h["layer"], h["head"]
+        print(f"L{layer}H{head:<7d}" + "".join(f"{m[layer][head]:20.3f}" for m in means))
+
+    fixed = [k for k in shared if samples[0][k]["fails"] and not samples[1][k]["fails"]]
+    print(f"\nprompts {names[0]} fails and {names[1]} does not: {len(fixed)}")
+    if fixed:
+        for name, s in zip(names, samples):
+            print(f"  mean {FACTOR} under {name}: {statistics.mean(s[k]['factors'][FACTOR] for k in fixed):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
