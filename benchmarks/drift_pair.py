@@ -33,13 +33,14 @@ def main(argv=None) -> int:
     shared = sorted(set(samples[0]) & set(samples[1]))
     print(f"{len(shared)} distract prompts in both runs ({runs[0]['records']} and {runs[1]['records']} records)")
     groups = sorted({samples[0][k]["group"] for k in shared})
-    print(f"\n{'group':24s}" + "".join(f"{n + ' fails':>24s}{n + ' max drift':>24s}" for n in names))
+    print(f"\nA = {names[0]}, B = {names[1]}; fails: share of prompts failing; drift: mean {FACTOR}")
+    print(f"{'group':24s}" + "".join(f"{'fails ' + ab:>12s}{'drift ' + ab:>12s}" for ab in "AB"))
     for group in groups + ["all"]:
         keys = [k for k in shared if group == "all" or samples[0][k]["group"] == group]
         row = f"{group:24s}"
         for s in samples:
-            row += f"{100 * statistics.mean(s[k]['fails'] for k in keys):23.1f}%"
-            row += f"{statistics.mean(s[k]['factors'][FACTOR] for k in keys):24.3f}"
+            row += f"{100 * statistics.mean(s[k]['fails'] for k in keys):11.1f}%"
+            row += f"{statistics.mean(s[k]['factors'][FACTOR] for k in keys):12.3f}"
         print(row + f"   ({len(keys)} prompts)")
 
     means = [run["head_stats"]["delta_subject_last"]["mean"] for run in runs]
