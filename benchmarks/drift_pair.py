@@ -10,7 +10,7 @@ same records). It prints three things:
 - on the prompts the first run fails and the second does not, the mean ``max_drift_subject_last``
   under each run: if it stays, the mitigation keeps the attention and changes what it reads.
 
-    python benchmarks/drift_pair.py benchmarks/results/plus-drift/rome benchmarks/results/plus-drift/rome-sadr-plus
+    python benchmarks/drift_pair.py benchmarks/results/plus-drift/rome benchmarks/results/plus-drift/rome-sadr-plus [--records 72]
 """
 
 import argparse
@@ -21,13 +21,31 @@ from pathlib import Path
 FACTOR = "max_drift_subject_last"
 
 
+def load_pair(first: Path, second: Path, records: int | None) -> list[dict]:
+    """Both runs' drift.json content; with ``records``, rebuilt from the first ``records`` records
+    the two run files share (in the first's order), so a run still going gives fixed numbers."""
+    if records is None:
+        return [json.loads((d / "drift.json").read_text()) for d in (first, second)]
+    from attention_drift.reports.drift import drift_from_lines
+
+    lines = [[x for x in map(json.loads, (d / "drift_records.jsonl").read_text().splitlines()) if "case_id" in x]
+             for d in (first, second)]
+    held = {json.dumps(x["case_id"]) for x in lines[1]}
+    keep = [k for k in (json.dumps(x["case_id"]) for x in lines[0]) if k in held][:records]
+    if len(keep) < records:
+        raise SystemExit(f"the runs share {len(keep)} records, fewer than --records {records}")
+    return [drift_from_lines([x for x in run if json.dumps(x["case_id"]) in set(keep)]) for run in lines]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("first")
     p.add_argument("second")
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--records", type=int, default=None,
+                   help="only the first N records both runs hold, rebuilt from their drift_records.jsonl (runs in progress)")
     args = p.parse_args(argv)
-    runs = [json.loads((Path(d) / "drift.json").read_text()) for d in (args.first, args.second)]
+    runs = load_pair(Path(args.first), Path(args.second), args.records)
     names = [Path(d).name for d in (args.first, args.second)]
     samples = [{(json.dumps(s["case_id"]), s["prompt"]): s for s in run["samples"]} for run in runs]
     shared = sorted(set(samples[0]) & set(samples[1]))
