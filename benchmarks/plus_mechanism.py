@@ -24,20 +24,17 @@ from pathlib import Path
 
 def part_variants(model, edit_layer: int, top_heads) -> dict:
     """The parts patched, by name: what each one carries from one state into the other."""
+    from attention_drift.measure.patch_record import topk_variant
     from attention_drift.measure.patching import Patch
 
     every = tuple(range(model.cfg.n_layers))
     above = tuple(range(edit_layer + 1, model.cfg.n_layers))
-    heads_by_layer: dict[int, list[int]] = {}
-    for layer, head in top_heads:
-        heads_by_layer.setdefault(layer, []).append(head)
     return {
         "edited MLP output, every position (check: all of it)": (Patch("mlp_out", edit_layer),),
         "subject's last-token residual, every layer": (Patch("resid_post", every, positions="subject_last"),),
         "attention patterns, every layer and head": (Patch("pattern", every),),
         "attention patterns, layers above the edit": (Patch("pattern", above),),
-        f"attention patterns of ROME's top {len(top_heads)} drifting heads":
-            tuple(Patch("pattern", layer, heads=tuple(hs)) for layer, hs in sorted(heads_by_layer.items())),
+        f"attention patterns of ROME's top {len(top_heads)} drifting heads": topk_variant(top_heads),
         "head outputs (z) at the last token, every layer": (Patch("z", every, positions=(-1,)),),
         "MLP outputs at the last token, every layer": (Patch("mlp_out", every, positions=(-1,)),),
     }
@@ -62,6 +59,7 @@ def main(argv=None) -> int:
     from attention_drift.editing import edit
     from attention_drift.measure.patching import PatchCase, patch_states
     from attention_drift.reports.stats import bootstrap_ratio
+    from attention_drift.runs.analysis import load_top_heads
     from attention_drift.runs.evaluation import RecordSelection
     from attention_drift.runs.variants import paper_variants
 
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
     model = load_model("smollm2-135m")
     rome_config, _ = paper_variants()["rome"].resolve(model)
     plus_config, plus_sadr = paper_variants()["rome-sadr-plus"].resolve(model)
-    top = [(h["layer"], h["head"]) for h in json.loads(Path(args.heads_from).read_text())["top_heads"][:args.top_k]]
+    top = load_top_heads(args.heads_from, args.top_k)
     parts = part_variants(model, rome_config.layers[-1], top)
     variants = [()] + list(parts.values())
     records = [r for r in RecordSelection(args.data, kinds=("counterfact",)).load() if r.neighborhood.prompts]
