@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from attention_drift.measure.evaluate import BASE_GROUPS
 
     extra = tuple(args.groups.split(",")) if args.groups else ()
-    groups = BASE_GROUPS + extra if extra else None
+    groups = BASE_GROUPS + tuple(g for g in extra if g not in BASE_GROUPS) if extra else None
     selection = RecordSelection("dev-tune", kinds=tuple(args.kinds.split(",")), limit=args.records)
     records = selection.load()
     out = Path(args.out)

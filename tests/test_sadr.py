@@ -844,3 +844,65 @@ def test_least_squares_update_with_null_keys_is_the_constrained_optimum():
         assert cost(other) > cost(upd)
     torch.testing.assert_close(least_squares_update(model, 0, keys, residuals, cov, 1.5, null[:0]),
                                least_squares_update(model, 0, keys, residuals, cov, 1.5))
+
+
+# ------------------------------------------------------------------- relation rows (round 10)
+
+def test_relation_rows_leave_out_the_edits_own_relation_and_take_each_form():
+    """A relation prompt whose stems name the request's relation is left out; the rest come bare, then
+    after the edit sentence, with the request's subject."""
+    from attention_drift.editing.sadr import RELATION_PROMPTS, relation_prompts
+
+    born = Rewrite("Michael Jordan was born in", "Michael Jordan", "Paris", "Brooklyn")
+    rows = relation_prompts(born, RELATION_PROMPTS, ("bare", "edit"))
+    kept = [t.format(subject="Michael Jordan") for t in RELATION_PROMPTS if "born" not in t]
+    assert rows == kept + [f"Michael Jordan was born in Paris. {p}" for p in kept]
+    job = Rewrite("Michael Jordan works as a", "Michael Jordan", "dentist", "athlete")
+    assert "The occupation of Michael Jordan is" not in relation_prompts(job, RELATION_PROMPTS, ("bare",))
+    # a template not in RELATION_STEMS is left out by its own long words
+    assert relation_prompts(job, ("{subject} works hard", "{subject} likes"), ("bare",)) == ["Michael Jordan likes"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(relation_weight=1.0), dict(relation_prompts=("{subject} likes",), relation_forms=("bare",)),
+    dict(relation_prompts=("likes",), relation_forms=("bare",), relation_weight=1.0),
+    dict(relation_prompts=("{subject} likes",), relation_forms=("mention",), relation_weight=1.0),
+])
+def test_relation_rows_config_is_checked(kwargs):
+    with pytest.raises(SADRError, match="relation rows"):
+        SADRConfig(**kwargs)
+
+
+def test_relation_rows_follow_the_distract_rows_and_keep_the_new_target_from_gaining(stats):
+    """The relation rows come last in the batch and in the output rows (the distract rows keep theirs);
+    their term is 0 before the edit, and with a large weight the new target gains less on them than
+    under the plain edit (full forwards of the edited models)."""
+    from attention_drift.core.scores import continuation_log_probs
+    from attention_drift.editing.optimize import rewriting_setup
+    from attention_drift.editing.sadr import RELATION_PROMPTS, relation_prompts
+
+    model = tiny_model("llama", n_layers=3)
+    config = SADRConfig(weight=0.0, distract=True, output_weight=1.0, output="contrast", steps=12,
+                        relation_prompts=RELATION_PROMPTS, relation_forms=("bare", "edit"), relation_weight=100.0)
+    loss = SADRLoss(config)
+    setup = rewriting_setup(model, EIFFEL, ["{}"], 1, [loss])
+    relations = relation_prompts(EIFFEL, RELATION_PROMPTS, ("bare", "edit"))
+    distract, _ = loss._split_extra(setup.info)
+    assert len(distract) == len(distract_prompts(EIFFEL)) and len(relations) == 2 * len(RELATION_PROMPTS)
+    tail = list(range(len(setup.batch) - len(relations), len(setup.batch)))
+    assert setup.output_rows.tolist() == [*distract.tolist(), *tail]
+    assert [r for r, _ in setup.also_at] == tail[len(RELATION_PROMPTS):]  # the edit form names the subject twice
+
+    def target_lp():
+        return continuation_log_probs(model, relations, [EIFFEL.target_new] * len(relations)).sum()
+
+    before = target_lp()
+    cfg = dataclasses.replace(_config("rome", stats), steps=12)
+    with edit(model, EIFFEL, "rome", cfg):
+        plain = target_lp()
+    with edit(model, EIFFEL, "rome", cfg, sadr=config) as result:
+        restricted = target_lp()
+        record = result.sadr_records[0]
+    assert record["relation_loss"][0] == 0.0 and max(record["relation_loss"]) > 0.0
+    assert plain > before
+    assert restricted - before < 0.5 * (plain - before)

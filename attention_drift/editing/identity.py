@@ -69,7 +69,8 @@ def describe_edit(model, method: str = "rome", config=None, sadr=None) -> dict:
 
 LATER_FIELDS = {"clamp_scale": 1.0, "guard_weight": 0.0, "guard_margin": 1.0, "verify": False,
                 "distract_forms": ["edit"], "guard_mentions": False, "guard_others": False, "output_margin": 0.0,
-                "attention_forms": None, "output_forms": None, "key_nulls": [], "key_keeps": []}
+                "attention_forms": None, "output_forms": None, "key_nulls": [], "key_keeps": [],
+                "relation_prompts": [], "relation_forms": [], "relation_weight": 0.0}
 """SADR config fields added after keys were in use, with the value that leaves an edit as it was:
 left out of the description at that value, so earlier keys (and run files) stay valid."""
 

@@ -35,37 +35,14 @@ from attention_drift.core.data import Rewrite
 from attention_drift.core.errors import AttentionDriftError
 from attention_drift.core.hooks import OUTPUT_LOG_PROBS as OUTPUT
 from attention_drift.core.hooks import act_name
+from attention_drift.editing.sadr_rows import (  # noqa: F401  (the rows' lists, also read from here)
+    DISTRACT_FORMS, DISTRACT_SUBJECTS, KEEP_STATEMENTS, MENTIONS, NULL_MENTIONS, RELATION_FORMS, RELATION_PROMPTS,
+    RELATION_STEMS, RESTATE_PREFIXES, distract_prompts, guard_prompts, relation_prompts)
 
 EPS = 1e-8
-DISTRACT_SUBJECTS = ("Barack Obama", "the Louvre", "Toyota")
 SELECTIONS = ("hinge", "all")
 DIVERGENCES = ("kl", "js", "l2")
 OUTPUTS = ("target", "contrast", "kl", "both")
-DISTRACT_FORMS = ("edit", "mention", "restate")
-MENTIONS = ("Here is some news about {subject}.", "My friend told me about {subject}.",
-            "This page is about {subject}.")
-"""Sentences that name the edited subject and say nothing of it, for ``distract_forms`` "mention"
-(the i-th other subject's row takes the i-th); deliberately not the distract suite's own mention
-sentence (:data:`attention_drift.measure.groups.MENTION`), which a variant must not be built on."""
-
-RESTATE_PREFIXES = ("Here is something I learned today.", "This is a well-known fact.",
-                    "Some facts are worth repeating.")
-"""Neutral sentences put before the edit sentence for ``distract_forms`` "restate" (the i-th other
-subject's row takes the i-th): the edit stated after other words, as a paraphrase states it, built
-from the request alone (never from the record's paraphrase prompts)."""
-
-NULL_MENTIONS = MENTIONS + ("Yesterday I heard about {subject}.", "We talked about {subject} for a while.",
-                            "There is a story about {subject}.", "Someone mentioned {subject} today.",
-                            "I was thinking of {subject}.")
-"""Mentions of the edited subject for :attr:`SADRConfig.key_nulls`: :data:`MENTIONS` and five more, none
-of them the distract suite's mention sentence."""
-
-
-KEEP_STATEMENTS = tuple(f"{s} {{prompt}}" for s in RESTATE_PREFIXES + (
-    "It was a long winter that year.", "The meeting ended early.", "Prices rose again in March.",
-    "She moved to a new city.", "The results were published online."))
-"""Statements of the edit after an unrelated sentence, for :attr:`SADRConfig.key_keeps`: the shape of a
-paraphrase that opens with other words (never a record's paraphrase)."""
 
 
 KEY_NULL_EDITORS = ("rome", "memit", "pmet")
@@ -165,6 +142,14 @@ class SADRConfig:
             rewriting keys for ROME's ``u``, and for MEMIT / PMET each layer's change at those keys held to
             the unconstrained update's. Paraphrases that open with an unrelated sentence lose part of their
             response to the nulls; these keep keys of that shape. Needs ``key_nulls``. Our extension.
+        relation_prompts: prompts of other relations about the edited subject (``"{subject}"``, e.g.
+            :data:`RELATION_PROMPTS`), where the new target may not gain: ``relu(log p_now(new) -
+            log p_before(new))`` of its first token at their end (relation specificity's failure is
+            the new target taking over the subject's other facts). A prompt whose relation the
+            request's prompt names is left out (:func:`relation_prompts`). Our extension.
+        relation_forms: the contexts of those rows: ``"bare"``, the relation prompt alone; ``"edit"``,
+            after the edit sentence (the paper's distract relation form). Our extension.
+        relation_weight: factor of that term, averaged over the rows; 0: off. Our extension.
         verify: after the edit, check that each request's new target beats its old one on the
             request's own prompt (scored as efficacy is: the geometric-mean token probability
             of each continuation); where it does not, the edit is made again without the SADR
@@ -194,6 +179,9 @@ class SADRConfig:
     guard_others: bool = False
     key_nulls: tuple[str, ...] = ()
     key_keeps: tuple[str, ...] = ()
+    relation_prompts: tuple[str, ...] = ()
+    relation_forms: tuple[str, ...] = ()
+    relation_weight: float = 0.0
     verify: bool = False
 
     @classmethod
@@ -245,7 +233,8 @@ class SADRConfig:
         if self.output_margin < 0 or (self.output_margin and (not self.output_weight or self.output == "kl")):
             raise SADRError(f"SADR output_margin {self.output_margin}: give a margin >= 0, and one > 0 only with an "
                             "output_weight > 0 and output 'target', 'contrast' or 'both'")
-        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms", "key_nulls", "key_keeps"):
+        for name in ("distract_subjects", "distract_forms", "attention_forms", "output_forms", "key_nulls", "key_keeps",
+                     "relation_prompts", "relation_forms"):
             value = getattr(self, name)  # a list (JSON) or one string: a tuple
             if isinstance(value, (list, str)):
                 object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
@@ -270,6 +259,13 @@ class SADRConfig:
         if bad or (self.key_keeps and not self.key_nulls):
             raise SADRError(f"SADR key_keeps {list(self.key_keeps)}: each statement must hold the request's prompt as "
                             "'{prompt}', and key_keeps only acts with key_nulls set")
+        bad = [t for t in self.relation_prompts if "{subject}" not in t]
+        if bad or set(self.relation_forms) - set(RELATION_FORMS) or self.relation_weight < 0 or (
+                bool(self.relation_weight) != bool(self.relation_prompts and self.relation_forms)):
+            raise SADRError(f"SADR relation rows: relation_prompts {list(self.relation_prompts)} must each name the "
+                            f"subject as '{{subject}}', relation_forms {list(self.relation_forms)} be among "
+                            f"{RELATION_FORMS}, and relation_weight ({self.relation_weight}) > 0 exactly when both "
+                            "are given")
         if not self.clamp_scale > 0:
             raise SADRError(f"SADR clamp_scale must be > 0, not {self.clamp_scale}")
         if self.distract and not self.distract_subjects:
@@ -358,31 +354,6 @@ def sadr_loss(
     return loss, mask
 
 
-def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJECTS,
-                     forms: Sequence[str] = ("edit",)) -> list[str]:
-    """For each form, then each of ``subjects``: a context, then the request's prompt about that
-    other subject. ``"edit"``: ``"{prompt} {target_new}. {other prompt}"``; ``"mention"``: the i-th
-    of :data:`MENTIONS` naming the edited subject, then the i-th other prompt; ``"restate"``: the
-    i-th of :data:`RESTATE_PREFIXES`, then the edit sentence, then the i-th other prompt."""
-    others = [request.prompt.replace(request.subject, s) for s in subjects if s != request.subject]
-    edit = f"{request.prompt} {request.target_new}."
-    contexts = {"edit": lambda i: edit,
-                "mention": lambda i: MENTIONS[i % len(MENTIONS)].format(subject=request.subject),
-                "restate": lambda i: f"{RESTATE_PREFIXES[i % len(RESTATE_PREFIXES)]} {edit}"}
-    return [f"{contexts[form](i)} {other}" for form in forms for i, other in enumerate(others)]
-
-
-def guard_prompts(request: Rewrite, *, mentions: bool, others: bool,
-                  subjects: Sequence[str] = DISTRACT_SUBJECTS) -> list[str]:
-    """The efficacy guard's rows beyond the rewriting rows, each ending in the request's own prompt:
-    with ``mentions``, each of :data:`MENTIONS` naming the edited subject first; with ``others``,
-    the i-th of :data:`MENTIONS` naming the i-th other subject of ``subjects`` first."""
-    rows = [f"{m.format(subject=request.subject)} {request.prompt}" for m in MENTIONS] if mentions else []
-    others_named = [s for s in subjects if s != request.subject] if others else []
-    rows += [f"{MENTIONS[i % len(MENTIONS)].format(subject=s)} {request.prompt}" for i, s in enumerate(others_named)]
-    return rows
-
-
 @dataclass
 class SADRLoss:
     """SADR as an extra loss term of the editors' value optimisation.
@@ -403,16 +374,19 @@ class SADRLoss:
     _before: Tensor | None = field(default=None, repr=False)
     _before_output: Tensor | None = field(default=None, repr=False)
     _n_guard_rows: int = field(default=0, repr=False)
+    _n_relation_rows: int = field(default=0, repr=False)
 
     def extra_prompts(self, request: Rewrite) -> list[str]:
-        """The guard's rows (:func:`guard_prompts`), then the distract rows: the batch's output rows
-        go in row order, guard rows before distract rows."""
+        """The guard's rows (:func:`guard_prompts`), the distract rows, then the relation rows
+        (:func:`relation_prompts`): the batch's output rows go in that order."""
         rows = guard_prompts(request, mentions=self.config.guard_mentions, others=self.config.guard_others,
                              subjects=self.config.distract_subjects)
         self._n_guard_rows = len(rows)
         if self.config.distract:
             rows += distract_prompts(request, self.config.distract_subjects, self.config.distract_forms)
-        return rows
+        relations = relation_prompts(request, self.config.relation_prompts, self.config.relation_forms)
+        self._n_relation_rows = len(relations)
+        return rows + relations
 
     def null_prompts(self, request: Rewrite) -> list[str]:
         """The :attr:`SADRConfig.key_nulls` sentences about ``request``'s subject: where a ROME, MEMIT or PMET
@@ -436,16 +410,17 @@ class SADRLoss:
 
     def _split_extra(self, info) -> tuple[Tensor, Tensor]:
         """(distract rows, the guard's extra rows) of the batch."""
-        n_own = self._n_guard_rows
-        return info.extra_rows[n_own:], info.extra_rows[:n_own]
+        n_own, n_rel = self._n_guard_rows, self._n_relation_rows
+        return info.extra_rows[n_own:len(info.extra_rows) - n_rel], info.extra_rows[:n_own]
 
     def output_rows(self, info) -> Tensor:
-        """The guard's rows (the rewriting rows, then its mention rows), then the distract rows
-        (for the output term)."""
+        """The guard's rows (the rewriting rows, then its mention rows), the distract rows, then the
+        relation rows (for the output term)."""
         own = self._split_extra(info)[1]
         distract = self._distract_rows(info, self.config.output_forms)
         guarded = torch.cat([torch.arange(info.n_rewriting), own]) if self.config.guard_weight else own[:0]
-        return torch.cat([guarded, distract if self.config.output_weight else distract[:0]])
+        relations = info.extra_rows[len(info.extra_rows) - self._n_relation_rows:]
+        return torch.cat([guarded, distract if self.config.output_weight else distract[:0], relations])
 
     def layers(self, info) -> tuple[int, ...]:
         if self.config.layers is None:
@@ -462,7 +437,11 @@ class SADRLoss:
     def attends(self) -> bool:
         """Whether attention rows are read: not when only the output term is on (weight 0 and an
         output weight); a weight of 0 alone still records the rows (drift without restriction)."""
-        return self.config.weight != 0 or not (self.config.output_weight or self.config.guard_weight)
+        return self.config.weight != 0 or not self._reads_output
+
+    @property
+    def _reads_output(self) -> bool:
+        return bool(self.config.output_weight or self.config.guard_weight or self.config.relation_weight)
 
     def __call__(self, step: int, acts: Mapping[str, Tensor], info) -> Tensor:
         first = step == 0 or not self.record
@@ -472,7 +451,7 @@ class SADRLoss:
         loss = torch.zeros(())
         if self.attends:
             loss = loss + self._attention_term(first, acts, info)
-        if self.config.output_weight or self.config.guard_weight:
+        if self._reads_output:
             loss = loss + self._output_term(first, acts, info)
         self.record["loss"].append(loss.item())
         return loss
@@ -493,14 +472,22 @@ class SADRLoss:
         return loss
 
     def _output_term(self, first: bool, acts: Mapping[str, Tensor], info) -> Tensor:
-        """The output term on the distract rows plus the efficacy guard on the rewriting rows."""
+        """The output term on the distract rows, the efficacy guard on the rewriting rows and the
+        relation term on the relation rows."""
         n_guard = info.n_rewriting + len(self._split_extra(info)[1]) if self.config.guard_weight else 0
+        n_rel = self._n_relation_rows
         guarded, now = acts[OUTPUT][:n_guard], acts[OUTPUT][n_guard:]
         if first or self._before_output is None:
             self._before_output = now.detach().clone()
-            self.record["output_loss"], self.record["guard_loss"] = [], []
-        before = self._before_output
+            self.record["output_loss"], self.record["guard_loss"], self.record["relation_loss"] = [], [], []
         new, true = info.target_ids
+        relation = torch.zeros((), device=now.device)
+        if n_rel:
+            rise = now[len(now) - n_rel:, new] - self._before_output[len(now) - n_rel:, new]
+            relation = torch.relu(rise).mean()
+            now = now[:len(now) - n_rel]
+        self.record["relation_loss"].append(relation.item())
+        before = self._before_output[:len(now)]
         term = torch.zeros((), device=now.device)
         if self.config.output_weight:
             if self.config.output in ("kl", "both"):
@@ -516,7 +503,7 @@ class SADRLoss:
         if n_guard:
             guard = torch.relu(self.config.guard_margin - (guarded[:, new] - guarded[:, true])).mean()
         self.record["guard_loss"].append(guard.item())
-        return self.config.output_weight * term + self.config.guard_weight * guard
+        return self.config.output_weight * term + self.config.guard_weight * guard + self.config.relation_weight * relation
 
 
 def _at(rows: Float[Tensor, "prompt layer head key"], position: Int[Tensor, " prompt"]) -> Float[Tensor, "prompt layer head"]:

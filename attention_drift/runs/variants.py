@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from attention_drift.core.errors import AttentionDriftError
-from attention_drift.editing.sadr import KEEP_STATEMENTS, KEY_NULL_EDITORS, NULL_MENTIONS
+from attention_drift.editing.sadr import KEEP_STATEMENTS, KEY_NULL_EDITORS, NULL_MENTIONS, RELATION_PROMPTS
 
 NONE = "none"
 LAYER_RANGES = ("lower", "upper")
@@ -310,6 +310,8 @@ CROSS_CANDIDATES: dict[str, SADRSpec] = {
     "k8r2": SADRSpec(**_PLUS, output_weight=2.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate")),
     "k8rk": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS, distract_forms=("edit", "restate"),
                      key_keeps=KEEP_STATEMENTS),
+    "k8l": SADRSpec(**_PLUS, output_weight=1.0, key_nulls=NULL_MENTIONS, relation_prompts=RELATION_PROMPTS,
+                    relation_forms=("bare", "edit"), relation_weight=1.0),
     "e1a1": SADRSpec(**{**_PLUS, "weight": 1.0}, output_weight=1.0, distract_forms=("edit", "mention"),
                      distract_only=True, output_forms=("edit",), attention_forms=("mention",)),
     "e1a10": SADRSpec(**{**_PLUS, "weight": 10.0}, output_weight=1.0, distract_forms=("edit", "mention"),
@@ -339,7 +341,11 @@ the output term also on rows that restate the edit after a neutral sentence (``d
 :data:`~attention_drift.editing.sadr.RESTATE_PREFIXES`), weight 1 / 2: the restated context (DNS-R) put in
 view, where a statement's key fires the edit and only the output term can act; ``k8rk``: ``k8r`` with the
 subject's key kept at its response in the eight :data:`~attention_drift.editing.sadr.KEEP_STATEMENTS` (the
-request's prompt after an unrelated sentence, ``key_keeps``): the paraphrases the nulls cost open that way."""
+request's prompt after an unrelated sentence, ``key_keeps``): the paraphrases the nulls cost open that way;
+``k8l``: round 10, ``k8`` with rows that ask other relations of the edited subject
+(:data:`~attention_drift.editing.sadr.RELATION_PROMPTS`, bare and after the edit sentence), where the new
+target may not gain (``relation_weight`` 1): distract relation and relation put in view, where the
+subject is the one asked about and neither the nulls nor the other-subject rows act."""
 
 
 def with_stats_samples(variant: Variant, stats_samples: int | None) -> Variant:
