@@ -26,15 +26,17 @@ def load_pair(first: Path, second: Path, records: int | None) -> list[dict]:
     the two run files share (in the first's order), so a run still going gives fixed numbers."""
     if records is None:
         return [json.loads((d / "drift.json").read_text()) for d in (first, second)]
+    from attention_drift.core.jsonl import read_run
     from attention_drift.reports.drift import drift_from_lines
+    from attention_drift.views.explorer import RUN_FILE
 
-    lines = [[x for x in map(json.loads, (d / "drift_records.jsonl").read_text().splitlines()) if "case_id" in x]
-             for d in (first, second)]
+    lines = [read_run(d / RUN_FILE).records for d in (first, second)]
     held = {json.dumps(x["case_id"]) for x in lines[1]}
     keep = [k for k in (json.dumps(x["case_id"]) for x in lines[0]) if k in held][:records]
     if len(keep) < records:
         raise SystemExit(f"the runs share {len(keep)} records, fewer than --records {records}")
-    return [drift_from_lines([x for x in run if json.dumps(x["case_id"]) in set(keep)]) for run in lines]
+    kept = set(keep)
+    return [drift_from_lines([x for x in run if json.dumps(x["case_id"]) in kept]) for run in lines]
 
 
 def main(argv=None) -> int:

@@ -413,14 +413,17 @@ class SADRLoss:
         n_own, n_rel = self._n_guard_rows, self._n_relation_rows
         return info.extra_rows[n_own:len(info.extra_rows) - n_rel], info.extra_rows[:n_own]
 
+    def _relation_rows(self, info) -> Tensor:
+        """The batch rows of the relation prompts: the last extra rows."""
+        return info.extra_rows[len(info.extra_rows) - self._n_relation_rows:]
+
     def output_rows(self, info) -> Tensor:
         """The guard's rows (the rewriting rows, then its mention rows), the distract rows, then the
         relation rows (for the output term)."""
         own = self._split_extra(info)[1]
         distract = self._distract_rows(info, self.config.output_forms)
         guarded = torch.cat([torch.arange(info.n_rewriting), own]) if self.config.guard_weight else own[:0]
-        relations = info.extra_rows[len(info.extra_rows) - self._n_relation_rows:]
-        return torch.cat([guarded, distract if self.config.output_weight else distract[:0], relations])
+        return torch.cat([guarded, distract if self.config.output_weight else distract[:0], self._relation_rows(info)])
 
     def layers(self, info) -> tuple[int, ...]:
         if self.config.layers is None:

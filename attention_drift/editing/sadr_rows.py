@@ -58,7 +58,7 @@ def distract_prompts(request: Rewrite, subjects: Sequence[str] = DISTRACT_SUBJEC
     of :data:`MENTIONS` naming the edited subject, then the i-th other prompt; ``"restate"``: the
     i-th of :data:`RESTATE_PREFIXES`, then the edit sentence, then the i-th other prompt."""
     others = [request.prompt.replace(request.subject, s) for s in subjects if s != request.subject]
-    edit = f"{request.prompt} {request.target_new}."
+    edit = request.edit_sentence
     contexts = {"edit": lambda i: edit,
                 "mention": lambda i: MENTIONS[i % len(MENTIONS)].format(subject=request.subject),
                 "restate": lambda i: f"{RESTATE_PREFIXES[i % len(RESTATE_PREFIXES)]} {edit}"}
